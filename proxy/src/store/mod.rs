@@ -1,0 +1,548 @@
+//! The relay's embedded default store of tenants and agent tokens.
+//!
+//! One JSON file, `store.json`, in a state directory. The CLI (`sluice tenant ...`,
+//! `sluice token ...`) changes it through [`Store`]'s write methods; the running relay reads
+//! it with [`Store::load`] and re-reads it when [`Store::fingerprint`] changes, then answers
+//! agents from the in-memory [`Snapshot`] ([`Snapshot::authenticate`],
+//! [`Snapshot::check_token`]).
+//!
+//! This module owns the file format and its invariants: tenant names are valid and unique, no
+//! two tenants own overlapping hostnames, tokens are stored only as SHA-256 hashes of their
+//! secrets. Writers serialize on an exclusive `flock` of `store.lock` and replace the file
+//! atomically (temp file, fsync, rename, fsync of the directory), so readers need no lock and
+//! never see a partial file.
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, DirBuilder};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ring::rand::SystemRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::route::pattern::{HostPattern, wildcard_key};
+
+mod file;
+mod token;
+
+pub use file::StoreFingerprint;
+pub use token::{AuthError, Authenticated, IssuedToken, TOKEN_PREFIX};
+
+/// Name of the store file inside the state directory.
+pub const STORE_FILE: &str = "store.json";
+/// Name of the writers' lock file inside the state directory.
+pub const LOCK_FILE: &str = "store.lock";
+/// The `version` written to `store.json`; files with another version are refused.
+pub const FORMAT_VERSION: u64 = 1;
+/// Longest tenant name.
+pub const MAX_TENANT_NAME_LEN: usize = 63;
+/// Longest token label.
+pub const MAX_TOKEN_LABEL_LEN: usize = 64;
+
+/// A tenant: a customer whose agents may serve the hostnames it owns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tenant {
+    pub name: String,
+    /// Sorted, without duplicates; never empty.
+    pub hostnames: Vec<HostPattern>,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// A stored token: everything but the secret, which exists only in the agent's configuration.
+///
+/// Unknown fields are refused when reading, so a misspelt `revoked_at` in a hand-edited file
+/// cannot silently bring a revoked token back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRecord {
+    /// 16 lowercase hex characters; also the map key in [`Snapshot::tokens`].
+    pub id: String,
+    pub tenant: String,
+    /// Who the token is for, e.g. the agent's name, so every agent is individually identifiable.
+    pub label: String,
+    /// Lowercase hex SHA-256 of the secret part of the token.
+    pub secret_sha256: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds; the token is refused from this second on.
+    pub expires_at: Option<u64>,
+    /// Unix seconds.
+    pub revoked_at: Option<u64>,
+}
+
+/// The whole store at one point in time.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// By tenant name.
+    pub tenants: BTreeMap<String, Tenant>,
+    /// By token id.
+    pub tokens: BTreeMap<String, TokenRecord>,
+}
+
+impl Snapshot {
+    pub fn tenant(&self, name: &str) -> Option<&Tenant> {
+        self.tenants.get(name)
+    }
+
+    /// The tokens of one tenant, in id order, including revoked and expired ones.
+    pub fn tokens_of<'a>(&'a self, tenant: &'a str) -> impl Iterator<Item = &'a TokenRecord> + 'a {
+        self.tokens.values().filter(move |t| t.tenant == tenant)
+    }
+}
+
+/// `store.json` as written.
+#[derive(Serialize)]
+struct FileRef<'a> {
+    version: u64,
+    tenants: &'a BTreeMap<String, Tenant>,
+    tokens: &'a BTreeMap<String, TokenRecord>,
+}
+
+/// `store.json` as read, once its version is known to be [`FORMAT_VERSION`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOwned {
+    #[allow(dead_code)] // checked through `FileVersion` first
+    version: u64,
+    #[serde(default)]
+    tenants: BTreeMap<String, Tenant>,
+    #[serde(default)]
+    tokens: BTreeMap<String, TokenRecord>,
+}
+
+/// Just the version, read first so a newer file is reported as such rather than as corrupt.
+#[derive(Deserialize)]
+struct FileVersion {
+    version: u64,
+}
+
+/// Errors of the store. Messages are self-contained (they include the underlying I/O or JSON
+/// error, with its line and column), so the inner errors are fields rather than `source()`s.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{action} {}: {error}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        error: io::Error,
+    },
+    #[error("store file {} is corrupt: {error}", path.display())]
+    Corrupt { path: PathBuf, error: serde_json::Error },
+    #[error(
+        "store file {} has format version {found}; this sluice understands version {FORMAT_VERSION}",
+        path.display()
+    )]
+    UnsupportedVersion { path: PathBuf, found: u64 },
+    #[error("store file {} is inconsistent: {problem}", path.display())]
+    Inconsistent { path: PathBuf, problem: String },
+    #[error("cannot encode the store: {error}")]
+    Encode { error: serde_json::Error },
+    #[error("invalid tenant name {name:?}: {reason}")]
+    InvalidTenantName { name: String, reason: &'static str },
+    #[error("tenant {name:?} already exists")]
+    TenantExists { name: String },
+    #[error("no tenant named {name:?}")]
+    UnknownTenant { name: String },
+    #[error("tenant {tenant:?} needs at least one hostname")]
+    NoHostnames { tenant: String },
+    #[error("hostname {hostname} for tenant {tenant:?} overlaps {owned}, owned by tenant {owner:?}")]
+    HostnameTaken {
+        tenant: String,
+        hostname: HostPattern,
+        owner: String,
+        owned: HostPattern,
+    },
+    #[error("no token with id {id:?}")]
+    UnknownToken { id: String },
+    #[error("invalid token label {label:?}: {reason}")]
+    InvalidTokenLabel { label: String, reason: &'static str },
+    #[error("token lifetime {ttl:?} is too short: the minimum is one second")]
+    InvalidTtl { ttl: Duration },
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+impl StoreError {
+    fn io(action: &'static str, path: &Path, error: io::Error) -> Self {
+        StoreError::Io {
+            action,
+            path: path.to_owned(),
+            error,
+        }
+    }
+}
+
+/// Current time in unix seconds (0 if the clock is before 1970).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Handle on a state directory holding `store.json`. Cheap to clone; holds no open files.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+    path: PathBuf,
+    lock_path: PathBuf,
+}
+
+impl Store {
+    /// Opens the store in `state_dir`, creating the directory (mode 0700) if missing. A missing
+    /// `store.json` is an empty store; nothing is written until the first change.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(|e| StoreError::io("cannot create state directory", state_dir, e))?;
+        let meta = fs::metadata(state_dir)
+            .map_err(|e| StoreError::io("cannot stat state directory", state_dir, e))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                dir = %state_dir.display(),
+                mode = format_args!("{:o}", meta.permissions().mode() & 0o777),
+                "state directory is accessible to other users; chmod 700 it"
+            );
+        }
+        Ok(Store {
+            dir: state_dir.to_owned(),
+            path: state_dir.join(STORE_FILE),
+            lock_path: state_dir.join(LOCK_FILE),
+        })
+    }
+
+    /// The `store.json` path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads and validates `store.json`. Needs no lock: writers replace the file atomically.
+    pub fn load(&self) -> Result<Snapshot, StoreError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Snapshot::default()),
+            Err(e) => return Err(StoreError::io("cannot read", &self.path, e)),
+        };
+        decode(&self.path, &bytes)
+    }
+
+    /// Cheap change detector for the relay's poll loop: (mtime, len, inode) of `store.json`,
+    /// `None` if absent. Reload when it differs from the previous poll.
+    pub fn fingerprint(&self) -> Result<Option<StoreFingerprint>, StoreError> {
+        file::fingerprint(&self.path)
+    }
+
+    /// Adds a tenant owning `hostnames` (at least one; duplicates are dropped).
+    ///
+    /// Tenant names are 1 to 63 characters of `a-z`, `0-9` and `-`, not starting with `-`.
+    /// Refuses an existing name, and any hostname that overlaps one owned by another tenant.
+    pub fn add_tenant(&self, name: &str, hostnames: &[HostPattern]) -> Result<Tenant, StoreError> {
+        check_tenant_name(name)?;
+        if hostnames.is_empty() {
+            return Err(StoreError::NoHostnames {
+                tenant: name.to_owned(),
+            });
+        }
+        let mut hostnames = hostnames.to_vec();
+        hostnames.sort();
+        hostnames.dedup();
+        self.update(|snap| {
+            if snap.tenants.contains_key(name) {
+                return Err(StoreError::TenantExists {
+                    name: name.to_owned(),
+                });
+            }
+            let owners = Owners::of(snap);
+            for hostname in &hostnames {
+                if let Some((owner, owned)) = owners.conflict(hostname, name) {
+                    return Err(StoreError::HostnameTaken {
+                        tenant: name.to_owned(),
+                        hostname: hostname.clone(),
+                        owner: owner.to_owned(),
+                        owned: owned.clone(),
+                    });
+                }
+            }
+            let tenant = Tenant {
+                name: name.to_owned(),
+                hostnames,
+                created_at: unix_now(),
+            };
+            snap.tenants.insert(name.to_owned(), tenant.clone());
+            Ok((tenant, true))
+        })
+    }
+
+    /// Removes a tenant and deletes all its tokens, so live sessions using them fail
+    /// [`Snapshot::check_token`] at the relay's next reload.
+    pub fn remove_tenant(&self, name: &str) -> Result<(), StoreError> {
+        self.update(|snap| {
+            if snap.tenants.remove(name).is_none() {
+                return Err(StoreError::UnknownTenant {
+                    name: name.to_owned(),
+                });
+            }
+            snap.tokens.retain(|_, t| t.tenant != name);
+            Ok(((), true))
+        })
+    }
+
+    /// Creates a token for an existing tenant. `label` names who it is for (1 to 64 of
+    /// `A-Z a-z 0-9 - _ . : @`); `ttl`, rounded up to whole seconds, bounds its lifetime.
+    pub fn create_token(
+        &self,
+        tenant: &str,
+        label: &str,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedToken, StoreError> {
+        check_token_label(label)?;
+        let ttl_secs = match ttl {
+            Some(ttl) if ttl.is_zero() => return Err(StoreError::InvalidTtl { ttl }),
+            Some(ttl) => Some(ttl.as_secs().saturating_add(u64::from(ttl.subsec_nanos() > 0))),
+            None => None,
+        };
+        let rng = SystemRandom::new();
+        self.update(|snap| {
+            if !snap.tenants.contains_key(tenant) {
+                return Err(StoreError::UnknownTenant {
+                    name: tenant.to_owned(),
+                });
+            }
+            // 64-bit ids collide with negligible probability; retry anyway rather than overwrite.
+            let (id, secret) = loop {
+                let (id, secret) = token::generate(&rng).ok_or(StoreError::Random)?;
+                if !snap.tokens.contains_key(&id) {
+                    break (id, secret);
+                }
+            };
+            let now = unix_now();
+            let record = TokenRecord {
+                id: id.clone(),
+                tenant: tenant.to_owned(),
+                label: label.to_owned(),
+                secret_sha256: token::hash_secret(&secret),
+                created_at: now,
+                expires_at: ttl_secs.map(|s| now.saturating_add(s)),
+                revoked_at: None,
+            };
+            snap.tokens.insert(id.clone(), record.clone());
+            Ok((
+                IssuedToken {
+                    record,
+                    token: token::format_token(&id, &secret),
+                },
+                true,
+            ))
+        })
+    }
+
+    /// Revokes a token. Revoking an already revoked token changes nothing and returns the
+    /// record with its original `revoked_at`.
+    pub fn revoke_token(&self, id: &str) -> Result<TokenRecord, StoreError> {
+        self.update(|snap| {
+            let record = snap
+                .tokens
+                .get_mut(id)
+                .ok_or_else(|| StoreError::UnknownToken { id: id.to_owned() })?;
+            let changed = record.revoked_at.is_none();
+            if changed {
+                record.revoked_at = Some(unix_now());
+            }
+            Ok((record.clone(), changed))
+        })
+    }
+
+    /// Read-modify-write under the writer lock. `change` returns its result and whether it
+    /// changed the snapshot; the file is rewritten only then.
+    fn update<T>(
+        &self,
+        change: impl FnOnce(&mut Snapshot) -> Result<(T, bool), StoreError>,
+    ) -> Result<T, StoreError> {
+        let _lock = file::lock(&self.lock_path)?;
+        let mut snap = self.load()?;
+        let (out, changed) = change(&mut snap)?;
+        if changed {
+            let doc = FileRef {
+                version: FORMAT_VERSION,
+                tenants: &snap.tenants,
+                tokens: &snap.tokens,
+            };
+            let mut bytes = serde_json::to_vec_pretty(&doc).map_err(|error| StoreError::Encode { error })?;
+            bytes.push(b'\n');
+            file::write_atomic(&self.path, &bytes)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Parses and validates the contents of `store.json`.
+fn decode(path: &Path, bytes: &[u8]) -> Result<Snapshot, StoreError> {
+    let corrupt = |error| StoreError::Corrupt {
+        path: path.to_owned(),
+        error,
+    };
+    let FileVersion { version } = serde_json::from_slice(bytes).map_err(corrupt)?;
+    if version != FORMAT_VERSION {
+        return Err(StoreError::UnsupportedVersion {
+            path: path.to_owned(),
+            found: version,
+        });
+    }
+    let file: FileOwned = serde_json::from_slice(bytes).map_err(corrupt)?;
+    let snap = Snapshot {
+        tenants: file.tenants,
+        tokens: file.tokens,
+    };
+    validate(&snap).map_err(|problem| StoreError::Inconsistent {
+        path: path.to_owned(),
+        problem,
+    })?;
+    Ok(snap)
+}
+
+/// Checks the invariants the write methods maintain, for files edited by hand.
+fn validate(snap: &Snapshot) -> Result<(), String> {
+    let mut owners = Owners::default();
+    for (key, tenant) in &snap.tenants {
+        if *key != tenant.name {
+            return Err(format!(
+                "tenant {key:?} is stored under the name {:?}",
+                tenant.name
+            ));
+        }
+        check_tenant_name(key).map_err(|e| e.to_string())?;
+        if tenant.hostnames.is_empty() {
+            return Err(format!("tenant {key:?} has no hostnames"));
+        }
+        for hostname in &tenant.hostnames {
+            if let Some((owner, owned)) = owners.conflict(hostname, key) {
+                return Err(format!(
+                    "hostname {hostname} of tenant {key:?} overlaps {owned}, owned by tenant {owner:?}"
+                ));
+            }
+        }
+        owners.add(tenant);
+    }
+    for (key, record) in &snap.tokens {
+        if *key != record.id {
+            return Err(format!("token {key:?} is stored with the id {:?}", record.id));
+        }
+        if !token::is_valid_id(key) {
+            return Err(format!("token id {key:?} is not 16 lowercase hex characters"));
+        }
+        if !token::is_valid_hash(&record.secret_sha256) {
+            return Err(format!(
+                "token {key}: secret_sha256 is not 64 lowercase hex characters"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Which tenant owns which hostnames, indexed so an overlap check costs a few lookups.
+#[derive(Default)]
+struct Owners<'a> {
+    /// Exact hostname -> (tenant, pattern).
+    exact: HashMap<&'a str, (&'a str, &'a HostPattern)>,
+    /// Parent domain of exact hostnames -> those (tenant, pattern).
+    exact_by_parent: HashMap<&'a str, Vec<(&'a str, &'a HostPattern)>>,
+    /// Wildcard suffix -> (tenant, pattern).
+    wildcard: HashMap<&'a str, (&'a str, &'a HostPattern)>,
+}
+
+impl<'a> Owners<'a> {
+    fn of(snap: &'a Snapshot) -> Self {
+        let mut owners = Owners::default();
+        snap.tenants.values().for_each(|t| owners.add(t));
+        owners
+    }
+
+    fn add(&mut self, tenant: &'a Tenant) {
+        for pattern in &tenant.hostnames {
+            let entry = (tenant.name.as_str(), pattern);
+            match pattern {
+                HostPattern::Exact(host) => {
+                    self.exact.insert(host, entry);
+                    if let Some(parent) = wildcard_key(host) {
+                        self.exact_by_parent.entry(parent).or_default().push(entry);
+                    }
+                }
+                HostPattern::Wildcard { suffix } => {
+                    self.wildcard.insert(suffix, entry);
+                }
+            }
+        }
+    }
+
+    /// A (tenant, pattern) other than `tenant` whose pattern overlaps `pattern`.
+    fn conflict(&self, pattern: &HostPattern, tenant: &str) -> Option<(&'a str, &'a HostPattern)> {
+        let other = |entry: &(&'a str, &'a HostPattern)| (entry.0 != tenant).then_some(*entry);
+        match pattern {
+            HostPattern::Exact(host) => {
+                let exact = self.exact.get(host.as_str()).and_then(other);
+                exact.or_else(|| self.wildcard.get(wildcard_key(host)?).and_then(other))
+            }
+            HostPattern::Wildcard { suffix } => {
+                let wildcard = self.wildcard.get(suffix.as_str()).and_then(other);
+                wildcard.or_else(|| self.exact_by_parent.get(suffix.as_str())?.iter().find_map(other))
+            }
+        }
+    }
+}
+
+fn check_tenant_name(name: &str) -> Result<(), StoreError> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > MAX_TENANT_NAME_LEN {
+        Some("it is longer than 63 characters")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        Some("only lowercase letters, digits and hyphens are allowed")
+    } else if name.starts_with('-') {
+        Some("it must not start with a hyphen")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(StoreError::InvalidTenantName {
+            name: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn check_token_label(label: &str) -> Result<(), StoreError> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b);
+    let reason = if label.is_empty() {
+        Some("it is empty; name the agent the token is for")
+    } else if label.len() > MAX_TOKEN_LABEL_LEN {
+        Some("it is longer than 64 characters")
+    } else if !label.bytes().all(allowed) {
+        Some("only letters, digits and - _ . : @ are allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(StoreError::InvalidTokenLabel {
+            label: label.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests;
