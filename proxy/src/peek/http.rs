@@ -1,0 +1,526 @@
+//! Plaintext HTTP/1.x peeking: owns reading the first request head on a cleartext connection
+//! (with httparse) far enough to route it by `Host`, and the few complete responses the relay
+//! answers with itself (the redirect to HTTPS, small errors).
+//!
+//! Only the first request's head is read; the caller forwards or answers it and closes. Later
+//! requests on a kept-alive connection are not inspected, so callers must not route them.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use super::{Peek, normalize_dns_name};
+
+/// Most header fields we parse in a request head; more is `Malformed`.
+pub const MAX_HEADERS: usize = 64;
+
+/// What a request head tells us about where the connection should go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Host header value lowercased, port stripped, validated like SNI unless it is an IP literal
+    /// (IPv4 dotted quad, or bracketed IPv6 in canonical form, e.g. `[::1]:8080` -> `[::1]`).
+    pub host: String,
+    /// Request method as sent (a token, e.g. "GET").
+    pub method: String,
+    /// Request target as sent (e.g. "/path?q=1"); visible ASCII only.
+    pub target: String,
+    /// Length of the head including the final CRLFCRLF.
+    pub len: usize,
+}
+
+/// Why the start of a stream is not an HTTP/1.x request head we can route.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HttpPeekError {
+    /// The stream does not start with an HTTP request line (e.g. a TLS record, binary garbage).
+    #[error("not an HTTP request")]
+    NotHttp,
+    /// An HTTP request line, but a head we refuse to read or route.
+    #[error("malformed HTTP request head: {0}")]
+    Malformed(String),
+    /// No `Host` header, or an empty one.
+    #[error("HTTP request without a Host header")]
+    MissingHost,
+    /// No complete head within the first `limit` bytes.
+    #[error("HTTP request head exceeds {limit} bytes")]
+    TooLarge {
+        /// The `max_len` the head was checked against.
+        limit: usize,
+    },
+}
+
+/// Parse the request head at the start of a client's byte stream. Called again with a longer
+/// buffer after NeedMore.
+///
+/// Accepts HTTP/1.0 and HTTP/1.1 with at most [`MAX_HEADERS`] header fields and exactly one
+/// `Host` header, which is required even for HTTP/1.0 and used even when the target is in
+/// absolute form. Bytes after the head (a body, a pipelined request) are left alone.
+pub fn peek_request_head(buf: &[u8], max_len: usize) -> Result<Peek<RequestHead>, HttpPeekError> {
+    let window = buf.get(..max_len).unwrap_or(buf);
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let len = match request.parse(window) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if window.len() >= max_len => {
+            return Err(HttpPeekError::TooLarge { limit: max_len });
+        }
+        Ok(httparse::Status::Partial) => return Ok(Peek::NeedMore),
+        // httparse only fails before the method when the first bytes cannot start a request line.
+        Err(_) if request.method.is_none() => return Err(HttpPeekError::NotHttp),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(malformed(format!("more than {MAX_HEADERS} header fields")));
+        }
+        Err(httparse::Error::Version) => return Err(malformed("not HTTP/1.0 or HTTP/1.1")),
+        Err(err) => return Err(malformed(err)),
+    };
+    let (Some(method), Some(target), Some(0 | 1)) = (request.method, request.path, request.version) else {
+        return Err(malformed("incomplete request line"));
+    };
+    // httparse lets obs-text (bytes >= 0x80) through; nothing but visible ASCII may reach a
+    // Location header or a log line.
+    if !target.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(malformed("request target holds a byte outside visible ASCII"));
+    }
+    let mut host = None;
+    for header in request
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"))
+    {
+        if host.replace(header.value).is_some() {
+            return Err(malformed("more than one Host header"));
+        }
+    }
+    let host = match host {
+        None | Some([]) => return Err(HttpPeekError::MissingHost),
+        Some(value) => normalize_host(value).ok_or_else(|| malformed("invalid Host header"))?,
+    };
+    Ok(Peek::Done(RequestHead {
+        host,
+        method: method.to_owned(),
+        target: target.to_owned(),
+        len,
+    }))
+}
+
+fn malformed(why: impl ToString) -> HttpPeekError {
+    HttpPeekError::Malformed(why.to_string())
+}
+
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2) to the host we route on: a DNS name as for SNI, an
+/// IPv4 address, or a bracketed IPv6 address, without the port.
+fn normalize_host(value: &[u8]) -> Option<String> {
+    if let Some(bracketed) = value.strip_prefix(b"[") {
+        let close = bracketed.iter().position(|&b| b == b']')?;
+        let (address, after) = bracketed.split_at_checked(close)?;
+        if !is_port_suffix(after.get(1..)?) {
+            return None;
+        }
+        let address: Ipv6Addr = std::str::from_utf8(address).ok()?.parse().ok()?;
+        return Some(format!("[{address}]"));
+    }
+    let colon = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+    let (name, port) = value.split_at_checked(colon)?;
+    if !is_port_suffix(port) {
+        return None;
+    }
+    if let Ok(address) = std::str::from_utf8(name).ok()?.parse::<Ipv4Addr>() {
+        return Some(address.to_string());
+    }
+    normalize_dns_name(name)
+}
+
+/// Nothing, or `":" *DIGIT` with a value that fits a port (RFC 3986 allows an empty port).
+fn is_port_suffix(suffix: &[u8]) -> bool {
+    match suffix.split_first() {
+        None => true,
+        Some((b':', digits)) => {
+            // All digits first: `u16::from_str` would also take a leading `+`.
+            digits.iter().all(u8::is_ascii_digit)
+                && (digits.is_empty() || std::str::from_utf8(digits).is_ok_and(|d| d.parse::<u16>().is_ok()))
+        }
+        Some(_) => false,
+    }
+}
+
+/// A complete `308 Permanent Redirect` response to https://{host}{target}, with Content-Length: 0
+/// and Connection: close.
+///
+/// `host` is meant to be a validated [`RequestHead::host`]. A target not in origin form keeps only
+/// its path and query (`http://a.b/x?y` -> `/x?y`; `*` or an authority -> `/`). Whatever the input,
+/// any byte outside visible ASCII is percent-encoded, so the Location header cannot be split.
+pub fn redirect_to_https(host: &str, target: &str) -> Vec<u8> {
+    let mut location = String::with_capacity("https://".len() + host.len() + target.len() + 1);
+    location.push_str("https://");
+    push_visible(&mut location, host);
+    match origin_form(target) {
+        Some(path) if path.starts_with('/') => push_visible(&mut location, path),
+        Some(query) => {
+            location.push('/');
+            push_visible(&mut location, query);
+        }
+        None => location.push('/'),
+    }
+    format!(
+        "HTTP/1.1 308 Permanent Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// The path-and-query part of a request target: the target itself in origin form, what follows
+/// the authority in absolute form (starting with `/` or `?`), `None` otherwise (no path, `*`,
+/// authority form).
+fn origin_form(target: &str) -> Option<&str> {
+    if target.starts_with('/') {
+        return Some(target);
+    }
+    let (_scheme, rest) = target.split_once("://")?;
+    let path_at = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    rest.get(path_at..)
+        .filter(|p| !p.is_empty() && !p.starts_with('#'))
+}
+
+/// Appends `s`, percent-encoding every byte that is not visible ASCII.
+fn push_visible(out: &mut String, s: &str) {
+    for b in s.bytes() {
+        if b.is_ascii_graphic() {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+}
+
+/// A complete small plain-text error response (e.g. 400, 404, 502, 503) with Connection: close.
+///
+/// A `status` outside 100..=599 becomes 500, and characters of `reason` that may not appear in a
+/// reason phrase (controls, non-ASCII) are dropped, so the status line cannot be split either.
+pub fn error_response(status: u16, reason: &str, body: &str) -> Vec<u8> {
+    let status = if (100..=599).contains(&status) {
+        status
+    } else {
+        500
+    };
+    let reason: String = reason
+        .chars()
+        .filter(|&c| c == ' ' || c == '\t' || c.is_ascii_graphic())
+        .collect();
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    const NO_LIMIT: usize = usize::MAX;
+
+    const BROWSER_GET: &[u8] = b"GET /search?q=sluice&lang=en HTTP/1.1\r\n\
+        Host: WWW.Example.com:8080\r\n\
+        User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n\
+        Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n\
+        Accept-Language: en-US,en;q=0.5\r\n\
+        Accept-Encoding: gzip, deflate\r\n\
+        Connection: keep-alive\r\n\
+        Upgrade-Insecure-Requests: 1\r\n\
+        \r\n";
+
+    fn done(buf: &[u8]) -> RequestHead {
+        match peek_request_head(buf, NO_LIMIT) {
+            Ok(Peek::Done(head)) => head,
+            other => panic!("expected a parsed head, got {other:?}"),
+        }
+    }
+
+    fn request(host_lines: &str) -> Vec<u8> {
+        format!("GET / HTTP/1.1\r\n{host_lines}Accept: */*\r\n\r\n").into_bytes()
+    }
+
+    fn is_malformed(result: Result<Peek<RequestHead>, HttpPeekError>) -> bool {
+        matches!(result, Err(HttpPeekError::Malformed(_)))
+    }
+
+    #[test]
+    fn parses_a_browser_request() {
+        let head = done(BROWSER_GET);
+        assert_eq!(
+            head,
+            RequestHead {
+                host: "www.example.com".into(),
+                method: "GET".into(),
+                target: "/search?q=sluice&lang=en".into(),
+                len: BROWSER_GET.len(),
+            }
+        );
+    }
+
+    #[test]
+    fn every_prefix_needs_more() {
+        for end in 0..BROWSER_GET.len() {
+            assert_eq!(
+                peek_request_head(&BROWSER_GET[..end], NO_LIMIT),
+                Ok(Peek::NeedMore),
+                "prefix {end}"
+            );
+            assert_eq!(
+                peek_request_head(&BROWSER_GET[..end], BROWSER_GET.len()),
+                Ok(Peek::NeedMore)
+            );
+        }
+    }
+
+    #[test]
+    fn len_excludes_the_body() {
+        let mut stream = b"POST /upload HTTP/1.0\r\nHost: a.example\r\nContent-Length: 5\r\n\r\n".to_vec();
+        let head_len = stream.len();
+        stream.extend_from_slice(b"hello");
+        let head = done(&stream);
+        assert_eq!((head.method.as_str(), head.len), ("POST", head_len));
+    }
+
+    #[test]
+    fn host_forms() {
+        for (value, expected) in [
+            ("example.com", "example.com"),
+            ("Example.COM.", "example.com"),
+            ("example.com:443", "example.com"),
+            ("example.com:", "example.com"),
+            ("127.0.0.1:8080", "127.0.0.1"),
+            ("[::1]:8080", "[::1]"),
+            ("[::1]", "[::1]"),
+            ("[2001:DB8:0:0::1]", "[2001:db8::1]"),
+            ("  padded.example  ", "padded.example"),
+        ] {
+            let head = done(&request(&format!("Host: {value}\r\n")));
+            assert_eq!(head.host, expected, "{value:?}");
+        }
+        // Any case of the header name.
+        assert_eq!(done(&request("hOsT: a.example\r\n")).host, "a.example");
+    }
+
+    #[test]
+    fn invalid_hosts() {
+        for value in [
+            "exa_mple.com",
+            "exa mple.com",
+            "example.com:99999",
+            "example.com:8o",
+            "example.com:80:80",
+            "10.1",
+            "01.2.3.4",
+            "::1",
+            "[::1",
+            "[::1]x",
+            "[fe80::1%25eth0]",
+            "[example.com]",
+            "user@example.com",
+            "b\u{fc}cher.example",
+        ] {
+            assert!(
+                is_malformed(peek_request_head(
+                    &request(&format!("Host: {value}\r\n")),
+                    NO_LIMIT
+                )),
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_is_required_and_unique() {
+        assert_eq!(
+            peek_request_head(&request(""), NO_LIMIT),
+            Err(HttpPeekError::MissingHost)
+        );
+        assert_eq!(
+            peek_request_head(&request("Host:\r\n"), NO_LIMIT),
+            Err(HttpPeekError::MissingHost)
+        );
+        assert_eq!(
+            peek_request_head(b"GET / HTTP/1.0\r\n\r\n", NO_LIMIT),
+            Err(HttpPeekError::MissingHost)
+        );
+        assert!(is_malformed(peek_request_head(
+            &request("Host: a.example\r\nHost: b.example\r\n"),
+            NO_LIMIT
+        )));
+        assert!(is_malformed(peek_request_head(
+            &request("Host: a.example\r\nHOST: a.example\r\n"),
+            NO_LIMIT
+        )));
+    }
+
+    #[test]
+    fn absolute_form_still_routes_by_host_header() {
+        let head = done(b"GET http://other.example/x?y=1 HTTP/1.1\r\nHost: a.example\r\n\r\n");
+        assert_eq!(
+            (head.host.as_str(), head.target.as_str()),
+            ("a.example", "http://other.example/x?y=1")
+        );
+        assert_eq!(
+            peek_request_head(b"GET http://a.example/ HTTP/1.1\r\n\r\n", NO_LIMIT),
+            Err(HttpPeekError::MissingHost)
+        );
+    }
+
+    #[test]
+    fn not_http() {
+        for stream in [
+            &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..],
+            b"\x00\x00\x00\x00",
+            b"SSH-2.0-OpenSSH_9.6\r\n",
+            b"\r\x00",
+            b" GET / HTTP/1.1\r\n",
+        ] {
+            assert_eq!(
+                peek_request_head(stream, NO_LIMIT),
+                Err(HttpPeekError::NotHttp),
+                "{stream:?}"
+            );
+        }
+        // An empty line before the request line is tolerated (RFC 9112 §2.2).
+        let stream = b"\r\nGET / HTTP/1.1\r\nHost: a.example\r\n\r\n";
+        assert_eq!(done(stream).len, stream.len());
+    }
+
+    #[test]
+    fn malformed_heads() {
+        for stream in [
+            &b"GET / HTTP/2.0\r\nHost: a.example\r\n\r\n"[..],
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"GET / HTTP/1.2\r\nHost: a.example\r\n\r\n",
+            b"GET /\r\n",
+            b"GET /a\x01b HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            b"GET /a\rLocation: x HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            b"GET  / HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost a.example\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a.example\r\n folded\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\x00.example\r\n\r\n",
+        ] {
+            assert!(
+                is_malformed(peek_request_head(stream, NO_LIMIT)),
+                "{:?}",
+                String::from_utf8_lossy(stream)
+            );
+        }
+    }
+
+    #[test]
+    fn header_count_limit() {
+        // `request` adds Host and Accept: 64 fields in all, then 65.
+        let mut fields: String = (2..MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert!(done(&request(&format!("Host: a.example\r\n{fields}"))).len > 0);
+        fields.push_str("X-Last: v\r\n");
+        assert!(is_malformed(peek_request_head(
+            &request(&format!("Host: a.example\r\n{fields}")),
+            NO_LIMIT
+        )));
+    }
+
+    #[test]
+    fn too_large() {
+        let limit = BROWSER_GET.len() - 1;
+        assert_eq!(
+            peek_request_head(BROWSER_GET, limit),
+            Err(HttpPeekError::TooLarge { limit })
+        );
+        assert!(matches!(
+            peek_request_head(BROWSER_GET, BROWSER_GET.len()),
+            Ok(Peek::Done(_))
+        ));
+        // An unfinished head fails once it reaches the limit, not before.
+        let endless = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 100]].concat();
+        let limit = endless.len();
+        assert_eq!(peek_request_head(&endless, limit + 1), Ok(Peek::NeedMore));
+        assert_eq!(
+            peek_request_head(&endless, limit),
+            Err(HttpPeekError::TooLarge { limit })
+        );
+        assert_eq!(
+            peek_request_head(&endless, 20),
+            Err(HttpPeekError::TooLarge { limit: 20 })
+        );
+    }
+
+    #[test]
+    fn random_inputs_never_panic() {
+        let mut rng = StdRng::seed_from_u64(0x4774_7031);
+        for _ in 0..5000 {
+            let mut buf = vec![0u8; rng.random_range(0..300)];
+            if rng.random_bool(0.5) {
+                rng.fill(buf.as_mut_slice());
+            } else {
+                // Printable soup with line breaks, sometimes behind a valid request line.
+                let alphabet = b"GET /HTTP1.0:[]@?# \t\r\nHost\x00\x7f\xff";
+                for b in &mut buf {
+                    *b = alphabet[rng.random_range(0..alphabet.len())];
+                }
+                if rng.random_bool(0.5) {
+                    buf.splice(0..0, b"GET / HTTP/1.1\r\nHost: ".iter().copied());
+                }
+            }
+            let max_len = rng.random_range(0..400);
+            if let Ok(Peek::Done(head)) = peek_request_head(&buf, max_len) {
+                assert!(head.len <= buf.len() && head.len <= max_len);
+                assert!(head.target.bytes().all(|b| b.is_ascii_graphic()));
+            }
+        }
+    }
+
+    #[test]
+    fn redirect() {
+        assert_eq!(
+            redirect_to_https("example.com", "/a/b?c=d"),
+            b"HTTP/1.1 308 Permanent Redirect\r\nLocation: https://example.com/a/b?c=d\r\n\
+              Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let location = |target: &str| {
+            let response = String::from_utf8(redirect_to_https("a.example", target)).unwrap();
+            let (_, rest) = response.split_once("Location: ").unwrap();
+            rest.split_once("\r\n").unwrap().0.to_owned()
+        };
+        assert_eq!(location("http://other.example/x?y"), "https://a.example/x?y");
+        assert_eq!(location("http://other.example?y"), "https://a.example/?y");
+        assert_eq!(location("http://other.example"), "https://a.example/");
+        assert_eq!(location("http://other.example#frag"), "https://a.example/");
+        assert_eq!(location("*"), "https://a.example/");
+        assert_eq!(location("a.example:443"), "https://a.example/");
+        // Defence in depth: even unvalidated input cannot split the header.
+        assert_eq!(
+            location("/x\r\nSet-Cookie: a=b"),
+            "https://a.example/x%0D%0ASet-Cookie:%20a=b"
+        );
+        let response = redirect_to_https("evil\r\nX: y", "/");
+        assert_eq!(response.windows(2).filter(|w| w == b"\r\n").count(), 5);
+    }
+
+    #[test]
+    fn redirect_for_a_parsed_request() {
+        let head = done(BROWSER_GET);
+        let response = redirect_to_https(&head.host, &head.target);
+        assert!(response.starts_with(b"HTTP/1.1 308 Permanent Redirect\r\nLocation: https://www.example.com/search?q=sluice&lang=en\r\n"));
+    }
+
+    #[test]
+    fn error_responses() {
+        assert_eq!(
+            error_response(404, "Not Found", "no route for a.example\n"),
+            b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 23\r\n\
+              Connection: close\r\n\r\nno route for a.example\n"
+        );
+        let response = String::from_utf8(error_response(1000, "Bad\r\nX: y", "\u{e9}")).unwrap();
+        assert!(response.starts_with("HTTP/1.1 500 BadX: y\r\n"), "{response}");
+        assert!(response.contains("Content-Length: 2\r\n"));
+        for status in [400, 502, 503] {
+            assert!(
+                error_response(status, "x", "").starts_with(format!("HTTP/1.1 {status} x\r\n").as_bytes())
+            );
+        }
+    }
+}
