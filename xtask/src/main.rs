@@ -2,6 +2,7 @@
 //!
 //! Every command other than `setup` first checks the eBPF toolchain and installs what is missing,
 //! so a fresh machine needs nothing done by hand.
+mod demo;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -27,8 +28,12 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Build and start a local demo.
-    Run,
+    /// Start a local demo: relay + agent + an HTTPS app, and print the curl command to reach it.
+    Run {
+        /// Exit after checking one request through the relay instead of running until Ctrl-C.
+        #[arg(long)]
+        check: bool,
+    },
     /// Format check, clippy -D warnings (userspace and eBPF), every unit and integration test.
     /// (Workspace default members; `proxy-ebpf` is linted for its own BPF target.)
     Test,
@@ -41,10 +46,10 @@ fn main() -> Result<()> {
             setup::ensure()?;
             build(release)
         }
-        Task::Run => {
+        Task::Run { check } => {
             setup::ensure()?;
             build(false)?;
-            run(Command::new(workspace_root().join("target/debug/sluice")).arg("shield-probe"))
+            demo::run(check)
         }
         Task::Test => {
             setup::ensure()?;
@@ -54,8 +59,10 @@ fn main() -> Result<()> {
 }
 
 fn build(release: bool) -> Result<()> {
+    // The workspace's default members, like `cargo test` builds them: building one package
+    // alone unifies dependency features differently and would rebuild half the tree each time.
     let mut build = cmd("cargo");
-    build.args(["build", "--package", "sluice", "--bin", "sluice"]);
+    build.args(["build"]);
     if release {
         build.arg("--release");
     }
@@ -64,6 +71,9 @@ fn build(release: bool) -> Result<()> {
 
 fn test() -> Result<()> {
     run(cmd("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    build(false)?;
+    // The README's other command must keep working: bring the demo up and check it end to end.
+    demo::run(true)?;
     run(cmd("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     run(cmd("cargo")
         .args([
@@ -92,7 +102,42 @@ fn test() -> Result<()> {
         eprintln!("xtask: not root; running test binaries through `sudo -E`");
         test.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
-    run(&mut test)
+    run_counting_tests(&mut test)
+}
+
+/// Runs `cargo test`, echoing its output, and ends with one summed line
+/// (`tests: N passed, N failed, N skipped`): cargo prints a result line per test binary, and the last
+/// of those (often a binary without tests) says nothing about the run as a whole.
+fn run_counting_tests(command: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(summary) = line.strip_prefix("test result: ") {
+            for part in summary.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(count), Some(kind)) = (words.next(), words.next()) {
+                    let count: u64 = count.parse().unwrap_or(0);
+                    match kind {
+                        "passed" => passed += count,
+                        "failed" => failed += count,
+                        "ignored" => ignored += count,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    ensure!(status.success(), "{command:?} failed with {status}");
+    ensure!(passed > 0, "no test ran");
+    Ok(())
 }
 
 fn is_root() -> bool {
@@ -102,7 +147,7 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")

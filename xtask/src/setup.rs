@@ -121,7 +121,7 @@ fn nightly_libllvm() -> Result<PathBuf> {
 /// `None` when a working bpf-linker on the nightly's LLVM major is on PATH.
 fn bpf_linker_problem() -> Result<Option<String>> {
     let Ok(out) = Command::new("bpf-linker").arg("--version").output() else {
-        return Ok(Some("bpf-linker".into()));
+        return Ok(Some("bpf-linker (not on PATH)".into()));
     };
     if !out.status.success() {
         return Ok(Some(format!(

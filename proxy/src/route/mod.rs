@@ -1,2 +1,3 @@
-//! Routing: which tenant and agent serve a TLS stream, decided from its SNI hostname.
+//! Routing: hostname patterns and the table from hostname to the tenant's agent sessions.
 pub mod pattern;
+pub mod registry;

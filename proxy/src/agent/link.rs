@@ -1,0 +1,269 @@
+//! The agent's link to one relay: dial out, authenticate, register routes, keep the session
+//! alive (heartbeats, credential renewal at half its lifetime), and reconnect with exponential
+//! backoff and jitter whenever the session ends.
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tracing::{error, info, warn};
+
+use super::data::{self, DataContext};
+use super::{AgentShared, LinkState};
+use crate::tunnel::PROTOCOL_VERSION;
+use crate::tunnel::frame::{FrameReader, write_frame};
+use crate::tunnel::message::{AgentMessage, RelayMessage};
+
+/// A TLS connection from the agent to a relay.
+pub type TunnelStream = TlsStream<TcpStream>;
+
+/// Dials one relay's tunnel port and authenticates the relay.
+pub struct RelayDialer {
+    pub address: String,
+    server_name: ServerName<'static>,
+    connector: TlsConnector,
+}
+
+impl RelayDialer {
+    pub fn new(address: String, server_name: &str, tls: Arc<rustls::ClientConfig>) -> Result<Self, String> {
+        let server_name = ServerName::try_from(server_name.to_owned())
+            .map_err(|e| format!("invalid relay server name {server_name:?}: {e}"))?;
+        Ok(Self {
+            address,
+            server_name,
+            connector: TlsConnector::from(tls),
+        })
+    }
+
+    pub async fn dial(&self, timeout: Duration) -> std::io::Result<TunnelStream> {
+        let connect = async {
+            let tcp = TcpStream::connect(&self.address).await?;
+            tcp.set_nodelay(true)?;
+            self.connector.connect(self.server_name.clone(), tcp).await
+        };
+        tokio::time::timeout(timeout, connect).await.map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the relay timed out")
+        })?
+    }
+}
+
+/// Keeps a session with one relay until the agent stops.
+pub async fn run(shared: Arc<AgentShared>, dialer: Arc<RelayDialer>, state: watch::Sender<LinkState>) {
+    let reconnect = shared.reconnect;
+    let mut backoff = reconnect.initial;
+    loop {
+        let started = Instant::now();
+        let outcome = session(&shared, &dialer, &state).await;
+        if shared.stopped.is_cancelled() {
+            state.send_replace(LinkState::Stopped);
+            return;
+        }
+        match &outcome {
+            SessionEnd::Rejected(reason) => {
+                error!(relay = dialer.address, reason, "relay refused this agent");
+                state.send_replace(LinkState::Rejected(reason.clone()));
+            }
+            SessionEnd::Lost(reason) => {
+                warn!(relay = dialer.address, reason, "tunnel lost");
+                state.send_replace(LinkState::Connecting);
+            }
+        }
+        // A session that lived a while earns a fresh backoff: this is a new failure.
+        if started.elapsed() > reconnect.max {
+            backoff = reconnect.initial;
+        }
+        let delay = jitter(backoff);
+        info!(relay = dialer.address, ?delay, "reconnecting");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shared.stopped.cancelled() => {
+                state.send_replace(LinkState::Stopped);
+                return;
+            }
+        }
+        backoff = (backoff * 2).min(reconnect.max);
+    }
+}
+
+enum SessionEnd {
+    /// The relay said no (bad token, revoked, ...).
+    Rejected(String),
+    /// Network trouble, relay restart, missed heartbeats.
+    Lost(String),
+}
+
+async fn session(
+    shared: &Arc<AgentShared>,
+    dialer: &Arc<RelayDialer>,
+    state: &watch::Sender<LinkState>,
+) -> SessionEnd {
+    let stream = tokio::select! {
+        stream = dialer.dial(shared.connect_timeout) => match stream {
+            Ok(stream) => stream,
+            Err(e) => return SessionEnd::Lost(format!("dialing {}: {e}", dialer.address)),
+        },
+        () = shared.stopped.cancelled() => return SessionEnd::Lost("agent stopping".into()),
+    };
+    let (read_half, mut writer) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(read_half);
+    let hello = AgentMessage::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: shared.token.clone(),
+        agent_name: shared.name.clone(),
+        routes: shared.route_ads.clone(),
+    };
+    if let Err(e) = write_frame(&mut writer, &hello).await {
+        return SessionEnd::Lost(format!("sending Hello: {e}"));
+    }
+    let welcome = match tokio::time::timeout(shared.connect_timeout, reader.next::<RelayMessage>()).await {
+        Ok(Ok(Some(message))) => message,
+        Ok(Ok(None)) => return SessionEnd::Lost("relay closed the connection after Hello".into()),
+        Ok(Err(e)) => return SessionEnd::Lost(format!("reading Welcome: {e}")),
+        Err(_) => return SessionEnd::Lost("no Welcome from the relay in time".into()),
+    };
+    let RelayMessage::Welcome {
+        agent_id,
+        credential,
+        credential_ttl_secs,
+        heartbeat_secs,
+        pool_size,
+        accepted,
+        refused,
+    } = welcome
+    else {
+        return match welcome {
+            RelayMessage::Rejected { reason } => SessionEnd::Rejected(reason),
+            other => SessionEnd::Lost(format!("expected Welcome, got {other:?}")),
+        };
+    };
+    for r in &refused {
+        error!(
+            relay = dialer.address,
+            hostname = r.hostname,
+            reason = r.reason,
+            "route refused by the relay"
+        );
+    }
+    info!(relay = dialer.address, agent_id, routes = ?accepted, pool_size, "tunnel established");
+    state.send_replace(LinkState::Connected {
+        agent_id: agent_id.clone(),
+        accepted: accepted.clone(),
+    });
+
+    let session_ended = shared.stopped.child_token();
+    let _end_session_on_exit = session_ended.clone().drop_guard();
+    let ctx = Arc::new(DataContext {
+        dialer: Arc::clone(dialer),
+        agent_id: agent_id.clone(),
+        credential: RwLock::new(credential),
+        routes: Arc::clone(&shared.routes),
+        session_ended: session_ended.clone(),
+        agent_stopped: shared.hard_stop.clone(),
+        streams: shared.streams.clone(),
+        connect_timeout: shared.connect_timeout,
+    });
+    for _ in 0..pool_size {
+        tokio::spawn(data::pool_slot(Arc::clone(&ctx)));
+    }
+
+    let heartbeat = Duration::from_secs(heartbeat_secs.max(1));
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut renew_at = Instant::now() + renewal_delay(credential_ttl_secs);
+    let mut last_heard = Instant::now();
+    let mut seq = 0u64;
+    let end = loop {
+        let outgoing = tokio::select! {
+            message = reader.next::<RelayMessage>() => match message {
+                Ok(Some(message)) => {
+                    last_heard = Instant::now();
+                    match message {
+                        RelayMessage::Ping { seq } => Some(AgentMessage::Pong { seq }),
+                        RelayMessage::Pong { .. } => None,
+                        RelayMessage::Renewed { credential, credential_ttl_secs } => {
+                            *ctx.credential.write().expect("credential lock") = credential;
+                            renew_at = Instant::now() + renewal_delay(credential_ttl_secs);
+                            info!(relay = dialer.address, agent_id, "session credential renewed");
+                            None
+                        }
+                        RelayMessage::OpenData { count } => {
+                            for _ in 0..count.min(1024) {
+                                tokio::spawn(data::one_shot(Arc::clone(&ctx)));
+                            }
+                            None
+                        }
+                        RelayMessage::RoutesUpdated { accepted, refused } => {
+                            for r in &refused {
+                                error!(relay = dialer.address, hostname = r.hostname, reason = r.reason, "route refused by the relay");
+                            }
+                            state.send_replace(LinkState::Connected { agent_id: agent_id.clone(), accepted });
+                            None
+                        }
+                        RelayMessage::Goodbye { reason } => break SessionEnd::Lost(format!("relay ended the session: {reason}")),
+                        RelayMessage::Rejected { reason } => break SessionEnd::Rejected(reason),
+                        RelayMessage::Welcome { .. } => break SessionEnd::Lost("unexpected second Welcome".into()),
+                    }
+                }
+                Ok(None) => break SessionEnd::Lost("relay closed the control connection".into()),
+                Err(e) => break SessionEnd::Lost(format!("control connection: {e}")),
+            },
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > heartbeat * 3 {
+                    break SessionEnd::Lost(format!("relay silent for {:?}", last_heard.elapsed()));
+                }
+                seq += 1;
+                Some(AgentMessage::Ping { seq })
+            }
+            () = tokio::time::sleep_until(renew_at) => {
+                // Re-authenticate with the tenant token; retry soon if the answer does not come.
+                renew_at = Instant::now() + heartbeat;
+                Some(AgentMessage::Renew { token: shared.token.clone() })
+            }
+            () = shared.stopped.cancelled() => break SessionEnd::Lost("agent stopping".into()),
+        };
+        if let Some(message) = outgoing
+            && let Err(e) = write_frame(&mut writer, &message).await
+        {
+            break SessionEnd::Lost(format!("control connection: {e}"));
+        }
+    };
+    let _ = writer.shutdown().await;
+    end
+}
+
+/// Renew at half the credential's lifetime: one failed attempt still leaves time for another.
+fn renewal_delay(ttl_secs: u64) -> Duration {
+    Duration::from_millis(ttl_secs.max(1) * 1000 / 2)
+}
+
+/// Full jitter between half the backoff and the backoff, so agents do not reconnect in lockstep
+/// after a relay restart.
+fn jitter(backoff: Duration) -> Duration {
+    let half = backoff / 2;
+    half + backoff.mul_f64(rand::random::<f64>() * 0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_and_full_backoff() {
+        let backoff = Duration::from_secs(4);
+        for _ in 0..1000 {
+            let d = jitter(backoff);
+            assert!(d >= Duration::from_secs(2) && d <= backoff, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn renews_at_half_life() {
+        assert_eq!(renewal_delay(300), Duration::from_secs(150));
+        assert_eq!(renewal_delay(0), Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,224 @@
+//! The agent's on-prem end of a stream: find the route for the stream's hostname, connect to its
+//! target, optionally announce the browser's address with PROXY protocol v2, optionally
+//! terminate TLS here with the tenant's own key, then pump bytes.
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf as _, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::agent::RouteConfig;
+use crate::pump::{PumpError, Transferred, pump};
+use crate::route::pattern::HostPattern;
+use crate::tunnel::stream_header::{StreamHeader, StreamKind};
+use crate::tunnel::tls::{TlsConfigError, load_certs, load_key, provider};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("no route for {0}")]
+    NoRoute(String),
+    #[error("route {0} does not forward plaintext HTTP")]
+    NoHttpTarget(String),
+    #[error("connecting to {target}: {source}")]
+    Connect { target: String, source: io::Error },
+    #[error("connecting to {target}: timed out")]
+    ConnectTimeout { target: String },
+    #[error("TLS handshake with the browser: {0}")]
+    Handshake(io::Error),
+    #[error(transparent)]
+    Pump(#[from] PumpError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// A configured route, ready to serve.
+pub struct Route {
+    pub pattern: HostPattern,
+    pub config: RouteConfig,
+    /// Present when TLS ends at the agent.
+    tls: Option<TlsAcceptor>,
+}
+
+/// The agent's routes, most specific first.
+pub struct Routes {
+    routes: Vec<Route>,
+}
+
+impl Routes {
+    pub fn new(configs: &[RouteConfig]) -> Result<Self, TlsConfigError> {
+        let mut routes = Vec::with_capacity(configs.len());
+        for config in configs {
+            let tls = match &config.tls {
+                Some(tls) => {
+                    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+                        .with_safe_default_protocol_versions()?
+                        .with_no_client_auth()
+                        .with_single_cert(load_certs(&tls.cert)?, load_key(&tls.key)?)?;
+                    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+                    Some(TlsAcceptor::from(Arc::new(server)))
+                }
+                None => None,
+            };
+            let pattern = HostPattern::parse(&config.hostname).expect("validated at config load");
+            routes.push(Route {
+                pattern,
+                config: config.clone(),
+                tls,
+            });
+        }
+        // Exact names win over wildcards.
+        routes.sort_by_key(|r| matches!(r.pattern, HostPattern::Wildcard { .. }));
+        Ok(Self { routes })
+    }
+
+    pub fn lookup(&self, host: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.pattern.matches(host))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter()
+    }
+}
+
+/// Serves one stream that arrived on a data connection: `early` holds the client bytes that
+/// came with the stream header.
+pub async fn serve<S>(
+    routes: &Routes,
+    header: &StreamHeader,
+    tunnel: S,
+    early: BytesMut,
+    connect_timeout: Duration,
+    cut: &CancellationToken,
+) -> Result<Transferred, TargetError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let route = routes
+        .lookup(&header.host)
+        .ok_or_else(|| TargetError::NoRoute(header.host.clone()))?;
+    let mut tunnel = Prefixed {
+        prefix: early,
+        inner: tunnel,
+    };
+    match (header.kind, &route.tls) {
+        (StreamKind::Tls, Some(acceptor)) => {
+            let mut browser = acceptor.accept(tunnel).await.map_err(TargetError::Handshake)?;
+            let mut target = connect(&route.config.target, connect_timeout).await?;
+            announce(&mut target, route, header).await?;
+            Ok(pump(&mut browser, &mut target, cut).await?)
+        }
+        (StreamKind::Tls, None) => {
+            let mut target = connect(&route.config.target, connect_timeout).await?;
+            announce(&mut target, route, header).await?;
+            Ok(pump(&mut tunnel, &mut target, cut).await?)
+        }
+        (StreamKind::Http, _) => {
+            let address = route
+                .config
+                .http_target()
+                .ok_or_else(|| TargetError::NoHttpTarget(header.host.clone()))?;
+            let mut target = connect(address, connect_timeout).await?;
+            announce(&mut target, route, header).await?;
+            Ok(pump(&mut tunnel, &mut target, cut).await?)
+        }
+    }
+}
+
+async fn connect(target: &str, timeout: Duration) -> Result<TcpStream, TargetError> {
+    match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(source)) => Err(TargetError::Connect {
+            target: target.to_owned(),
+            source,
+        }),
+        Err(_) => Err(TargetError::ConnectTimeout {
+            target: target.to_owned(),
+        }),
+    }
+}
+
+/// Sends the PROXY v2 header when the route asks for it.
+async fn announce(target: &mut TcpStream, route: &Route, header: &StreamHeader) -> Result<(), TargetError> {
+    if route.config.proxy_protocol {
+        target
+            .write_all(&proxy_v2_header(header.client, header.relay_port)?)
+            .await?;
+    }
+    Ok(())
+}
+
+/// A PROXY protocol v2 header: source = the browser, destination = the relay port it reached
+/// (the relay's address is not known here, so the destination address is unspecified).
+pub fn proxy_v2_header(client: SocketAddr, relay_port: u16) -> io::Result<Vec<u8>> {
+    use ppp::v2::{Builder, Command, Protocol, Version};
+    let destination = match client.ip() {
+        IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), relay_port),
+        IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), relay_port),
+    };
+    Builder::with_addresses(
+        Version::Two | Command::Proxy,
+        Protocol::Stream,
+        (client, destination),
+    )
+    .build()
+}
+
+/// A stream that first yields `prefix`, then reads from `inner`; writes go straight to `inner`.
+struct Prefixed<S> {
+    prefix: BytesMut,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_v2_header_carries_the_client_address() {
+        let header = proxy_v2_header("192.0.2.7:51000".parse().unwrap(), 443).unwrap();
+        assert_eq!(&header[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        assert_eq!(header[12], 0x21, "version 2, PROXY command");
+        assert_eq!(header[13], 0x11, "TCP over IPv4");
+        assert_eq!(&header[16..20], &[192, 0, 2, 7]);
+        assert_eq!(u16::from_be_bytes([header[24], header[25]]), 51000);
+        assert_eq!(u16::from_be_bytes([header[26], header[27]]), 443);
+    }
+}

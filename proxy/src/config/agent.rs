@@ -1,0 +1,273 @@
+//! `agent.toml`: which relays the agent dials, how it authenticates, and where each hostname
+//! goes on-prem.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, invalid, positive, read_toml, resolve};
+use crate::tunnel::message::HttpMode;
+use crate::tunnel::tls::RelayTrust;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This agent's name, part of its id in relay logs (e.g. the host it runs on).
+    pub name: String,
+    /// File holding the tenant token (`sluice token create`); the token itself never goes in
+    /// this file. `SLUICE_TOKEN` in the environment takes precedence.
+    pub token_file: Option<PathBuf>,
+    /// Relays to keep a tunnel to, all at once (more than one for availability).
+    pub relays: Vec<RelayEndpoint>,
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub reconnect: ReconnectConfig,
+    /// Dialing a relay or a target fails after this.
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayEndpoint {
+    /// `host:port` of the relay's tunnel listener.
+    pub address: String,
+    /// Name to verify in the relay certificate; defaults to the host part of `address`.
+    pub server_name: Option<String>,
+    /// CA certificates (PEM) that issued the relay's certificate.
+    pub ca: Option<PathBuf>,
+    /// SHA-256 of the relay's public key (SPKI), hex or base64 (`sluice relay-pin` prints it).
+    pub pin_sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `app.example.com` or `*.example.com`; must be among the tenant's hostnames on the relay.
+    pub hostname: String,
+    /// `host:port` of the on-prem application.
+    pub target: String,
+    /// Send a PROXY protocol v2 header with the browser's address to `target` first.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Terminate TLS here with the tenant's own certificate and forward plaintext to `target`.
+    /// Without it, `target` receives the browser's TLS stream and terminates TLS itself.
+    pub tls: Option<TlsTermination>,
+    /// Plaintext HTTP on the relay: `redirect` to https (default) or `forward` to `http_target`.
+    #[serde(default)]
+    pub http: HttpMode,
+    /// Where forwarded plaintext HTTP goes; defaults to `target` when TLS ends at the agent.
+    pub http_target: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsTermination {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectConfig {
+    #[serde(default = "defaults::backoff_initial", with = "humantime_serde")]
+    pub initial: Duration,
+    #[serde(default = "defaults::backoff_max", with = "humantime_serde")]
+    pub max: Duration,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        Self {
+            initial: defaults::backoff_initial(),
+            max: defaults::backoff_max(),
+        }
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub(super) fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub(super) fn backoff_initial() -> Duration {
+        Duration::from_millis(200)
+    }
+    pub(super) fn backoff_max() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+impl AgentConfig {
+    /// Reads, validates, and resolves relative paths of an agent config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Self = read_toml(path)?;
+        config.token_file = config.token_file.map(|f| resolve(path, &f));
+        for relay in &mut config.relays {
+            relay.ca = relay.ca.as_ref().map(|f| resolve(path, f));
+        }
+        for route in &mut config.routes {
+            if let Some(tls) = &mut route.tls {
+                tls.cert = resolve(path, &tls.cert);
+                tls.key = resolve(path, &tls.key);
+            }
+        }
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// The token: `SLUICE_TOKEN` from the environment, else the contents of `token_file`.
+    pub fn token(&self, config_path: &Path) -> Result<String, ConfigError> {
+        if let Ok(token) = std::env::var("SLUICE_TOKEN") {
+            return Ok(token.trim().to_owned());
+        }
+        let Some(file) = &self.token_file else {
+            return Err(invalid(
+                config_path,
+                "token_file",
+                "missing, and SLUICE_TOKEN is not set",
+            ));
+        };
+        let token = std::fs::read_to_string(file).map_err(|e| {
+            invalid(
+                config_path,
+                "token_file",
+                format!("cannot read {}: {e}", file.display()),
+            )
+        })?;
+        Ok(token.trim().to_owned())
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 63
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !name_ok {
+            return Err(invalid(
+                path,
+                "name",
+                "1-63 characters of letters, digits, '-' or '_'",
+            ));
+        }
+        if self.relays.is_empty() {
+            return Err(invalid(path, "relays", "at least one relay is required"));
+        }
+        for (i, relay) in self.relays.iter().enumerate() {
+            relay.validate(path, &format!("relays[{i}]"))?;
+        }
+        if self.routes.is_empty() {
+            return Err(invalid(path, "routes", "at least one route is required"));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            let field = |name: &str| format!("routes[{i}].{name}");
+            crate::route::pattern::HostPattern::parse(&route.hostname)
+                .map_err(|e| invalid(path, field("hostname"), e.to_string()))?;
+            if !looks_like_host_port(&route.target) {
+                return Err(invalid(path, field("target"), "expected host:port"));
+            }
+            if let Some(tls) = &route.tls {
+                for (name, file) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                    if !file.is_file() {
+                        return Err(invalid(
+                            path,
+                            field(name),
+                            format!("{} does not exist", file.display()),
+                        ));
+                    }
+                }
+            }
+            if route.http == HttpMode::Forward && route.http_target().is_none() {
+                return Err(invalid(
+                    path,
+                    field("http_target"),
+                    "required with http = \"forward\" when TLS is not terminated at the agent",
+                ));
+            }
+            if let Some(target) = &route.http_target
+                && !looks_like_host_port(target)
+            {
+                return Err(invalid(path, field("http_target"), "expected host:port"));
+            }
+        }
+        positive(path, "connect_timeout", self.connect_timeout)?;
+        positive(path, "reconnect.initial", self.reconnect.initial)?;
+        if self.reconnect.max < self.reconnect.initial {
+            return Err(invalid(
+                path,
+                "reconnect.max",
+                "must not be below reconnect.initial",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RelayEndpoint {
+    fn validate(&self, path: &Path, field: &str) -> Result<(), ConfigError> {
+        if !looks_like_host_port(&self.address) {
+            return Err(invalid(path, format!("{field}.address"), "expected host:port"));
+        }
+        self.trust()
+            .map_err(|message| invalid(path, format!("{field}.ca"), message))?;
+        if let Some(ca) = &self.ca
+            && !ca.is_file()
+        {
+            return Err(invalid(
+                path,
+                format!("{field}.ca"),
+                format!("{} does not exist", ca.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How to authenticate this relay: exactly one of `ca` and `pin_sha256`.
+    pub fn trust(&self) -> Result<RelayTrust, String> {
+        match (&self.ca, &self.pin_sha256) {
+            (Some(ca), None) => Ok(RelayTrust::Ca(ca.clone())),
+            (None, Some(pin)) => parse_pin(pin).map(RelayTrust::PinnedKey),
+            (Some(_), Some(_)) => Err("set either `ca` or `pin_sha256`, not both".into()),
+            (None, None) => Err("set `ca` or `pin_sha256`: the agent must authenticate the relay".into()),
+        }
+    }
+
+    /// The name to verify and send as SNI.
+    pub fn server_name(&self) -> &str {
+        self.server_name
+            .as_deref()
+            .unwrap_or_else(|| host_part(&self.address))
+    }
+}
+
+impl RouteConfig {
+    /// Where plaintext HTTP for this route goes, if anywhere.
+    pub fn http_target(&self) -> Option<&str> {
+        self.http_target
+            .as_deref()
+            .or(self.tls.as_ref().map(|_| self.target.as_str()))
+    }
+}
+
+fn parse_pin(pin: &str) -> Result<[u8; 32], String> {
+    let pin = pin.trim();
+    let bytes = data_encoding::HEXLOWER_PERMISSIVE
+        .decode(pin.as_bytes())
+        .or_else(|_| data_encoding::BASE64.decode(pin.as_bytes()))
+        .map_err(|_| "pin_sha256: not hex or base64".to_string())?;
+    bytes
+        .try_into()
+        .map_err(|_| "pin_sha256: a SHA-256 is 32 bytes".to_string())
+}
+
+fn host_part(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+fn looks_like_host_port(s: &str) -> bool {
+    s.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+}

@@ -1,0 +1,178 @@
+//! `relay.toml`: what the relay listens on, its tunnel identity, and its limits.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, invalid, positive, read_toml, resolve};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Directory of the tenant and token store (`store.json`).
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub edge: EdgeConfig,
+    pub tunnel: TunnelConfig,
+    /// How often the store file is checked for changes (revocations take effect within this).
+    #[serde(default = "defaults::store_poll", with = "humantime_serde")]
+    pub store_poll: Duration,
+    /// How long active streams may drain on shutdown before they are cut.
+    #[serde(default = "defaults::shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// Where browsers connect.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// TLS listeners, routed by SNI.
+    #[serde(default = "defaults::tls_listen")]
+    pub tls_listen: Vec<SocketAddr>,
+    /// Plaintext HTTP listeners, routed by Host.
+    #[serde(default = "defaults::http_listen")]
+    pub http_listen: Vec<SocketAddr>,
+    /// A client must deliver its whole ClientHello / request head within this (slowloris guard).
+    #[serde(default = "defaults::client_hello_timeout", with = "humantime_serde")]
+    pub client_hello_timeout: Duration,
+    /// Largest ClientHello accepted, in bytes.
+    #[serde(default = "defaults::max_client_hello")]
+    pub max_client_hello: usize,
+    /// Largest HTTP request head accepted, in bytes.
+    #[serde(default = "defaults::max_http_head")]
+    pub max_http_head: usize,
+    /// How long a client waits for a data connection when an agent's pool is empty.
+    #[serde(default = "defaults::agent_wait", with = "humantime_serde")]
+    pub agent_wait: Duration,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            tls_listen: defaults::tls_listen(),
+            http_listen: defaults::http_listen(),
+            client_hello_timeout: defaults::client_hello_timeout(),
+            max_client_hello: defaults::max_client_hello(),
+            max_http_head: defaults::max_http_head(),
+            agent_wait: defaults::agent_wait(),
+        }
+    }
+}
+
+/// Where agents connect, and the rules of their sessions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    pub listen: SocketAddr,
+    /// PEM certificate chain the relay presents to agents.
+    pub cert: PathBuf,
+    /// PEM private key for `cert`.
+    pub key: PathBuf,
+    /// Lifetime of a session credential; agents re-authenticate at half of it.
+    #[serde(default = "defaults::credential_ttl", with = "humantime_serde")]
+    pub credential_ttl: Duration,
+    /// Heartbeat interval on control connections; three missed beats end a session.
+    #[serde(default = "defaults::heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Idle data connections each agent keeps open.
+    #[serde(default = "defaults::pool_size")]
+    pub pool_size: u32,
+    /// An agent must complete TLS and its first frame within this.
+    #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+mod defaults {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    pub(super) fn tls_listen() -> Vec<SocketAddr> {
+        vec![SocketAddr::from(([0, 0, 0, 0], 443))]
+    }
+    pub(super) fn http_listen() -> Vec<SocketAddr> {
+        vec![SocketAddr::from(([0, 0, 0, 0], 80))]
+    }
+    pub(super) fn client_hello_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(super) fn max_client_hello() -> usize {
+        32 * 1024
+    }
+    pub(super) fn max_http_head() -> usize {
+        16 * 1024
+    }
+    pub(super) fn agent_wait() -> Duration {
+        Duration::from_secs(3)
+    }
+    pub(super) fn credential_ttl() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub(super) fn heartbeat() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(super) fn pool_size() -> u32 {
+        4
+    }
+    pub(super) fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(super) fn store_poll() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub(super) fn shutdown_grace() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+impl RelayConfig {
+    /// Reads, validates, and resolves relative paths of a relay config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Self = read_toml(path)?;
+        config.state_dir = resolve(path, &config.state_dir);
+        config.tunnel.cert = resolve(path, &config.tunnel.cert);
+        config.tunnel.key = resolve(path, &config.tunnel.key);
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if self.edge.tls_listen.is_empty() && self.edge.http_listen.is_empty() {
+            return Err(invalid(
+                path,
+                "edge.tls_listen",
+                "at least one edge listener is required",
+            ));
+        }
+        positive(path, "edge.client_hello_timeout", self.edge.client_hello_timeout)?;
+        positive(path, "edge.agent_wait", self.edge.agent_wait)?;
+        positive(path, "tunnel.heartbeat", self.tunnel.heartbeat)?;
+        positive(path, "tunnel.handshake_timeout", self.tunnel.handshake_timeout)?;
+        positive(path, "store_poll", self.store_poll)?;
+        if self.tunnel.credential_ttl < Duration::from_secs(1) {
+            return Err(invalid(path, "tunnel.credential_ttl", "must be at least 1s"));
+        }
+        if !(1..=1024).contains(&self.tunnel.pool_size) {
+            return Err(invalid(path, "tunnel.pool_size", "must be between 1 and 1024"));
+        }
+        if self.edge.max_client_hello < 512 {
+            return Err(invalid(
+                path,
+                "edge.max_client_hello",
+                "must be at least 512 bytes",
+            ));
+        }
+        if self.edge.max_http_head < 256 {
+            return Err(invalid(path, "edge.max_http_head", "must be at least 256 bytes"));
+        }
+        for (field, file) in [
+            ("tunnel.cert", &self.tunnel.cert),
+            ("tunnel.key", &self.tunnel.key),
+        ] {
+            if !file.is_file() {
+                return Err(invalid(path, field, format!("{} does not exist", file.display())));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,103 @@
+//! Handing a routed client stream to one of the tenant's agents.
+//!
+//! Agents are tried least-loaded first (active/active across a tenant's agents). Each hand-over
+//! takes a pre-opened idle data connection, so setup costs no round trip to the agent; if every
+//! pool is empty, the least-loaded agent is asked for more and the client waits up to
+//! `edge.agent_wait`. The stream header and the bytes already read go out in one write.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt as _;
+use tokio::time::Instant;
+
+use crate::relay::RelayState;
+use crate::route::registry::{Route, RouteAgent};
+use crate::tunnel::message::RelayMessage;
+use crate::tunnel::session::{ActiveStream, AgentSession, DataStream};
+use crate::tunnel::stream_header::{StreamHeader, StreamKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("no agent is serving this hostname")]
+    NoAgent,
+    #[error("no data connection from the tenant's agents within {0:?}")]
+    PoolExhausted(Duration),
+    #[error("writing to the tunnel: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A client stream now attached to an agent's data connection.
+pub struct Handover {
+    pub session: Arc<AgentSession>,
+    pub tunnel: DataStream,
+    /// Keeps the stream counted in the agent's load until dropped.
+    pub active: ActiveStream,
+}
+
+/// What to tell the agent about the stream.
+pub struct StreamInfo<'a> {
+    pub kind: StreamKind,
+    pub client: SocketAddr,
+    pub relay_port: u16,
+    pub host: &'a str,
+}
+
+/// Claims a data connection from the least-loaded eligible agent and sends it the stream
+/// header followed by `initial` (the bytes peeked from the client).
+pub async fn to_agent(
+    state: &RelayState,
+    route: &Route,
+    eligible: impl Fn(&RouteAgent) -> bool,
+    info: StreamInfo<'_>,
+    initial: &[u8],
+) -> Result<Handover, HandoverError> {
+    let wait = state.config.edge.agent_wait;
+    let deadline = Instant::now() + wait;
+    let mut asked_for_more = false;
+    loop {
+        let mut agents: Vec<RouteAgent> = route.agents().into_iter().filter(&eligible).collect();
+        if agents.is_empty() {
+            return Err(HandoverError::NoAgent);
+        }
+        agents.sort_by_key(|a| a.session.active_streams());
+        for agent in &agents {
+            if let Some(mut tunnel) = agent.session.claim_idle().await {
+                let active = agent.session.stream_guard();
+                let header = StreamHeader {
+                    kind: info.kind,
+                    client: info.client,
+                    relay_port: info.relay_port,
+                    host: info.host.to_owned(),
+                };
+                let mut first = BytesMut::with_capacity(64 + initial.len());
+                header
+                    .encode(&mut first)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                first.extend_from_slice(initial);
+                tunnel.write_all(&first).await?;
+                tunnel.flush().await?;
+                return Ok(Handover {
+                    session: Arc::clone(&agent.session),
+                    tunnel,
+                    active,
+                });
+            }
+        }
+        let least_loaded = &agents[0].session;
+        if !asked_for_more {
+            least_loaded.send_control(RelayMessage::OpenData {
+                count: state.config.tunnel.pool_size,
+            });
+            asked_for_more = true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(HandoverError::PoolExhausted(wait));
+        }
+        least_loaded
+            .wait_for_idle((deadline - now).min(Duration::from_millis(100)))
+            .await;
+    }
+}

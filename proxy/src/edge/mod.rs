@@ -1,0 +1,96 @@
+//! Where browsers connect. Each accepted connection goes through the same short path:
+//!
+//! accept -> peek ([`tls`]: ClientHello SNI, [`http`]: Host header) -> route (registry lookup)
+//! -> [`handover`] to one of the tenant's agents -> [`crate::pump`] bytes both ways.
+//!
+//! The peek reads (never decrypts) only as many bytes as the routing metadata needs, under a
+//! deadline and a size cap, and those bytes are forwarded first, unchanged.
+pub mod handover;
+pub mod http;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::relay::RelayState;
+
+/// Which protocol an edge listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeKind {
+    Tls,
+    Http,
+}
+
+/// Binds a listener with SO_REUSEPORT, so a restarted relay can bind while the old one drains.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts browser connections until the relay starts stopping; each is handled in a task the
+/// relay drains on shutdown.
+pub async fn accept_loop(listener: TcpListener, kind: EdgeKind, state: Arc<RelayState>) {
+    let local_port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    loop {
+        let (client, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    debug!(error = %e, "edge accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            () = state.stopping.cancelled() => return,
+        };
+        let _ = client.set_nodelay(true);
+        let state_for_task = Arc::clone(&state);
+        state.streams.spawn(async move {
+            match kind {
+                EdgeKind::Tls => tls::serve(state_for_task, client, peer, local_port).await,
+                EdgeKind::Http => http::serve(state_for_task, client, peer, local_port).await,
+            }
+        });
+    }
+}
+
+/// Why reading routing metadata stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PeekReadError {
+    #[error("client sent too little before the deadline")]
+    Timeout,
+    #[error("client closed the connection before sending routing metadata")]
+    Closed,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads whatever the client sends next into `buf`, or fails at `deadline`.
+pub async fn read_more(
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+    deadline: Instant,
+) -> Result<(), PeekReadError> {
+    match tokio::time::timeout_at(deadline, client.read_buf(buf)).await {
+        Err(_) => Err(PeekReadError::Timeout),
+        Ok(Ok(0)) => Err(PeekReadError::Closed),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+    }
+}

@@ -1,0 +1,178 @@
+//! The relay process: binds the edge and tunnel listeners, watches the store, and shuts down
+//! gracefully.
+//!
+//! Shutdown: stop accepting (listeners close, agents are told goodbye so they move to another
+//! relay), let active streams drain for `shutdown_grace`, then cut what is left. Listeners use
+//! SO_REUSEPORT, so a new relay process can take over the ports while the old one drains.
+mod store_watch;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use dashmap::DashMap;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::relay::RelayConfig;
+use crate::edge::{self, EdgeKind};
+use crate::route::registry::Registry;
+use crate::store::{Snapshot, Store, StoreError};
+use crate::tunnel::session::AgentSession;
+use crate::tunnel::tls::{TlsConfigError, relay_server_config};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("tunnel TLS: {0}")]
+    Tls(#[from] TlsConfigError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// State shared by every task of one relay.
+pub struct RelayState {
+    pub config: RelayConfig,
+    pub registry: Registry,
+    /// Live agent sessions by id.
+    pub sessions: DashMap<Arc<str>, Arc<AgentSession>>,
+    store: Store,
+    snapshot: RwLock<Arc<Snapshot>>,
+    https_port: OnceLock<u16>,
+    /// Cancelled when shutdown starts: listeners stop accepting, sessions say goodbye.
+    pub stopping: CancellationToken,
+    /// Cancelled when the drain deadline passes: every stream still open is cut.
+    pub hard_stop: CancellationToken,
+    /// Every client connection task, so shutdown can wait for them.
+    pub streams: TaskTracker,
+}
+
+impl RelayState {
+    /// The store as last loaded.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.snapshot.read().expect("snapshot lock"))
+    }
+
+    /// The port browsers reach the TLS edge on (for https redirects).
+    pub fn https_port(&self) -> Option<u16> {
+        self.https_port.get().copied()
+    }
+}
+
+/// A running relay.
+pub struct Relay {
+    state: Arc<RelayState>,
+    tasks: JoinSet<()>,
+    pub tls_addrs: Vec<SocketAddr>,
+    pub http_addrs: Vec<SocketAddr>,
+    pub tunnel_addr: SocketAddr,
+}
+
+impl Relay {
+    /// Loads the store, binds every listener and starts serving.
+    pub async fn start(config: RelayConfig) -> Result<Self, RelayError> {
+        let acceptor = TlsAcceptor::from(relay_server_config(&config.tunnel.cert, &config.tunnel.key)?);
+        let store = Store::open(&config.state_dir)?;
+        let fingerprint = store.fingerprint()?;
+        let snapshot = store.load()?;
+        info!(
+            store = %store.path().display(),
+            tenants = snapshot.tenants.len(),
+            tokens = snapshot.tokens.len(),
+            "store loaded"
+        );
+        let stopping = CancellationToken::new();
+        let state = Arc::new(RelayState {
+            registry: Registry::new(),
+            sessions: DashMap::new(),
+            store,
+            snapshot: RwLock::new(Arc::new(snapshot)),
+            https_port: OnceLock::new(),
+            hard_stop: CancellationToken::new(),
+            stopping,
+            streams: TaskTracker::new(),
+            config,
+        });
+
+        let mut tasks = JoinSet::new();
+        let bound = |addr: SocketAddr| edge::bind(addr).map_err(|source| RelayError::Bind { addr, source });
+        let tunnel_listener = bound(state.config.tunnel.listen)?;
+        let tunnel_addr = local_addr(&tunnel_listener, state.config.tunnel.listen);
+        let mut tls_addrs = Vec::new();
+        let mut http_addrs = Vec::new();
+        let mut edge_listeners = Vec::new();
+        for &addr in &state.config.edge.tls_listen {
+            let listener = bound(addr)?;
+            tls_addrs.push(local_addr(&listener, addr));
+            edge_listeners.push((listener, EdgeKind::Tls));
+        }
+        for &addr in &state.config.edge.http_listen {
+            let listener = bound(addr)?;
+            http_addrs.push(local_addr(&listener, addr));
+            edge_listeners.push((listener, EdgeKind::Http));
+        }
+        if let Some(first) = tls_addrs.first() {
+            let _ = state.https_port.set(first.port());
+        }
+        for (listener, kind) in edge_listeners {
+            tasks.spawn(edge::accept_loop(listener, kind, Arc::clone(&state)));
+        }
+        tasks.spawn(crate::tunnel::listener::accept_loop(
+            tunnel_listener,
+            acceptor,
+            Arc::clone(&state),
+        ));
+        tasks.spawn(store_watch::run(Arc::clone(&state), fingerprint));
+        info!(tls = ?tls_addrs, http = ?http_addrs, tunnel = %tunnel_addr, "relay listening");
+        Ok(Self {
+            state,
+            tasks,
+            tls_addrs,
+            http_addrs,
+            tunnel_addr,
+        })
+    }
+
+    pub fn state(&self) -> &Arc<RelayState> {
+        &self.state
+    }
+
+    /// Graceful shutdown: stop accepting, tell agents, drain streams for `shutdown_grace`,
+    /// then cut the rest.
+    pub async fn shutdown(mut self) {
+        let grace = self.state.config.shutdown_grace;
+        info!(
+            active = self.state.streams.len(),
+            ?grace,
+            "relay stopping: draining streams"
+        );
+        self.state.stopping.cancel();
+        for session in self.state.sessions.iter() {
+            session.end("relay shutting down", false);
+        }
+        self.state.streams.close();
+        if tokio::time::timeout(grace, self.state.streams.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                cut = self.state.streams.len(),
+                "drain deadline passed: cutting remaining streams"
+            );
+        }
+        self.state.hard_stop.cancel();
+        self.state.streams.wait().await;
+        self.tasks.shutdown().await;
+        info!("relay stopped");
+    }
+}
+
+fn local_addr(listener: &tokio::net::TcpListener, configured: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(configured)
+}

@@ -1,0 +1,21 @@
+//! The tunnel between agents and the relay: its wire protocol and both of its ends' TLS.
+//!
+//! An agent keeps one **control connection** per relay (authentication, route registration,
+//! credential renewal, heartbeats) and a small pool of idle **data connections**. Each browser
+//! connection consumes one idle data connection: the relay writes a [`stream_header`] and then the
+//! client's bytes, unmodified. Because the pool is opened ahead of time, handing a stream to an
+//! agent costs no round trip. All tunnel connections are TLS 1.3 (rustls), the relay
+//! authenticated by CA or pinned key.
+pub mod control;
+pub mod data;
+pub mod frame;
+pub mod listener;
+pub mod message;
+pub mod session;
+pub mod stream_header;
+pub mod tls;
+
+/// ALPN protocol id of the tunnel; anything else on the tunnel port is refused in the handshake.
+pub const ALPN: &[u8] = b"sluice-tunnel/1";
+/// Version carried in `Hello`; bumped on incompatible message changes.
+pub const PROTOCOL_VERSION: u16 = 1;

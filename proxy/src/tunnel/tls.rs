@@ -1,0 +1,167 @@
+//! TLS for the tunnel, both ends: the relay's server config and the agent's client config.
+//!
+//! TLS 1.3 only, ALPN [`super::ALPN`]. The agent authenticates the relay either through a CA
+//! (standard WebPKI path validation against the configured roots) or by pinning the SHA-256 of
+//! the relay's public key (SPKI), which survives certificate renewal with the same key. A pinned
+//! peer still has to prove possession of the key: handshake signatures are verified by rustls.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+
+/// The crypto provider everything in Sluice uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    #[error("reading certificates from {path}: {source}")]
+    Certs {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{path} contains no certificate")]
+    NoCerts { path: PathBuf },
+    #[error("reading the private key from {path}: {source}")]
+    Key {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("CA file {path}: {source}")]
+    Roots { path: PathBuf, source: rustls::Error },
+    #[error("building the certificate verifier: {0}")]
+    Verifier(#[from] rustls::client::VerifierBuilderError),
+}
+
+/// Reads a PEM certificate chain (leaf first).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsConfigError::Certs {
+            path: path.into(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsConfigError::NoCerts { path: path.into() });
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsConfigError::Key {
+        path: path.into(),
+        source,
+    })
+}
+
+/// The relay's tunnel listener config.
+pub fn relay_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(cert)?, load_key(key)?)?;
+    config.alpn_protocols = vec![super::ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// How an agent recognises its relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayTrust {
+    /// Validate the relay's certificate chain and name against these CA certificates.
+    Ca(PathBuf),
+    /// Accept exactly the relay key whose SPKI hashes (SHA-256) to this value.
+    PinnedKey([u8; 32]),
+}
+
+/// The agent's client config for one relay.
+pub fn agent_client_config(trust: &RelayTrust) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?;
+    let mut config = match trust {
+        RelayTrust::Ca(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in load_certs(path)? {
+                roots.add(cert).map_err(|source| TlsConfigError::Roots {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        RelayTrust::PinnedKey(pin) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedKeyVerifier {
+                pin: *pin,
+                algorithms: provider().signature_verification_algorithms,
+            }))
+            .with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![super::ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// SHA-256 of a certificate's SubjectPublicKeyInfo: what [`RelayTrust::PinnedKey`] compares.
+pub fn spki_sha256(cert: &CertificateDer<'_>) -> Result<[u8; 32], rustls::Error> {
+    let parsed = rustls::server::ParsedCertificate::try_from(cert)?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, parsed.subject_public_key_info().as_ref());
+    let mut out = [0; 32];
+    out.copy_from_slice(digest.as_ref());
+    Ok(out)
+}
+
+/// Accepts the one relay key it was configured with; signatures are checked the standard way.
+#[derive(Debug)]
+struct PinnedKeyVerifier {
+    pin: [u8; 32],
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedKeyVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let presented = spki_sha256(end_entity)?;
+        if bool::from(subtle::ConstantTimeEq::ct_eq(&presented[..], &self.pin[..])) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}

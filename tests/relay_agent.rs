@@ -1,0 +1,613 @@
+//! The relay and the agent end to end: real rustls clients, a real relay on loopback, real
+//! agents, real on-prem TLS servers — all with rcgen certificates.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice::agent::LinkState;
+use sluice::peek::tls::{AlertDescription, fatal_alert};
+use sluice_tests::client::{ask, connect, round_trip};
+use sluice_tests::servers::{plain_echo, tls_echo};
+use sluice_tests::world::{RelayOptions, World, eventually, passthrough_route, within};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn several_tenants_reach_their_own_servers_and_bytes_pass_unchanged() {
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, acme_token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let (globex, globex_token) = world.tenant("globex", &["*.globex.test"], &["*.globex.test"]);
+    let acme_app = tls_echo("acme", acme.server_config()).await;
+    let globex_app = tls_echo("globex", globex.server_config()).await;
+    let _acme_agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", acme_app.addr)),
+            &acme_token,
+        )
+        .await;
+    let _globex_agent = world
+        .agent(
+            &world.agent_config("globex-1", &passthrough_route("*.globex.test", globex_app.addr)),
+            &globex_token,
+        )
+        .await;
+
+    let (mut stream, sent) = connect(world.tls_addr(), "app.acme.test", acme.client_config())
+        .await
+        .unwrap();
+    assert_eq!(ask(&mut stream, "hello").await.unwrap(), "acme: hello");
+    assert_eq!(ask(&mut stream, "again").await.unwrap(), "acme: again");
+    let answer = round_trip(world.tls_addr(), "shop.globex.test", globex.client_config(), "hi")
+        .await
+        .unwrap();
+    assert_eq!(answer, "globex: hi");
+
+    // The on-prem server received exactly the bytes the browser sent: ClientHello included,
+    // nothing added, nothing re-encrypted.
+    drop(stream);
+    let sent = sent.lock().unwrap().clone();
+    eventually(WAIT, || {
+        acme_app
+            .observed
+            .raw
+            .lock()
+            .unwrap()
+            .first()
+            .is_some_and(|r| r.len() >= sent.len())
+    })
+    .await;
+    let received = acme_app.observed.raw.lock().unwrap()[0].clone();
+    assert_eq!(received[..sent.len()], sent[..], "relay altered the byte stream");
+    assert_eq!(
+        received[0], 0x16,
+        "the first byte on-prem is the browser's TLS handshake record"
+    );
+}
+
+#[tokio::test]
+async fn agent_can_terminate_tls_with_the_tenant_key() {
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = plain_echo("plain-app").await;
+    let route = format!(
+        "[[routes]]\nhostname = \"app.acme.test\"\ntarget = \"{}\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        app.addr,
+        acme.cert_pem.display(),
+        acme.key_pem.display()
+    );
+    let _agent = world.agent(&world.agent_config("acme-1", &route), &token).await;
+    let answer = round_trip(
+        world.tls_addr(),
+        "app.acme.test",
+        acme.client_config(),
+        "over tls",
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer, "plain-app: over tls");
+}
+
+#[tokio::test]
+async fn proxy_protocol_v2_carries_the_browser_address() {
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let route =
+        format!("[[routes]]\nhostname = \"app.acme.test\"\ntarget = \"{target}\"\nproxy_protocol = true\n");
+    let _agent = world.agent(&world.agent_config("acme-1", &route), &token).await;
+
+    let browser = tokio::spawn({
+        let (relay, config) = (world.tls_addr(), acme.client_config());
+        async move {
+            let tcp = TcpStream::connect(relay).await.unwrap();
+            let local = tcp.local_addr().unwrap();
+            let name = rustls::pki_types::ServerName::try_from("app.acme.test").unwrap();
+            // The handshake cannot finish (the target below only reads the header); we just
+            // need the browser's address.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+            )
+            .await;
+            local
+        }
+    });
+    let (mut on_prem, _) = within(WAIT, listener.accept()).await.unwrap();
+    let mut header = [0u8; 28];
+    on_prem.read_exact(&mut header).await.unwrap();
+    let browser_addr = browser.await.unwrap();
+    assert_eq!(&header[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    assert_eq!(&header[16..20], &[127, 0, 0, 1]);
+    assert_eq!(u16::from_be_bytes([header[24], header[25]]), browser_addr.port());
+    assert_eq!(
+        u16::from_be_bytes([header[26], header[27]]),
+        world.tls_addr().port()
+    );
+    let mut next = [0u8; 1];
+    on_prem.read_exact(&mut next).await.unwrap();
+    assert_eq!(next[0], 0x16, "the ClientHello follows the PROXY header");
+}
+
+/// Sends a raw ClientHello for `sni` and returns what the relay answered before closing.
+async fn raw_hello_answer(relay: SocketAddr, hello: &[u8]) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(relay).await.unwrap();
+    tcp.write_all(hello).await.unwrap();
+    let mut answer = Vec::new();
+    within(WAIT, tcp.read_to_end(&mut answer)).await.unwrap();
+    answer
+}
+
+/// The ClientHello rustls sends for `server_name`.
+fn client_hello(server_name: &str, config: Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
+    let mut connection = rustls::ClientConnection::new(config, name).unwrap();
+    let mut hello = Vec::new();
+    connection.write_tls(&mut hello).unwrap();
+    hello
+}
+
+#[tokio::test]
+async fn unknown_or_missing_sni_gets_unrecognized_name_and_a_close() {
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, _) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let alert = fatal_alert(AlertDescription::UnrecognizedName).to_vec();
+    let unknown = client_hello("nobody.example.test", acme.client_config());
+    assert_eq!(raw_hello_answer(world.tls_addr(), &unknown).await, alert);
+    // An IP-address server name makes rustls send no SNI at all.
+    let no_sni = client_hello("192.0.2.1", acme.client_config());
+    assert_eq!(raw_hello_answer(world.tls_addr(), &no_sni).await, alert);
+    // A registered tenant name whose agent is not connected: same answer, no hang.
+    let offline = client_hello("app.acme.test", acme.client_config());
+    assert_eq!(raw_hello_answer(world.tls_addr(), &offline).await, alert);
+}
+
+#[tokio::test]
+async fn garbage_and_plain_http_on_the_tls_port_are_closed_cleanly() {
+    let world = World::start(RelayOptions::default()).await;
+    let answer = raw_hello_answer(world.tls_addr(), b"GET / HTTP/1.1\r\nHost: app.acme.test\r\n\r\n").await;
+    assert!(
+        answer.is_empty(),
+        "plain HTTP on the TLS port gets a close, got {answer:?}"
+    );
+    // A handshake record that is not a ClientHello: decode_error alert.
+    let bogus = [0x16, 0x03, 0x01, 0x00, 0x05, 0x02, 0x00, 0x00, 0x01, 0x00];
+    assert_eq!(
+        raw_hello_answer(world.tls_addr(), &bogus).await,
+        fatal_alert(AlertDescription::DecodeError)
+    );
+}
+
+#[tokio::test]
+async fn client_hello_split_across_segments_and_records_is_routed() {
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let _agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &token,
+        )
+        .await;
+
+    // Byte-by-byte TCP segments, then the hello re-framed into three TLS records; in both cases
+    // the on-prem server completes the handshake and answers.
+    for refragment in [false, true] {
+        let relay = world.tls_addr();
+        let config = acme.client_config();
+        let answer = tokio::task::spawn_blocking(move || blocking_exchange(relay, config, refragment))
+            .await
+            .unwrap();
+        assert_eq!(answer, "acme: split");
+    }
+}
+
+/// A synchronous rustls client that sends its ClientHello in pieces.
+fn blocking_exchange(relay: SocketAddr, config: Arc<rustls::ClientConfig>, refragment: bool) -> String {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let name = rustls::pki_types::ServerName::try_from("app.acme.test").unwrap();
+    let mut connection = rustls::ClientConnection::new(config, name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(relay).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let mut hello = Vec::new();
+    connection.write_tls(&mut hello).unwrap();
+    if refragment {
+        hello = split_into_records(&hello, &[7, 40]);
+    }
+    for byte in &hello {
+        tcp.write_all(std::slice::from_ref(byte)).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let mut tls = rustls::Stream::new(&mut connection, &mut tcp);
+    tls.write_all(b"split\n").unwrap();
+    let mut reader = std::io::BufReader::new(tls);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let _ = reader.read(&mut [0u8; 0]);
+    line.trim_end().to_owned()
+}
+
+/// Re-frames one handshake record into several, cutting its payload at `cuts`.
+fn split_into_records(record: &[u8], cuts: &[usize]) -> Vec<u8> {
+    let payload = &record[5..];
+    let mut out = Vec::new();
+    let mut start = 0;
+    for &end in cuts.iter().chain(std::iter::once(&payload.len())) {
+        let piece = &payload[start..end];
+        out.extend_from_slice(&[0x16, record[1], record[2]]);
+        out.extend_from_slice(&(piece.len() as u16).to_be_bytes());
+        out.extend_from_slice(piece);
+        start = end;
+    }
+    out
+}
+
+#[tokio::test]
+async fn slow_clients_are_closed_at_the_deadline_while_others_are_served() {
+    let world = World::start(RelayOptions {
+        client_hello_timeout: "300ms",
+        ..Default::default()
+    })
+    .await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let _agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &token,
+        )
+        .await;
+
+    let mut slowloris = Vec::new();
+    for _ in 0..20 {
+        let mut tcp = TcpStream::connect(world.tls_addr()).await.unwrap();
+        tcp.write_all(&[0x16, 0x03, 0x01]).await.unwrap(); // a record header that never completes
+        slowloris.push(tcp);
+    }
+    let answer = round_trip(
+        world.tls_addr(),
+        "app.acme.test",
+        acme.client_config(),
+        "still here",
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer, "acme: still here");
+    for mut tcp in slowloris {
+        let mut rest = Vec::new();
+        within(WAIT, tcp.read_to_end(&mut rest)).await.unwrap();
+        assert!(rest.is_empty(), "slow client got {rest:?} instead of a close");
+    }
+}
+
+#[tokio::test]
+async fn http_port_redirects_by_default_and_forwards_when_a_route_opts_in() {
+    let world = World::start(RelayOptions::default()).await;
+    let (_, acme_token) = world.tenant("acme", &["app.acme.test", "acme.test"], &["app.acme.test"]);
+    let acme_web = plain_echo("acme-web").await;
+    let routes = format!(
+        "{}[[routes]]\nhostname = \"acme.test\"\ntarget = \"{}\"\nhttp = \"forward\"\nhttp_target = \"{}\"\n",
+        passthrough_route("app.acme.test", acme_web.addr),
+        acme_web.addr,
+        acme_web.addr
+    );
+    let _agent = world
+        .agent(&world.agent_config("acme-1", &routes), &acme_token)
+        .await;
+
+    let response = http_exchange(
+        world.http_addr(),
+        b"GET /login?next=%2F HTTP/1.1\r\nHost: App.Acme.Test\r\n\r\n",
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 308"), "{response}");
+    let location = response
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(name, _)| name.eq_ignore_ascii_case("location"))
+        })
+        .map(|(_, value)| value.trim().to_owned());
+    let expected = format!("https://app.acme.test:{}/login?next=%2F", world.tls_addr().port());
+    assert_eq!(location, Some(expected), "{response}");
+
+    let response = http_exchange(
+        world.http_addr(),
+        b"GET /.well-known/acme-challenge/x HTTP/1.1\r\nHost: acme.test\r\n\r\n",
+    )
+    .await;
+    // The plaintext request reaches the on-prem server unchanged, line by line.
+    assert!(
+        response.starts_with("acme-web: GET /.well-known/acme-challenge/x HTTP/1.1\n"),
+        "{response}"
+    );
+    assert!(response.contains("acme-web: Host: acme.test\n"), "{response}");
+
+    let response = http_exchange(world.http_addr(), b"GET / HTTP/1.1\r\nHost: unknown.test\r\n\r\n").await;
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+    let response = http_exchange(world.http_addr(), b"\x16\x03\x01\x02\x00garbage\r\n\r\n").await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+}
+
+/// Sends `request`, half-closes, and returns everything the server answers until it closes
+/// (the half-close travels through relay and agent to the on-prem server and back).
+async fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut response = Vec::new();
+    within(WAIT, tcp.read_to_end(&mut response)).await.unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test]
+async fn tunnel_port_refuses_garbage_and_credential_less_clients() {
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+
+    // Plain garbage: the TLS handshake fails and the connection closes.
+    let mut tcp = TcpStream::connect(world.tunnel_addr()).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    within(WAIT, tcp.read_to_end(&mut rest)).await.unwrap();
+
+    // A well-formed TLS client that trusts the relay but speaks HTTP instead of the tunnel
+    // protocol: refused after the handshake.
+    let tls = sluice::tunnel::tls::agent_client_config(&sluice::tunnel::tls::RelayTrust::Ca(
+        world.relay_pki.ca_pem.clone(),
+    ))
+    .unwrap();
+    let tcp = TcpStream::connect(world.tunnel_addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("relay.sluice.test").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = within(WAIT, stream.read_to_end(&mut answer)).await;
+    assert!(
+        String::from_utf8_lossy(&answer).contains("rejected"),
+        "{answer:?}"
+    );
+
+    // The relay still serves real agents afterwards.
+    let _agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &token,
+        )
+        .await;
+    let answer = round_trip(world.tls_addr(), "app.acme.test", acme.client_config(), "ok")
+        .await
+        .unwrap();
+    assert_eq!(answer, "acme: ok");
+}
+
+#[tokio::test]
+async fn bad_expired_and_foreign_credentials_are_refused_with_a_reason() {
+    let world = World::start(RelayOptions::default()).await;
+    let (_, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let (_, globex_token) = world.tenant("globex", &["globex.test"], &["globex.test"]);
+    let config = world.agent_config(
+        "acme-1",
+        &passthrough_route("app.acme.test", "127.0.0.1:9".parse().unwrap()),
+    );
+
+    let rejected = |agent: &sluice::agent::Agent| match &agent.links()[0] {
+        LinkState::Rejected(reason) => Some(reason.clone()),
+        _ => None,
+    };
+    // A wrong secret for a real token id.
+    let forged = format!("{}x", &token[..token.len() - 1]);
+    let agent = sluice::agent::Agent::start(&config, forged).unwrap();
+    within(
+        WAIT,
+        agent.wait_for_link(0, |s| matches!(s, LinkState::Rejected(_))),
+    )
+    .await;
+    assert!(
+        !rejected(&agent).unwrap().contains(&token),
+        "the reason must not echo a secret"
+    );
+    agent.shutdown(Duration::ZERO).await;
+
+    let expiring = world
+        .store
+        .create_token("acme", "short", Some(Duration::from_secs(1)))
+        .unwrap()
+        .token;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let agent = sluice::agent::Agent::start(&config, expiring).unwrap();
+    within(
+        WAIT,
+        agent.wait_for_link(0, |s| matches!(s, LinkState::Rejected(_))),
+    )
+    .await;
+    assert!(
+        rejected(&agent).unwrap().contains("expired"),
+        "{:?}",
+        agent.links()
+    );
+    agent.shutdown(Duration::ZERO).await;
+
+    // globex's token cannot register acme's hostname: the session starts, the route is refused.
+    let agent = world.agent(&config, &globex_token).await;
+    assert_eq!(
+        agent.links()[0],
+        LinkState::Connected {
+            agent_id: agent_id(&agent),
+            accepted: vec![]
+        }
+    );
+    assert!(world.relay().state().registry.lookup("app.acme.test").is_none());
+}
+
+fn agent_id(agent: &sluice::agent::Agent) -> String {
+    match &agent.links()[0] {
+        LinkState::Connected { agent_id, .. } => agent_id.clone(),
+        other => panic!("not connected: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn session_credentials_are_renewed_before_they_expire() {
+    let world = World::start(RelayOptions {
+        credential_ttl: "2s",
+        ..Default::default()
+    })
+    .await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &token,
+        )
+        .await;
+    let id = agent_id(&agent);
+    // Three credential lifetimes: the session only survives by renewing, and data connections
+    // dialed meanwhile authenticate with the renewed credentials.
+    for i in 0..6 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let answer = round_trip(
+            world.tls_addr(),
+            "app.acme.test",
+            acme.client_config(),
+            &format!("tick {i}"),
+        )
+        .await;
+        assert_eq!(answer.unwrap(), format!("acme: tick {i}"));
+    }
+    assert_eq!(agent_id(&agent), id, "the session was never replaced");
+}
+
+#[tokio::test]
+async fn revoking_the_token_cuts_the_live_tunnel_within_seconds() {
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, _) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let issued = world.store.create_token("acme", "office", None).unwrap();
+    let app = tls_echo("acme", acme.server_config()).await;
+    let agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &issued.token,
+        )
+        .await;
+
+    let (mut live, _) = connect(world.tls_addr(), "app.acme.test", acme.client_config())
+        .await
+        .unwrap();
+    assert_eq!(ask(&mut live, "before").await.unwrap(), "acme: before");
+    world.store.revoke_token(&issued.record.id).unwrap();
+
+    // The open stream is cut...
+    let cut = within(WAIT, async {
+        loop {
+            if ask(&mut live, "after").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    cut.await;
+    // ...the agent is told why and cannot come back with that token...
+    within(
+        WAIT,
+        agent.wait_for_link(
+            0,
+            |s| matches!(s, LinkState::Rejected(r) if r.contains("revoked")),
+        ),
+    )
+    .await;
+    // ...and new browsers get unrecognized_name.
+    let hello = client_hello("app.acme.test", acme.client_config());
+    assert_eq!(
+        raw_hello_answer(world.tls_addr(), &hello).await,
+        fatal_alert(AlertDescription::UnrecognizedName)
+    );
+}
+
+#[tokio::test]
+async fn agent_reconnects_after_the_relay_restarts() {
+    let mut world = World::start(RelayOptions::default()).await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &token,
+        )
+        .await;
+    let first = agent_id(&agent);
+
+    world.restart_relay().await;
+    within(
+        WAIT,
+        agent.wait_for_link(
+            0,
+            |s| matches!(s, LinkState::Connected { agent_id, .. } if *agent_id != first),
+        ),
+    )
+    .await;
+    let answer = round_trip(world.tls_addr(), "app.acme.test", acme.client_config(), "back")
+        .await
+        .unwrap();
+    assert_eq!(answer, "acme: back");
+}
+
+#[tokio::test]
+async fn two_agents_share_load_and_one_can_die_without_failing_new_connections() {
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let route = passthrough_route("app.acme.test", app.addr);
+    let first = world.agent(&world.agent_config("acme-1", &route), &token).await;
+    let second_token = world.token("acme", "agent-2");
+    let second = world
+        .agent(&world.agent_config("acme-2", &route), &second_token)
+        .await;
+
+    let mut open = Vec::new();
+    for i in 0..8 {
+        let (mut stream, _) = connect(world.tls_addr(), "app.acme.test", acme.client_config())
+            .await
+            .unwrap();
+        assert_eq!(
+            ask(&mut stream, &format!("{i}")).await.unwrap(),
+            format!("acme: {i}")
+        );
+        open.push(stream);
+    }
+    assert_eq!(first.active_streams() + second.active_streams(), 8);
+    assert!(
+        first.active_streams() >= 3 && second.active_streams() >= 3,
+        "least-loaded spreads streams: {} vs {}",
+        first.active_streams(),
+        second.active_streams()
+    );
+
+    drop(open);
+    first.shutdown(Duration::ZERO).await;
+    for i in 0..20 {
+        let answer = round_trip(
+            world.tls_addr(),
+            "app.acme.test",
+            acme.client_config(),
+            &format!("n{i}"),
+        )
+        .await;
+        assert_eq!(
+            answer.unwrap(),
+            format!("acme: n{i}"),
+            "connection {i} after one agent died"
+        );
+    }
+}

@@ -1,0 +1,190 @@
+//! The relay as a real process (`sluice relay`), observed from outside.
+//!
+//! The central promise: the relay never holds a tenant's key and never sees plaintext. After
+//! traffic has flowed, every readable page of the relay process is scanned for the tenant's
+//! private key and for the plaintext sent through it. A positive control (the SNI hostname,
+//! which the relay must have read) shows the scan does find what is there.
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use sluice::route::pattern::HostPattern;
+use sluice::store::Store;
+use sluice_tests::client::{ask, connect};
+use sluice_tests::pki::CertSet;
+use sluice_tests::servers::tls_echo;
+use sluice_tests::world::{eventually, passthrough_route, within, write};
+
+fn sluice_binary() -> PathBuf {
+    // target/debug/deps/relay_process-<hash> -> target/debug/sluice
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("sluice");
+    assert!(
+        bin.is_file(),
+        "{} not found: build the workspace first (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+struct RelayProcess {
+    child: Child,
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_process_never_holds_the_tenant_key_or_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay_pki = CertSet::issue(dir.path(), "relay", &["relay.sluice.test"]);
+    let acme = CertSet::issue(dir.path(), "acme", &["app.acme.test"]);
+    let store = Store::open(&dir.path().join("state")).unwrap();
+    store
+        .add_tenant("acme", &[HostPattern::parse("app.acme.test").unwrap()])
+        .unwrap();
+    let token = store.create_token("acme", "agent", None).unwrap().token;
+
+    let (tls_port, tunnel_port) = (free_port(), free_port());
+    let config = write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "state_dir = \"state\"\nshutdown_grace = \"2s\"\n[edge]\ntls_listen = [\"127.0.0.1:{tls_port}\"]\n\
+             http_listen = []\n[tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\ncert = \"relay-cert.pem\"\n\
+             key = \"relay-key.pem\"\n"
+        ),
+    );
+    let mut relay = RelayProcess {
+        child: Command::new(sluice_binary())
+            .args(["relay", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    };
+    let pid = relay.child.id();
+
+    // The on-prem app holds the key; the agent runs here, in the test process.
+    let app = tls_echo("acme", acme.server_config()).await;
+    let agent_toml = format!(
+        "name = \"acme-1\"\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n[[relays]]\naddress = \"127.0.0.1:{tunnel_port}\"\n\
+         server_name = \"relay.sluice.test\"\nca = \"{}\"\n{}",
+        relay_pki.ca_pem.display(),
+        passthrough_route("app.acme.test", app.addr)
+    );
+    let agent_config =
+        sluice::config::agent::AgentConfig::load(&write(dir.path(), "agent.toml", &agent_toml)).unwrap();
+    let agent = sluice::agent::Agent::start(&agent_config, token).unwrap();
+    within(
+        Duration::from_secs(15),
+        agent.wait_for_link(0, |s| matches!(s, sluice::agent::LinkState::Connected { .. })),
+    )
+    .await;
+
+    let relay_addr = format!("127.0.0.1:{tls_port}").parse().unwrap();
+    let marker = format!("plaintext-marker-{}", std::process::id());
+    let (mut stream, _) = connect(relay_addr, "app.acme.test", acme.client_config())
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        assert_eq!(
+            ask(&mut stream, &marker).await.unwrap(),
+            format!("acme: {marker}")
+        );
+    }
+    eventually(Duration::from_secs(5), || {
+        app.observed.lines.lock().unwrap().len() == 50
+    })
+    .await;
+
+    let memory = read_process_memory(pid);
+    assert!(memory.len() > 1 << 20, "scanned only {} bytes", memory.len());
+    assert!(
+        contains(&memory, b"app.acme.test"),
+        "positive control: the relay must have read the SNI"
+    );
+    assert!(
+        !contains(&memory, &acme.key_der),
+        "the tenant's private key (PKCS#8) is in relay memory"
+    );
+    assert!(
+        !contains(&memory, ec_private_scalar(&acme.key_der)),
+        "the tenant's private scalar is in relay memory"
+    );
+    assert!(
+        !contains(&memory, marker.as_bytes()),
+        "plaintext sent by the browser is in relay memory"
+    );
+    drop(stream);
+
+    // SIGTERM: graceful shutdown, exit status 0.
+    // SAFETY: plain syscall on the pid of our own child.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) }, 0);
+    let status = within(Duration::from_secs(10), async {
+        loop {
+            if let Some(status) = relay.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(status.success(), "relay exited with {status} on SIGTERM");
+    agent.shutdown(Duration::ZERO).await;
+}
+
+/// Every readable mapping of process `pid`, concatenated (needs ptrace access: root or parent).
+fn read_process_memory(pid: u32) -> Vec<u8> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (start, end) = range.split_once('-').unwrap();
+        let start = u64::from_str_radix(start, 16).unwrap();
+        let end = u64::from_str_radix(end, 16).unwrap();
+        let mut region = vec![0u8; (end - start) as usize];
+        if mem.seek(SeekFrom::Start(start)).is_ok() && mem.read_exact(&mut region).is_ok() {
+            out.extend_from_slice(&region);
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && memchr::memmem::find(haystack, needle).is_some()
+}
+
+/// The 32-byte private scalar inside a PKCS#8 P-256 key (`02 01 01 04 20 <scalar>`).
+fn ec_private_scalar(pkcs8: &[u8]) -> &[u8] {
+    let at = pkcs8
+        .windows(5)
+        .position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20])
+        .expect("P-256 PKCS#8 key");
+    &pkcs8[at + 5..at + 37]
+}
