@@ -611,3 +611,69 @@ async fn two_agents_share_load_and_one_can_die_without_failing_new_connections()
         );
     }
 }
+
+#[tokio::test]
+async fn the_tenant_takes_a_hostname_offline_and_back_without_a_restart() {
+    let world = World::start(RelayOptions::default()).await;
+    let names = ["app.acme.test", "api.acme.test"];
+    let (acme, token) = world.tenant("acme", &names, &names);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let both = format!(
+        "{}{}",
+        passthrough_route(names[0], app.addr),
+        passthrough_route(names[1], app.addr)
+    );
+    let agent = world.agent(&world.agent_config("acme-1", &both), &token).await;
+    let session = agent_id(&agent);
+    for name in names {
+        assert_eq!(
+            round_trip(world.tls_addr(), name, acme.client_config(), "x")
+                .await
+                .unwrap(),
+            "acme: x"
+        );
+    }
+
+    // Take api.acme.test offline: its open stream is cut, the relay stops routing it at once.
+    let (mut open_api, _) = connect(world.tls_addr(), names[1], acme.client_config())
+        .await
+        .unwrap();
+    assert_eq!(ask(&mut open_api, "open").await.unwrap(), "acme: open");
+    agent
+        .reload_routes(&world.agent_config("acme-1", &passthrough_route(names[0], app.addr)))
+        .unwrap();
+    let mut rest = String::new();
+    let cut = within(
+        WAIT,
+        tokio::io::AsyncBufReadExt::read_line(&mut open_api, &mut rest),
+    )
+    .await;
+    assert!(
+        matches!(cut, Ok(0) | Err(_)),
+        "the open stream was not cut: {cut:?} {rest:?}"
+    );
+    let registry = &world.relay().state().registry;
+    eventually(WAIT, || registry.lookup("api.acme.test").is_none()).await;
+    let hello = client_hello("api.acme.test", acme.client_config());
+    assert_eq!(
+        raw_hello_answer(world.tls_addr(), &hello).await,
+        fatal_alert(AlertDescription::UnrecognizedName)
+    );
+    assert_eq!(
+        round_trip(world.tls_addr(), names[0], acme.client_config(), "y")
+            .await
+            .unwrap(),
+        "acme: y"
+    );
+
+    // And back online, on the same session.
+    agent.reload_routes(&world.agent_config("acme-1", &both)).unwrap();
+    eventually(WAIT, || registry.lookup("api.acme.test").is_some()).await;
+    assert_eq!(
+        round_trip(world.tls_addr(), names[1], acme.client_config(), "z")
+            .await
+            .unwrap(),
+        "acme: z"
+    );
+    assert_eq!(agent_id(&agent), session);
+}

@@ -144,8 +144,25 @@ fn run_agent(config_path: &Path) -> anyhow::Result<()> {
     let config = AgentConfig::load(config_path)?;
     let token = config.token(config_path)?;
     runtime()?.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
         let agent = sluice::agent::Agent::start(&config, token)?;
-        shutdown_signal().await?;
+        let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                result = &mut shutdown => break result?,
+                _ = hangup.recv() => {
+                    // The tenant decides what is online: edit the routes, send SIGHUP.
+                    match AgentConfig::load(config_path).map_err(anyhow::Error::from)
+                        .and_then(|c| agent.reload_routes(&c).map_err(anyhow::Error::from))
+                    {
+                        Ok(()) => {}
+                        Err(e) => tracing::error!(error = %e, "reload failed; keeping the current routes"),
+                    }
+                }
+            }
+        }
         agent.shutdown(Duration::from_secs(30)).await;
         Ok(())
     })

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::link::{RelayDialer, TunnelStream};
-use super::target::{self, Routes};
+use super::target;
 use crate::peek::Peek;
 use crate::tunnel::frame::write_frame;
 use crate::tunnel::message::AgentMessage;
@@ -22,7 +22,7 @@ pub struct DataContext {
     pub dialer: Arc<RelayDialer>,
     pub agent_id: String,
     pub credential: RwLock<String>,
-    pub routes: Arc<Routes>,
+    pub shared: Arc<super::AgentShared>,
     /// Ends idle connections when the session ends (streams in flight continue).
     pub session_ended: CancellationToken,
     /// Cuts everything when the agent stops for good.
@@ -103,16 +103,29 @@ async fn idle_connection(
 
 async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: TunnelStream, early: BytesMut) {
     debug!(agent = ctx.agent_id, host = header.host, client = %header.client, kind = ?header.kind, "stream opened");
-    match target::serve(
-        &ctx.routes,
-        &header,
-        tunnel,
-        early,
-        ctx.connect_timeout,
-        &ctx.agent_stopped,
-    )
-    .await
-    {
+    let routes = ctx.shared.routes();
+    // Cut when the agent stops for good, or when the tenant takes this hostname offline.
+    let cut = ctx.agent_stopped.child_token();
+    let offline = async {
+        let mut versions = ctx.shared.routes_version.subscribe();
+        while versions.changed().await.is_ok() {
+            if ctx.shared.routes().lookup(&header.host).is_none() {
+                info!(
+                    agent = ctx.agent_id,
+                    host = header.host,
+                    "hostname taken offline: cutting its stream"
+                );
+                cut.cancel();
+                break;
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    let served = tokio::select! {
+        served = target::serve(&routes, &header, tunnel, early, ctx.connect_timeout, &cut) => served,
+        () = offline => unreachable!("`offline` never completes"),
+    };
+    match served {
         Ok(moved) => debug!(
             agent = ctx.agent_id,
             host = header.host,

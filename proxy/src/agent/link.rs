@@ -115,8 +115,10 @@ async fn session(
         protocol: PROTOCOL_VERSION,
         token: shared.token.clone(),
         agent_name: shared.name.clone(),
-        routes: shared.route_ads.clone(),
+        routes: shared.route_ads(),
     };
+    let mut routes_version = shared.routes_version.subscribe();
+    routes_version.mark_unchanged();
     if let Err(e) = write_frame(&mut writer, &hello).await {
         return SessionEnd::Lost(format!("sending Hello: {e}"));
     }
@@ -161,7 +163,7 @@ async fn session(
         dialer: Arc::clone(dialer),
         agent_id: agent_id.clone(),
         credential: RwLock::new(credential),
-        routes: Arc::clone(&shared.routes),
+        shared: Arc::clone(shared),
         session_ended: session_ended.clone(),
         agent_stopped: shared.hard_stop.clone(),
         streams: shared.streams.clone(),
@@ -224,6 +226,7 @@ async fn session(
                 renew_at = Instant::now() + heartbeat;
                 Some(AgentMessage::Renew { token: shared.token.clone() })
             }
+            Ok(()) = routes_version.changed() => Some(AgentMessage::Routes { routes: shared.route_ads() }),
             () = shared.stopped.cancelled() => break SessionEnd::Lost("agent stopping".into()),
         };
         if let Some(message) = outgoing

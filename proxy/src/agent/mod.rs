@@ -8,7 +8,7 @@ pub mod data;
 pub mod link;
 pub mod target;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -47,8 +47,9 @@ pub enum LinkState {
 pub struct AgentShared {
     pub name: String,
     pub token: String,
-    pub route_ads: Vec<RouteAd>,
-    pub routes: Arc<Routes>,
+    routes: RwLock<(Vec<RouteAd>, Arc<Routes>)>,
+    /// Bumped whenever the routes change, so every link re-registers them.
+    pub routes_version: watch::Sender<u64>,
     pub reconnect: ReconnectConfig,
     pub connect_timeout: Duration,
     /// Cancelled on shutdown: links close, idle data connections close.
@@ -56,6 +57,18 @@ pub struct AgentShared {
     /// Cancelled when the drain deadline passes: streams in flight are cut.
     pub hard_stop: CancellationToken,
     pub streams: TaskTracker,
+}
+
+impl AgentShared {
+    /// The routes to advertise to relays, as of now.
+    pub fn route_ads(&self) -> Vec<RouteAd> {
+        self.routes.read().expect("routes lock").0.clone()
+    }
+
+    /// The routes streams are served by, as of now.
+    pub fn routes(&self) -> Arc<Routes> {
+        Arc::clone(&self.routes.read().expect("routes lock").1)
+    }
 }
 
 pub struct Agent {
@@ -67,20 +80,11 @@ pub struct Agent {
 impl Agent {
     /// Starts a link to every configured relay.
     pub fn start(config: &AgentConfig, token: String) -> Result<Self, AgentError> {
-        let routes = Arc::new(Routes::new(&config.routes)?);
-        let route_ads = config
-            .routes
-            .iter()
-            .map(|r| RouteAd {
-                hostname: r.hostname.clone(),
-                http: r.http,
-            })
-            .collect();
         let shared = Arc::new(AgentShared {
             name: config.name.clone(),
             token,
-            route_ads,
-            routes,
+            routes: RwLock::new(routes_of(config)?),
+            routes_version: watch::Sender::new(0),
             reconnect: config.reconnect,
             connect_timeout: config.connect_timeout,
             stopped: CancellationToken::new(),
@@ -109,6 +113,16 @@ impl Agent {
             "agent started"
         );
         Ok(Self { shared, links, tasks })
+    }
+
+    /// Replaces the routes this agent serves (e.g. on SIGHUP) and re-registers them with every
+    /// relay: hostnames left out go offline at once. Relay endpoints are not reloaded.
+    pub fn reload_routes(&self, config: &AgentConfig) -> Result<(), AgentError> {
+        let fresh = routes_of(config)?;
+        info!(routes = ?fresh.0.iter().map(|r| &r.hostname).collect::<Vec<_>>(), "routes reloaded");
+        *self.shared.routes.write().expect("routes lock") = fresh;
+        self.shared.routes_version.send_modify(|v| *v += 1);
+        Ok(())
     }
 
     /// Current state of each relay link, in config order.
@@ -145,4 +159,16 @@ impl Agent {
         self.tasks.shutdown().await;
         info!("agent stopped");
     }
+}
+
+fn routes_of(config: &AgentConfig) -> Result<(Vec<RouteAd>, Arc<Routes>), AgentError> {
+    let ads = config
+        .routes
+        .iter()
+        .map(|r| RouteAd {
+            hostname: r.hostname.clone(),
+            http: r.http,
+        })
+        .collect();
+    Ok((ads, Arc::new(Routes::new(&config.routes)?)))
 }

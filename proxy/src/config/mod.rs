@@ -64,3 +64,126 @@ pub(crate) fn positive(path: &Path, field: &str, value: Duration) -> Result<(), 
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::ConfigError;
+    use super::agent::AgentConfig;
+    use super::relay::RelayConfig;
+
+    /// A directory holding `files` (empty) and a config file with `text`.
+    fn setup(text: &str, files: &[&str]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        for file in files {
+            std::fs::write(dir.path().join(file), "").unwrap();
+        }
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    const RELAY: &str =
+        "state_dir = \"state\"\n[tunnel]\nlisten = \"127.0.0.1:7443\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+
+    fn relay_error(text: &str) -> String {
+        let (_dir, path) = setup(text, &["c.pem", "k.pem"]);
+        RelayConfig::load(&path).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn shipped_examples_load() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let (dir, _) = setup("", &["relay-cert.pem", "relay-key.pem", "relay-ca.pem"]);
+        for name in ["relay.toml", "agent.toml"] {
+            std::fs::copy(examples.join(name), dir.path().join(name)).unwrap();
+        }
+        let relay = RelayConfig::load(&dir.path().join("relay.toml")).unwrap();
+        assert_eq!(
+            relay.state_dir,
+            dir.path().join("state"),
+            "relative paths resolve next to the file"
+        );
+        let agent = AgentConfig::load(&dir.path().join("agent.toml")).unwrap();
+        assert_eq!(agent.routes[0].hostname, "app.demo.localhost");
+    }
+
+    #[test]
+    fn defaults_fill_in_what_is_left_out() {
+        let (_dir, path) = setup(RELAY, &["c.pem", "k.pem"]);
+        let config = RelayConfig::load(&path).unwrap();
+        assert_eq!(config.edge.tls_listen, vec!["0.0.0.0:443".parse().unwrap()]);
+        assert_eq!(config.tunnel.pool_size, 4);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let error = relay_error(&format!("{RELAY}pool_sise = 3\n"));
+        assert!(
+            error.contains("pool_sise") && error.contains("config.toml"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let error = relay_error(&RELAY.replace("key = \"k.pem\"", "key = \"k.pem\"\npool_size = 0"));
+        assert!(error.contains("`tunnel.pool_size`"), "{error}");
+        let error = relay_error(&RELAY.replace("k.pem", "missing.pem"));
+        assert!(
+            error.contains("`tunnel.key`") && error.contains("missing.pem"),
+            "{error}"
+        );
+        let error = relay_error(&format!("{RELAY}store_poll = \"soon\"\n"));
+        assert!(error.contains("store_poll"), "{error}");
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let error = RelayConfig::load(Path::new("/nonexistent/relay.toml")).unwrap_err();
+        assert!(matches!(error, ConfigError::Read { .. }));
+        assert!(error.to_string().contains("/nonexistent/relay.toml"), "{error}");
+    }
+
+    const AGENT_HEAD: &str = "name = \"a1\"\ntoken_file = \"t\"\n[[relays]]\naddress = \"relay:7443\"\n";
+
+    fn agent_error(text: &str) -> String {
+        let (_dir, path) = setup(text, &["ca.pem"]);
+        AgentConfig::load(&path).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn agent_must_authenticate_the_relay_exactly_one_way() {
+        let route = "[[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\n";
+        let error = agent_error(&format!("{AGENT_HEAD}{route}"));
+        assert!(
+            error.contains("relays[0].ca") && error.contains("must authenticate the relay"),
+            "{error}"
+        );
+        let both = format!(
+            "{AGENT_HEAD}ca = \"ca.pem\"\npin_sha256 = \"{}\"\n{route}",
+            "ab".repeat(32)
+        );
+        assert!(agent_error(&both).contains("not both"));
+        let short_pin = format!("{AGENT_HEAD}pin_sha256 = \"abcd\"\n{route}");
+        assert!(agent_error(&short_pin).contains("32 bytes"));
+    }
+
+    #[test]
+    fn agent_routes_are_checked_field_by_field() {
+        let head = format!("{AGENT_HEAD}ca = \"ca.pem\"\n");
+        let error = agent_error(&format!(
+            "{head}[[routes]]\nhostname = \"*.com\"\ntarget = \"127.0.0.1:1\"\n"
+        ));
+        assert!(error.contains("`routes[0].hostname`"), "{error}");
+        let error = agent_error(&format!(
+            "{head}[[routes]]\nhostname = \"a.b.test\"\ntarget = \"nowhere\"\n"
+        ));
+        assert!(error.contains("`routes[0].target`"), "{error}");
+        let forward = format!(
+            "{head}[[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\nhttp = \"forward\"\n"
+        );
+        assert!(agent_error(&forward).contains("`routes[0].http_target`"));
+    }
+}

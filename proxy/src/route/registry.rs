@@ -136,3 +136,100 @@ impl Registry {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    fn session(tenant: &str) -> Arc<AgentSession> {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        Arc::new(AgentSession::new(
+            format!("{tenant}/agent/x").into(),
+            tenant.into(),
+            "token".into(),
+            Duration::from_secs(60),
+            tx,
+            &CancellationToken::new(),
+        ))
+    }
+
+    fn agent(session: &Arc<AgentSession>) -> RouteAgent {
+        RouteAgent {
+            session: Arc::clone(session),
+            http: HttpMode::Redirect,
+        }
+    }
+
+    fn pattern(s: &str) -> HostPattern {
+        HostPattern::parse(s).unwrap()
+    }
+
+    #[test]
+    fn exact_names_win_over_wildcards_and_wildcards_cover_one_label() {
+        let registry = Registry::new();
+        let (acme, web) = (session("acme"), session("web"));
+        registry
+            .register(&"acme".into(), &pattern("*.acme.test"), agent(&acme))
+            .unwrap();
+        registry
+            .register(&"acme".into(), &pattern("www.acme.test"), agent(&web))
+            .unwrap();
+        let exact = registry.lookup("www.acme.test").unwrap();
+        assert!(Arc::ptr_eq(&exact.agents()[0].session, &web));
+        let wild = registry.lookup("shop.acme.test").unwrap();
+        assert!(Arc::ptr_eq(&wild.agents()[0].session, &acme));
+        assert!(registry.lookup("a.shop.acme.test").is_none());
+        assert!(registry.lookup("acme.test").is_none());
+    }
+
+    #[test]
+    fn another_tenant_is_refused_until_the_holder_is_gone() {
+        let registry = Registry::new();
+        let holder = session("acme");
+        registry
+            .register(&"acme".into(), &pattern("app.test"), agent(&holder))
+            .unwrap();
+        let intruder = session("globex");
+        assert_eq!(
+            registry.register(&"globex".into(), &pattern("app.test"), agent(&intruder)),
+            Err(RegisterError::OwnedByAnotherTenant {
+                hostname: "app.test".into()
+            })
+        );
+        holder.end("gone", false);
+        registry
+            .register(&"globex".into(), &pattern("app.test"), agent(&intruder))
+            .unwrap();
+        assert_eq!(&*registry.lookup("app.test").unwrap().tenant, "globex");
+    }
+
+    #[test]
+    fn a_route_lives_while_any_agent_serves_it() {
+        let registry = Registry::new();
+        let (one, two) = (session("acme"), session("acme"));
+        let tenant: Arc<str> = "acme".into();
+        registry
+            .register(&tenant, &pattern("app.test"), agent(&one))
+            .unwrap();
+        registry
+            .register(&tenant, &pattern("app.test"), agent(&two))
+            .unwrap();
+        registry
+            .register(&tenant, &pattern("app.test"), agent(&two))
+            .unwrap();
+        assert_eq!(
+            registry.lookup("app.test").unwrap().agents().len(),
+            2,
+            "re-registering does not duplicate"
+        );
+        registry.unregister(&pattern("app.test"), &one);
+        assert_eq!(registry.lookup("app.test").unwrap().agents().len(), 1);
+        registry.unregister(&pattern("app.test"), &two);
+        assert!(registry.lookup("app.test").is_none());
+        assert!(registry.is_empty());
+    }
+}
