@@ -45,6 +45,7 @@ async fn spawn(name: &str, tls: Option<TlsAcceptor>) -> Server {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
+            let _ = tcp.set_nodelay(true);
             let index = {
                 let mut raw = seen.raw.lock().unwrap();
                 raw.push(Vec::new());
