@@ -68,7 +68,7 @@ async fn relay_process_never_holds_the_tenant_key_or_plaintext() {
         &format!(
             "state_dir = \"state\"\nshutdown_grace = \"2s\"\n[edge]\ntls_listen = [\"127.0.0.1:{tls_port}\"]\n\
              http_listen = []\n[tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\ncert = \"relay-cert.pem\"\n\
-             key = \"relay-key.pem\"\n"
+             key = \"relay-key.pem\"\n[admin]\nlisten = \"127.0.0.1:0\"\n"
         ),
     );
     let mut relay = RelayProcess {

@@ -6,9 +6,11 @@
 //! - [`tunnel`]: the agent tunnel (control, data connections, session credentials, TLS)
 //! - [`pump`]: moves bytes both ways, never reading them
 //!
-//! Around it: [`relay`] composes the relay process, [`agent`] is the on-prem side, [`store`]
+//! Around it: [`admin`] serves metrics, probes and the admin API, [`relay`] composes the relay
+//! process, [`agent`] is the on-prem side, [`store`]
 //! holds tenants and tokens, [`config`] parses the TOML files, and [`shield`] drives the XDP
 //! program that drops floods in the kernel.
+pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod edge;

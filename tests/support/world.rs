@@ -21,6 +21,8 @@ pub struct RelayOptions {
     pub heartbeat: &'static str,
     pub client_hello_timeout: &'static str,
     pub pool_size: u32,
+    /// Bearer token required by the admin listener.
+    pub admin_token: Option<&'static str>,
 }
 
 impl Default for RelayOptions {
@@ -30,6 +32,7 @@ impl Default for RelayOptions {
             heartbeat: "1s",
             client_hello_timeout: "5s",
             pool_size: 4,
+            admin_token: None,
         }
     }
 }
@@ -65,7 +68,17 @@ credential_ttl = "{ttl}"
 heartbeat = "{heartbeat}"
 pool_size = {pool}
 handshake_timeout = "2s"
+[admin]
+listen = "127.0.0.1:0"
+{admin_token}
 "#,
+            admin_token = options
+                .admin_token
+                .map(|t| {
+                    std::fs::write(dir.path().join("admin.token"), t).unwrap();
+                    "token_file = \"admin.token\"".to_owned()
+                })
+                .unwrap_or_default(),
             hello = options.client_hello_timeout,
             ttl = options.credential_ttl,
             heartbeat = options.heartbeat,
@@ -97,6 +110,10 @@ handshake_timeout = "2s"
         self.relay().http_addrs[0]
     }
 
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.relay().admin_addr
+    }
+
     pub fn tunnel_addr(&self) -> SocketAddr {
         self.relay().tunnel_addr
     }
@@ -114,6 +131,7 @@ handshake_timeout = "2s"
         config.edge.tls_listen = tls;
         config.edge.http_listen = http;
         config.tunnel.listen = tunnel;
+        config.admin.listen = "127.0.0.1:0".parse().unwrap();
         self.relay = Some(Relay::start(config).await.unwrap());
     }
 

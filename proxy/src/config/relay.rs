@@ -15,6 +15,8 @@ pub struct RelayConfig {
     #[serde(default)]
     pub edge: EdgeConfig,
     pub tunnel: TunnelConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// How often the store file is checked for changes (revocations take effect within this).
     #[serde(default = "defaults::store_poll", with = "humantime_serde")]
     pub store_poll: Duration,
@@ -83,6 +85,40 @@ pub struct TunnelConfig {
     pub handshake_timeout: Duration,
 }
 
+/// Metrics, health and the admin API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Loopback by default. Anywhere else requires `token_file`.
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: SocketAddr,
+    /// File holding the bearer token for the admin API and `/metrics`.
+    pub token_file: Option<PathBuf>,
+    /// Tenants that get their own metric label value; the rest share `_other`.
+    #[serde(default = "defaults::max_tenant_labels")]
+    pub max_tenant_labels: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::admin_listen(),
+            token_file: None,
+            max_tenant_labels: defaults::max_tenant_labels(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The bearer token, if one is configured.
+    pub fn token(&self) -> Result<Option<String>, std::io::Error> {
+        self.token_file
+            .as_ref()
+            .map(|f| std::fs::read_to_string(f).map(|t| t.trim().to_owned()))
+            .transpose()
+    }
+}
+
 mod defaults {
     use std::net::SocketAddr;
     use std::time::Duration;
@@ -120,6 +156,12 @@ mod defaults {
     pub(super) fn store_poll() -> Duration {
         Duration::from_secs(1)
     }
+    pub(super) fn admin_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9090))
+    }
+    pub(super) fn max_tenant_labels() -> usize {
+        1000
+    }
     pub(super) fn shutdown_grace() -> Duration {
         Duration::from_secs(30)
     }
@@ -132,6 +174,7 @@ impl RelayConfig {
         config.state_dir = resolve(path, &config.state_dir);
         config.tunnel.cert = resolve(path, &config.tunnel.cert);
         config.tunnel.key = resolve(path, &config.tunnel.key);
+        config.admin.token_file = config.admin.token_file.map(|f| resolve(path, &f));
         config.validate(path)?;
         Ok(config)
     }

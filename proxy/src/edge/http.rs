@@ -11,16 +11,26 @@ use tracing::{debug, info};
 
 use super::handover::{self, StreamInfo};
 use super::{PeekReadError, read_more};
+use crate::admin::metrics::Rejection;
 use crate::peek::Peek;
 use crate::peek::http::{HttpPeekError, error_response, peek_request_head, redirect_to_https};
-use crate::pump::pump;
+use crate::pump::{Counted, pump};
 use crate::relay::RelayState;
 use crate::tunnel::message::HttpMode;
 use crate::tunnel::stream_header::StreamKind;
 
-pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAddr, local_port: u16) {
+const LISTENER: &str = "http";
+
+pub async fn serve(
+    state: Arc<RelayState>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    local_port: u16,
+    accepted_at: Instant,
+) {
+    let metrics = &state.metrics;
     let edge = &state.config.edge;
-    let deadline = Instant::now() + edge.client_hello_timeout;
+    let deadline = accepted_at + edge.client_hello_timeout;
     let mut buf = BytesMut::with_capacity(1024);
     let head = loop {
         match peek_request_head(&buf, edge.max_http_head) {
@@ -28,6 +38,7 @@ pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAd
             Ok(Peek::NeedMore) => {}
             Err(e) => {
                 info!(%peer, error = %e, "rejecting bad HTTP request");
+                metrics.rejected(LISTENER, Rejection::ParseError);
                 let response = match e {
                     HttpPeekError::TooLarge { .. } => {
                         error_response(431, "Request Header Fields Too Large", "request head too large\n")
@@ -41,7 +52,8 @@ pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAd
         if let Err(e) = read_more(&mut client, &mut buf, deadline).await {
             match e {
                 PeekReadError::Timeout => {
-                    info!(%peer, bytes = buf.len(), "closing slow client: no request head in time")
+                    metrics.rejected(LISTENER, Rejection::Timeout);
+                    info!(%peer, bytes = buf.len(), "closing slow client: no request head in time");
                 }
                 other => debug!(%peer, error = %other, "client left before its request head"),
             }
@@ -50,11 +62,13 @@ pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAd
     };
     let Some(route) = state.registry.lookup(&head.host) else {
         info!(%peer, host = head.host, "unknown hostname on the HTTP port");
+        metrics.rejected(LISTENER, Rejection::UnknownHost);
         respond(&mut client, &error_response(404, "Not Found", "unknown host\n")).await;
         return;
     };
     let forwards = |agent: &crate::route::registry::RouteAgent| agent.http == HttpMode::Forward;
     if !route.agents().iter().any(forwards) {
+        metrics.http_redirects.inc();
         respond(
             &mut client,
             &redirect_to_https(&https_authority(&state, &head.host), &head.target),
@@ -72,6 +86,7 @@ pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAd
         Ok(handover) => handover,
         Err(e) => {
             info!(%peer, host = head.host, error = %e, "cannot reach the tenant's agent");
+            metrics.rejected(LISTENER, Rejection::NoAgent);
             respond(
                 &mut client,
                 &error_response(502, "Bad Gateway", "the site's agent is unavailable\n"),
@@ -80,6 +95,17 @@ pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAd
             return;
         }
     };
+    metrics
+        .setup_seconds
+        .with_label_values(&[LISTENER])
+        .observe(accepted_at.elapsed().as_secs_f64());
+    metrics
+        .streams
+        .with_label_values(&[metrics.tenant(&route.tenant)])
+        .inc();
+    let (to_agent, to_client) = metrics.byte_counters(&route.tenant);
+    to_agent.inc_by(buf.len() as u64);
+    let mut client = Counted::new(client, to_agent, to_client);
     let result = pump(&mut client, &mut handover.tunnel, &handover.session.cut).await;
     debug!(%peer, host = head.host, agent = %handover.session.id, ?result, "plaintext stream finished");
 }

@@ -28,6 +28,16 @@ pub enum EdgeKind {
     Http,
 }
 
+impl EdgeKind {
+    /// The `listener` metric label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Tls => "tls",
+            Self::Http => "http",
+        }
+    }
+}
+
 /// Binds a listener with SO_REUSEPORT, so a restarted relay can bind while the old one drains.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
@@ -60,11 +70,20 @@ pub async fn accept_loop(listener: TcpListener, kind: EdgeKind, state: Arc<Relay
             () = state.stopping.cancelled() => return,
         };
         let _ = client.set_nodelay(true);
+        let accepted_at = Instant::now();
+        let listener = kind.label();
+        state
+            .metrics
+            .connections_accepted
+            .with_label_values(&[listener])
+            .inc();
+        let active = state.metrics.active_connection(listener);
         let state_for_task = Arc::clone(&state);
         state.streams.spawn(async move {
+            let _active = active;
             match kind {
-                EdgeKind::Tls => tls::serve(state_for_task, client, peer, local_port).await,
-                EdgeKind::Http => http::serve(state_for_task, client, peer, local_port).await,
+                EdgeKind::Tls => tls::serve(state_for_task, client, peer, local_port, accepted_at).await,
+                EdgeKind::Http => http::serve(state_for_task, client, peer, local_port, accepted_at).await,
             }
         });
     }

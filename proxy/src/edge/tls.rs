@@ -2,6 +2,7 @@
 //! Failures get a real TLS alert (so browsers show a meaningful error) and a close, never a hang.
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt as _;
@@ -11,48 +12,76 @@ use tracing::{debug, info};
 
 use super::handover::{self, HandoverError, StreamInfo};
 use super::{PeekReadError, read_more};
+use crate::admin::metrics::Rejection;
 use crate::peek::Peek;
 use crate::peek::tls::{AlertDescription, ClientHelloError, fatal_alert, peek_client_hello};
-use crate::pump::pump;
+use crate::pump::{Counted, pump};
 use crate::relay::RelayState;
 use crate::tunnel::stream_header::StreamKind;
 
-pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAddr, local_port: u16) {
+const LISTENER: &str = "tls";
+
+pub async fn serve(
+    state: Arc<RelayState>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    local_port: u16,
+    accepted_at: Instant,
+) {
+    let metrics = &state.metrics;
     let edge = &state.config.edge;
-    let deadline = Instant::now() + edge.client_hello_timeout;
+    let deadline = accepted_at + edge.client_hello_timeout;
     let mut buf = BytesMut::with_capacity(2048);
-    let hello = loop {
-        match peek_client_hello(&buf, edge.max_client_hello) {
-            Ok(Peek::Done(hello)) => break hello,
+    let mut parse_time = Duration::ZERO;
+    let parsed = loop {
+        let started = std::time::Instant::now();
+        let result = peek_client_hello(&buf, edge.max_client_hello);
+        parse_time += started.elapsed();
+        match result {
+            Ok(Peek::Done(hello)) => break Ok(hello),
             Ok(Peek::NeedMore) => {}
-            Err(e) => {
-                info!(%peer, error = %e, "rejecting connection: bad ClientHello");
-                let alert = match e {
-                    ClientHelloError::NotTls => None, // not TLS at all: an alert would be noise
-                    ClientHelloError::InvalidServerName => Some(AlertDescription::UnrecognizedName),
-                    _ => Some(AlertDescription::DecodeError),
-                };
-                close(&mut client, alert).await;
-                return;
-            }
+            Err(e) => break Err(e),
         }
         if let Err(e) = read_more(&mut client, &mut buf, deadline).await {
             match e {
                 PeekReadError::Timeout => {
-                    info!(%peer, bytes = buf.len(), "closing slow client: no ClientHello in time")
+                    metrics.rejected(LISTENER, Rejection::Timeout);
+                    info!(%peer, bytes = buf.len(), "closing slow client: no ClientHello in time");
                 }
                 other => debug!(%peer, error = %other, "client left before its ClientHello"),
             }
             return;
         }
     };
+    metrics
+        .client_hello_parse_seconds
+        .observe(parse_time.as_secs_f64());
+    let hello = match parsed {
+        Ok(hello) => hello,
+        Err(e) => {
+            info!(%peer, error = %e, "rejecting connection: bad ClientHello");
+            let (reason, alert) = match e {
+                // Not TLS at all: an alert would be noise.
+                ClientHelloError::NotTls => (Rejection::NotTls, None),
+                ClientHelloError::InvalidServerName => {
+                    (Rejection::ParseError, Some(AlertDescription::UnrecognizedName))
+                }
+                _ => (Rejection::ParseError, Some(AlertDescription::DecodeError)),
+            };
+            metrics.rejected(LISTENER, reason);
+            close(&mut client, alert).await;
+            return;
+        }
+    };
     let Some(host) = hello.server_name else {
         info!(%peer, "rejecting connection: ClientHello without SNI");
+        metrics.rejected(LISTENER, Rejection::NoSni);
         close(&mut client, Some(AlertDescription::UnrecognizedName)).await;
         return;
     };
     let Some(route) = state.registry.lookup(&host) else {
         info!(%peer, host, "rejecting connection: unknown hostname");
+        metrics.rejected(LISTENER, Rejection::UnknownHost);
         close(&mut client, Some(AlertDescription::UnrecognizedName)).await;
         return;
     };
@@ -66,6 +95,7 @@ pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAd
         Ok(handover) => handover,
         Err(e) => {
             info!(%peer, host, tenant = %route.tenant, error = %e, "cannot reach the tenant's agent");
+            metrics.rejected(LISTENER, Rejection::NoAgent);
             let alert = match e {
                 HandoverError::NoAgent => AlertDescription::UnrecognizedName,
                 _ => AlertDescription::InternalError,
@@ -74,7 +104,19 @@ pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAd
             return;
         }
     };
+    metrics
+        .setup_seconds
+        .with_label_values(&[LISTENER])
+        .observe(accepted_at.elapsed().as_secs_f64());
+    metrics
+        .streams
+        .with_label_values(&[metrics.tenant(&route.tenant)])
+        .inc();
+    let (to_agent, to_client) = metrics.byte_counters(&route.tenant);
+    // The peeked bytes already went out with the stream header.
+    to_agent.inc_by(buf.len() as u64);
     debug!(%peer, host, agent = %handover.session.id, "stream handed over");
+    let mut client = Counted::new(client, to_agent, to_client);
     let result = pump(&mut client, &mut handover.tunnel, &handover.session.cut).await;
     debug!(%peer, host, agent = %handover.session.id, ?result, "stream finished");
 }

@@ -7,6 +7,7 @@
 mod store_watch;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use dashmap::DashMap;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::metrics::RelayMetrics;
 use crate::config::relay::RelayConfig;
 use crate::edge::{self, EdgeKind};
 use crate::route::registry::Registry;
@@ -34,6 +36,16 @@ pub enum RelayError {
     Tls(#[from] TlsConfigError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("admin token file: {0}")]
+    AdminToken(std::io::Error),
+}
+
+/// What `/readyz` reports.
+#[derive(Default)]
+pub struct Readiness {
+    pub listeners: AtomicBool,
+    pub store: AtomicBool,
+    pub shield: AtomicBool,
 }
 
 /// State shared by every task of one relay.
@@ -51,12 +63,23 @@ pub struct RelayState {
     pub hard_stop: CancellationToken,
     /// Every client connection task, so shutdown can wait for them.
     pub streams: TaskTracker,
+    pub metrics: RelayMetrics,
+    pub readiness: Readiness,
 }
 
 impl RelayState {
     /// The store as last loaded.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         Arc::clone(&self.snapshot.read().expect("snapshot lock"))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Re-reads the store now and enforces it on live sessions (after an admin API change).
+    pub fn refresh_store(&self) {
+        store_watch::refresh_now(self);
     }
 
     /// The port browsers reach the TLS edge on (for https redirects).
@@ -72,6 +95,7 @@ pub struct Relay {
     pub tls_addrs: Vec<SocketAddr>,
     pub http_addrs: Vec<SocketAddr>,
     pub tunnel_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
 }
 
 impl Relay {
@@ -87,6 +111,7 @@ impl Relay {
             tokens = snapshot.tokens.len(),
             "store loaded"
         );
+        let admin_token = config.admin.token().map_err(RelayError::AdminToken)?;
         let stopping = CancellationToken::new();
         let state = Arc::new(RelayState {
             registry: Registry::new(),
@@ -97,11 +122,18 @@ impl Relay {
             hard_stop: CancellationToken::new(),
             stopping,
             streams: TaskTracker::new(),
+            metrics: RelayMetrics::new(config.admin.max_tenant_labels),
+            readiness: Readiness::default(),
             config,
         });
+        state.readiness.store.store(true, Ordering::Release);
+        // No XDP shield in this build of the relay: its state is known (absent).
+        state.readiness.shield.store(true, Ordering::Release);
 
         let mut tasks = JoinSet::new();
         let bound = |addr: SocketAddr| edge::bind(addr).map_err(|source| RelayError::Bind { addr, source });
+        let admin_listener = bound(state.config.admin.listen)?;
+        let admin_addr = local_addr(&admin_listener, state.config.admin.listen);
         let tunnel_listener = bound(state.config.tunnel.listen)?;
         let tunnel_addr = local_addr(&tunnel_listener, state.config.tunnel.listen);
         let mut tls_addrs = Vec::new();
@@ -129,13 +161,24 @@ impl Relay {
             Arc::clone(&state),
         ));
         tasks.spawn(store_watch::run(Arc::clone(&state), fingerprint));
-        info!(tls = ?tls_addrs, http = ?http_addrs, tunnel = %tunnel_addr, "relay listening");
+        let admin = Arc::new(crate::admin::relay_api::RelayAdmin {
+            state: Arc::clone(&state),
+        });
+        tasks.spawn(crate::admin::http::serve(
+            admin_listener,
+            admin,
+            admin_token,
+            state.hard_stop.clone(),
+        ));
+        state.readiness.listeners.store(true, Ordering::Release);
+        info!(tls = ?tls_addrs, http = ?http_addrs, tunnel = %tunnel_addr, admin = %admin_addr, "relay listening");
         Ok(Self {
             state,
             tasks,
             tls_addrs,
             http_addrs,
             tunnel_addr,
+            admin_addr,
         })
     }
 
@@ -153,6 +196,7 @@ impl Relay {
             "relay stopping: draining streams"
         );
         self.state.stopping.cancel();
+        self.state.readiness.listeners.store(false, Ordering::Release);
         for session in self.state.sessions.iter() {
             session.end("relay shutting down", false);
         }

@@ -40,6 +40,15 @@ pub(super) async fn run(state: Arc<RelayState>, mut last: Option<StoreFingerprin
     }
 }
 
+/// Reloads the store unconditionally and enforces it.
+pub(super) fn refresh_now(state: &RelayState) {
+    match state.store.load() {
+        Ok(snapshot) => *state.snapshot.write().expect("snapshot lock") = Arc::new(snapshot),
+        Err(e) => warn!(error = %e, "cannot load the store; keeping the previous one"),
+    }
+    enforce(state);
+}
+
 /// Ends sessions whose authorization no longer holds (also catches plain token expiry).
 fn enforce(state: &RelayState) {
     let snapshot = state.snapshot();

@@ -46,8 +46,12 @@ pub async fn serve(
     }
     let snapshot = state.snapshot();
     let (tenant, token_id) = match snapshot.authenticate(token, unix_now()) {
-        Ok(auth) => (auth.tenant.clone(), auth.token.id.clone()),
+        Ok(auth) => {
+            state.metrics.agent_auth.with_label_values(&["success"]).inc();
+            (auth.tenant.clone(), auth.token.id.clone())
+        }
         Err(e) => {
+            state.metrics.agent_auth.with_label_values(&["failure"]).inc();
             warn!(%peer, agent_name, error = %e, "agent authentication failed");
             reject(reader, &e.to_string()).await;
             return;
@@ -71,6 +75,11 @@ pub async fn serve(
         &state.hard_stop,
     ));
     state.sessions.insert(Arc::clone(&id), Arc::clone(&session));
+    let connected = state
+        .metrics
+        .agents_connected
+        .with_label_values(&[state.metrics.tenant(&tenant.name)]);
+    connected.inc();
     let (accepted, refused) = apply_routes(&state, &session, &tenant, &routes);
     info!(agent = %id, %peer, routes = ?accepted, refused = refused.len(), "agent session started");
     for r in &refused {
@@ -100,6 +109,7 @@ pub async fn serve(
         state.registry.unregister(&pattern, &session);
     }
     state.sessions.remove(&id);
+    connected.dec();
     let _ = writer.shutdown().await;
     info!(agent = %id, reason, "agent session ended");
 }
@@ -181,6 +191,8 @@ fn handle(
                     session.set_token_id(auth.token.id.clone());
                     let ttl = state.config.tunnel.credential_ttl;
                     let credential = session.renew_credential(ttl);
+                    state.metrics.agent_auth.with_label_values(&["success"]).inc();
+                    state.metrics.credential_renewals.inc();
                     info!(agent = %session.id, "session credential renewed");
                     Ok(Some(RelayMessage::Renewed {
                         credential,
@@ -189,6 +201,7 @@ fn handle(
                 }
                 Ok(_) => Err("re-authentication with another tenant's token".into()),
                 Err(e) => {
+                    state.metrics.agent_auth.with_label_values(&["failure"]).inc();
                     session.end(&format!("re-authentication failed: {e}"), true);
                     Err(format!("re-authentication failed: {e}"))
                 }

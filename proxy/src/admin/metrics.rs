@@ -1,0 +1,271 @@
+//! The relay's metrics, named by Prometheus conventions: `sluice_` prefix, `_total` counters,
+//! seconds and bytes as base units.
+//!
+//! Per-tenant series are capped: the first `max_tenant_labels` tenants seen get their own label
+//! value, every later one is aggregated under `_other`, so a relay with many tenants cannot blow
+//! up Prometheus.
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+/// Label value for tenants beyond the cap.
+pub const OTHER_TENANTS: &str = "_other";
+
+/// Why a browser connection was turned away (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    NoSni,
+    UnknownHost,
+    ParseError,
+    NotTls,
+    Timeout,
+    RateLimited,
+    NoAgent,
+}
+
+impl Rejection {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::NoSni => "no_sni",
+            Self::UnknownHost => "unknown_host",
+            Self::ParseError => "parse_error",
+            Self::NotTls => "not_tls",
+            Self::Timeout => "timeout",
+            Self::RateLimited => "rate_limited",
+            Self::NoAgent => "no_agent",
+        }
+    }
+}
+
+pub struct RelayMetrics {
+    registry: Registry,
+    tenant_labels: TenantLabels,
+    pub connections_accepted: IntCounterVec,
+    pub connections_active: IntGaugeVec,
+    pub connections_rejected: IntCounterVec,
+    pub http_redirects: IntCounter,
+    pub streams: IntCounterVec,
+    pub stream_bytes: IntCounterVec,
+    pub setup_seconds: HistogramVec,
+    pub client_hello_parse_seconds: Histogram,
+    pub agents_connected: IntGaugeVec,
+    pub agent_auth: IntCounterVec,
+    pub credential_renewals: IntCounter,
+    pub build_info: IntGaugeVec,
+}
+
+impl RelayMetrics {
+    pub fn new(max_tenant_labels: usize) -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        // 100 µs .. ~3.3 s: loopback setups to slow intercontinental agents.
+        let latency_buckets = prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid buckets");
+        let setup_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_connection_setup_seconds",
+                "Time from accepting a browser connection to its first byte forwarded to an agent.",
+            )
+            .buckets(latency_buckets),
+            &["listener"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(setup_seconds.clone()))
+            .expect("unique metric");
+        let client_hello_parse_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "sluice_client_hello_parse_seconds",
+                "CPU time spent parsing one ClientHello.",
+            )
+            .buckets(prometheus::exponential_buckets(0.000_000_25, 2.0, 14).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(client_hello_parse_seconds.clone()))
+            .expect("unique metric");
+
+        let metrics = Self {
+            tenant_labels: TenantLabels::new(max_tenant_labels),
+            connections_accepted: counter_vec(
+                "sluice_connections_accepted_total",
+                "Browser connections accepted.",
+                &["listener"],
+            ),
+            connections_active: gauge_vec(
+                "sluice_connections_active",
+                "Browser connections open now.",
+                &["listener"],
+            ),
+            connections_rejected: counter_vec(
+                "sluice_connections_rejected_total",
+                "Browser connections turned away, by reason.",
+                &["listener", "reason"],
+            ),
+            http_redirects: counter(
+                "sluice_http_redirects_total",
+                "Plaintext requests redirected to https.",
+            ),
+            streams: counter_vec(
+                "sluice_streams_total",
+                "Streams handed to a tenant's agent.",
+                &["tenant"],
+            ),
+            stream_bytes: counter_vec(
+                "sluice_stream_bytes_total",
+                "Bytes relayed, by tenant and direction (to_agent, to_client).",
+                &["tenant", "direction"],
+            ),
+            setup_seconds,
+            client_hello_parse_seconds,
+            agents_connected: gauge_vec(
+                "sluice_agents_connected",
+                "Agent sessions (tunnels) connected, by tenant.",
+                &["tenant"],
+            ),
+            agent_auth: counter_vec(
+                "sluice_agent_auth_total",
+                "Agent authentications (Hello and renewal), by result.",
+                &["result"],
+            ),
+            credential_renewals: counter(
+                "sluice_credential_renewals_total",
+                "Session credentials renewed by re-authentication.",
+            ),
+            build_info: gauge_vec("sluice_build_info", "Build information; always 1.", &["version"]),
+            registry,
+        };
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        metrics
+    }
+
+    /// Registers an extra collector (e.g. the XDP counters, read from the kernel on scrape).
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> prometheus::Result<()> {
+        self.registry.register(collector)
+    }
+
+    /// The label value to use for `tenant`, honouring the cardinality cap.
+    pub fn tenant<'a>(&self, tenant: &'a str) -> &'a str {
+        self.tenant_labels.label(tenant)
+    }
+
+    pub fn rejected(&self, listener: &str, reason: Rejection) {
+        self.connections_rejected
+            .with_label_values(&[listener, reason.label()])
+            .inc();
+    }
+
+    /// Counters for one stream's bytes: (to_agent, to_client).
+    pub fn byte_counters(&self, tenant: &str) -> (IntCounter, IntCounter) {
+        let tenant = self.tenant(tenant);
+        (
+            self.stream_bytes.with_label_values(&[tenant, "to_agent"]),
+            self.stream_bytes.with_label_values(&[tenant, "to_client"]),
+        )
+    }
+
+    /// A gauge that is incremented now and decremented when the guard drops.
+    pub fn active_connection(&self, listener: &str) -> GaugeGuard {
+        let gauge = self.connections_active.with_label_values(&[listener]);
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+/// Decrements its gauge when dropped.
+pub struct GaugeGuard(IntGauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// First come, first labelled: up to `cap` distinct tenants keep their name as label value.
+struct TenantLabels {
+    cap: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl TenantLabels {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn label<'a>(&self, tenant: &'a str) -> &'a str {
+        let mut seen = self.seen.lock().expect("tenant labels lock");
+        if seen.contains(tenant) {
+            return tenant;
+        }
+        if seen.len() < self.cap {
+            seen.insert(tenant.to_owned());
+            return tenant;
+        }
+        OTHER_TENANTS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenants_beyond_the_cap_share_one_label() {
+        let metrics = RelayMetrics::new(2);
+        assert_eq!(metrics.tenant("acme"), "acme");
+        assert_eq!(metrics.tenant("globex"), "globex");
+        assert_eq!(metrics.tenant("initech"), OTHER_TENANTS);
+        assert_eq!(
+            metrics.tenant("acme"),
+            "acme",
+            "a tenant keeps its label once it has one"
+        );
+    }
+
+    #[test]
+    fn exposition_uses_prometheus_names() {
+        let metrics = RelayMetrics::new(10);
+        metrics.streams.with_label_values(&[metrics.tenant("acme")]).inc();
+        metrics.rejected("tls", Rejection::NoSni);
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        assert!(text.contains("sluice_streams_total{tenant=\"acme\"} 1"), "{text}");
+        assert!(text.contains("sluice_connections_rejected_total{listener=\"tls\",reason=\"no_sni\"} 1"));
+        assert!(text.contains("sluice_build_info{version="));
+    }
+}

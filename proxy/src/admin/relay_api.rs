@@ -1,0 +1,158 @@
+//! The relay's admin endpoints.
+//!
+//! | method | path | what |
+//! | --- | --- | --- |
+//! | GET | `/metrics` | Prometheus text exposition |
+//! | GET | `/healthz` | the process is alive |
+//! | GET | `/readyz` | listeners bound, store loaded, shield state known (503 otherwise) |
+//! | GET | `/api/tenants` | tenants and their hostnames |
+//! | GET | `/api/tokens` | tokens (never secrets) with their status |
+//! | POST | `/api/tokens/{id}/revoke` | revoke a token; its live tunnels are cut now |
+//! | GET | `/api/tunnels` | live agent sessions |
+//! | DELETE | `/api/tunnels/{agent-id}` | cut one live session and its streams |
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use hyper::{Method, Response, StatusCode};
+use serde::Serialize;
+
+use super::http::{AdminHandler, AdminRequest, Body, error, json, text};
+use crate::relay::RelayState;
+use crate::store::unix_now;
+
+pub struct RelayAdmin {
+    pub state: Arc<RelayState>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct TenantView {
+    pub name: String,
+    pub hostnames: Vec<String>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    pub tenant: String,
+    pub label: String,
+    pub status: String,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct TunnelView {
+    pub agent_id: String,
+    pub tenant: String,
+    pub routes: Vec<String>,
+    pub active_streams: usize,
+    pub idle_data_connections: usize,
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    listeners_bound: bool,
+    store_loaded: bool,
+    shield_state_known: bool,
+}
+
+impl AdminHandler for RelayAdmin {
+    fn handle(&self, request: &AdminRequest) -> Response<Body> {
+        let state = &self.state;
+        let segments: Vec<&str> = request.segments.iter().map(String::as_str).collect();
+        match (&request.method, segments.as_slice()) {
+            (&Method::GET, ["metrics"]) => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                state.metrics.encode(),
+            ),
+            (&Method::GET, ["healthz"]) => json(StatusCode::OK, &serde_json::json!({ "status": "alive" })),
+            (&Method::GET, ["readyz"]) => {
+                let readiness = Readiness {
+                    listeners_bound: state.readiness.listeners.load(Ordering::Acquire),
+                    store_loaded: state.readiness.store.load(Ordering::Acquire),
+                    shield_state_known: state.readiness.shield.load(Ordering::Acquire),
+                    ready: false,
+                };
+                let ready =
+                    readiness.listeners_bound && readiness.store_loaded && readiness.shield_state_known;
+                let status = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                json(status, &Readiness { ready, ..readiness })
+            }
+            (&Method::GET, ["api", "tenants"]) => {
+                let snapshot = state.snapshot();
+                let tenants: Vec<TenantView> = snapshot
+                    .tenants
+                    .values()
+                    .map(|t| TenantView {
+                        name: t.name.clone(),
+                        hostnames: t.hostnames.iter().map(ToString::to_string).collect(),
+                    })
+                    .collect();
+                json(StatusCode::OK, &tenants)
+            }
+            (&Method::GET, ["api", "tokens"]) => {
+                let snapshot = state.snapshot();
+                let now = unix_now();
+                let tokens: Vec<TokenView> = snapshot
+                    .tokens
+                    .values()
+                    .map(|t| TokenView {
+                        id: t.id.clone(),
+                        tenant: t.tenant.clone(),
+                        label: t.label.clone(),
+                        status: match (t.revoked_at, t.expires_at) {
+                            (Some(_), _) => "revoked",
+                            (None, Some(expiry)) if expiry <= now => "expired",
+                            _ => "active",
+                        }
+                        .to_owned(),
+                    })
+                    .collect();
+                json(StatusCode::OK, &tokens)
+            }
+            (&Method::POST, ["api", "tokens", id, "revoke"]) => match state.store().revoke_token(id) {
+                Ok(record) => {
+                    state.refresh_store();
+                    json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "revoked": record.id, "tenant": record.tenant }),
+                    )
+                }
+                Err(e @ crate::store::StoreError::UnknownToken { .. }) => {
+                    error(StatusCode::NOT_FOUND, &e.to_string())
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            },
+            (&Method::GET, ["api", "tunnels"]) => {
+                let mut tunnels: Vec<TunnelView> = state
+                    .sessions
+                    .iter()
+                    .map(|s| TunnelView {
+                        agent_id: s.id.to_string(),
+                        tenant: s.tenant.to_string(),
+                        routes: s.routes().iter().map(ToString::to_string).collect(),
+                        active_streams: s.active_streams(),
+                        idle_data_connections: s.idle_count(),
+                    })
+                    .collect();
+                tunnels.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+                json(StatusCode::OK, &tunnels)
+            }
+            (&Method::DELETE, ["api", "tunnels", id @ ..]) if !id.is_empty() => {
+                let id = id.join("/");
+                match state.sessions.get(id.as_str()) {
+                    Some(session) => {
+                        session.end("cut by the relay operator", true);
+                        json(StatusCode::OK, &serde_json::json!({ "cut": id }))
+                    }
+                    None => error(StatusCode::NOT_FOUND, &format!("no live tunnel {id}")),
+                }
+            }
+            _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
+        }
+    }
+}

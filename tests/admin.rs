@@ -1,0 +1,179 @@
+//! The relay's admin listener: probes, Prometheus metrics about real traffic, the JSON API
+//! (tunnels, tokens, cutting a tunnel, revoking a token), and bearer-token protection.
+use std::time::Duration;
+
+use sluice::admin::client::AdminClient;
+use sluice::admin::relay_api::{TokenView, TunnelView};
+use sluice::agent::LinkState;
+use sluice_tests::client::round_trip;
+use sluice_tests::servers::tls_echo;
+use sluice_tests::world::{RelayOptions, World, passthrough_route, within};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Runs a blocking admin call off the async runtime.
+async fn admin<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_metrics_and_tunnel_api_reflect_real_traffic() {
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &token,
+        )
+        .await;
+    for i in 0..3 {
+        let answer = round_trip(
+            world.tls_addr(),
+            "app.acme.test",
+            acme.client_config(),
+            &format!("m{i}"),
+        )
+        .await;
+        assert_eq!(answer.unwrap(), format!("acme: m{i}"));
+    }
+    assert!(
+        round_trip(world.tls_addr(), "nobody.test", acme.client_config(), "x")
+            .await
+            .is_err()
+    );
+
+    let base = format!("http://{}", world.admin_addr());
+    let client = AdminClient::new(&base, None);
+    let (health, ready, metrics) = admin(move || {
+        (
+            client.request("GET", "/healthz").unwrap(),
+            client.request("GET", "/readyz").unwrap(),
+            client.request("GET", "/metrics").unwrap(),
+        )
+    })
+    .await;
+    assert_eq!(health.status, 200);
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert!(ready.body.contains("\"ready\": true"), "{}", ready.body);
+    let text = metrics.body;
+    assert_eq!(
+        metric(&text, "sluice_streams_total{tenant=\"acme\"}"),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "sluice_agents_connected{tenant=\"acme\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "sluice_connections_accepted_total{listener=\"tls\"}"),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "sluice_connections_rejected_total{listener=\"tls\",reason=\"unknown_host\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "sluice_connection_setup_seconds_count{listener=\"tls\"}"),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(&text, "sluice_client_hello_parse_seconds_count"),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(&text, "sluice_agent_auth_total{result=\"success\"}"),
+        Some(1.0)
+    );
+    let to_agent = metric(
+        &text,
+        "sluice_stream_bytes_total{direction=\"to_agent\",tenant=\"acme\"}",
+    )
+    .unwrap();
+    let to_client = metric(
+        &text,
+        "sluice_stream_bytes_total{direction=\"to_client\",tenant=\"acme\"}",
+    )
+    .unwrap();
+    assert!(
+        to_agent > 600.0 && to_client > 600.0,
+        "handshakes alone move more: {to_agent} / {to_client}"
+    );
+
+    // The API lists the tunnel; cutting it makes the agent come back as a new session.
+    let client = AdminClient::new(&base, None);
+    let tunnels: Vec<TunnelView> = admin(move || client.json("GET", "/api/tunnels").unwrap()).await;
+    assert_eq!(tunnels.len(), 1);
+    assert_eq!(tunnels[0].tenant, "acme");
+    assert_eq!(tunnels[0].routes, vec!["app.acme.test".to_owned()]);
+    let first = tunnels[0].agent_id.clone();
+    let client = AdminClient::new(&base, None);
+    let path = format!("/api/tunnels/{first}");
+    let cut = admin(move || client.request("DELETE", &path).unwrap()).await;
+    assert_eq!(cut.status, 200, "{}", cut.body);
+    within(
+        WAIT,
+        agent.wait_for_link(
+            0,
+            |s| matches!(s, LinkState::Connected { agent_id, .. } if *agent_id != first),
+        ),
+    )
+    .await;
+
+    // Revoking the token through the API takes effect at once.
+    let client = AdminClient::new(&base, None);
+    let tokens: Vec<TokenView> = admin(move || client.json("GET", "/api/tokens").unwrap()).await;
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0].status, "active");
+    let client = AdminClient::new(&base, None);
+    let path = format!("/api/tokens/{}/revoke", tokens[0].id);
+    let revoked = admin(move || client.request("POST", &path).unwrap()).await;
+    assert_eq!(revoked.status, 200, "{}", revoked.body);
+    within(
+        WAIT,
+        agent.wait_for_link(0, |s| matches!(s, LinkState::Rejected(_))),
+    )
+    .await;
+    let client = AdminClient::new(&base, None);
+    let missing = admin(move || client.request("DELETE", "/api/tunnels/acme/none/x").unwrap()).await;
+    assert_eq!(missing.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_protects_everything_but_the_probes() {
+    let world = World::start(RelayOptions {
+        admin_token: Some("s3cret-admin-token-123"),
+        ..Default::default()
+    })
+    .await;
+    let base = format!("http://{}", world.admin_addr());
+    let (anonymous, wrong, right, probe) = admin(move || {
+        let metrics = |token: Option<&str>| {
+            AdminClient::new(&base, token.map(str::to_owned))
+                .request("GET", "/metrics")
+                .unwrap()
+                .status
+        };
+        let probe = AdminClient::new(&base, None)
+            .request("GET", "/healthz")
+            .unwrap()
+            .status;
+        (
+            metrics(None),
+            metrics(Some("wrong")),
+            metrics(Some("s3cret-admin-token-123")),
+            probe,
+        )
+    })
+    .await;
+    assert_eq!((anonymous, wrong, right, probe), (401, 401, 200, 200));
+}
