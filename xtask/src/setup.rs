@@ -1,4 +1,5 @@
-//! `cargo xtask setup`: installs what building the XDP programs needs, idempotently.
+//! `cargo xtask setup`: installs what building the XDP programs (and the test suite) needs,
+//! idempotently.
 //!
 //! The eBPF crate builds with the installed `nightly` toolchain (`-Z build-std=core` needs its
 //! `rust-src`) and links with `bpf-linker`, which must be built against the same LLVM major as
@@ -24,6 +25,11 @@ pub fn missing() -> Result<Option<String>> {
     }
     if let Some(problem) = bpf_linker_problem()? {
         return Ok(Some(problem));
+    }
+    if !prometheus_installed() {
+        return Ok(Some(
+            "prometheus (the metrics test scrapes with a real server)".into(),
+        ));
     }
     Ok(None)
 }
@@ -58,9 +64,43 @@ pub fn setup() -> Result<()> {
             bail!("bpf-linker was installed but still does not work: {problem}");
         }
     }
+    if !prometheus_installed() {
+        install_prometheus()?;
+    }
     eprintln!(
         "xtask: eBPF toolchain ready ({NIGHTLY} with rust-src, bpf-linker on LLVM {})",
         nightly_llvm_major()?
+    );
+    Ok(())
+}
+
+/// Debian's `prometheus` server, which `tests/prometheus.rs` runs on loopback.
+fn prometheus_installed() -> bool {
+    Path::new("/usr/bin/prometheus").is_file()
+}
+
+fn install_prometheus() -> Result<()> {
+    eprintln!("xtask: installing Debian's prometheus package (for the metrics integration test)");
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut command = if root {
+            Command::new("apt-get")
+        } else {
+            Command::new("sudo")
+        };
+        if !root {
+            command.arg("apt-get");
+        }
+        run(command.args(args).env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    apt(&["update", "-qq"])?;
+    apt(&["install", "-y", "-qq", "--no-install-recommends", "prometheus"])?;
+    ensure!(
+        prometheus_installed(),
+        "apt-get installed prometheus but /usr/bin/prometheus is missing"
     );
     Ok(())
 }

@@ -101,9 +101,34 @@ async fn idle_connection(
     Ok(Some(()))
 }
 
+/// Decrements the gauge when dropped.
+struct GaugeDown(prometheus::IntGauge);
+
+impl Drop for GaugeDown {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn scopeguard(gauge: prometheus::IntGauge) -> GaugeDown {
+    GaugeDown(gauge)
+}
+
 async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: TunnelStream, early: BytesMut) {
     debug!(agent = ctx.agent_id, host = header.host, client = %header.client, kind = ?header.kind, "stream opened");
     let routes = ctx.shared.routes();
+    let metrics = &ctx.shared.metrics;
+    let route = routes
+        .lookup(&header.host)
+        .map_or_else(|| "none".to_owned(), |r| r.pattern.to_string());
+    metrics.streams.with_label_values(&[&route]).inc();
+    metrics.active_streams.inc();
+    let _active = scopeguard(metrics.active_streams.clone());
+    let tunnel = crate::pump::Counted::new(
+        tunnel,
+        metrics.stream_bytes.with_label_values(&["to_target"]),
+        metrics.stream_bytes.with_label_values(&["to_relay"]),
+    );
     // Cut when the agent stops for good, or when the tenant takes this hostname offline.
     let cut = ctx.agent_stopped.child_token();
     let offline = async {
@@ -125,6 +150,11 @@ async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: TunnelStream
         served = target::serve(&routes, &header, tunnel, early, ctx.connect_timeout, &cut) => served,
         () = offline => unreachable!("`offline` never completes"),
     };
+    if let Err(e) = &served
+        && !matches!(e, target::TargetError::Pump(_))
+    {
+        metrics.target_error(e);
+    }
     match served {
         Ok(moved) => debug!(
             agent = ctx.agent_id,

@@ -59,10 +59,20 @@ pub async fn run(shared: Arc<AgentShared>, dialer: Arc<RelayDialer>, state: watc
     loop {
         let started = Instant::now();
         let outcome = session(&shared, &dialer, &state).await;
+        shared
+            .metrics
+            .tunnel_up
+            .with_label_values(&[&dialer.address])
+            .set(0);
         if shared.stopped.is_cancelled() {
             state.send_replace(LinkState::Stopped);
             return;
         }
+        shared
+            .metrics
+            .reconnects
+            .with_label_values(&[&dialer.address])
+            .inc();
         match &outcome {
             SessionEnd::Rejected(reason) => {
                 error!(relay = dialer.address, reason, "relay refused this agent");
@@ -152,6 +162,11 @@ async fn session(
         );
     }
     info!(relay = dialer.address, agent_id, routes = ?accepted, pool_size, "tunnel established");
+    shared
+        .metrics
+        .tunnel_up
+        .with_label_values(&[&dialer.address])
+        .set(1);
     state.send_replace(LinkState::Connected {
         agent_id: agent_id.clone(),
         accepted: accepted.clone(),

@@ -3,9 +3,11 @@
 //!
 //! - [`link`]: the control session with one relay (auth, heartbeats, renewal, reconnect)
 //! - [`data`]: the pool of pre-opened data connections for that relay
+//! - [`metrics`]: the agent's metrics and probes
 //! - [`target`]: the on-prem end of a stream (connect, PROXY v2, optional TLS termination)
 pub mod data;
 pub mod link;
+pub mod metrics;
 pub mod target;
 
 use std::sync::{Arc, RwLock};
@@ -28,6 +30,11 @@ pub enum AgentError {
     Relay { address: String, message: String },
     #[error("TLS: {0}")]
     Tls(#[from] TlsConfigError),
+    #[error("admin listener on {addr}: {source}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Where one relay link stands.
@@ -57,6 +64,7 @@ pub struct AgentShared {
     /// Cancelled when the drain deadline passes: streams in flight are cut.
     pub hard_stop: CancellationToken,
     pub streams: TaskTracker,
+    pub metrics: Arc<metrics::AgentMetrics>,
 }
 
 impl AgentShared {
@@ -73,6 +81,8 @@ impl AgentShared {
 
 pub struct Agent {
     shared: Arc<AgentShared>,
+    /// Where the admin listener is bound, if configured.
+    pub admin_addr: Option<std::net::SocketAddr>,
     links: Vec<watch::Receiver<LinkState>>,
     tasks: JoinSet<()>,
 }
@@ -90,6 +100,7 @@ impl Agent {
             stopped: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             streams: TaskTracker::new(),
+            metrics: Arc::new(metrics::AgentMetrics::new()),
         });
         let mut tasks = JoinSet::new();
         let mut links = Vec::new();
@@ -106,13 +117,34 @@ impl Agent {
             tasks.spawn(link::run(Arc::clone(&shared), Arc::new(dialer), state_tx));
             links.push(state_rx);
         }
+        let mut admin_addr = None;
+        if let Some(addr) = config.admin.as_ref().map(|a| a.listen) {
+            let listener = crate::edge::bind(addr).map_err(|source| AgentError::Admin { addr, source })?;
+            admin_addr = listener.local_addr().ok();
+            let handler = Arc::new(metrics::AgentAdmin {
+                metrics: Arc::clone(&shared.metrics),
+                links: links.clone(),
+            });
+            tasks.spawn(crate::admin::http::serve(
+                listener,
+                handler,
+                None,
+                shared.hard_stop.clone(),
+            ));
+            info!(%addr, "agent admin listening");
+        }
         info!(
             name = config.name,
             relays = config.relays.len(),
             routes = config.routes.len(),
             "agent started"
         );
-        Ok(Self { shared, links, tasks })
+        Ok(Self {
+            shared,
+            admin_addr,
+            links,
+            tasks,
+        })
     }
 
     /// Replaces the routes this agent serves (e.g. on SIGHUP) and re-registers them with every

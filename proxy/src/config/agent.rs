@@ -22,6 +22,8 @@ pub struct AgentConfig {
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
     pub reconnect: ReconnectConfig,
+    /// Serve `/metrics`, `/healthz` and `/readyz` here (loopback recommended); off when absent.
+    pub admin: Option<AgentAdminConfig>,
     /// Dialing a relay or a target fails after this.
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -65,6 +67,12 @@ pub struct RouteConfig {
 pub struct TlsTermination {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentAdminConfig {
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

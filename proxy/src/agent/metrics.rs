@@ -1,0 +1,138 @@
+//! The agent's own metrics and admin endpoints (`/metrics`, `/healthz`, `/readyz`), served when
+//! `agent.toml` has an `[admin]` section. Label values are bounded: relays and routes come from
+//! the config, error reasons from a fixed list.
+use std::sync::Arc;
+
+use hyper::{Method, Response, StatusCode};
+use prometheus::{Encoder as _, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use tokio::sync::watch;
+
+use super::LinkState;
+use super::target::TargetError;
+use crate::admin::http::{AdminHandler, AdminRequest, Body, error, json, text};
+
+pub struct AgentMetrics {
+    registry: Registry,
+    pub tunnel_up: IntGaugeVec,
+    pub reconnects: IntCounterVec,
+    pub streams: IntCounterVec,
+    pub active_streams: IntGauge,
+    pub stream_bytes: IntCounterVec,
+    pub target_errors: IntCounterVec,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let tunnel_up = IntGaugeVec::new(
+            Opts::new(
+                "sluice_agent_tunnel_up",
+                "1 while the tunnel to this relay is established.",
+            ),
+            &["relay"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(tunnel_up.clone()))
+            .expect("unique metric");
+        let active_streams =
+            IntGauge::new("sluice_agent_active_streams", "Streams being served now.").expect("valid metric");
+        registry
+            .register(Box::new(active_streams.clone()))
+            .expect("unique metric");
+        Self {
+            tunnel_up,
+            reconnects: counter_vec(
+                "sluice_agent_reconnects_total",
+                "Tunnel sessions to this relay that ended and were retried.",
+                &["relay"],
+            ),
+            streams: counter_vec(
+                "sluice_agent_streams_total",
+                "Streams received, by route.",
+                &["route"],
+            ),
+            active_streams,
+            stream_bytes: counter_vec(
+                "sluice_agent_stream_bytes_total",
+                "Bytes relayed, by direction (to_target, to_relay).",
+                &["direction"],
+            ),
+            target_errors: counter_vec(
+                "sluice_agent_target_errors_total",
+                "Streams that failed on the on-prem side, by reason.",
+                &["reason"],
+            ),
+            registry,
+        }
+    }
+
+    /// Counts a failed stream under a bounded reason label.
+    pub fn target_error(&self, error: &TargetError) {
+        let reason = match error {
+            TargetError::NoRoute(_) | TargetError::NoHttpTarget(_) => "no_route",
+            TargetError::Connect { .. } => "connect",
+            TargetError::ConnectTimeout { .. } => "connect_timeout",
+            TargetError::Handshake(_) => "tls_handshake",
+            TargetError::Pump(_) | TargetError::Io(_) => "io",
+        };
+        self.target_errors.with_label_values(&[reason]).inc();
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+/// The agent's admin endpoints.
+pub struct AgentAdmin {
+    pub metrics: Arc<AgentMetrics>,
+    pub links: Vec<watch::Receiver<LinkState>>,
+}
+
+impl AdminHandler for AgentAdmin {
+    fn handle(&self, request: &AdminRequest) -> Response<Body> {
+        let segments: Vec<&str> = request.segments.iter().map(String::as_str).collect();
+        match (&request.method, segments.as_slice()) {
+            (&Method::GET, ["metrics"]) => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics.encode(),
+            ),
+            (&Method::GET, ["healthz"]) => json(StatusCode::OK, &serde_json::json!({ "status": "alive" })),
+            (&Method::GET, ["readyz"]) => {
+                // Ready while at least one relay can reach us.
+                let connected = self
+                    .links
+                    .iter()
+                    .filter(|l| matches!(*l.borrow(), LinkState::Connected { .. }))
+                    .count();
+                let status = if connected > 0 {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                json(
+                    status,
+                    &serde_json::json!({ "ready": connected > 0, "tunnels_up": connected, "relays": self.links.len() }),
+                )
+            }
+            _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
+        }
+    }
+}
