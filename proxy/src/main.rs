@@ -51,6 +51,13 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// Live agent tunnels on a running relay (through its admin API).
+    Tunnels {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: TunnelAction,
+    },
     /// Print the SHA-256 pin of a certificate's public key, for an agent's `pin_sha256`.
     RelayPin {
         /// PEM certificate (the relay's tunnel certificate).
@@ -68,6 +75,41 @@ struct StoreArgs {
     /// The store directory itself.
     #[arg(long, global = true)]
     state_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The relay's admin listener.
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:9090",
+        env = "SLUICE_ADMIN"
+    )]
+    admin: String,
+    /// File with the admin bearer token (when the relay requires one).
+    #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn client(&self) -> anyhow::Result<sluice::admin::client::AdminClient> {
+        let token = self
+            .admin_token_file
+            .as_ref()
+            .map(|f| std::fs::read_to_string(f).map(|t| t.trim().to_owned()))
+            .transpose()
+            .context("reading the admin token file")?;
+        Ok(sluice::admin::client::AdminClient::new(&self.admin, token))
+    }
+}
+
+#[derive(Subcommand)]
+enum TunnelAction {
+    /// List live agent sessions: id, tenant, routes, load.
+    List,
+    /// Cut one live session and its streams now (the agent may reconnect if its token is valid).
+    Cut { agent_id: String },
 }
 
 #[derive(Subcommand)]
@@ -118,6 +160,7 @@ fn main() -> anyhow::Result<()> {
         Command::Agent { config } => run_agent(&config),
         Command::Tenant { store, action } => tenant(&store.open()?, action),
         Command::Token { store, action } => token(&store.open()?, action),
+        Command::Tunnels { admin, action } => tunnels(&admin, action),
         Command::RelayPin { cert } => relay_pin(&cert),
         Command::ShieldProbe => shield_probe(),
     }
@@ -240,6 +283,31 @@ fn token(store: &Store, action: TokenAction) -> anyhow::Result<()> {
                 };
                 println!("{}\t{}\t{}\t{}", t.id, t.tenant, t.label, status);
             }
+        }
+    }
+    Ok(())
+}
+
+fn tunnels(admin: &AdminArgs, action: TunnelAction) -> anyhow::Result<()> {
+    use sluice::admin::relay_api::TunnelView;
+    let client = admin.client()?;
+    match action {
+        TunnelAction::List => {
+            let tunnels: Vec<TunnelView> = client.json("GET", "/api/tunnels")?;
+            for t in tunnels {
+                println!(
+                    "{}\t{}\t{}\tactive={}\tidle={}",
+                    t.agent_id,
+                    t.tenant,
+                    t.routes.join(","),
+                    t.active_streams,
+                    t.idle_data_connections
+                );
+            }
+        }
+        TunnelAction::Cut { agent_id } => {
+            let _: serde_json::Value = client.json("DELETE", &format!("/api/tunnels/{agent_id}"))?;
+            println!("cut {agent_id}");
         }
     }
     Ok(())
