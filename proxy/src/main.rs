@@ -156,13 +156,40 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
-        Command::Relay { config } => run_relay(&config),
-        Command::Agent { config } => run_agent(&config),
+        Command::Relay { config } => {
+            raise_open_file_limit();
+            run_relay(&config)
+        }
+        Command::Agent { config } => {
+            raise_open_file_limit();
+            run_agent(&config)
+        }
         Command::Tenant { store, action } => tenant(&store.open()?, action),
         Command::Token { store, action } => token(&store.open()?, action),
         Command::Tunnels { admin, action } => tunnels(&admin, action),
         Command::RelayPin { cert } => relay_pin(&cert),
         Command::ShieldProbe => shield_probe(),
+    }
+}
+
+/// Every proxied connection costs descriptors (browser, tunnel, target): lift the limit as
+/// servers must, instead of failing at the default 1024. With CAP_SYS_RESOURCE the hard limit is
+/// raised too; otherwise the soft limit goes up to the hard one.
+fn raise_open_file_limit() {
+    const WANTED: libc::rlim_t = 262_144;
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls with valid pointers to structs we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= WANTED {
+            return;
+        }
+        let raised = libc::rlimit { rlim_cur: WANTED, rlim_max: WANTED.max(limit.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            let soft = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &soft) != 0 {
+                tracing::warn!(soft = limit.rlim_cur, "could not raise the open-file limit");
+            }
+        }
     }
 }
 
