@@ -177,15 +177,24 @@ fn main() -> anyhow::Result<()> {
 /// raised too; otherwise the soft limit goes up to the hard one.
 fn raise_open_file_limit() {
     const WANTED: libc::rlim_t = 262_144;
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain syscalls with valid pointers to structs we own.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= WANTED {
             return;
         }
-        let raised = libc::rlimit { rlim_cur: WANTED, rlim_max: WANTED.max(limit.rlim_max) };
+        let raised = libc::rlimit {
+            rlim_cur: WANTED,
+            rlim_max: WANTED.max(limit.rlim_max),
+        };
         if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-            let soft = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            let soft = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &soft) != 0 {
                 tracing::warn!(soft = limit.rlim_cur, "could not raise the open-file limit");
             }

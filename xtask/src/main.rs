@@ -34,6 +34,13 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// Relay vs direct, side by side: setup latency, throughput, relay CPU and memory.
+    /// Writes target/load-test/{results.json,latency.svg}.
+    LoadTest {
+        /// Extra arguments for `sluice-load suite` (e.g. `--setups 200`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Format check, clippy -D warnings (userspace and eBPF), every unit and integration test.
     /// (Workspace default members; `proxy-ebpf` is linted for its own BPF target.)
     Test,
@@ -50,6 +57,18 @@ fn main() -> Result<()> {
             setup::ensure()?;
             build(false)?;
             demo::run(check)
+        }
+        Task::LoadTest { args } => {
+            setup::ensure()?;
+            run(cmd("cargo").args(["build", "--release", "--bin", "sluice", "--bin", "sluice-load"]))?;
+            let root = workspace_root();
+            run(Command::new(root.join("target/release/sluice-load"))
+                .arg("suite")
+                .arg("--sluice")
+                .arg(root.join("target/release/sluice"))
+                .arg("--out")
+                .arg(root.join("target/load-test"))
+                .args(args))
         }
         Task::Test => {
             setup::ensure()?;

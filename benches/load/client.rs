@@ -1,0 +1,154 @@
+//! Load-test clients: real rustls connections, timed.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::wire;
+
+#[derive(Clone)]
+pub struct Target {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    pub sni: String,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// One connection's setup, timed from `start_ns` (CLOCK_MONOTONIC).
+#[derive(Debug, Clone, Copy)]
+pub struct Setup {
+    pub local_port: u16,
+    pub start_ns: u64,
+    /// Connect + TLS handshake complete, seen by the client.
+    pub handshake: Duration,
+    /// Handshake, then one request/answer round trip.
+    pub first_answer: Duration,
+}
+
+/// Connects, completes the handshake and one ping; returns the timings and the open stream.
+pub async fn setup(target: &Target) -> anyhow::Result<(Setup, TlsStream<TcpStream>)> {
+    let start_ns = crate::monotonic_ns();
+    let started = Instant::now();
+    let tcp = TcpStream::connect(target.addr).await.context("connect")?;
+    tcp.set_nodelay(true)?;
+    let local_port = tcp.local_addr()?.port();
+    let name = ServerName::try_from(target.sni.clone())?;
+    let mut tls = TlsConnector::from(Arc::clone(&target.tls))
+        .connect(name, tcp)
+        .await
+        .context("handshake")?;
+    let handshake = started.elapsed();
+    tls.write_all(&[wire::PING]).await?;
+    let mut answer = [0u8; 1];
+    tls.read_exact(&mut answer).await.context("ping")?;
+    Ok((
+        Setup {
+            local_port,
+            start_ns,
+            handshake,
+            first_answer: started.elapsed(),
+        },
+        tls,
+    ))
+}
+
+/// Open-loop: connection starts are scheduled at `rate` per second for `duration`, whatever
+/// the previous ones are doing; latency counts from the scheduled start, so a stall shows up in
+/// the numbers instead of silently slowing the load (no coordinated omission).
+pub async fn open_loop(target: &Target, rate: u32, duration: Duration) -> anyhow::Result<Vec<Duration>> {
+    let total = (rate as f64 * duration.as_secs_f64()) as u32;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let begin = Instant::now() + Duration::from_millis(20);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let scheduled = begin + interval * i;
+        tokio::time::sleep_until(scheduled).await;
+        let target = target.clone();
+        tasks.spawn(async move {
+            let result = tokio::time::timeout(Duration::from_secs(10), setup(&target)).await;
+            match result {
+                Ok(Ok(_)) => Ok(scheduled.elapsed()),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(anyhow::anyhow!("setup took over 10 s")),
+            }
+        });
+    }
+    let mut latencies = Vec::with_capacity(total as usize);
+    while let Some(result) = tasks.join_next().await {
+        latencies.push(result??);
+    }
+    Ok(latencies)
+}
+
+/// Moves `bytes` per stream over `streams` concurrent connections; returns the wall time.
+pub async fn bulk(target: &Target, streams: usize, bytes: u64, upload: bool) -> anyhow::Result<Duration> {
+    let mut connections = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        connections.push(setup(target).await?.1);
+    }
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut tls in connections {
+        tasks.spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            if upload {
+                tls.write_all(&[wire::UPLOAD]).await?;
+                tls.write_all(&bytes.to_be_bytes()).await?;
+                let mut remaining = bytes;
+                while remaining > 0 {
+                    let n = remaining.min(buf.len() as u64) as usize;
+                    tls.write_all(&buf[..n]).await?;
+                    remaining -= n as u64;
+                }
+                tls.flush().await?;
+                tls.read_exact(&mut buf[..1]).await?;
+            } else {
+                tls.write_all(&[wire::DOWNLOAD]).await?;
+                tls.write_all(&bytes.to_be_bytes()).await?;
+                tls.flush().await?;
+                let mut remaining = bytes;
+                while remaining > 0 {
+                    let n = tls.read(&mut buf).await?;
+                    anyhow::ensure!(n > 0, "stream closed with {remaining} bytes to go");
+                    remaining -= n as u64;
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    Ok(started.elapsed())
+}
+
+/// Opens `count` connections (handshake + ping each), `concurrency` at a time, and keeps them.
+pub async fn hold(
+    target: &Target,
+    count: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<TlsStream<TcpStream>>> {
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let permit = Arc::clone(&semaphore).acquire_owned().await?;
+        let target = target.clone();
+        tasks.spawn(async move {
+            let result = setup(&target).await.map(|(_, tls)| tls);
+            drop(permit);
+            result
+        });
+    }
+    let mut held = Vec::with_capacity(count);
+    while let Some(result) = tasks.join_next().await {
+        held.push(result??);
+    }
+    Ok(held)
+}

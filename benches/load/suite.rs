@@ -1,0 +1,401 @@
+//! The whole comparison, in one run: processes, placement, phases, report.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
+
+use crate::client::{self, Setup, Target};
+use crate::report::{Report, Series};
+
+const HOST: &str = "app.load.test";
+const BACKEND: &str = "127.0.0.1:19443";
+const RELAY_TLS: &str = "127.0.0.1:18443";
+const RELAY_TUNNEL: &str = "127.0.0.1:17443";
+const RELAY_ADMIN: &str = "127.0.0.1:19090";
+const HAPROXY: &str = "127.0.0.1:18444";
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// The `sluice` binary (release build).
+    #[arg(long)]
+    sluice: PathBuf,
+    /// Where results.json, latency.svg and the logs go.
+    #[arg(long)]
+    out: PathBuf,
+    /// Sequential setups per path.
+    #[arg(long, default_value_t = 1000)]
+    setups: usize,
+    /// Idle connections held through the relay for the memory figure.
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
+    /// Bytes per bulk transfer (per stream for the single-stream runs).
+    #[arg(long, default_value_t = 512 << 20)]
+    bulk_bytes: u64,
+}
+
+/// Child processes, killed when the suite ends.
+struct Processes(Vec<(&'static str, Child)>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Processes {
+    fn pid(&self, name: &str) -> u32 {
+        self.0
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| c.id())
+            .expect("known process")
+    }
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let dir = options.out.clone();
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let (relay_cpu, side_cpu) = (0, (cpus > 1) as usize);
+    pin_self(relay_cpu)?; // the clients share the relay's CPU; agent and backend the other one
+
+    issue(&dir, "relay", "relay.load.test")?;
+    issue(&dir, "app", HOST)?;
+    let sluice = &options.sluice;
+    let state = dir.join("state");
+    cli(
+        sluice,
+        &["tenant", "add", "load", "--hostname", HOST, "--state-dir"],
+        &state,
+    )?;
+    let token = cli(
+        sluice,
+        &[
+            "token",
+            "create",
+            "--tenant",
+            "load",
+            "--label",
+            "load-agent",
+            "--state-dir",
+        ],
+        &state,
+    )?;
+    std::fs::write(dir.join("agent.token"), token.trim())?;
+    std::fs::write(
+        dir.join("relay.toml"),
+        format!(
+            "state_dir = \"state\"\nshutdown_grace = \"1s\"\n[edge]\ntls_listen = [\"{RELAY_TLS}\"]\nhttp_listen = []\n\
+             agent_wait = \"5s\"\n[tunnel]\nlisten = \"{RELAY_TUNNEL}\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n\
+             pool_size = 32\n[admin]\nlisten = \"{RELAY_ADMIN}\"\n"
+        ),
+    )?;
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!(
+            "name = \"load\"\ntoken_file = \"agent.token\"\n[[relays]]\naddress = \"{RELAY_TUNNEL}\"\n\
+             server_name = \"relay.load.test\"\nca = \"relay-ca.pem\"\n[[routes]]\nhostname = \"{HOST}\"\n\
+             target = \"{BACKEND}\"\nproxy_protocol = true\n"
+        ),
+    )?;
+
+    let log = |name: &str| -> anyhow::Result<Stdio> { Ok(std::fs::File::create(dir.join(name))?.into()) };
+    let me = std::env::current_exe()?;
+    let mut processes = Processes(Vec::new());
+    processes.0.push((
+        "backend",
+        pinned(side_cpu, &me)
+            .args(["backend", "--listen", BACKEND])
+            .arg("--cert")
+            .arg(dir.join("app-cert.pem"))
+            .arg("--key")
+            .arg(dir.join("app-key.pem"))
+            .arg("--first-bytes")
+            .arg(dir.join("first-bytes.log"))
+            .stderr(log("backend.log")?)
+            .spawn()?,
+    ));
+    processes.0.push((
+        "relay",
+        pinned(relay_cpu, sluice)
+            .arg("relay")
+            .arg("--config")
+            .arg(dir.join("relay.toml"))
+            .stderr(log("relay.log")?)
+            .spawn()?,
+    ));
+    processes.0.push((
+        "agent",
+        pinned(side_cpu, sluice)
+            .arg("agent")
+            .arg("--config")
+            .arg(dir.join("agent.toml"))
+            .stderr(log("agent.log")?)
+            .spawn()?,
+    ));
+    let placement = format!(
+        "relay on CPU {relay_cpu} with the load clients; agent and backend on CPU {side_cpu} ({cpus} CPUs)"
+    );
+    println!("placement: {placement}");
+
+    let tls = client_config(&dir.join("app-ca.pem"))?;
+    let direct = Target {
+        name: "direct",
+        addr: BACKEND.parse()?,
+        sni: HOST.into(),
+        tls: Arc::clone(&tls),
+    };
+    let relayed = Target {
+        name: "relay",
+        addr: RELAY_TLS.parse()?,
+        sni: HOST.into(),
+        tls: Arc::clone(&tls),
+    };
+    wait_until_up(&relayed)
+        .await
+        .context("relay + agent did not come up; see the logs")?;
+    let haproxy = start_haproxy(&dir, &mut processes, side_cpu)?;
+    let haproxy_target = haproxy.then(|| Target {
+        name: "haproxy",
+        addr: HAPROXY.parse().unwrap(),
+        sni: HOST.into(),
+        tls,
+    });
+    if let Some(target) = &haproxy_target {
+        wait_until_up(target).await.context("haproxy did not come up")?;
+    }
+
+    let mut report = Report::new(placement);
+    let idle_rss = rss_kib(processes.pid("relay"))?;
+
+    // 1. Sequential setups, interleaved so every path sees the same noise.
+    let mut runs: Vec<(&Target, Vec<Setup>)> = vec![(&direct, Vec::new()), (&relayed, Vec::new())];
+    if let Some(target) = &haproxy_target {
+        runs.push((target, Vec::new()));
+    }
+    for _ in 0..options.setups {
+        for (target, setups) in &mut runs {
+            setups.push(client::setup(target).await?.0);
+        }
+    }
+    let first_bytes = read_first_bytes(&dir.join("first-bytes.log"))?;
+    for (target, setups) in &runs {
+        let to_backend: Vec<Duration> = if target.name == "haproxy" {
+            Vec::new() // HAProxy sends no PROXY header here, so its connections cannot be matched
+        } else {
+            setups
+                .iter()
+                .filter_map(|s| to_backend(s, &first_bytes))
+                .collect()
+        };
+        report.setup(Series::new(target.name, "first byte at backend", &to_backend));
+        report.setup(Series::new(
+            target.name,
+            "handshake complete",
+            &setups.iter().map(|s| s.handshake).collect::<Vec<_>>(),
+        ));
+        report.setup(Series::new(
+            target.name,
+            "first answer",
+            &setups.iter().map(|s| s.first_answer).collect::<Vec<_>>(),
+        ));
+    }
+
+    // 2. Open-loop setups at fixed rates.
+    for rate in [100, 300] {
+        for target in [&direct, &relayed] {
+            let latencies = client::open_loop(target, rate, Duration::from_secs(4)).await?;
+            report.open_loop(Series::new(
+                target.name,
+                &format!("{rate}/s open loop"),
+                &latencies,
+            ));
+        }
+    }
+
+    // 3. Bulk throughput, both directions, 1 and 4 streams; relay CPU per GB.
+    for (streams, upload) in [(1, false), (1, true), (4, false), (4, true)] {
+        let bytes = if streams == 1 {
+            options.bulk_bytes
+        } else {
+            options.bulk_bytes / 4
+        };
+        let total = bytes * streams as u64;
+        let direct_time = client::bulk(&direct, streams, bytes, upload).await?;
+        let cpu_before = cpu_seconds(processes.pid("relay"))?;
+        let relay_time = client::bulk(&relayed, streams, bytes, upload).await?;
+        let relay_cpu = cpu_seconds(processes.pid("relay"))? - cpu_before;
+        report.throughput(streams, upload, total, direct_time, relay_time, relay_cpu);
+    }
+
+    // 4. Relay memory with many idle proxied connections.
+    let held = client::hold(&relayed, options.idle_connections, 64).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let busy_rss = rss_kib(processes.pid("relay"))?;
+    report.memory(idle_rss, held.len(), busy_rss);
+    drop(held);
+
+    report.print();
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_vec_pretty(&report.json())?,
+    )?;
+    std::fs::write(dir.join("latency.svg"), report.svg())?;
+    println!(
+        "\nwrote {} and {}",
+        dir.join("results.json").display(),
+        dir.join("latency.svg").display()
+    );
+    Ok(())
+}
+
+/// Time from the client's connect to the first byte at the backend, matched by client port.
+fn to_backend(setup: &Setup, first_bytes: &HashMap<u16, Vec<u64>>) -> Option<Duration> {
+    let arrivals = first_bytes.get(&setup.local_port)?;
+    let arrived = arrivals.iter().copied().filter(|&t| t >= setup.start_ns).min()?;
+    Some(Duration::from_nanos(arrived - setup.start_ns))
+}
+
+fn read_first_bytes(path: &Path) -> anyhow::Result<HashMap<u16, Vec<u64>>> {
+    let mut map: HashMap<u16, Vec<u64>> = HashMap::new();
+    for line in std::fs::read_to_string(path)?.lines() {
+        if let Some((port, at)) = line.split_once(' ') {
+            map.entry(port.parse()?).or_default().push(at.parse()?);
+        }
+    }
+    Ok(map)
+}
+
+async fn wait_until_up(target: &Target) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match client::setup(target).await {
+            Ok(_) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// HAProxy routing by `req.ssl_sni` to the same backend, if HAProxy is installed.
+fn start_haproxy(dir: &Path, processes: &mut Processes, cpu: usize) -> anyhow::Result<bool> {
+    let Some(haproxy) = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+    else {
+        println!("haproxy not installed: skipping the HAProxy comparison");
+        return Ok(false);
+    };
+    let config = format!(
+        "global\n  maxconn 20000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+         frontend sni\n  bind {HAPROXY}\n  tcp-request inspect-delay 5s\n  tcp-request content accept if {{ req.ssl_hello_type 1 }}\n\
+         \x20 use_backend app if {{ req.ssl_sni -i {HOST} }}\nbackend app\n  server app {BACKEND}\n"
+    );
+    std::fs::write(dir.join("haproxy.cfg"), config)?;
+    let child = pinned(cpu, haproxy)
+        .arg("-f")
+        .arg(dir.join("haproxy.cfg"))
+        .arg("-db")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    processes.0.push(("haproxy", child));
+    Ok(true)
+}
+
+fn pinned(cpu: usize, program: &Path) -> Command {
+    let mut command = Command::new("taskset");
+    command
+        .args(["-c", &cpu.to_string()])
+        .arg(program)
+        .stdout(Stdio::null());
+    command
+}
+
+fn pin_self(cpu: usize) -> anyhow::Result<()> {
+    let status = Command::new("taskset")
+        .args([
+            "-a",
+            "-p",
+            "-c",
+            &cpu.to_string(),
+            &std::process::id().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .status()?;
+    ensure!(status.success(), "taskset failed");
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("bad VmRSS")?.parse()?)
+}
+
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').context("bad stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / per_second)
+}
+
+fn cli(sluice: &Path, args: &[&str], state: &Path) -> anyhow::Result<String> {
+    let out = Command::new(sluice).args(args).arg(state).output()?;
+    if !out.status.success() {
+        bail!(
+            "sluice {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn issue(dir: &Path, prefix: &str, name: &str) -> anyhow::Result<()> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("load {prefix} CA"));
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec![name.to_owned()])?.signed_by(&key, &issuer)?;
+    std::fs::write(dir.join(format!("{prefix}-ca.pem")), ca.pem())?;
+    std::fs::write(dir.join(format!("{prefix}-cert.pem")), cert.pem())?;
+    std::fs::write(dir.join(format!("{prefix}-key.pem")), key.serialize_pem())?;
+    Ok(())
+}
+
+fn client_config(ca: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    Ok(Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}

@@ -1,0 +1,61 @@
+//! Route lookup cost with 100k hostnames: exact hits, wildcard hits, and misses.
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use sluice::route::pattern::HostPattern;
+use sluice::route::registry::{Registry, RouteAgent};
+use sluice::tunnel::message::HttpMode;
+use sluice::tunnel::session::AgentSession;
+use tokio_util::sync::CancellationToken;
+
+const HOSTNAMES: usize = 100_000;
+
+fn registry() -> Registry {
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let session = Arc::new(AgentSession::new(
+        "bench/agent/x".into(),
+        "bench".into(),
+        "token".into(),
+        Duration::from_secs(3600),
+        tx,
+        &CancellationToken::new(),
+    ));
+    let registry = Registry::new();
+    let tenant: Arc<str> = "bench".into();
+    for i in 0..HOSTNAMES {
+        // Half exact names, half wildcards, spread over many parent domains.
+        let pattern = if i % 2 == 0 {
+            format!("app{i}.tenant{}.example", i % 997)
+        } else {
+            format!("*.zone{i}.example")
+        };
+        let agent = RouteAgent {
+            session: Arc::clone(&session),
+            http: HttpMode::Redirect,
+        };
+        registry
+            .register(&tenant, &HostPattern::parse(&pattern).unwrap(), agent)
+            .unwrap();
+    }
+    registry
+}
+
+fn lookups(c: &mut Criterion) {
+    let registry = registry();
+    let mut group = c.benchmark_group("route_lookup_100k");
+    group.bench_function("exact_hit", |b| {
+        b.iter(|| registry.lookup(black_box("app5000.tenant15.example")).is_some())
+    });
+    group.bench_function("wildcard_hit", |b| {
+        b.iter(|| registry.lookup(black_box("shop.zone5001.example")).is_some())
+    });
+    group.bench_function("miss", |b| {
+        b.iter(|| registry.lookup(black_box("nobody.nowhere.example")).is_none())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, lookups);
+criterion_main!(benches);
