@@ -129,26 +129,31 @@ pub async fn bulk(target: &Target, streams: usize, bytes: u64, upload: bool) -> 
     Ok(started.elapsed())
 }
 
-/// Opens `count` connections (handshake + ping each), `concurrency` at a time, and keeps them.
+/// Opens `count` connections (handshake + ping each), `concurrency` at a time, and keeps the ones
+/// that succeed within 10 s; returns them and the number that failed or timed out.
 pub async fn hold(
     target: &Target,
     count: usize,
     concurrency: usize,
-) -> anyhow::Result<Vec<TlsStream<TcpStream>>> {
+) -> anyhow::Result<(Vec<TlsStream<TcpStream>>, usize)> {
     let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..count {
         let permit = Arc::clone(&semaphore).acquire_owned().await?;
         let target = target.clone();
         tasks.spawn(async move {
-            let result = setup(&target).await.map(|(_, tls)| tls);
+            let result = tokio::time::timeout(Duration::from_secs(10), setup(&target)).await;
             drop(permit);
-            result
+            result.ok().and_then(Result::ok).map(|(_, tls)| tls)
         });
     }
     let mut held = Vec::with_capacity(count);
+    let mut failed = 0;
     while let Some(result) = tasks.join_next().await {
-        held.push(result??);
+        match result? {
+            Some(tls) => held.push(tls),
+            None => failed += 1,
+        }
     }
-    Ok(held)
+    Ok((held, failed))
 }

@@ -54,7 +54,7 @@ pub struct Report {
     setups: Vec<Series>,
     open_loop: Vec<Series>,
     throughput: Vec<Throughput>,
-    memory: Option<(u64, usize, u64)>,
+    memory: Option<(u64, usize, u64, usize)>,
 }
 
 fn gbit(bytes: u64, time: Duration) -> f64 {
@@ -99,8 +99,8 @@ impl Report {
         });
     }
 
-    pub fn memory(&mut self, idle_kib: u64, connections: usize, busy_kib: u64) {
-        self.memory = Some((idle_kib, connections, busy_kib));
+    pub fn memory(&mut self, idle_kib: u64, connections: usize, busy_kib: u64, failed: usize) {
+        self.memory = Some((idle_kib, connections, busy_kib, failed));
     }
 
     fn ratio_to_direct(&self, series: &Series, all: &[Series]) -> Option<f64> {
@@ -156,9 +156,10 @@ impl Report {
                 t.relay_cpu_seconds / (t.bytes as f64 / 1e9)
             );
         }
-        if let Some((idle, connections, busy)) = self.memory {
+        if let Some((idle, connections, busy, failed)) = self.memory {
             println!(
-                "\nrelay RSS: {:.1} MB idle, {:.1} MB with {connections} open proxied connections",
+                "\nrelay RSS: {:.1} MB idle, {:.1} MB with {connections} open proxied connections \
+                 ({failed} failed to open within 10 s)",
                 idle as f64 / 1024.0,
                 busy as f64 / 1024.0
             );
@@ -178,8 +179,8 @@ impl Report {
                 "relay_gbit_s": gbit(t.bytes, t.relay),
                 "relay_cpu_seconds_per_gb": t.relay_cpu_seconds / (t.bytes as f64 / 1e9),
             })).collect::<Vec<_>>(),
-            "relay_rss": self.memory.map(|(idle, connections, busy)| json!({
-                "idle_kib": idle, "connections": connections, "with_connections_kib": busy,
+            "relay_rss": self.memory.map(|(idle, connections, busy, failed)| json!({
+                "idle_kib": idle, "connections": connections, "with_connections_kib": busy, "failed_to_open": failed,
             })),
         })
     }

@@ -239,10 +239,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
 
     // 4. Relay memory with many idle proxied connections.
-    let held = client::hold(&relayed, options.idle_connections, 64).await?;
+    let (held, failed) = client::hold(&relayed, options.idle_connections, 64).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let busy_rss = rss_kib(processes.pid("relay"))?;
-    report.memory(idle_rss, held.len(), busy_rss);
+    report.memory(idle_rss, held.len(), busy_rss, failed);
     drop(held);
 
     report.print();

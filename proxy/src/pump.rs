@@ -1,11 +1,48 @@
 //! The byte pump: after routing, move bytes both ways between the client and the tunnel until
 //! both directions are done, preserving half-close. Payload is never inspected.
-use tokio::io::{AsyncRead, AsyncWrite};
+//!
+//! Buffers are borrowed from a shared pool only while bytes are in flight: a direction that is
+//! waiting to read holds none. Most proxied connections are idle most of the time (keep-alive,
+//! WebSockets), so per-connection memory stays small while active transfers still get large
+//! buffers.
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-/// Per-direction copy buffer. Small on purpose: thousands of mostly idle connections are the
-/// common case, and a bulk transfer refills it every wakeup anyway.
-pub const BUFFER_SIZE: usize = 16 * 1024;
+/// Size of one pooled buffer: large enough to carry a full TLS record and then some.
+pub const BUFFER_SIZE: usize = 64 * 1024;
+/// Buffers kept for reuse; more are allocated (and freed) under bursts.
+const POOL_CAPACITY: usize = 32;
+
+static POOL: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+static IN_USE: AtomicUsize = AtomicUsize::new(0);
+
+/// Buffers currently lent to pumps (for tests and metrics).
+pub fn buffers_in_use() -> usize {
+    IN_USE.load(Ordering::Relaxed)
+}
+
+fn take_buffer() -> Box<[u8]> {
+    IN_USE.fetch_add(1, Ordering::Relaxed);
+    POOL.lock()
+        .expect("pool lock")
+        .pop()
+        .unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice())
+}
+
+fn return_buffer(buffer: Box<[u8]>) {
+    IN_USE.fetch_sub(1, Ordering::Relaxed);
+    let mut pool = POOL.lock().expect("pool lock");
+    if pool.len() < POOL_CAPACITY {
+        pool.push(buffer);
+    }
+}
 
 /// Why a pump stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -13,7 +50,7 @@ pub enum PumpError {
     #[error("stream cut: access revoked or relay stopping")]
     Cut,
     #[error(transparent)]
-    Io(#[from] std::io::Error),
+    Io(#[from] io::Error),
 }
 
 /// Bytes moved in each direction.
@@ -33,12 +70,107 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     T: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    tokio::select! {
-        result = tokio::io::copy_bidirectional_with_sizes(client, tunnel, BUFFER_SIZE, BUFFER_SIZE) => {
-            let (up, down) = result?;
-            Ok(Transferred { client_to_agent: up, agent_to_client: down })
+    let mut up = Direction::default();
+    let mut down = Direction::default();
+    let copy = poll_fn(|cx| {
+        let up_done = up.poll(cx, &mut *client, &mut *tunnel)?.is_ready();
+        let down_done = down.poll(cx, &mut *tunnel, &mut *client)?.is_ready();
+        if up_done && down_done {
+            Poll::Ready(Ok::<_, io::Error>(()))
+        } else {
+            Poll::Pending
         }
+    });
+    let result = tokio::select! {
+        result = copy => result.map_err(PumpError::from),
         () = cut.cancelled() => Err(PumpError::Cut),
+    };
+    let moved = Transferred {
+        client_to_agent: up.moved,
+        agent_to_client: down.moved,
+    };
+    up.release();
+    down.release();
+    result.map(|()| moved)
+}
+
+/// One direction of the pump: read into a borrowed buffer, write it all out, give it back.
+#[derive(Default)]
+struct Direction {
+    buffer: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+    /// The reader reached end of stream; the writer gets shut down once drained.
+    eof: bool,
+    finished: bool,
+    needs_flush: bool,
+    moved: u64,
+}
+
+impl Direction {
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, reader: &mut R, writer: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.start < self.end {
+                let buffer = self.buffer.as_deref().expect("bytes in flight live in a buffer");
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &buffer[self.start..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.start += n;
+                self.moved += n as u64;
+                self.needs_flush = true;
+                continue;
+            }
+            if let Some(buffer) = self.buffer.take() {
+                return_buffer(buffer);
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.finished = true;
+                return Poll::Ready(Ok(()));
+            }
+            let mut buffer = take_buffer();
+            let mut read = ReadBuf::new(&mut buffer);
+            match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+                Poll::Pending => {
+                    return_buffer(buffer);
+                    // Nothing more to send for now: push out what the writer buffered.
+                    if self.needs_flush && Pin::new(&mut *writer).poll_flush(cx)?.is_ready() {
+                        self.needs_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => {
+                    return_buffer(buffer);
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Ready(Ok(())) => {
+                    let n = read.filled().len();
+                    if n == 0 {
+                        return_buffer(buffer);
+                        self.eof = true;
+                    } else {
+                        (self.start, self.end) = (0, n);
+                        self.buffer = Some(buffer);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives a buffer still held (stream cut or failed mid-write) back to the pool.
+    fn release(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            return_buffer(buffer);
+        }
     }
 }
 
@@ -127,6 +259,38 @@ mod tests {
                 agent_to_client: 10
             }
         );
+    }
+
+    #[tokio::test]
+    async fn idle_streams_hold_no_buffer_and_large_transfers_arrive_intact() {
+        let (mut client, mut client_far) = tokio::io::duplex(1 << 16);
+        let (mut tunnel, mut tunnel_far) = tokio::io::duplex(1 << 16);
+        let cut = CancellationToken::new();
+        let pump = tokio::spawn(async move { pump(&mut client_far, &mut tunnel_far, &cut).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Other tests in this binary pump briefly; sampled over 100 ms, the minimum is what
+        // this idle pump holds.
+        let mut idle_in_use = usize::MAX;
+        for _ in 0..20 {
+            idle_in_use = idle_in_use.min(buffers_in_use());
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(idle_in_use, 0, "an idle pump must not hold buffers");
+
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let expected = payload.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&payload).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut received = Vec::new();
+        tunnel.read_to_end(&mut received).await.unwrap();
+        assert!(received == expected, "payload corrupted");
+        tunnel.shutdown().await.unwrap();
+        drop(writer.await.unwrap());
+        let moved = pump.await.unwrap().unwrap();
+        assert_eq!(moved.client_to_agent, 3_000_000);
     }
 
     #[tokio::test]

@@ -105,6 +105,8 @@ pub async fn serve(
         .inc();
     let (to_agent, to_client) = metrics.byte_counters(&route.tenant);
     to_agent.inc_by(buf.len() as u64);
+    // The peeked bytes are on their way; do not keep the buffer for the stream's lifetime.
+    drop(buf);
     let mut client = Counted::new(client, to_agent, to_client);
     let result = pump(&mut client, &mut handover.tunnel, &handover.session.cut).await;
     debug!(%peer, host = head.host, agent = %handover.session.id, ?result, "plaintext stream finished");

@@ -115,6 +115,8 @@ pub async fn serve(
     let (to_agent, to_client) = metrics.byte_counters(&route.tenant);
     // The peeked bytes already went out with the stream header.
     to_agent.inc_by(buf.len() as u64);
+    // The peeked bytes are on their way; do not keep the buffer for the stream's lifetime.
+    drop(buf);
     debug!(%peer, host, agent = %handover.session.id, "stream handed over");
     let mut client = Counted::new(client, to_agent, to_client);
     let result = pump(&mut client, &mut handover.tunnel, &handover.session.cut).await;
