@@ -15,6 +15,7 @@ use crate::peek::Peek;
 use crate::peek::http::{HttpPeekError, error_response, peek_request_head, redirect_to_https};
 use crate::pump::pump;
 use crate::relay::RelayState;
+use crate::shield::abuse::Abuse;
 use crate::tunnel::message::HttpMode;
 use crate::tunnel::stream_header::StreamKind;
 
@@ -28,6 +29,7 @@ pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAd
             Ok(Peek::NeedMore) => {}
             Err(e) => {
                 info!(%peer, error = %e, "rejecting bad HTTP request");
+                state.shield.report_abuse(peer.ip(), Abuse::BadHttpRequest);
                 let response = match e {
                     HttpPeekError::TooLarge { .. } => {
                         error_response(431, "Request Header Fields Too Large", "request head too large\n")
@@ -50,6 +52,7 @@ pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAd
     };
     let Some(route) = state.registry.lookup(&head.host) else {
         info!(%peer, host = head.host, "unknown hostname on the HTTP port");
+        state.shield.report_abuse(peer.ip(), Abuse::UnknownHost);
         respond(&mut client, &error_response(404, "Not Found", "unknown host\n")).await;
         return;
     };

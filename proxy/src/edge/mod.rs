@@ -59,6 +59,9 @@ pub async fn accept_loop(listener: TcpListener, kind: EdgeKind, state: Arc<Relay
             },
             () = state.stopping.cancelled() => return,
         };
+        if !state.shield.admit(peer.ip()) {
+            continue; // dropping `client` closes it before a byte is read
+        }
         let _ = client.set_nodelay(true);
         let state_for_task = Arc::clone(&state);
         state.streams.spawn(async move {

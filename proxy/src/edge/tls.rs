@@ -15,6 +15,7 @@ use crate::peek::Peek;
 use crate::peek::tls::{AlertDescription, ClientHelloError, fatal_alert, peek_client_hello};
 use crate::pump::pump;
 use crate::relay::RelayState;
+use crate::shield::abuse::Abuse;
 use crate::tunnel::stream_header::StreamKind;
 
 pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAddr, local_port: u16) {
@@ -27,6 +28,7 @@ pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAd
             Ok(Peek::NeedMore) => {}
             Err(e) => {
                 info!(%peer, error = %e, "rejecting connection: bad ClientHello");
+                state.shield.report_abuse(peer.ip(), Abuse::BadClientHello);
                 let alert = match e {
                     ClientHelloError::NotTls => None, // not TLS at all: an alert would be noise
                     ClientHelloError::InvalidServerName => Some(AlertDescription::UnrecognizedName),
@@ -48,11 +50,13 @@ pub async fn serve(state: Arc<RelayState>, mut client: TcpStream, peer: SocketAd
     };
     let Some(host) = hello.server_name else {
         info!(%peer, "rejecting connection: ClientHello without SNI");
+        state.shield.report_abuse(peer.ip(), Abuse::MissingSni);
         close(&mut client, Some(AlertDescription::UnrecognizedName)).await;
         return;
     };
     let Some(route) = state.registry.lookup(&host) else {
         info!(%peer, host, "rejecting connection: unknown hostname");
+        state.shield.report_abuse(peer.ip(), Abuse::UnknownHost);
         close(&mut client, Some(AlertDescription::UnrecognizedName)).await;
         return;
     };

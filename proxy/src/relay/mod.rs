@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::config::relay::RelayConfig;
 use crate::edge::{self, EdgeKind};
 use crate::route::registry::Registry;
+use crate::shield::RelayShield;
 use crate::store::{Snapshot, Store, StoreError};
 use crate::tunnel::session::AgentSession;
 use crate::tunnel::tls::{TlsConfigError, relay_server_config};
@@ -51,6 +52,8 @@ pub struct RelayState {
     pub hard_stop: CancellationToken,
     /// Every client connection task, so shutdown can wait for them.
     pub streams: TaskTracker,
+    /// XDP shield (or its userspace fallback): accept-time gate and abuse bans.
+    pub shield: RelayShield,
 }
 
 impl RelayState {
@@ -97,6 +100,7 @@ impl Relay {
             hard_stop: CancellationToken::new(),
             stopping,
             streams: TaskTracker::new(),
+            shield: RelayShield::start(&config),
             config,
         });
 
@@ -169,6 +173,7 @@ impl Relay {
         self.state.hard_stop.cancel();
         self.state.streams.wait().await;
         self.tasks.shutdown().await;
+        self.state.shield.shutdown();
         info!("relay stopped");
     }
 }
