@@ -58,6 +58,8 @@ enum Command {
     },
     /// Check that this host can run the XDP shield: load it and run it on a test frame.
     ShieldProbe,
+    /// Edit the XDP shield of a running relay: bans, allow/deny lists, counters.
+    Shield(sluice::shield::cli::ShieldArgs),
 }
 
 #[derive(clap::Args)]
@@ -120,6 +122,7 @@ fn main() -> anyhow::Result<()> {
         Command::Token { store, action } => token(&store.open()?, action),
         Command::RelayPin { cert } => relay_pin(&cert),
         Command::ShieldProbe => shield_probe(),
+        Command::Shield(args) => Ok(sluice::shield::cli::run(&args, &mut std::io::stdout())?),
     }
 }
 
