@@ -21,6 +21,10 @@ pub struct RelayOptions {
     pub heartbeat: &'static str,
     pub client_hello_timeout: &'static str,
     pub pool_size: u32,
+    /// Where the TLS edge listens (default: one ephemeral loopback port).
+    pub tls_listen: Vec<SocketAddr>,
+    /// TOML appended to relay.toml, e.g. a `[shield]` section.
+    pub extra_toml: String,
 }
 
 impl Default for RelayOptions {
@@ -30,6 +34,8 @@ impl Default for RelayOptions {
             heartbeat: "1s",
             client_hello_timeout: "5s",
             pool_size: 4,
+            tls_listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            extra_toml: String::new(),
         }
     }
 }
@@ -53,7 +59,7 @@ state_dir = "state"
 store_poll = "100ms"
 shutdown_grace = "2s"
 [edge]
-tls_listen = ["127.0.0.1:0"]
+tls_listen = [{tls_listen}]
 http_listen = ["127.0.0.1:0"]
 client_hello_timeout = "{hello}"
 agent_wait = "2s"
@@ -70,7 +76,13 @@ handshake_timeout = "2s"
             ttl = options.credential_ttl,
             heartbeat = options.heartbeat,
             pool = options.pool_size,
-        );
+            tls_listen = options
+                .tls_listen
+                .iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ) + &options.extra_toml;
         let relay_config_path = dir.path().join("relay.toml");
         std::fs::write(&relay_config_path, toml).unwrap();
         let config = RelayConfig::load(&relay_config_path).unwrap();
