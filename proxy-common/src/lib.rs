@@ -154,7 +154,8 @@ pub struct Counter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BanEntry {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) after which the ban no longer applies;
+    /// CLOCK_MONOTONIC ns after which the ban no longer applies (the program reads the clock
+    /// with `bpf_ktime_get_coarse_ns()`, i.e. at tick resolution);
     /// `u64::MAX` for a ban without expiry.
     pub until_ns: u64,
 }
@@ -202,7 +203,16 @@ pub struct Limits {
     pub ban_threshold: u64,
     /// How long a kernel-decided ban lasts, in nanoseconds.
     pub ban_ns: u64,
+    /// Which allow/deny tries hold entries (`LIST_*` bits), kept up to date by userspace so
+    /// the program skips lookups in empty tries.
+    pub lists: u64,
 }
+
+/// [`Limits::lists`] bits.
+pub const LIST_ALLOW_V4: u64 = 1;
+pub const LIST_ALLOW_V6: u64 = 2;
+pub const LIST_DENY_V4: u64 = 4;
+pub const LIST_DENY_V6: u64 = 8;
 
 /// Protected destination ports as a 65,536-bit set: port `p` is bit `p % 64` of `words[p / 64]`.
 #[repr(C)]
@@ -260,7 +270,7 @@ pub const FAMILY_V6: u32 = 6;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BanEvent {
-    /// When the ban ends (`bpf_ktime_get_ns()` clock).
+    /// When the ban ends (CLOCK_MONOTONIC ns).
     pub until_ns: u64,
     /// The source: 4 octets then zeros for IPv4, 16 octets for IPv6.
     pub addr: [u8; 16],

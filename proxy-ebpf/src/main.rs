@@ -25,14 +25,14 @@ mod police;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use proxy_common::{
-    BanEntry, Counter, FAMILY_V4, FAMILY_V6, Limits, MAX_BANS, MAX_CIDRS, MAX_SOURCES, PortSet, Reason,
-    SourceState,
+    BanEntry, Counter, FAMILY_V4, FAMILY_V6, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_DENY_V4, LIST_DENY_V6,
+    Limits, MAX_BANS, MAX_CIDRS, MAX_SOURCES, PortSet, Reason, SourceState,
 };
 
 use parse::{Parsed, Source};
@@ -89,8 +89,10 @@ fn classify(ctx: &XdpContext) -> Reason {
         Parsed::Verdict(reason) => reason,
         Parsed::Police { source, flags } => {
             let limits = LIMITS.get(0);
+            // CLOCK_MONOTONIC at tick resolution (1-4 ms): plenty for token buckets and ban
+            // expiry, and about 20 ns cheaper per packet than `bpf_ktime_get_ns` here.
             // SAFETY: helper without preconditions.
-            let now = || unsafe { bpf_ktime_get_ns() };
+            let now = || unsafe { bpf_ktime_get_coarse_ns() };
             match source {
                 Source::V4(address) => {
                     let maps = FamilyMaps {
@@ -100,6 +102,8 @@ fn classify(ctx: &XdpContext) -> Reason {
                         sources: &SOURCES_V4,
                         bits: 32,
                         family: FAMILY_V4,
+                        allow_bit: LIST_ALLOW_V4,
+                        deny_bit: LIST_DENY_V4,
                     };
                     police::police(&maps, address, flags, limits, &BAN_EVENTS, now)
                 }
@@ -111,6 +115,8 @@ fn classify(ctx: &XdpContext) -> Reason {
                         sources: &SOURCES_V6,
                         bits: 128,
                         family: FAMILY_V6,
+                        allow_bit: LIST_ALLOW_V6,
+                        deny_bit: LIST_DENY_V6,
                     };
                     police::police(&maps, address, flags, limits, &BAN_EVENTS, now)
                 }

@@ -21,6 +21,9 @@ pub struct FamilyMaps<K: 'static> {
     pub bits: u32,
     /// `FAMILY_V4` or `FAMILY_V6`, for ban events.
     pub family: u32,
+    /// The `LIST_*` bits of this family's tries in `Limits::lists`.
+    pub allow_bit: u64,
+    pub deny_bit: u64,
 }
 
 #[inline(always)]
@@ -32,11 +35,13 @@ pub fn police<K: Copy + AddrBytes>(
     events: &RingBuf,
     now: impl Fn() -> u64,
 ) -> Reason {
+    // Without limits written yet, look into every trie.
+    let lists = limits.map_or(u64::MAX, |l| l.lists);
     let prefix = Key::new(maps.bits, source);
-    if maps.allow.get(&prefix).is_some() {
+    if lists & maps.allow_bit != 0 && maps.allow.get(&prefix).is_some() {
         return Reason::PassAllowlisted;
     }
-    if maps.deny.get(&prefix).is_some() {
+    if lists & maps.deny_bit != 0 && maps.deny.get(&prefix).is_some() {
         return Reason::DropDenylisted;
     }
     let now = now();

@@ -1,5 +1,5 @@
-//! CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns()` reads in the kernel, so ban
-//! expiries written from userspace and read by the program agree.
+//! CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_coarse_ns()` reads in the kernel
+//! (at tick resolution), so ban expiries written from userspace and read by the program agree.
 use std::time::Duration;
 
 use super::ShieldError;

@@ -12,8 +12,9 @@ use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use aya::{Ebpf, Pod};
 use proxy_common::{
-    BanEntry, BucketLimit, CidrOrigin, Counter, Limits, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BANNED_V4,
-    MAP_BANNED_V6, MAP_COUNTERS, MAP_DENY_V4, MAP_DENY_V6, MAP_LIMITS, MAP_PORTS, PortSet, Reason,
+    BanEntry, BucketLimit, CidrOrigin, Counter, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_DENY_V4, LIST_DENY_V6,
+    Limits, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BANNED_V4, MAP_BANNED_V6, MAP_COUNTERS, MAP_DENY_V4, MAP_DENY_V6,
+    MAP_LIMITS, MAP_PORTS, PortSet, Reason,
 };
 
 use super::ShieldError;
@@ -78,6 +79,7 @@ impl KernelPolicy {
                 packet: BucketLimit::new(u64::from(packet.0), u64::from(packet.1)),
                 ban_threshold: u64::from(ban_threshold),
                 ban_ns: u64::try_from(ban_duration.as_nanos()).unwrap_or(u64::MAX),
+                lists: 0, // filled in from the tries by `ShieldMaps::set_policy`
             },
             ports: set,
         }
@@ -144,8 +146,36 @@ impl ShieldMaps {
 
     /// Writes limits and protected ports (each one map update, so the kernel never sees half).
     pub fn set_policy(&mut self, policy: &KernelPolicy) -> Result<(), ShieldError> {
-        self.limits.set(0, policy.limits, 0)?;
+        let limits = Limits {
+            lists: self.list_bits()?,
+            ..policy.limits
+        };
+        self.limits.set(0, limits, 0)?;
         self.ports.set(0, policy.ports, 0)?;
+        Ok(())
+    }
+
+    /// Which tries hold entries, as `Limits::lists` bits.
+    fn list_bits(&self) -> Result<u64, ShieldError> {
+        let mut bits = 0;
+        for (bit, empty) in [
+            (LIST_ALLOW_V4, self.allow_v4.keys().next().is_none()),
+            (LIST_ALLOW_V6, self.allow_v6.keys().next().is_none()),
+            (LIST_DENY_V4, self.deny_v4.keys().next().is_none()),
+            (LIST_DENY_V6, self.deny_v6.keys().next().is_none()),
+        ] {
+            if !empty {
+                bits |= bit;
+            }
+        }
+        Ok(bits)
+    }
+
+    /// Tells the kernel which tries are worth a lookup, after they changed.
+    fn refresh_lists(&mut self) -> Result<(), ShieldError> {
+        let mut limits = self.limits.get(&0, 0)?;
+        limits.lists = self.list_bits()?;
+        self.limits.set(0, limits, 0)?;
         Ok(())
     }
 
@@ -216,6 +246,11 @@ impl ShieldMaps {
 
     /// Puts `cidr` on `list` (moving it off the other list, if it was there).
     pub fn add_cidr(&mut self, list: CidrList, cidr: Cidr, origin: CidrOrigin) -> Result<(), ShieldError> {
+        self.insert_cidr(list, cidr, origin)?;
+        self.refresh_lists()
+    }
+
+    fn insert_cidr(&mut self, list: CidrList, cidr: Cidr, origin: CidrOrigin) -> Result<(), ShieldError> {
         let other = match list {
             CidrList::Allow => CidrList::Deny,
             CidrList::Deny => CidrList::Allow,
@@ -247,6 +282,7 @@ impl ShieldMaps {
     pub fn remove_cidr(&mut self, cidr: Cidr) -> Result<bool, ShieldError> {
         let allowed = self.remove_from(CidrList::Allow, cidr)?;
         let denied = self.remove_from(CidrList::Deny, cidr)?;
+        self.refresh_lists()?;
         Ok(allowed || denied)
     }
 
@@ -300,13 +336,13 @@ impl ShieldMaps {
             }
         }
         for &cidr in deny {
-            self.add_cidr(CidrList::Deny, cidr, CidrOrigin::Config)?;
+            self.insert_cidr(CidrList::Deny, cidr, CidrOrigin::Config)?;
         }
         // Allow last: a network on both lists ends up allowed (allow wins).
         for &cidr in allow {
-            self.add_cidr(CidrList::Allow, cidr, CidrOrigin::Config)?;
+            self.insert_cidr(CidrList::Allow, cidr, CidrOrigin::Config)?;
         }
-        Ok(())
+        self.refresh_lists()
     }
 
     /// Sums every CPU's counters for each verdict reason.
