@@ -1,75 +1,607 @@
 //! The XDP shield in the real kernel via BPF_PROG_TEST_RUN: verdicts for crafted frames.
 //! Needs root/CAP_BPF (CI runs as root); without it these tests fail, they never skip.
-use std::net::Ipv4Addr;
+//!
+//! Each test loads its own copy of the program (its own maps), so tests run in parallel.
+//! Verdicts are checked by action and by which per-reason counter moved.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use proxy_common::Reason;
-use sluice::shield::{Shield, action};
-use sluice_tests::frames;
+use proxy_common::{CidrOrigin, Reason};
+use sluice::shield::cidr::Cidr;
+use sluice::shield::{CidrList, KernelPolicy, Shield, ShieldMaps, action, pin};
+use sluice_tests::frames::{self, ACK, FIN, Frame, PSH, RST, SYN, TPID_8021AD, TPID_8021Q, URG};
 
 const RELAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const RELAY6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+const HTTPS: u16 = 443;
+const SSH: u16 = 22;
 
-fn shield() -> Shield {
-    Shield::load().expect("loading the XDP shield (run as root or with CAP_BPF)")
+/// Limits: (syn rate, syn burst), (packet rate, packet burst), ban threshold, ban duration.
+struct Limits {
+    syn: (u32, u32),
+    packet: (u32, u32),
+    ban_threshold: u32,
+    ban: Duration,
+}
+
+impl Default for Limits {
+    /// Generous enough that single packets never hit them.
+    fn default() -> Self {
+        Self {
+            syn: (1_000, 1_000),
+            packet: (100_000, 100_000),
+            ban_threshold: 1_000,
+            ban: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Harness {
+    shield: Shield,
+}
+
+impl Harness {
+    fn new(limits: Limits) -> Self {
+        let mut shield = Shield::load().expect("loading the XDP shield (run as root or with CAP_BPF)");
+        shield
+            .maps_mut()
+            .set_policy(&KernelPolicy::new(
+                &[HTTPS, 80],
+                limits.syn,
+                limits.packet,
+                limits.ban_threshold,
+                limits.ban,
+            ))
+            .unwrap();
+        Self { shield }
+    }
+
+    fn maps(&mut self) -> &mut ShieldMaps {
+        self.shield.maps_mut()
+    }
+
+    /// Runs `frame` once; returns the reason whose counter moved, after checking the action
+    /// agrees with it.
+    fn verdict(&mut self, frame: &[u8]) -> Reason {
+        let moved = self.run(frame, 1);
+        assert_eq!(moved.len(), 1, "one frame, one counter: {moved:?}");
+        moved[0].0
+    }
+
+    /// Runs `frame` `repeat` times; returns how many packets each reason counted.
+    fn run(&mut self, frame: &[u8], repeat: u32) -> Vec<(Reason, u64)> {
+        let before = self.shield.counters().unwrap();
+        let outcome = self.shield.test_run(frame, repeat).unwrap();
+        let after = self.shield.counters().unwrap();
+        let moved: Vec<(Reason, u64)> = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| a.1.packets != b.1.packets)
+            .map(|(b, a)| (a.0, a.1.packets - b.1.packets))
+            .collect();
+        let last_is_drop = outcome.action == action::DROP;
+        assert!(
+            outcome.action == action::DROP || outcome.action == action::PASS,
+            "unexpected XDP action {}",
+            outcome.action
+        );
+        if repeat == 1 {
+            assert_eq!(
+                moved[0].0.is_drop(),
+                last_is_drop,
+                "action {} for {moved:?}",
+                outcome.action
+            );
+        }
+        moved
+    }
+}
+
+fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+fn v6(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+fn syn4(source: IpAddr) -> Frame {
+    frames::syn(source, RELAY.into(), HTTPS)
+}
+
+fn syn6(source: IpAddr) -> Frame {
+    frames::syn(source, RELAY6.into(), HTTPS)
 }
 
 #[test]
-fn passes_non_ip_and_clean_tcp() {
-    let mut shield = shield();
-    assert_eq!(shield.test_run(&frames::arp(), 1).unwrap().action, action::PASS);
-    let syn = frames::tcp_syn_v4(Ipv4Addr::new(192, 0, 2, 10), RELAY, 443);
-    assert_eq!(shield.test_run(&syn, 1).unwrap().action, action::PASS);
+fn passes_clean_tcp_to_protected_ports_over_ipv4_ipv6_and_vlans() {
+    let mut h = Harness::new(Limits::default());
+    let client = v4(192, 0, 2, 10);
+    let client6 = v6("2001:db8:1::10");
+    assert_eq!(h.verdict(&syn4(client).bytes), Reason::Pass);
+    assert_eq!(
+        h.verdict(&frames::ack(client, RELAY.into(), HTTPS).bytes),
+        Reason::Pass
+    );
+    assert_eq!(h.verdict(&syn6(client6).bytes), Reason::Pass);
+    assert_eq!(
+        h.verdict(&frames::ack(client6, RELAY6.into(), 80).bytes),
+        Reason::Pass
+    );
+    for tags in [
+        &[TPID_8021Q][..],
+        &[TPID_8021AD, TPID_8021Q],
+        &[TPID_8021Q, TPID_8021Q],
+    ] {
+        assert_eq!(
+            h.verdict(&syn4(client).tagged(tags).bytes),
+            Reason::Pass,
+            "{tags:x?}"
+        );
+        assert_eq!(
+            h.verdict(&syn6(client6).tagged(tags).bytes),
+            Reason::Pass,
+            "{tags:x?}"
+        );
+    }
+    // IPv6 extension headers before TCP are walked.
+    let with_ext = syn6(client6).ipv6_extension(60, 0).ipv6_extension(0, 0);
+    assert_eq!(h.verdict(&with_ext.bytes), Reason::Pass);
 }
 
 #[test]
-fn drops_banned_source_until_unbanned() {
-    let mut shield = shield();
-    let attacker = Ipv4Addr::new(198, 51, 100, 7);
-    let bystander = Ipv4Addr::new(198, 51, 100, 8);
-    shield.ban_v4(attacker, None).unwrap();
-
-    let from_attacker = frames::tcp_syn_v4(attacker, RELAY, 443);
-    let from_bystander = frames::tcp_syn_v4(bystander, RELAY, 443);
-    assert_eq!(shield.test_run(&from_attacker, 1).unwrap().action, action::DROP);
-    assert_eq!(shield.test_run(&from_bystander, 1).unwrap().action, action::PASS);
-
-    shield.unban_v4(attacker).unwrap();
-    assert_eq!(shield.test_run(&from_attacker, 1).unwrap().action, action::PASS);
+fn passes_everything_it_does_not_police_untouched() {
+    let mut h = Harness::new(Limits::default());
+    let denied = v4(198, 51, 100, 1);
+    h.maps()
+        .add_cidr(
+            CidrList::Deny,
+            "198.51.100.0/24".parse().unwrap(),
+            CidrOrigin::Runtime,
+        )
+        .unwrap();
+    assert_eq!(h.verdict(&frames::arp()), Reason::PassOther);
+    // SSH and other ports, UDP and a denied source's traffic to unprotected ports.
+    assert_eq!(
+        h.verdict(&frames::syn(denied, RELAY.into(), SSH).bytes),
+        Reason::PassOther
+    );
+    assert_eq!(
+        h.verdict(&frames::udp(denied, RELAY.into(), HTTPS).bytes),
+        Reason::PassOther
+    );
+    assert_eq!(
+        h.verdict(&frames::udp(v6("2001:db8::2"), RELAY6.into(), HTTPS).bytes),
+        Reason::PassOther
+    );
+    // Invalid flags to an unprotected port are none of our business either.
+    let xmas_ssh = frames::tcp(denied, RELAY.into(), SSH, FIN | PSH | URG, &[]);
+    assert_eq!(h.verdict(&xmas_ssh.bytes), Reason::PassOther);
+    // A fragment of something that is not TCP.
+    let udp_fragment = frames::udp(denied, RELAY.into(), HTTPS).ipv4_fragment(true, 0);
+    assert_eq!(h.verdict(&udp_fragment.bytes), Reason::PassOther);
+    // A first TCP fragment to an unprotected port.
+    let ssh_fragment = frames::ack(denied, RELAY.into(), SSH).ipv4_fragment(true, 0);
+    assert_eq!(h.verdict(&ssh_fragment.bytes), Reason::PassOther);
+    // Nothing protected at all: everything passes.
+    let mut empty = Harness::new(Limits::default());
+    empty
+        .maps()
+        .set_policy(&KernelPolicy::new(&[], (1, 1), (1, 1), 1, Duration::from_secs(1)))
+        .unwrap();
+    assert_eq!(empty.verdict(&syn4(denied).bytes), Reason::PassOther);
 }
 
 #[test]
-fn ban_expires() {
-    let mut shield = shield();
-    let attacker = Ipv4Addr::new(198, 51, 100, 9);
-    let frame = frames::tcp_syn_v4(attacker, RELAY, 443);
-    shield.ban_v4(attacker, Some(Duration::from_millis(200))).unwrap();
-    assert_eq!(shield.test_run(&frame, 1).unwrap().action, action::DROP);
+fn drops_malformed_ip_headers_whatever_the_port() {
+    let mut h = Harness::new(Limits::default());
+    let source = v4(192, 0, 2, 1);
+    let source6 = v6("2001:db8::1");
+    let ssh = || frames::syn(source, RELAY.into(), SSH);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("half an IPv4 header", {
+            let mut f = ssh().bytes;
+            f.truncate(14 + 10);
+            f
+        }),
+        ("IHL 3", ssh().ipv4_ihl(3).bytes),
+        ("IHL beyond the total length", ssh().ipv4_ihl(15).bytes),
+        (
+            "total length shorter than the header",
+            ssh().ipv4_total_len(12).bytes,
+        ),
+        ("total length beyond the frame", ssh().ipv4_total_len(1_000).bytes),
+        ("IPv6 version under the IPv4 EtherType", {
+            let mut f = ssh().bytes;
+            f[14] = 0x65;
+            f
+        }),
+        ("half an IPv6 header", {
+            let mut f = frames::syn(source6, RELAY6.into(), SSH).bytes;
+            f.truncate(14 + 30);
+            f
+        }),
+        (
+            "IPv6 payload length beyond the frame",
+            frames::syn(source6, RELAY6.into(), SSH)
+                .ipv6_payload_len(900)
+                .bytes,
+        ),
+        ("VLAN tag cut off", {
+            let mut f = ssh().tagged(&[TPID_8021Q]).bytes;
+            f.truncate(16);
+            f
+        }),
+        ("TCP header cut short (IPv4)", {
+            let f = ssh().cut_l4(10);
+            let len = (f.bytes.len() - f.l3) as u16;
+            f.ipv4_total_len(len).bytes
+        }),
+        ("TCP header cut short (IPv6)", {
+            let f = frames::syn(source6, RELAY6.into(), SSH).cut_l4(12);
+            let len = (f.bytes.len() - f.l4) as u16;
+            f.ipv6_payload_len(len).bytes
+        }),
+        (
+            "five IPv6 extension headers",
+            frames::syn(source6, RELAY6.into(), SSH)
+                .ipv6_extension(60, 0)
+                .ipv6_extension(60, 0)
+                .ipv6_extension(60, 0)
+                .ipv6_extension(60, 0)
+                .ipv6_extension(0, 0)
+                .bytes,
+        ),
+    ];
+    for (what, frame) in cases {
+        assert_eq!(h.verdict(&frame), Reason::DropMalformed, "{what}");
+    }
+}
+
+#[test]
+fn drops_bad_tcp_headers_and_flag_combinations_to_protected_ports() {
+    let mut h = Harness::new(Limits::default());
+    for source in [v4(192, 0, 2, 3), v6("2001:db8::3")] {
+        let destination: IpAddr = if source.is_ipv4() {
+            RELAY.into()
+        } else {
+            RELAY6.into()
+        };
+        let segment = |flags| frames::tcp(source, destination, HTTPS, flags, &[]);
+        assert_eq!(
+            h.verdict(&segment(SYN).tcp_data_offset(4).bytes),
+            Reason::DropMalformed
+        );
+        assert_eq!(
+            h.verdict(&segment(SYN).tcp_data_offset(15).bytes),
+            Reason::DropMalformed
+        );
+        for (what, flags) in [
+            ("SYN+FIN", SYN | FIN),
+            ("SYN+RST", SYN | RST | ACK),
+            ("NULL", 0),
+            ("XMAS", FIN | PSH | URG),
+        ] {
+            assert_eq!(
+                h.verdict(&segment(flags).bytes),
+                Reason::DropTcpFlags,
+                "{what} from {source}"
+            );
+        }
+        // Legitimate combinations still pass.
+        for flags in [SYN | ACK, FIN | ACK, RST, RST | ACK, ACK | PSH | FIN] {
+            assert_eq!(
+                h.verdict(&segment(flags).bytes),
+                Reason::Pass,
+                "{flags:#x} from {source}"
+            );
+        }
+    }
+}
+
+#[test]
+fn drops_tcp_fragments() {
+    let mut h = Harness::new(Limits::default());
+    let source = v4(192, 0, 2, 4);
+    let source6 = v6("2001:db8::4");
+    // First fragment (MF) to a protected port.
+    let first = frames::ack(source, RELAY.into(), HTTPS).ipv4_fragment(true, 0);
+    assert_eq!(h.verdict(&first.bytes), Reason::DropFragment);
+    // A later fragment: offset != 0, whatever bytes sit where a port would be.
+    let later = frames::ack(source, RELAY.into(), SSH).ipv4_fragment(false, 185);
+    assert_eq!(h.verdict(&later.bytes), Reason::DropFragment);
+    // IPv6: a Fragment header in front of TCP to a protected port, first and later fragments.
+    let first6 = frames::ack(source6, RELAY6.into(), HTTPS).ipv6_extension(44, 0x0001);
+    assert_eq!(h.verdict(&first6.bytes), Reason::DropFragment);
+    let later6 = frames::ack(source6, RELAY6.into(), SSH).ipv6_extension(44, 185 << 3);
+    assert_eq!(h.verdict(&later6.bytes), Reason::DropFragment);
+    // Behind VLAN tags too.
+    let tagged = frames::ack(source, RELAY.into(), HTTPS)
+        .tagged(&[TPID_8021AD, TPID_8021Q])
+        .ipv4_fragment(true, 0);
+    assert_eq!(h.verdict(&tagged.bytes), Reason::DropFragment);
+}
+
+#[test]
+fn denylist_drops_and_allowlist_wins_over_denylist_bans_and_limits() {
+    let mut h = Harness::new(Limits {
+        syn: (1, 1),
+        packet: (1, 2),
+        ban_threshold: 1,
+        ..Limits::default()
+    });
+    let maps = h.maps();
+    maps.add_cidr(
+        CidrList::Deny,
+        "198.51.100.0/24".parse().unwrap(),
+        CidrOrigin::Runtime,
+    )
+    .unwrap();
+    maps.add_cidr(
+        CidrList::Deny,
+        "2001:db8:bad::/48".parse().unwrap(),
+        CidrOrigin::Runtime,
+    )
+    .unwrap();
+    maps.add_cidr(
+        CidrList::Deny,
+        "203.0.113.0/24".parse().unwrap(),
+        CidrOrigin::Runtime,
+    )
+    .unwrap();
+    maps.add_cidr(
+        CidrList::Allow,
+        "203.0.113.128/25".parse().unwrap(),
+        CidrOrigin::Runtime,
+    )
+    .unwrap();
+    maps.add_cidr(
+        CidrList::Allow,
+        "2001:db8:bad:1::/64".parse().unwrap(),
+        CidrOrigin::Runtime,
+    )
+    .unwrap();
+
+    assert_eq!(
+        h.verdict(&syn4(v4(198, 51, 100, 77)).bytes),
+        Reason::DropDenylisted
+    );
+    assert_eq!(
+        h.verdict(&syn6(v6("2001:db8:bad:2::1")).bytes),
+        Reason::DropDenylisted
+    );
+    assert_eq!(h.verdict(&syn4(v4(203, 0, 113, 5)).bytes), Reason::DropDenylisted);
+
+    // In both lists: allowed, even when banned and far over every limit.
+    let friend = v4(203, 0, 113, 200);
+    let friend6 = v6("2001:db8:bad:1::9");
+    h.shield.ban(friend, None).unwrap();
+    h.shield.ban(friend6, None).unwrap();
+    assert_eq!(
+        h.run(&syn4(friend).bytes, 50),
+        vec![(Reason::PassAllowlisted, 50)]
+    );
+    assert_eq!(
+        h.run(&syn6(friend6).bytes, 50),
+        vec![(Reason::PassAllowlisted, 50)]
+    );
+
+    // Removing the allow entry exposes the denylist again.
+    assert!(h.maps().remove_cidr("203.0.113.128/25".parse().unwrap()).unwrap());
+    assert!(!h.maps().remove_cidr("203.0.113.128/25".parse().unwrap()).unwrap());
+    assert_eq!(h.verdict(&syn4(friend).bytes), Reason::DropDenylisted);
+}
+
+#[test]
+fn syn_bucket_empties_then_refills_with_time() {
+    // 20 new connections per second, bursts of 3: a token every 50 ms.
+    let mut h = Harness::new(Limits {
+        syn: (20, 3),
+        ..Limits::default()
+    });
+    let source = v4(192, 0, 2, 20);
+    let syn = syn4(source).bytes;
+    // The whole run takes microseconds: three tokens, then nothing.
+    assert_eq!(h.run(&syn, 10), vec![(Reason::Pass, 3), (Reason::DropSynRate, 7)]);
+    // Segments of established connections do not spend SYN tokens.
+    let ack = frames::ack(source, RELAY.into(), HTTPS).bytes;
+    assert_eq!(h.verdict(&ack), Reason::Pass);
+    // Another source has its own bucket.
+    assert_eq!(h.verdict(&syn4(v4(192, 0, 2, 21)).bytes), Reason::Pass);
+
+    std::thread::sleep(Duration::from_millis(120)); // at least 2.4 tokens
+    assert_eq!(h.verdict(&syn), Reason::Pass);
+    assert_eq!(h.verdict(&syn), Reason::Pass);
+    // The bucket never holds more than its burst, however long the wait.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(h.run(&syn, 5), vec![(Reason::Pass, 3), (Reason::DropSynRate, 2)]);
+}
+
+#[test]
+fn packet_bucket_limits_every_segment_to_protected_ports() {
+    let mut h = Harness::new(Limits {
+        packet: (1, 10),
+        ..Limits::default()
+    });
+    let source = v6("2001:db8::30");
+    let ack = frames::ack(source, RELAY6.into(), HTTPS).bytes;
+    assert_eq!(
+        h.run(&ack, 25),
+        vec![(Reason::Pass, 10), (Reason::DropPacketRate, 15)]
+    );
+    // SYNs are packets too, and the packet bucket is checked first.
+    assert_eq!(h.verdict(&syn6(source).bytes), Reason::DropPacketRate);
+    // Traffic to other ports is not charged.
+    let ssh = frames::ack(source, RELAY6.into(), SSH).bytes;
+    assert_eq!(h.run(&ssh, 25), vec![(Reason::PassOther, 25)]);
+}
+
+#[test]
+fn bans_after_the_threshold_reports_the_ban_and_lets_it_expire() {
+    // Bursts of 2 SYNs at 10 per second; the 4th over-limit drop (> 3) bans for 300 ms.
+    let mut h = Harness::new(Limits {
+        syn: (10, 2),
+        ban_threshold: 3,
+        ban: Duration::from_millis(300),
+        ..Limits::default()
+    });
+    let mut events = h.shield.take_ban_events().expect("ban event consumer");
+    for source in [v4(198, 51, 100, 99), v6("2001:db8:f00d::99")] {
+        let frame = if source.is_ipv4() {
+            syn4(source)
+        } else {
+            syn6(source)
+        }
+        .bytes;
+        assert_eq!(
+            h.run(&frame, 10),
+            vec![
+                (Reason::Pass, 2),
+                (Reason::DropBanned, 4),
+                (Reason::DropSynRate, 4)
+            ],
+            "{source}"
+        );
+        assert!(h.maps().is_banned(source).unwrap(), "{source}");
+        let listed = h.maps().bans().unwrap();
+        let record = listed.iter().find(|b| b.source == source).expect("listed ban");
+        let remaining = record.remaining.expect("kernel bans expire");
+        assert!(remaining <= Duration::from_millis(300), "{remaining:?}");
+
+        let notices = events.drain();
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert_eq!(notices[0].source, source);
+        assert_eq!(notices[0].reason, Some(Reason::DropSynRate));
+        assert!(
+            notices[0]
+                .remaining()
+                .is_some_and(|r| r <= Duration::from_millis(300))
+        );
+
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(!h.maps().is_banned(source).unwrap());
+        assert_eq!(h.verdict(&frame), Reason::Pass, "{source} after its ban expired");
+    }
+    assert!(events.drain().is_empty());
+}
+
+#[test]
+fn manual_bans_drop_until_lifted_or_expired() {
+    let mut h = Harness::new(Limits::default());
+    let attacker = v4(198, 51, 100, 7);
+    let bystander = v4(198, 51, 100, 8);
+    let attacker6 = v6("2001:db8::bad");
+    h.shield.ban(attacker, None).unwrap();
+    h.shield.ban(attacker6, Some(Duration::from_millis(200))).unwrap();
+    assert_eq!(h.verdict(&syn4(attacker).bytes), Reason::DropBanned);
+    assert_eq!(h.verdict(&syn4(bystander).bytes), Reason::Pass);
+    assert_eq!(h.verdict(&syn6(attacker6).bytes), Reason::DropBanned);
+    // Bans are about protected ports only.
+    assert_eq!(
+        h.verdict(&frames::syn(attacker, RELAY.into(), SSH).bytes),
+        Reason::PassOther
+    );
+
+    let mut listed: Vec<IpAddr> = h.maps().bans().unwrap().iter().map(|b| b.source).collect();
+    listed.sort();
+    assert_eq!(listed, vec![attacker, attacker6]);
+
+    assert!(h.shield.unban(attacker).unwrap());
+    assert!(!h.shield.unban(attacker).unwrap());
+    assert_eq!(h.verdict(&syn4(attacker).bytes), Reason::Pass);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(shield.test_run(&frame, 1).unwrap().action, action::PASS);
-}
-
-#[test]
-fn drops_truncated_ipv4_header() {
-    let mut shield = shield();
-    let mut frame = frames::tcp_syn_v4(Ipv4Addr::new(192, 0, 2, 1), RELAY, 443);
-    frame.truncate(14 + 10); // Ethernet header + half an IPv4 header.
-    assert_eq!(shield.test_run(&frame, 1).unwrap().action, action::DROP);
-
-    let mut bad_ihl = frames::tcp_syn_v4(Ipv4Addr::new(192, 0, 2, 1), RELAY, 443);
-    bad_ihl[14] = 0x43; // version 4, IHL 3 words: shorter than the minimum header.
-    assert_eq!(shield.test_run(&bad_ihl, 1).unwrap().action, action::DROP);
+    assert_eq!(h.verdict(&syn6(attacker6).bytes), Reason::Pass);
+    assert!(h.maps().bans().unwrap().is_empty());
 }
 
 #[test]
 fn counts_packets_and_bytes_per_reason() {
-    let mut shield = shield();
-    let attacker = Ipv4Addr::new(203, 0, 113, 5);
-    shield.ban_v4(attacker, None).unwrap();
-    let frame = frames::tcp_syn_v4(attacker, RELAY, 443);
-    shield.test_run(&frame, 10).unwrap();
+    let mut h = Harness::new(Limits::default());
+    let attacker = v4(203, 0, 113, 5);
+    h.shield.ban(attacker, None).unwrap();
+    let frame = syn4(attacker).bytes;
+    h.shield.test_run(&frame, 10).unwrap();
+    h.shield.test_run(&frames::arp(), 3).unwrap();
 
-    let counters = shield.counters().unwrap();
-    let banned = counters.iter().find(|(r, _)| *r == Reason::DropBanned).unwrap().1;
-    assert_eq!(banned.packets, 10);
-    assert_eq!(banned.bytes, 10 * frame.len() as u64);
+    let counters = h.shield.counters().unwrap();
+    let of = |reason| counters.iter().find(|(r, _)| *r == reason).unwrap().1;
+    assert_eq!(of(Reason::DropBanned).packets, 10);
+    assert_eq!(of(Reason::DropBanned).bytes, 10 * frame.len() as u64);
+    assert_eq!(of(Reason::PassOther).packets, 3);
+    assert_eq!(of(Reason::PassOther).bytes, 3 * 42);
+    assert_eq!(of(Reason::Pass).packets, 0);
+}
+
+#[test]
+fn config_sync_replaces_configured_cidrs_and_keeps_runtime_ones() {
+    let mut h = Harness::new(Limits::default());
+    let cidr = |s: &str| -> Cidr { s.parse().unwrap() };
+    let maps = h.maps();
+    maps.sync_cidrs(
+        &[cidr("10.0.0.0/8")],
+        &[cidr("198.51.100.0/24"), cidr("2001:db8:bad::/48")],
+    )
+    .unwrap();
+    maps.add_cidr(CidrList::Deny, cidr("192.0.2.66/32"), CidrOrigin::Runtime)
+        .unwrap();
+    // Reload: 10/8 is gone, a new deny entry arrives, the runtime entry stays.
+    maps.sync_cidrs(&[], &[cidr("198.51.100.0/24"), cidr("203.0.113.0/24")])
+        .unwrap();
+    let mut listed: Vec<(CidrList, String, CidrOrigin)> = maps
+        .cidrs()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.list, e.cidr.to_string(), e.origin))
+        .collect();
+    listed.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        listed,
+        vec![
+            (CidrList::Deny, "192.0.2.66/32".to_owned(), CidrOrigin::Runtime),
+            (CidrList::Deny, "198.51.100.0/24".to_owned(), CidrOrigin::Config),
+            (CidrList::Deny, "203.0.113.0/24".to_owned(), CidrOrigin::Config),
+        ]
+    );
+    assert_eq!(h.verdict(&syn4(v4(10, 1, 1, 1)).bytes), Reason::Pass);
+    assert_eq!(h.verdict(&syn4(v4(192, 0, 2, 66)).bytes), Reason::DropDenylisted);
+    assert_eq!(h.verdict(&syn6(v6("2001:db8:bad::1")).bytes), Reason::Pass);
+}
+
+#[test]
+fn pinned_maps_let_another_handle_edit_the_running_shield() {
+    let dir = pin::instance_dir(&format!("test-{}", std::process::id()));
+    let mut shield = Shield::load_pinned(&dir).expect("loading and pinning the shield");
+    shield
+        .maps_mut()
+        .set_policy(&KernelPolicy::new(
+            &[HTTPS],
+            (100, 100),
+            (100, 100),
+            10,
+            Duration::from_secs(60),
+        ))
+        .unwrap();
+    let source = v4(192, 0, 2, 123);
+    let frame = syn4(source).bytes;
+    assert_eq!(shield.test_run(&frame, 1).unwrap().action, action::PASS);
+
+    // What the CLI does: open the pins, ban, deny.
+    let mut cli = ShieldMaps::open_pinned(&dir).expect("opening the pinned maps");
+    cli.ban(source, Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(shield.test_run(&frame, 1).unwrap().action, action::DROP);
+    assert!(cli.unban(source).unwrap());
+    cli.add_cidr(
+        CidrList::Deny,
+        "192.0.2.0/24".parse().unwrap(),
+        CidrOrigin::Runtime,
+    )
+    .unwrap();
+    assert_eq!(shield.test_run(&frame, 1).unwrap().action, action::DROP);
+    assert_eq!(cli.policy().unwrap().limits.ban_threshold, 10);
+    drop(cli);
+
+    assert!(pin::instances().contains(&format!("test-{}", std::process::id())));
+    drop(shield);
+    assert!(!dir.exists(), "pins removed when the shield is dropped");
+    assert!(ShieldMaps::open_pinned(&dir).is_err());
 }

@@ -3,35 +3,104 @@
 //! Everything here is `#[repr(C)]`, `Copy` and free of pointers: these values cross the
 //! kernel/userspace boundary as raw bytes in BPF maps. Map and program names are constants so
 //! the loader and the programs can never disagree on a spelling.
+//!
+//! Addresses are stored as they are on the wire (network byte order): an IPv4 source is the
+//! `u32` read straight from the header (`u32::from_ne_bytes(ip.octets())` in userspace), an
+//! IPv6 source its 16 octets.
 #![no_std]
 
 /// Name of the XDP program in the object file.
 pub const XDP_PROGRAM: &str = "sluice_shield";
-/// Map: IPv4 source address (network byte order) -> [`BanEntry`].
+/// Map (LRU hash): IPv4 source address (network byte order) -> [`BanEntry`].
 pub const MAP_BANNED_V4: &str = "BANNED_V4";
+/// Map (LRU hash): IPv6 source address (16 octets) -> [`BanEntry`].
+pub const MAP_BANNED_V6: &str = "BANNED_V6";
 /// Map: per-CPU array of [`Counter`], indexed by [`Reason`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Map (array, one entry): the [`Limits`] in force.
+pub const MAP_LIMITS: &str = "LIMITS";
+/// Map (array, one entry): the [`PortSet`] of protected destination ports.
+pub const MAP_PORTS: &str = "PORTS";
+/// Map (LPM trie): IPv4 CIDRs (key data: 4 octets) that bypass every limit -> [`CidrOrigin`].
+pub const MAP_ALLOW_V4: &str = "ALLOW_V4";
+/// Map (LPM trie): IPv6 CIDRs (key data: 16 octets) that bypass every limit -> [`CidrOrigin`].
+pub const MAP_ALLOW_V6: &str = "ALLOW_V6";
+/// Map (LPM trie): IPv4 CIDRs whose packets to protected ports are dropped -> [`CidrOrigin`].
+pub const MAP_DENY_V4: &str = "DENY_V4";
+/// Map (LPM trie): IPv6 CIDRs whose packets to protected ports are dropped -> [`CidrOrigin`].
+pub const MAP_DENY_V6: &str = "DENY_V6";
+/// Map (LRU hash): IPv4 source -> [`SourceState`] (its token buckets).
+pub const MAP_SOURCES_V4: &str = "SOURCES_V4";
+/// Map (LRU hash): IPv6 source -> [`SourceState`] (its token buckets).
+pub const MAP_SOURCES_V6: &str = "SOURCES_V6";
+/// Map (ring buffer): one [`BanEvent`] per ban the kernel decides.
+pub const MAP_BAN_EVENTS: &str = "BAN_EVENTS";
+
+/// Every map the shield pins, so the CLI can open a running relay's maps by name.
+pub const PINNED_MAPS: [&str; 11] = [
+    MAP_BANNED_V4,
+    MAP_BANNED_V6,
+    MAP_COUNTERS,
+    MAP_LIMITS,
+    MAP_PORTS,
+    MAP_ALLOW_V4,
+    MAP_ALLOW_V6,
+    MAP_DENY_V4,
+    MAP_DENY_V6,
+    MAP_SOURCES_V4,
+    MAP_SOURCES_V6,
+];
+
+/// Capacity of each ban map (LRU: when full, the least recently hit ban makes room).
+pub const MAX_BANS: u32 = 65_536;
+/// Capacity of each source-state map (LRU: idle sources are forgotten first).
+pub const MAX_SOURCES: u32 = 262_144;
+/// Capacity of each allow/deny trie.
+pub const MAX_CIDRS: u32 = 16_384;
 
 /// Why the shield passed or dropped a packet. Index into the counters map.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
-    /// Not IP, or IP to a destination the shield does not police.
+    /// Not IP, not TCP, or TCP to a port the shield does not police.
     PassOther = 0,
-    /// Inspected and allowed.
+    /// To a protected port, inspected and within its source's limits.
     Pass = 1,
-    /// Headers shorter than they claim or cut off by the end of the frame.
+    /// IPv4/IPv6/TCP headers shorter than they claim, cut off by the end of the frame, or
+    /// otherwise impossible (IHL < 5, TCP data offset < 5, ...).
     DropMalformed = 2,
     /// Source address is banned.
     DropBanned = 3,
+    /// Source is in the allowlist: passed without limits or bans.
+    PassAllowlisted = 4,
+    /// Source is in the denylist.
+    DropDenylisted = 5,
+    /// Impossible TCP flag combination (SYN+FIN, SYN+RST, no flags, FIN+PSH+URG).
+    DropTcpFlags = 6,
+    /// A TCP fragment to a protected port (or a non-first TCP fragment, whose port is unknown).
+    DropFragment = 7,
+    /// Over the source's new-connection (SYN) rate.
+    DropSynRate = 8,
+    /// Over the source's packet rate to protected ports.
+    DropPacketRate = 9,
 }
 
 impl Reason {
     /// Number of reasons; the size of the counters array.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 10;
     /// Every reason, in index order.
-    pub const ALL: [Reason; Self::COUNT as usize] =
-        [Self::PassOther, Self::Pass, Self::DropMalformed, Self::DropBanned];
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Self::PassOther,
+        Self::Pass,
+        Self::DropMalformed,
+        Self::DropBanned,
+        Self::PassAllowlisted,
+        Self::DropDenylisted,
+        Self::DropTcpFlags,
+        Self::DropFragment,
+        Self::DropSynRate,
+        Self::DropPacketRate,
+    ];
 
     /// A stable, Prometheus-friendly label.
     pub const fn label(self) -> &'static str {
@@ -40,12 +109,36 @@ impl Reason {
             Self::Pass => "pass",
             Self::DropMalformed => "drop_malformed",
             Self::DropBanned => "drop_banned",
+            Self::PassAllowlisted => "pass_allowlisted",
+            Self::DropDenylisted => "drop_denylisted",
+            Self::DropTcpFlags => "drop_tcp_flags",
+            Self::DropFragment => "drop_fragment",
+            Self::DropSynRate => "drop_syn_rate",
+            Self::DropPacketRate => "drop_packet_rate",
         }
     }
 
     /// True when packets counted under this reason were dropped.
     pub const fn is_drop(self) -> bool {
-        matches!(self, Self::DropMalformed | Self::DropBanned)
+        matches!(
+            self,
+            Self::DropMalformed
+                | Self::DropBanned
+                | Self::DropDenylisted
+                | Self::DropTcpFlags
+                | Self::DropFragment
+                | Self::DropSynRate
+                | Self::DropPacketRate
+        )
+    }
+
+    /// The reason with index `index`, if any.
+    pub const fn from_index(index: u32) -> Option<Self> {
+        if index < Self::COUNT {
+            Some(Self::ALL[index as usize])
+        } else {
+            None
+        }
     }
 }
 
@@ -61,15 +154,139 @@ pub struct Counter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BanEntry {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) after which the ban no longer applies;
+    /// CLOCK_MONOTONIC ns after which the ban no longer applies (the program reads the clock
+    /// with `bpf_ktime_get_coarse_ns()`, i.e. at tick resolution);
     /// `u64::MAX` for a ban without expiry.
     pub until_ns: u64,
 }
 
+/// Nanotokens per token: buckets count in billionths of a token so that refilling needs only a
+/// multiplication (elapsed ns x tokens per second), never a division, in the kernel.
+pub const NANOTOKENS: u64 = 1_000_000_000;
+
+/// One token bucket's parameters, as the kernel uses them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BucketLimit {
+    /// Tokens added per second.
+    pub rate: u64,
+    /// Bucket size in nanotokens (`burst x NANOTOKENS`).
+    pub capacity: u64,
+    /// Nanoseconds an empty bucket takes to fill up (`capacity / rate`): refills are computed
+    /// from at most this much elapsed time, which keeps `elapsed x rate` from overflowing.
+    pub fill_ns: u64,
+}
+
+impl BucketLimit {
+    /// A bucket of `burst` tokens refilled at `rate` tokens per second (both at least 1).
+    pub const fn new(rate: u64, burst: u64) -> Self {
+        let rate = if rate == 0 { 1 } else { rate };
+        let burst = if burst == 0 { 1 } else { burst };
+        let capacity = burst.saturating_mul(NANOTOKENS);
+        Self {
+            rate,
+            capacity,
+            fill_ns: capacity / rate,
+        }
+    }
+}
+
+/// The limits in force, written by userspace into [`MAP_LIMITS`] slot 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// New connections (TCP SYN without ACK) per source.
+    pub syn: BucketLimit,
+    /// Every packet to a protected port, per source.
+    pub packet: BucketLimit,
+    /// A source is banned once its over-limit drops exceed this many (see [`SourceState`]).
+    pub ban_threshold: u64,
+    /// How long a kernel-decided ban lasts, in nanoseconds.
+    pub ban_ns: u64,
+    /// Which allow/deny tries hold entries (`LIST_*` bits), kept up to date by userspace so
+    /// the program skips lookups in empty tries.
+    pub lists: u64,
+}
+
+/// [`Limits::lists`] bits.
+pub const LIST_ALLOW_V4: u64 = 1;
+pub const LIST_ALLOW_V6: u64 = 2;
+pub const LIST_DENY_V4: u64 = 4;
+pub const LIST_DENY_V6: u64 = 8;
+
+/// Protected destination ports as a 65,536-bit set: port `p` is bit `p % 64` of `words[p / 64]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSet {
+    pub words: [u64; 1024],
+}
+
+impl Default for PortSet {
+    fn default() -> Self {
+        Self { words: [0; 1024] }
+    }
+}
+
+impl PortSet {
+    pub fn insert(&mut self, port: u16) {
+        self.words[usize::from(port >> 6)] |= 1 << (port & 63);
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.words[usize::from(port >> 6)] & (1 << (port & 63)) != 0
+    }
+}
+
+/// One source's token buckets and its strike count, in nanotokens and kernel ns.
+///
+/// `strikes` counts drops for exceeding either bucket; it resets once the packet bucket has
+/// refilled completely (the source kept quiet long enough). More than `ban_threshold` strikes
+/// bans the source. Updates from different CPUs are not atomic: a source hammering several
+/// queues at once may get a few extra tokens, which only makes the limit slightly soft.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceState {
+    pub syn_tokens: u64,
+    pub syn_last_ns: u64,
+    pub packet_tokens: u64,
+    pub packet_last_ns: u64,
+    pub strikes: u64,
+}
+
+/// Where an allow/deny entry came from: reloads replace configured entries and keep the ones
+/// added at runtime (CLI).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CidrOrigin {
+    Config = 1,
+    Runtime = 2,
+}
+
+/// Address family tags in [`BanEvent::family`].
+pub const FAMILY_V4: u32 = 4;
+pub const FAMILY_V6: u32 = 6;
+
+/// Sent through [`MAP_BAN_EVENTS`] whenever the kernel bans a source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BanEvent {
+    /// When the ban ends (CLOCK_MONOTONIC ns).
+    pub until_ns: u64,
+    /// The source: 4 octets then zeros for IPv4, 16 octets for IPv6.
+    pub addr: [u8; 16],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u32,
+    /// The [`Reason`] (as `u32`) of the drop that crossed the threshold.
+    pub reason: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: plain-old-data: #[repr(C)], Copy, no padding, every bit pattern valid.
+    // SAFETY (all below): plain-old-data: #[repr(C)], Copy, no padding, every bit pattern valid.
     unsafe impl aya::Pod for super::Counter {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::BanEntry {}
+    unsafe impl aya::Pod for super::Limits {}
+    unsafe impl aya::Pod for super::PortSet {}
+    unsafe impl aya::Pod for super::SourceState {}
+    unsafe impl aya::Pod for super::BanEvent {}
 }

@@ -1,29 +1,72 @@
 //! Sluice's XDP shield: runs on every received frame before the kernel allocates an skb.
 //!
-//! It owns the fast drop decisions. Today: parse Ethernet + IPv4, drop frames whose headers are
-//! malformed, drop sources that the relay banned (with expiry), and count every verdict per CPU
-//! (packets and bytes). Anything it does not understand is passed untouched.
+//! It owns the fast drop decisions for TCP traffic to the relay's protected ports (the `PORTS`
+//! map): [`parse`] reads Ethernet (up to two VLAN tags), IPv4 or IPv6 (with extension headers)
+//! and TCP; [`police`] applies the allowlist, denylist, bans and per-source token buckets.
+//! Every verdict is counted per CPU (packets and bytes) under its [`Reason`].
+//!
+//! What is dropped, and why regardless of the port or not:
+//! - Malformed IPv4/IPv6 headers (IHL < 5, total/payload length beyond the frame or shorter
+//!   than the header, wrong version, truncated headers) and TCP headers cut short, whatever the
+//!   port: no stack accepts them, and a header we cannot read has no port we could spare.
+//! - Non-first TCP fragments, whatever the port: their port is in the first fragment, which we
+//!   drop when it goes to a protected port; real TCP does not fragment (DF, path MTU discovery).
+//! - For protected ports only: first TCP fragments, TCP data offset < 5 or beyond the packet,
+//!   impossible flag combinations (SYN+FIN, SYN+RST, no flags, FIN+PSH+URG), then the
+//!   per-source policy.
+//!
+//! Everything else (ARP, UDP, ICMP, TCP to other ports such as SSH) passes untouched as
+//! `pass_other`.
 #![no_std]
 #![no_main]
 
+mod parse;
+mod police;
+
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
-use proxy_common::{BanEntry, Counter, Reason};
+use proxy_common::{
+    BanEntry, Counter, FAMILY_V4, FAMILY_V6, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_DENY_V4, LIST_DENY_V6,
+    Limits, MAX_BANS, MAX_CIDRS, MAX_SOURCES, PortSet, Reason, SourceState,
+};
+
+use parse::{Parsed, Source};
+use police::FamilyMaps;
 
 #[map(name = "BANNED_V4")]
-static BANNED_V4: HashMap<u32, BanEntry> = HashMap::with_max_entries(65_536, 0);
+static BANNED_V4: LruHashMap<u32, BanEntry> = LruHashMap::with_max_entries(MAX_BANS, 0);
+#[map(name = "BANNED_V6")]
+static BANNED_V6: LruHashMap<[u8; 16], BanEntry> = LruHashMap::with_max_entries(MAX_BANS, 0);
+
+#[map(name = "ALLOW_V4")]
+static ALLOW_V4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+#[map(name = "ALLOW_V6")]
+static ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+#[map(name = "DENY_V4")]
+static DENY_V4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+#[map(name = "DENY_V6")]
+static DENY_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+
+#[map(name = "SOURCES_V4")]
+static SOURCES_V4: LruHashMap<u32, SourceState> = LruHashMap::with_max_entries(MAX_SOURCES, 0);
+#[map(name = "SOURCES_V6")]
+static SOURCES_V6: LruHashMap<[u8; 16], SourceState> = LruHashMap::with_max_entries(MAX_SOURCES, 0);
+
+#[map(name = "LIMITS")]
+static LIMITS: Array<Limits> = Array::with_max_entries(1, 0);
+#[map(name = "PORTS")]
+static PORTS: Array<PortSet> = Array::with_max_entries(1, 0);
+
+#[map(name = "BAN_EVENTS")]
+static BAN_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
-
-const ETH_HDR_LEN: usize = 14;
-const ETH_P_IPV4: u16 = 0x0800;
-const IPV4_MIN_HDR_LEN: usize = 20;
 
 #[xdp]
 pub fn sluice_shield(ctx: XdpContext) -> u32 {
@@ -36,38 +79,53 @@ pub fn sluice_shield(ctx: XdpContext) -> u32 {
     }
 }
 
+#[inline(always)]
 fn classify(ctx: &XdpContext) -> Reason {
-    let Some(ether_type) = read_u16_be(ctx, 12) else {
-        return Reason::DropMalformed;
-    };
-    if ether_type != ETH_P_IPV4 {
+    let Some(ports) = PORTS.get(0) else {
         return Reason::PassOther;
-    }
-    let Some(version_ihl) = read_u8(ctx, ETH_HDR_LEN) else {
-        return Reason::DropMalformed;
     };
-    let header_len = usize::from(version_ihl & 0x0f) * 4;
-    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HDR_LEN {
-        return Reason::DropMalformed;
-    }
-    // Read fixed-offset fields before the variable-length check: the verifier tracks constant
-    // offsets only, and LLVM would otherwise drop this bound check as implied by the one below.
-    let Some(source) = read_u32_ne(ctx, ETH_HDR_LEN + 12) else {
-        return Reason::DropMalformed;
-    };
-    if ctx.data() + ETH_HDR_LEN + header_len > ctx.data_end() {
-        return Reason::DropMalformed;
-    }
-    // SAFETY: the value is copied out at once; the map is only written whole by userspace.
-    if let Some(ban) = unsafe { BANNED_V4.get(source) } {
-        // SAFETY: helper without preconditions.
-        if ban.until_ns > unsafe { bpf_ktime_get_ns() } {
-            return Reason::DropBanned;
+    let protected = |port: u16| ports.words[usize::from(port >> 6) & 1023] & (1 << (port & 63)) != 0;
+    match parse::parse(ctx, protected) {
+        Parsed::Verdict(reason) => reason,
+        Parsed::Police { source, flags } => {
+            let limits = LIMITS.get(0);
+            // CLOCK_MONOTONIC at tick resolution (1-4 ms): plenty for token buckets and ban
+            // expiry, and about 20 ns cheaper per packet than `bpf_ktime_get_ns` here.
+            // SAFETY: helper without preconditions.
+            let now = || unsafe { bpf_ktime_get_coarse_ns() };
+            match source {
+                Source::V4(address) => {
+                    let maps = FamilyMaps {
+                        allow: &ALLOW_V4,
+                        deny: &DENY_V4,
+                        bans: &BANNED_V4,
+                        sources: &SOURCES_V4,
+                        bits: 32,
+                        family: FAMILY_V4,
+                        allow_bit: LIST_ALLOW_V4,
+                        deny_bit: LIST_DENY_V4,
+                    };
+                    police::police(&maps, address, flags, limits, &BAN_EVENTS, now)
+                }
+                Source::V6(address) => {
+                    let maps = FamilyMaps {
+                        allow: &ALLOW_V6,
+                        deny: &DENY_V6,
+                        bans: &BANNED_V6,
+                        sources: &SOURCES_V6,
+                        bits: 128,
+                        family: FAMILY_V6,
+                        allow_bit: LIST_ALLOW_V6,
+                        deny_bit: LIST_DENY_V6,
+                    };
+                    police::police(&maps, address, flags, limits, &BAN_EVENTS, now)
+                }
+            }
         }
     }
-    Reason::Pass
 }
 
+#[inline(always)]
 fn count(reason: Reason, bytes: usize) {
     if let Some(counter) = COUNTERS.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
@@ -76,34 +134,6 @@ fn count(reason: Reason, bytes: usize) {
             (*counter).bytes += bytes as u64;
         }
     }
-}
-
-#[inline(always)]
-fn bounded(ctx: &XdpContext, offset: usize, len: usize) -> Option<*const u8> {
-    let start = ctx.data() + offset;
-    if start + len > ctx.data_end() {
-        return None;
-    }
-    Some(start as *const u8)
-}
-
-#[inline(always)]
-fn read_u8(ctx: &XdpContext, offset: usize) -> Option<u8> {
-    // SAFETY: `bounded` proved the byte lies inside the frame.
-    bounded(ctx, offset, 1).map(|p| unsafe { *p })
-}
-
-#[inline(always)]
-fn read_u16_be(ctx: &XdpContext, offset: usize) -> Option<u16> {
-    // SAFETY: `bounded` proved both bytes lie inside the frame.
-    bounded(ctx, offset, 2).map(|p| u16::from_be(unsafe { (p as *const u16).read_unaligned() }))
-}
-
-/// Reads four bytes as they are on the wire (network order), for use as a map key.
-#[inline(always)]
-fn read_u32_ne(ctx: &XdpContext, offset: usize) -> Option<u32> {
-    // SAFETY: `bounded` proved the four bytes lie inside the frame.
-    bounded(ctx, offset, 4).map(|p| unsafe { (p as *const u32).read_unaligned() })
 }
 
 #[cfg(not(test))]

@@ -65,6 +65,8 @@ enum Command {
     },
     /// Check that this host can run the XDP shield: load it and run it on a test frame.
     ShieldProbe,
+    /// Edit the XDP shield of a running relay: bans, allow/deny lists, counters.
+    Shield(sluice::shield::cli::ShieldArgs),
 }
 
 #[derive(clap::Args)]
@@ -169,6 +171,7 @@ fn main() -> anyhow::Result<()> {
         Command::Tunnels { admin, action } => tunnels(&admin, action),
         Command::RelayPin { cert } => relay_pin(&cert),
         Command::ShieldProbe => shield_probe(),
+        Command::Shield(args) => Ok(sluice::shield::cli::run(&args, &mut std::io::stdout())?),
     }
 }
 

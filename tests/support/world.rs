@@ -23,6 +23,10 @@ pub struct RelayOptions {
     pub pool_size: u32,
     /// Bearer token required by the admin listener.
     pub admin_token: Option<&'static str>,
+    /// Where the TLS edge listens (default: one ephemeral loopback port).
+    pub tls_listen: Vec<SocketAddr>,
+    /// TOML appended to relay.toml, e.g. a `[shield]` section.
+    pub extra_toml: String,
 }
 
 impl Default for RelayOptions {
@@ -33,6 +37,8 @@ impl Default for RelayOptions {
             client_hello_timeout: "5s",
             pool_size: 4,
             admin_token: None,
+            tls_listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            extra_toml: String::new(),
         }
     }
 }
@@ -56,7 +62,7 @@ state_dir = "state"
 store_poll = "100ms"
 shutdown_grace = "2s"
 [edge]
-tls_listen = ["127.0.0.1:0"]
+tls_listen = [{tls_listen}]
 http_listen = ["127.0.0.1:0"]
 client_hello_timeout = "{hello}"
 agent_wait = "2s"
@@ -72,6 +78,12 @@ handshake_timeout = "2s"
 listen = "127.0.0.1:0"
 {admin_token}
 "#,
+            tls_listen = options
+                .tls_listen
+                .iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
             admin_token = options
                 .admin_token
                 .map(|t| {
@@ -83,7 +95,7 @@ listen = "127.0.0.1:0"
             ttl = options.credential_ttl,
             heartbeat = options.heartbeat,
             pool = options.pool_size,
-        );
+        ) + &options.extra_toml;
         let relay_config_path = dir.path().join("relay.toml");
         std::fs::write(&relay_config_path, toml).unwrap();
         let config = RelayConfig::load(&relay_config_path).unwrap();

@@ -299,6 +299,93 @@ where
     }
 }
 
+/// The shield's state, read at scrape time.
+pub struct ShieldFigures {
+    /// XDP attached (true) or userspace fallback (false).
+    pub xdp: bool,
+    pub active_bans: u64,
+    pub kernel_bans: u64,
+    pub abuse_bans: u64,
+    /// Connections the userspace gate closed at accept.
+    pub refused: u64,
+}
+
+/// Exposes [`ShieldFigures`]: `sluice_shield_xdp_attached`, `sluice_bans_active`,
+/// `sluice_bans_total{source="kernel"|"l7"}`, `sluice_shield_refused_total`.
+pub struct ShieldCollector<F> {
+    read: F,
+    xdp: IntGauge,
+    active: IntGauge,
+    bans: IntCounterVec,
+    refused: IntCounter,
+}
+
+impl<F> ShieldCollector<F>
+where
+    F: Fn() -> Option<ShieldFigures> + Send + Sync,
+{
+    pub fn new(read: F) -> Self {
+        Self {
+            read,
+            xdp: IntGauge::new(
+                "sluice_shield_xdp_attached",
+                "1 when the XDP shield is attached, 0 in userspace fallback.",
+            )
+            .expect("valid metric"),
+            active: IntGauge::new("sluice_bans_active", "Source addresses banned now.")
+                .expect("valid metric"),
+            bans: IntCounterVec::new(
+                Opts::new(
+                    "sluice_bans_total",
+                    "Bans decided, by source (kernel rate limits, l7 abuse).",
+                ),
+                &["source"],
+            )
+            .expect("valid metric"),
+            refused: IntCounter::new(
+                "sluice_shield_refused_total",
+                "Connections closed at accept by the userspace gate.",
+            )
+            .expect("valid metric"),
+        }
+    }
+}
+
+impl<F> prometheus::core::Collector for ShieldCollector<F>
+where
+    F: Fn() -> Option<ShieldFigures> + Send + Sync,
+{
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        [
+            self.xdp.desc(),
+            self.active.desc(),
+            self.bans.desc(),
+            self.refused.desc(),
+        ]
+        .concat()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        if let Some(figures) = (self.read)() {
+            self.xdp.set(i64::from(figures.xdp));
+            self.active.set(figures.active_bans as i64);
+            for (source, total) in [("kernel", figures.kernel_bans), ("l7", figures.abuse_bans)] {
+                let counter = self.bans.with_label_values(&[source]);
+                counter.inc_by(total.saturating_sub(counter.get()));
+            }
+            self.refused
+                .inc_by(figures.refused.saturating_sub(self.refused.get()));
+        }
+        [
+            self.xdp.collect(),
+            self.active.collect(),
+            self.bans.collect(),
+            self.refused.collect(),
+        ]
+        .concat()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

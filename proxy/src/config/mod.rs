@@ -4,6 +4,7 @@
 //! names the file and the field. Relative paths inside a file are relative to that file.
 pub mod agent;
 pub mod relay;
+pub mod shield;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

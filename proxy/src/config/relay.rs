@@ -23,6 +23,8 @@ pub struct RelayConfig {
     /// How long active streams may drain on shutdown before they are cut.
     #[serde(default = "defaults::shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    #[serde(default)]
+    pub shield: super::shield::ShieldConfig,
 }
 
 /// Where browsers connect.
@@ -192,6 +194,7 @@ impl RelayConfig {
         positive(path, "tunnel.heartbeat", self.tunnel.heartbeat)?;
         positive(path, "tunnel.handshake_timeout", self.tunnel.handshake_timeout)?;
         positive(path, "store_poll", self.store_poll)?;
+        self.shield.validate(path)?;
         if self.tunnel.credential_ttl < Duration::from_secs(1) {
             return Err(invalid(path, "tunnel.credential_ttl", "must be at least 1s"));
         }

@@ -16,6 +16,7 @@ use crate::peek::Peek;
 use crate::peek::http::{HttpPeekError, error_response, peek_request_head, redirect_to_https};
 use crate::pump::{Counted, pump};
 use crate::relay::RelayState;
+use crate::shield::abuse::Abuse;
 use crate::tunnel::message::HttpMode;
 use crate::tunnel::stream_header::StreamKind;
 
@@ -39,6 +40,7 @@ pub async fn serve(
             Err(e) => {
                 info!(%peer, error = %e, "rejecting bad HTTP request");
                 metrics.rejected(LISTENER, Rejection::ParseError);
+                state.shield.report_abuse(peer.ip(), Abuse::BadHttpRequest);
                 let response = match e {
                     HttpPeekError::TooLarge { .. } => {
                         error_response(431, "Request Header Fields Too Large", "request head too large\n")
@@ -63,6 +65,7 @@ pub async fn serve(
     let Some(route) = state.registry.lookup(&head.host) else {
         info!(%peer, host = head.host, "unknown hostname on the HTTP port");
         metrics.rejected(LISTENER, Rejection::UnknownHost);
+        state.shield.report_abuse(peer.ip(), Abuse::UnknownHost);
         respond(&mut client, &error_response(404, "Not Found", "unknown host\n")).await;
         return;
     };

@@ -69,6 +69,12 @@ pub async fn accept_loop(listener: TcpListener, kind: EdgeKind, state: Arc<Relay
             },
             () = state.stopping.cancelled() => return,
         };
+        if !state.shield.admit(peer.ip()) {
+            state
+                .metrics
+                .rejected(kind.label(), crate::admin::metrics::Rejection::RateLimited);
+            continue; // dropping `client` closes it before a byte is read
+        }
         let _ = client.set_nodelay(true);
         let accepted_at = Instant::now();
         let listener = kind.label();

@@ -17,6 +17,7 @@ use crate::peek::Peek;
 use crate::peek::tls::{AlertDescription, ClientHelloError, fatal_alert, peek_client_hello};
 use crate::pump::{Counted, pump};
 use crate::relay::RelayState;
+use crate::shield::abuse::Abuse;
 use crate::tunnel::stream_header::StreamKind;
 
 const LISTENER: &str = "tls";
@@ -60,6 +61,7 @@ pub async fn serve(
         Ok(hello) => hello,
         Err(e) => {
             info!(%peer, error = %e, "rejecting connection: bad ClientHello");
+            state.shield.report_abuse(peer.ip(), Abuse::BadClientHello);
             let (reason, alert) = match e {
                 // Not TLS at all: an alert would be noise.
                 ClientHelloError::NotTls => (Rejection::NotTls, None),
@@ -76,12 +78,14 @@ pub async fn serve(
     let Some(host) = hello.server_name else {
         info!(%peer, "rejecting connection: ClientHello without SNI");
         metrics.rejected(LISTENER, Rejection::NoSni);
+        state.shield.report_abuse(peer.ip(), Abuse::MissingSni);
         close(&mut client, Some(AlertDescription::UnrecognizedName)).await;
         return;
     };
     let Some(route) = state.registry.lookup(&host) else {
         info!(%peer, host, "rejecting connection: unknown hostname");
         metrics.rejected(LISTENER, Rejection::UnknownHost);
+        state.shield.report_abuse(peer.ip(), Abuse::UnknownHost);
         close(&mut client, Some(AlertDescription::UnrecognizedName)).await;
         return;
     };

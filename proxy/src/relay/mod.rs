@@ -21,6 +21,7 @@ use crate::admin::metrics::RelayMetrics;
 use crate::config::relay::RelayConfig;
 use crate::edge::{self, EdgeKind};
 use crate::route::registry::Registry;
+use crate::shield::RelayShield;
 use crate::store::{Snapshot, Store, StoreError};
 use crate::tunnel::session::AgentSession;
 use crate::tunnel::tls::{TlsConfigError, relay_server_config};
@@ -65,6 +66,8 @@ pub struct RelayState {
     pub streams: TaskTracker,
     pub metrics: RelayMetrics,
     pub readiness: Readiness,
+    /// XDP shield (or its userspace fallback): accept-time gate and abuse bans.
+    pub shield: RelayShield,
 }
 
 impl RelayState {
@@ -124,11 +127,13 @@ impl Relay {
             streams: TaskTracker::new(),
             metrics: RelayMetrics::new(config.admin.max_tenant_labels),
             readiness: Readiness::default(),
+            shield: RelayShield::start(&config),
             config,
         });
         state.readiness.store.store(true, Ordering::Release);
-        // No XDP shield in this build of the relay: its state is known (absent).
+        // The shield is up (XDP) or has fallen back to userspace: either way its state is known.
         state.readiness.shield.store(true, Ordering::Release);
+        register_shield_metrics(&state);
 
         let mut tasks = JoinSet::new();
         let bound = |addr: SocketAddr| edge::bind(addr).map_err(|source| RelayError::Bind { addr, source });
@@ -213,7 +218,50 @@ impl Relay {
         self.state.hard_stop.cancel();
         self.state.streams.wait().await;
         self.tasks.shutdown().await;
+        self.state.shield.shutdown();
         info!("relay stopped");
+    }
+}
+
+/// Exposes the shield's kernel counters and ban figures in `/metrics`.
+fn register_shield_metrics(state: &Arc<RelayState>) {
+    use crate::admin::metrics::XdpCollector;
+    let weak = Arc::downgrade(state);
+    let collector = XdpCollector::new(move || {
+        let Some(state) = weak.upgrade() else {
+            return Vec::new();
+        };
+        state
+            .shield
+            .with_maps(|maps| maps.counters().unwrap_or_default())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(reason, counter)| (reason.label(), counter.packets, counter.bytes))
+            .collect()
+    });
+    if let Err(e) = state.metrics.register(Box::new(collector)) {
+        warn!(error = %e, "cannot register the XDP metrics");
+    }
+    let weak = Arc::downgrade(state);
+    let bans = crate::admin::metrics::ShieldCollector::new(move || {
+        let state = weak.upgrade()?;
+        let stats = state.shield.stats();
+        let active = state
+            .shield
+            .with_maps(|maps| maps.bans().map(|b| b.len()).unwrap_or_default());
+        Some(crate::admin::metrics::ShieldFigures {
+            xdp: matches!(
+                state.shield.mode(),
+                crate::shield::runtime::ShieldMode::Xdp { .. }
+            ),
+            active_bans: active.unwrap_or_default() as u64,
+            kernel_bans: stats.kernel_bans.load(Ordering::Relaxed),
+            abuse_bans: stats.abuse_bans.load(Ordering::Relaxed),
+            refused: stats.refused.load(Ordering::Relaxed),
+        })
+    });
+    if let Err(e) = state.metrics.register(Box::new(bans)) {
+        warn!(error = %e, "cannot register the shield metrics");
     }
 }
 

@@ -1,15 +1,38 @@
-//! The XDP shield, seen from userspace: owns loading the kernel object built from `proxy-ebpf`,
-//! attaching it to interfaces, writing bans into its maps and reading its per-CPU counters.
+//! The XDP shield, seen from userspace.
 //!
-//! The object is embedded in the binary at build time (see `proxy/build.rs`), so a deployed
-//! `sluice` needs no separate file.
-use std::net::Ipv4Addr;
+//! - this file: [`Shield`], the loaded kernel object (built from `proxy-ebpf`, embedded in the
+//!   binary by `proxy/build.rs`): load, attach/detach, pins, `BPF_PROG_TEST_RUN`.
+//! - [`maps`]: typed reads and writes of its maps (bans, CIDR lists, limits, counters), shared
+//!   by the relay and the CLI.
+//! - [`events`]: ban events from the kernel's ring buffer.
+//! - [`runtime`]: what a relay runs: XDP when it can attach, else the userspace [`gate`];
+//!   plus the [`abuse`] tracker that turns repeated L7 rejections into bans.
+//! - [`cli`]: `sluice shield ...`, editing a running relay's shield through its pins.
+//! - [`cidr`], [`pin`], [`clock`]: CIDR parsing, pin paths, the kernel's clock.
+pub mod abuse;
+pub mod cidr;
+pub mod cli;
+pub mod clock;
+pub mod events;
+pub mod gate;
+pub mod maps;
+pub mod pin;
+pub mod runtime;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapError, PerCpuArray};
+use aya::maps::{MapError, RingBuf};
+use aya::pin::PinError;
+use aya::programs::xdp::XdpLinkId;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError};
-use proxy_common::{BanEntry, Counter, MAP_BANNED_V4, MAP_COUNTERS, Reason, XDP_PROGRAM};
+use proxy_common::{Counter, MAP_BAN_EVENTS, Reason, XDP_PROGRAM};
+
+pub use events::{BanEvents, BanNotice};
+pub use maps::{BanRecord, CidrEntry, CidrList, KernelPolicy, ShieldMaps};
+pub use runtime::RelayShield;
 
 /// The compiled XDP object (BPF ELF with BTF), aligned for aya's parser.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-xdp"));
@@ -21,10 +44,22 @@ pub enum ShieldError {
     Load(#[from] EbpfError),
     #[error("XDP program: {0}")]
     Program(#[from] ProgramError),
+    #[error("attaching XDP to {interface} ({mode} mode): {source}")]
+    Attach {
+        interface: String,
+        mode: &'static str,
+        source: ProgramError,
+    },
     #[error("BPF map: {0}")]
     Map(#[from] MapError),
     #[error("the XDP object has no {kind} named {name}")]
     Missing { kind: &'static str, name: &'static str },
+    #[error("pinning {path}: {source}")]
+    Pin { path: PathBuf, source: PinError },
+    #[error("{path}: {source}")]
+    PinDir { path: PathBuf, source: std::io::Error },
+    #[error("opening the pinned map {path} (is a relay with XDP running?): {source}")]
+    OpenPinned { path: PathBuf, source: MapError },
     #[error("reading CLOCK_MONOTONIC: {0}")]
     Clock(std::io::Error),
 }
@@ -48,60 +83,100 @@ pub mod action {
 /// The loaded shield: program, maps, and the links that keep it attached.
 pub struct Shield {
     ebpf: Ebpf,
+    maps: ShieldMaps,
+    events: Option<BanEvents>,
+    links: Vec<(String, XdpLinkId)>,
+    pin_dir: Option<PathBuf>,
 }
 
 impl Shield {
     /// Loads the embedded object and verifies the program in the kernel (not attached yet).
+    /// The maps start empty: no protected ports, so everything passes until
+    /// [`ShieldMaps::set_policy`].
     pub fn load() -> Result<Self, ShieldError> {
+        Self::load_inner(None)
+    }
+
+    /// Like [`Shield::load`], and pins the maps under `pin_dir` (see [`pin`]); the pins are
+    /// removed when the shield is dropped.
+    pub fn load_pinned(pin_dir: &Path) -> Result<Self, ShieldError> {
+        pin::prepare(pin_dir)?;
+        Self::load_inner(Some(pin_dir)).inspect_err(|_| pin::remove(pin_dir))
+    }
+
+    fn load_inner(pin_dir: Option<&Path>) -> Result<Self, ShieldError> {
         let mut ebpf = Ebpf::load(XDP_OBJECT)?;
         xdp_program(&mut ebpf)?.load()?;
-        Ok(Self { ebpf })
+        let maps = ShieldMaps::take(&mut ebpf, pin_dir)?;
+        let ring = ebpf.take_map(MAP_BAN_EVENTS).ok_or(ShieldError::Missing {
+            kind: "map",
+            name: MAP_BAN_EVENTS,
+        })?;
+        Ok(Self {
+            ebpf,
+            maps,
+            events: Some(BanEvents::new(RingBuf::try_from(ring)?)),
+            links: Vec::new(),
+            pin_dir: pin_dir.map(Path::to_path_buf),
+        })
     }
 
     /// Attaches to `interface` in the given mode.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), ShieldError> {
-        xdp_program(&mut self.ebpf)?.attach(interface, mode)?;
+        let link = xdp_program(&mut self.ebpf)?
+            .attach(interface, mode)
+            .map_err(|source| ShieldError::Attach {
+                interface: interface.to_owned(),
+                mode: mode_name(mode),
+                source,
+            })?;
+        self.links.push((interface.to_owned(), link));
         Ok(())
     }
 
-    /// Bans an IPv4 source for `duration` (`None`: until unbanned).
-    pub fn ban_v4(&mut self, source: Ipv4Addr, duration: Option<Duration>) -> Result<(), ShieldError> {
-        let until_ns = match duration {
-            None => u64::MAX,
-            Some(d) => monotonic_now_ns()?.saturating_add(d.as_nanos().try_into().unwrap_or(u64::MAX)),
-        };
-        let mut bans: HashMap<_, u32, BanEntry> = HashMap::try_from(self.map_mut(MAP_BANNED_V4)?)?;
-        bans.insert(u32::from_ne_bytes(source.octets()), BanEntry { until_ns }, 0)?;
-        Ok(())
-    }
-
-    /// Lifts a ban; lifting a ban that does not exist is not an error.
-    pub fn unban_v4(&mut self, source: Ipv4Addr) -> Result<(), ShieldError> {
-        let mut bans: HashMap<_, u32, BanEntry> = HashMap::try_from(self.map_mut(MAP_BANNED_V4)?)?;
-        match bans.remove(&u32::from_ne_bytes(source.octets())) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
+    /// Detaches from every interface (also happens when the shield is dropped).
+    pub fn detach_all(&mut self) {
+        let links = std::mem::take(&mut self.links);
+        if let Ok(program) = xdp_program(&mut self.ebpf) {
+            for (interface, link) in links {
+                if let Err(e) = program.detach(link) {
+                    tracing::warn!(interface, error = %e, "shield: detaching XDP failed");
+                }
+            }
         }
+    }
+
+    /// Interfaces the program is attached to.
+    pub fn interfaces(&self) -> impl Iterator<Item = &str> {
+        self.links.iter().map(|(name, _)| name.as_str())
+    }
+
+    pub fn maps(&self) -> &ShieldMaps {
+        &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut ShieldMaps {
+        &mut self.maps
+    }
+
+    /// The ban-event consumer; there is one, so the second call returns `None`.
+    pub fn take_ban_events(&mut self) -> Option<BanEvents> {
+        self.events.take()
+    }
+
+    /// Bans `source` for `duration` (`None`: until unbanned).
+    pub fn ban(&mut self, source: IpAddr, duration: Option<Duration>) -> Result<(), ShieldError> {
+        self.maps.ban(source, duration)
+    }
+
+    /// Lifts a ban; returns whether there was one.
+    pub fn unban(&mut self, source: IpAddr) -> Result<bool, ShieldError> {
+        self.maps.unban(source)
     }
 
     /// Sums every CPU's counters for each verdict reason.
     pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, ShieldError> {
-        let map = self.ebpf.map(MAP_COUNTERS).ok_or(ShieldError::Missing {
-            kind: "map",
-            name: MAP_COUNTERS,
-        })?;
-        let counters: PerCpuArray<_, Counter> = PerCpuArray::try_from(map)?;
-        Reason::ALL
-            .iter()
-            .map(|&reason| {
-                let per_cpu = counters.get(&(reason as u32), 0)?;
-                let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                    packets: acc.packets + c.packets,
-                    bytes: acc.bytes + c.bytes,
-                });
-                Ok((reason, total))
-            })
-            .collect()
+        self.maps.counters()
     }
 
     /// Runs the program on `frame` in the kernel without a NIC (`BPF_PROG_TEST_RUN`).
@@ -117,11 +192,14 @@ impl Shield {
             per_packet: result.duration,
         })
     }
+}
 
-    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, ShieldError> {
-        self.ebpf
-            .map_mut(name)
-            .ok_or(ShieldError::Missing { kind: "map", name })
+impl Drop for Shield {
+    fn drop(&mut self) {
+        self.detach_all();
+        if let Some(dir) = self.pin_dir.take() {
+            pin::remove(&dir);
+        }
     }
 }
 
@@ -133,15 +211,11 @@ fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, ShieldError> {
     Ok(program.try_into()?)
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns()` reads in the kernel.
-fn monotonic_now_ns() -> Result<u64, ShieldError> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec we own.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-        return Err(ShieldError::Clock(std::io::Error::last_os_error()));
+/// How logs name an attach mode.
+pub fn mode_name(mode: XdpMode) -> &'static str {
+    match mode {
+        XdpMode::Driver => "driver",
+        XdpMode::Skb => "skb",
+        _ => "default",
     }
-    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }

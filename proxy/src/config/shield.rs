@@ -1,0 +1,302 @@
+//! `[shield]` in `relay.toml`: where the XDP shield attaches and the limits it enforces, plus
+//! the limits of the userspace fallback used when XDP cannot be attached.
+//!
+//! ```toml
+//! [shield]
+//! interfaces = ["eth0"]        # empty (the default): no XDP, userspace fallback only
+//! mode = "auto"                # "driver" | "skb" | "auto" (driver, else skb)
+//! protected_ports = [443, 80]  # default: the ports of the edge listeners
+//! allow = ["10.0.0.0/8"]       # never limited or banned
+//! deny = ["198.51.100.0/24"]   # always dropped (allow wins)
+//! syn_rate = 50                # new connections per second per source...
+//! syn_burst = 100              # ...with this much burst
+//! packet_rate = 5000           # packets per second per source to protected ports
+//! packet_burst = 10000
+//! ban_threshold = 200          # over-limit drops before a source is banned
+//! ban_duration = "10m"
+//! connection_rate = 50         # userspace fallback: accepted connections per second per IP
+//! connection_burst = 200
+//! abuse_threshold = 20         # rejected handshakes/requests per window before a ban
+//! abuse_window = "1m"
+//! ```
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::relay::EdgeConfig;
+use super::{ConfigError, invalid, positive};
+use crate::shield::cidr::Cidr;
+
+/// Largest burst accepted: the kernel counts in billionths of a token in 64 bits.
+const MAX_BURST: u32 = 10_000_000;
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+const MAX_INTERFACE_NAME: usize = 15;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShieldConfig {
+    /// Interfaces to attach the XDP program to; empty disables XDP.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub mode: AttachMode,
+    /// Destination TCP ports the kernel polices; empty means the edge listeners' ports.
+    #[serde(default)]
+    pub protected_ports: Vec<u16>,
+    /// Sources that bypass every limit and ban.
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+    /// Sources whose packets to protected ports are always dropped.
+    #[serde(default)]
+    pub deny: Vec<Cidr>,
+    #[serde(default = "defaults::syn_rate")]
+    pub syn_rate: u32,
+    #[serde(default = "defaults::syn_burst")]
+    pub syn_burst: u32,
+    #[serde(default = "defaults::packet_rate")]
+    pub packet_rate: u32,
+    #[serde(default = "defaults::packet_burst")]
+    pub packet_burst: u32,
+    /// Over-limit drops a source may accumulate before it is banned.
+    #[serde(default = "defaults::ban_threshold")]
+    pub ban_threshold: u32,
+    #[serde(default = "defaults::ban_duration", with = "humantime_serde")]
+    pub ban_duration: Duration,
+    /// Userspace fallback: new connections accepted per second per source IP.
+    #[serde(default = "defaults::connection_rate")]
+    pub connection_rate: u32,
+    #[serde(default = "defaults::connection_burst")]
+    pub connection_burst: u32,
+    /// Rejected connections (bad ClientHello, unknown SNI, bad HTTP) per `abuse_window` that
+    /// get a source banned for `ban_duration`.
+    #[serde(default = "defaults::abuse_threshold")]
+    pub abuse_threshold: u32,
+    #[serde(default = "defaults::abuse_window", with = "humantime_serde")]
+    pub abuse_window: Duration,
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic (skb) mode where the driver refuses.
+    #[default]
+    Auto,
+    /// Native mode only: runs before the kernel allocates an skb.
+    Driver,
+    /// Generic mode: works on any interface, later in the receive path.
+    Skb,
+}
+
+impl Default for ShieldConfig {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            mode: AttachMode::default(),
+            protected_ports: Vec::new(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+            syn_rate: defaults::syn_rate(),
+            syn_burst: defaults::syn_burst(),
+            packet_rate: defaults::packet_rate(),
+            packet_burst: defaults::packet_burst(),
+            ban_threshold: defaults::ban_threshold(),
+            ban_duration: defaults::ban_duration(),
+            connection_rate: defaults::connection_rate(),
+            connection_burst: defaults::connection_burst(),
+            abuse_threshold: defaults::abuse_threshold(),
+            abuse_window: defaults::abuse_window(),
+        }
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub(super) fn syn_rate() -> u32 {
+        50
+    }
+    pub(super) fn syn_burst() -> u32 {
+        100
+    }
+    pub(super) fn packet_rate() -> u32 {
+        5_000
+    }
+    pub(super) fn packet_burst() -> u32 {
+        10_000
+    }
+    pub(super) fn ban_threshold() -> u32 {
+        200
+    }
+    pub(super) fn ban_duration() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub(super) fn connection_rate() -> u32 {
+        50
+    }
+    pub(super) fn connection_burst() -> u32 {
+        200
+    }
+    pub(super) fn abuse_threshold() -> u32 {
+        20
+    }
+    pub(super) fn abuse_window() -> Duration {
+        Duration::from_secs(60)
+    }
+}
+
+impl ShieldConfig {
+    /// The ports to police: `protected_ports`, or else every edge listener's (non-zero) port.
+    pub fn effective_ports(&self, edge: &EdgeConfig) -> Vec<u16> {
+        let mut ports = if self.protected_ports.is_empty() {
+            edge.tls_listen
+                .iter()
+                .chain(&edge.http_listen)
+                .map(|a| a.port())
+                .filter(|&p| p != 0)
+                .collect()
+        } else {
+            self.protected_ports.clone()
+        };
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    /// Checks every field; errors name the field as `shield.<name>`.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        for name in &self.interfaces {
+            if name.is_empty() || name.len() > MAX_INTERFACE_NAME || name.contains(['/', ' ']) {
+                return Err(invalid(
+                    path,
+                    "shield.interfaces",
+                    format!("{name:?} is not a valid interface name"),
+                ));
+            }
+        }
+        if self.protected_ports.contains(&0) {
+            return Err(invalid(
+                path,
+                "shield.protected_ports",
+                "port 0 cannot be protected",
+            ));
+        }
+        for (field, rate, burst) in [
+            ("syn", self.syn_rate, self.syn_burst),
+            ("packet", self.packet_rate, self.packet_burst),
+            ("connection", self.connection_rate, self.connection_burst),
+        ] {
+            if rate == 0 {
+                return Err(invalid(
+                    path,
+                    format!("shield.{field}_rate"),
+                    "must be at least 1",
+                ));
+            }
+            if !(1..=MAX_BURST).contains(&burst) {
+                return Err(invalid(
+                    path,
+                    format!("shield.{field}_burst"),
+                    format!("must be between 1 and {MAX_BURST}"),
+                ));
+            }
+        }
+        if self.ban_threshold == 0 {
+            return Err(invalid(path, "shield.ban_threshold", "must be at least 1"));
+        }
+        if self.abuse_threshold == 0 {
+            return Err(invalid(path, "shield.abuse_threshold", "must be at least 1"));
+        }
+        positive(path, "shield.ban_duration", self.ban_duration)?;
+        positive(path, "shield.abuse_window", self.abuse_window)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<ShieldConfig, String> {
+        let config: ShieldConfig = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        config
+            .validate(Path::new("relay.toml"))
+            .map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn defaults_disable_xdp_and_protect_the_edge_ports() {
+        let config = parse("").unwrap();
+        assert_eq!(config, ShieldConfig::default());
+        assert!(config.interfaces.is_empty());
+        assert_eq!(config.mode, AttachMode::Auto);
+        let edge = EdgeConfig::default();
+        assert_eq!(config.effective_ports(&edge), vec![80, 443]);
+    }
+
+    #[test]
+    fn parses_every_field() {
+        let config = parse(
+            r#"
+interfaces = ["eth0", "eth1"]
+mode = "skb"
+protected_ports = [8443, 443, 8443]
+allow = ["10.0.0.0/8", "2001:db8::/32"]
+deny = ["198.51.100.7"]
+syn_rate = 10
+syn_burst = 20
+packet_rate = 100
+packet_burst = 200
+ban_threshold = 5
+ban_duration = "90s"
+connection_rate = 3
+connection_burst = 4
+abuse_threshold = 7
+abuse_window = "30s"
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.interfaces, ["eth0", "eth1"]);
+        assert_eq!(config.mode, AttachMode::Skb);
+        assert_eq!(config.effective_ports(&EdgeConfig::default()), vec![443, 8443]);
+        assert_eq!(config.allow.len(), 2);
+        assert_eq!(config.deny[0].to_string(), "198.51.100.7/32");
+        assert_eq!(config.ban_duration, Duration::from_secs(90));
+        assert_eq!(config.abuse_window, Duration::from_secs(30));
+        assert_eq!((config.connection_rate, config.connection_burst), (3, 4));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (toml_text, field) in [
+            ("syn_rate = 0", "shield.syn_rate"),
+            ("packet_burst = 0", "shield.packet_burst"),
+            ("connection_burst = 20000000", "shield.connection_burst"),
+            ("ban_threshold = 0", "shield.ban_threshold"),
+            ("ban_duration = \"0s\"", "shield.ban_duration"),
+            ("abuse_threshold = 0", "shield.abuse_threshold"),
+            ("abuse_window = \"0s\"", "shield.abuse_window"),
+            ("protected_ports = [0]", "shield.protected_ports"),
+            (
+                "interfaces = [\"a-very-long-interface-name\"]",
+                "shield.interfaces",
+            ),
+        ] {
+            let error = parse(toml_text).unwrap_err();
+            assert!(error.contains(&format!("`{field}`")), "{toml_text}: {error}");
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_fields_bad_modes_and_bad_cidrs() {
+        assert!(parse("syn_rte = 5").unwrap_err().contains("unknown field"));
+        assert!(parse("mode = \"turbo\"").unwrap_err().contains("unknown variant"));
+        assert!(
+            parse("deny = [\"10.0.0.1/8\"]")
+                .unwrap_err()
+                .contains("host bits")
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! The L7 -> kernel loop: the edge reports connections it rejects (a malformed ClientHello,
+//! a hostname no tenant owns, a bad HTTP request), and a source rejected more than
+//! `abuse_threshold` times within `abuse_window` is banned — in the kernel's ban map when XDP
+//! is on, in the userspace gate otherwise (see [`super::runtime`]). SNI scanners and garbage
+//! senders thus stop costing the relay a TCP handshake and a task each.
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::config::shield::ShieldConfig;
+
+/// Sources tracked before those with expired windows are forgotten.
+const MAX_TRACKED: usize = 100_000;
+
+/// Why the edge rejected a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abuse {
+    /// Not TLS, or a ClientHello that does not parse.
+    BadClientHello,
+    /// A ClientHello without a server name.
+    MissingSni,
+    /// A server name (or Host) no tenant owns: typical of SNI scanning.
+    UnknownHost,
+    /// A request head that does not parse or is too large.
+    BadHttpRequest,
+}
+
+impl Abuse {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::BadClientHello => "bad_client_hello",
+            Self::MissingSni => "missing_sni",
+            Self::UnknownHost => "unknown_host",
+            Self::BadHttpRequest => "bad_http_request",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    rejections: u32,
+}
+
+/// Counts rejections per source in fixed windows.
+pub struct AbuseTracker {
+    limits: RwLock<(u32, Duration)>,
+    windows: Mutex<HashMap<IpAddr, Window>>,
+}
+
+impl AbuseTracker {
+    pub fn new(config: &ShieldConfig) -> Self {
+        Self {
+            limits: RwLock::new((config.abuse_threshold, config.abuse_window)),
+            windows: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn reconfigure(&self, config: &ShieldConfig) {
+        *self.limits.write().expect("abuse limits lock") = (config.abuse_threshold, config.abuse_window);
+    }
+
+    /// Records one rejection of `source` at `now`; returns the count when it just exceeded the
+    /// threshold (the caller bans), and starts the source over.
+    pub fn record(&self, source: IpAddr, now: Instant) -> Option<u32> {
+        let source = source.to_canonical();
+        let (threshold, window) = *self.limits.read().expect("abuse limits lock");
+        let mut windows = self.windows.lock().expect("abuse windows lock");
+        if windows.len() >= MAX_TRACKED && !windows.contains_key(&source) {
+            windows.retain(|_, w| now.saturating_duration_since(w.start) < window);
+        }
+        let entry = windows.entry(source).or_insert(Window {
+            start: now,
+            rejections: 0,
+        });
+        if now.saturating_duration_since(entry.start) >= window {
+            *entry = Window {
+                start: now,
+                rejections: 0,
+            };
+        }
+        entry.rejections += 1;
+        if entry.rejections > threshold {
+            let count = entry.rejections;
+            windows.remove(&source);
+            return Some(count);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker(threshold: u32, window: Duration) -> AbuseTracker {
+        AbuseTracker::new(&ShieldConfig {
+            abuse_threshold: threshold,
+            abuse_window: window,
+            ..ShieldConfig::default()
+        })
+    }
+
+    #[test]
+    fn flags_a_source_exceeding_the_threshold_within_the_window() {
+        let tracker = tracker(3, Duration::from_secs(10));
+        let now = Instant::now();
+        let scanner: IpAddr = "192.0.2.66".parse().unwrap();
+        let other: IpAddr = "192.0.2.67".parse().unwrap();
+        for _ in 0..3 {
+            assert_eq!(tracker.record(scanner, now), None);
+        }
+        assert_eq!(tracker.record(other, now), None);
+        assert_eq!(tracker.record(scanner, now + Duration::from_secs(1)), Some(4));
+        // Flagged once; the count starts over.
+        assert_eq!(tracker.record(scanner, now + Duration::from_secs(2)), None);
+    }
+
+    #[test]
+    fn rejections_in_an_old_window_are_forgotten() {
+        let tracker = tracker(2, Duration::from_secs(10));
+        let now = Instant::now();
+        let source: IpAddr = "2001:db8::5".parse().unwrap();
+        assert_eq!(tracker.record(source, now), None);
+        assert_eq!(tracker.record(source, now), None);
+        // A new window: two more are still within the threshold.
+        let later = now + Duration::from_secs(11);
+        assert_eq!(tracker.record(source, later), None);
+        assert_eq!(tracker.record(source, later), None);
+        assert_eq!(tracker.record(source, later), Some(3));
+    }
+}

@@ -1,0 +1,398 @@
+//! Typed handles on the shield's BPF maps, and every read and write userspace does on them:
+//! bans, allow/deny CIDRs, the limits and protected ports, the counters.
+//!
+//! The same [`ShieldMaps`] serves the relay (maps taken from the object it loaded) and the CLI
+//! (maps opened from their pins under `/sys/fs/bpf/sluice/<instance>/`), so both edit a running
+//! shield the same way.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::time::Duration;
+
+use aya::maps::lpm_trie::Key;
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
+use aya::{Ebpf, Pod};
+use proxy_common::{
+    BanEntry, BucketLimit, CidrOrigin, Counter, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_DENY_V4, LIST_DENY_V6,
+    Limits, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BANNED_V4, MAP_BANNED_V6, MAP_COUNTERS, MAP_DENY_V4, MAP_DENY_V6,
+    MAP_LIMITS, MAP_PORTS, PortSet, Reason,
+};
+
+use super::ShieldError;
+use super::cidr::Cidr;
+use super::clock::monotonic_now_ns;
+
+/// Which list a CIDR is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CidrList {
+    Allow,
+    Deny,
+}
+
+impl CidrList {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+/// One entry of an allow/deny list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CidrEntry {
+    pub list: CidrList,
+    pub cidr: Cidr,
+    /// Whether the config file or a runtime edit (CLI) put it there.
+    pub origin: CidrOrigin,
+}
+
+/// One ban, as listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BanRecord {
+    pub source: IpAddr,
+    /// Time left; `None` for a ban without expiry.
+    pub remaining: Option<Duration>,
+}
+
+/// The limits and ports the kernel enforces, in the kernel's units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelPolicy {
+    pub limits: Limits,
+    pub ports: PortSet,
+}
+
+impl KernelPolicy {
+    pub fn new(
+        ports: &[u16],
+        syn: (u32, u32),
+        packet: (u32, u32),
+        ban_threshold: u32,
+        ban_duration: Duration,
+    ) -> Self {
+        let mut set = PortSet::default();
+        for &port in ports {
+            set.insert(port);
+        }
+        Self {
+            limits: Limits {
+                syn: BucketLimit::new(u64::from(syn.0), u64::from(syn.1)),
+                packet: BucketLimit::new(u64::from(packet.0), u64::from(packet.1)),
+                ban_threshold: u64::from(ban_threshold),
+                ban_ns: u64::try_from(ban_duration.as_nanos()).unwrap_or(u64::MAX),
+                lists: 0, // filled in from the tries by `ShieldMaps::set_policy`
+            },
+            ports: set,
+        }
+    }
+}
+
+/// The maps userspace edits. Field names follow the kernel's map names.
+pub struct ShieldMaps {
+    bans_v4: HashMap<MapData, u32, BanEntry>,
+    bans_v6: HashMap<MapData, [u8; 16], BanEntry>,
+    allow_v4: LpmTrie<MapData, u32, u8>,
+    allow_v6: LpmTrie<MapData, [u8; 16], u8>,
+    deny_v4: LpmTrie<MapData, u32, u8>,
+    deny_v6: LpmTrie<MapData, [u8; 16], u8>,
+    limits: Array<MapData, Limits>,
+    ports: Array<MapData, PortSet>,
+    counters: PerCpuArray<MapData, Counter>,
+}
+
+impl ShieldMaps {
+    /// Takes the maps out of a loaded object (the program keeps its own references), pinning
+    /// each under `pin_dir` first when given.
+    pub(super) fn take(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<Self, ShieldError> {
+        let mut take = |name: &'static str| -> Result<Map, ShieldError> {
+            let map = ebpf
+                .take_map(name)
+                .ok_or(ShieldError::Missing { kind: "map", name })?;
+            if let Some(dir) = pin_dir {
+                map.pin(dir.join(name)).map_err(|source| ShieldError::Pin {
+                    path: dir.join(name),
+                    source,
+                })?;
+            }
+            Ok(map)
+        };
+        Self::from_maps(&mut take)
+    }
+
+    /// Opens the maps a running relay pinned under `dir`.
+    pub fn open_pinned(dir: &Path) -> Result<Self, ShieldError> {
+        let mut open = |name: &'static str| -> Result<Map, ShieldError> {
+            let data = MapData::from_pin(dir.join(name)).map_err(|source| ShieldError::OpenPinned {
+                path: dir.join(name),
+                source,
+            })?;
+            Ok(Map::from_map_data(data)?)
+        };
+        Self::from_maps(&mut open)
+    }
+
+    fn from_maps(get: &mut dyn FnMut(&'static str) -> Result<Map, ShieldError>) -> Result<Self, ShieldError> {
+        Ok(Self {
+            bans_v4: get(MAP_BANNED_V4)?.try_into()?,
+            bans_v6: get(MAP_BANNED_V6)?.try_into()?,
+            allow_v4: get(MAP_ALLOW_V4)?.try_into()?,
+            allow_v6: get(MAP_ALLOW_V6)?.try_into()?,
+            deny_v4: get(MAP_DENY_V4)?.try_into()?,
+            deny_v6: get(MAP_DENY_V6)?.try_into()?,
+            limits: get(MAP_LIMITS)?.try_into()?,
+            ports: get(MAP_PORTS)?.try_into()?,
+            counters: get(MAP_COUNTERS)?.try_into()?,
+        })
+    }
+
+    /// Writes limits and protected ports (each one map update, so the kernel never sees half).
+    pub fn set_policy(&mut self, policy: &KernelPolicy) -> Result<(), ShieldError> {
+        let limits = Limits {
+            lists: self.list_bits()?,
+            ..policy.limits
+        };
+        self.limits.set(0, limits, 0)?;
+        self.ports.set(0, policy.ports, 0)?;
+        Ok(())
+    }
+
+    /// Which tries hold entries, as `Limits::lists` bits.
+    fn list_bits(&self) -> Result<u64, ShieldError> {
+        let mut bits = 0;
+        for (bit, empty) in [
+            (LIST_ALLOW_V4, self.allow_v4.keys().next().is_none()),
+            (LIST_ALLOW_V6, self.allow_v6.keys().next().is_none()),
+            (LIST_DENY_V4, self.deny_v4.keys().next().is_none()),
+            (LIST_DENY_V6, self.deny_v6.keys().next().is_none()),
+        ] {
+            if !empty {
+                bits |= bit;
+            }
+        }
+        Ok(bits)
+    }
+
+    /// Tells the kernel which tries are worth a lookup, after they changed.
+    fn refresh_lists(&mut self) -> Result<(), ShieldError> {
+        let mut limits = self.limits.get(&0, 0)?;
+        limits.lists = self.list_bits()?;
+        self.limits.set(0, limits, 0)?;
+        Ok(())
+    }
+
+    /// The limits and ports in force.
+    pub fn policy(&self) -> Result<KernelPolicy, ShieldError> {
+        Ok(KernelPolicy {
+            limits: self.limits.get(&0, 0)?,
+            ports: self.ports.get(&0, 0)?,
+        })
+    }
+
+    /// Bans `source` for `duration` (`None`: until unbanned).
+    pub fn ban(&mut self, source: IpAddr, duration: Option<Duration>) -> Result<(), ShieldError> {
+        let until_ns = match duration {
+            None => u64::MAX,
+            Some(d) => monotonic_now_ns()?.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        };
+        let entry = BanEntry { until_ns };
+        match source {
+            IpAddr::V4(v4) => self.bans_v4.insert(v4_key(v4), entry, 0)?,
+            IpAddr::V6(v6) => self.bans_v6.insert(v6.octets(), entry, 0)?,
+        }
+        Ok(())
+    }
+
+    /// Lifts a ban; returns whether there was one.
+    pub fn unban(&mut self, source: IpAddr) -> Result<bool, ShieldError> {
+        let result = match source {
+            IpAddr::V4(v4) => self.bans_v4.remove(&v4_key(v4)),
+            IpAddr::V6(v6) => self.bans_v6.remove(&v6.octets()),
+        };
+        absent_ok(result)
+    }
+
+    /// Whether `source` is banned right now.
+    pub fn is_banned(&self, source: IpAddr) -> Result<bool, ShieldError> {
+        let entry = match source {
+            IpAddr::V4(v4) => self.bans_v4.get(&v4_key(v4), 0),
+            IpAddr::V6(v6) => self.bans_v6.get(&v6.octets(), 0),
+        };
+        match entry {
+            Ok(entry) => Ok(entry.until_ns > monotonic_now_ns()?),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every ban still in force, IPv4 first.
+    pub fn bans(&self) -> Result<Vec<BanRecord>, ShieldError> {
+        let now = monotonic_now_ns()?;
+        let record = |source: IpAddr, entry: BanEntry| {
+            (entry.until_ns > now).then(|| BanRecord {
+                source,
+                remaining: (entry.until_ns != u64::MAX).then(|| Duration::from_nanos(entry.until_ns - now)),
+            })
+        };
+        let mut records = Vec::new();
+        for item in self.bans_v4.iter() {
+            let (key, entry) = item?;
+            records.extend(record(IpAddr::V4(Ipv4Addr::from(key.to_ne_bytes())), entry));
+        }
+        for item in self.bans_v6.iter() {
+            let (key, entry) = item?;
+            records.extend(record(IpAddr::V6(Ipv6Addr::from(key)), entry));
+        }
+        Ok(records)
+    }
+
+    /// Puts `cidr` on `list` (moving it off the other list, if it was there).
+    pub fn add_cidr(&mut self, list: CidrList, cidr: Cidr, origin: CidrOrigin) -> Result<(), ShieldError> {
+        self.insert_cidr(list, cidr, origin)?;
+        self.refresh_lists()
+    }
+
+    fn insert_cidr(&mut self, list: CidrList, cidr: Cidr, origin: CidrOrigin) -> Result<(), ShieldError> {
+        let other = match list {
+            CidrList::Allow => CidrList::Deny,
+            CidrList::Deny => CidrList::Allow,
+        };
+        self.remove_from(other, cidr)?;
+        let prefix = u32::from(cidr.prefix());
+        match (list, cidr.network()) {
+            (CidrList::Allow, IpAddr::V4(v4)) => {
+                self.allow_v4
+                    .insert(&Key::new(prefix, v4_key(v4)), origin as u8, 0)?
+            }
+            (CidrList::Allow, IpAddr::V6(v6)) => {
+                self.allow_v6
+                    .insert(&Key::new(prefix, v6.octets()), origin as u8, 0)?
+            }
+            (CidrList::Deny, IpAddr::V4(v4)) => {
+                self.deny_v4
+                    .insert(&Key::new(prefix, v4_key(v4)), origin as u8, 0)?
+            }
+            (CidrList::Deny, IpAddr::V6(v6)) => {
+                self.deny_v6
+                    .insert(&Key::new(prefix, v6.octets()), origin as u8, 0)?
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `cidr` off whichever list has it; returns whether one did.
+    pub fn remove_cidr(&mut self, cidr: Cidr) -> Result<bool, ShieldError> {
+        let allowed = self.remove_from(CidrList::Allow, cidr)?;
+        let denied = self.remove_from(CidrList::Deny, cidr)?;
+        self.refresh_lists()?;
+        Ok(allowed || denied)
+    }
+
+    fn remove_from(&mut self, list: CidrList, cidr: Cidr) -> Result<bool, ShieldError> {
+        let prefix = u32::from(cidr.prefix());
+        let result = match (list, cidr.network()) {
+            (CidrList::Allow, IpAddr::V4(v4)) => self.allow_v4.remove(&Key::new(prefix, v4_key(v4))),
+            (CidrList::Allow, IpAddr::V6(v6)) => self.allow_v6.remove(&Key::new(prefix, v6.octets())),
+            (CidrList::Deny, IpAddr::V4(v4)) => self.deny_v4.remove(&Key::new(prefix, v4_key(v4))),
+            (CidrList::Deny, IpAddr::V6(v6)) => self.deny_v6.remove(&Key::new(prefix, v6.octets())),
+        };
+        absent_ok(result)
+    }
+
+    /// Every allow/deny entry.
+    pub fn cidrs(&self) -> Result<Vec<CidrEntry>, ShieldError> {
+        let mut entries = Vec::new();
+        collect(
+            &self.allow_v4,
+            CidrList::Allow,
+            |k| IpAddr::V4(Ipv4Addr::from(k.to_ne_bytes())),
+            &mut entries,
+        )?;
+        collect(
+            &self.allow_v6,
+            CidrList::Allow,
+            |k| IpAddr::V6(Ipv6Addr::from(k)),
+            &mut entries,
+        )?;
+        collect(
+            &self.deny_v4,
+            CidrList::Deny,
+            |k| IpAddr::V4(Ipv4Addr::from(k.to_ne_bytes())),
+            &mut entries,
+        )?;
+        collect(
+            &self.deny_v6,
+            CidrList::Deny,
+            |k| IpAddr::V6(Ipv6Addr::from(k)),
+            &mut entries,
+        )?;
+        Ok(entries)
+    }
+
+    /// Makes the configured entries exactly `allow` and `deny`; runtime entries stay unless the
+    /// config now lists the same network.
+    pub fn sync_cidrs(&mut self, allow: &[Cidr], deny: &[Cidr]) -> Result<(), ShieldError> {
+        for entry in self.cidrs()? {
+            if entry.origin == CidrOrigin::Config {
+                self.remove_from(entry.list, entry.cidr)?;
+            }
+        }
+        for &cidr in deny {
+            self.insert_cidr(CidrList::Deny, cidr, CidrOrigin::Config)?;
+        }
+        // Allow last: a network on both lists ends up allowed (allow wins).
+        for &cidr in allow {
+            self.insert_cidr(CidrList::Allow, cidr, CidrOrigin::Config)?;
+        }
+        self.refresh_lists()
+    }
+
+    /// Sums every CPU's counters for each verdict reason.
+    pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, ShieldError> {
+        Reason::ALL
+            .iter()
+            .map(|&reason| {
+                let per_cpu = self.counters.get(&(reason as u32), 0)?;
+                let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                });
+                Ok((reason, total))
+            })
+            .collect()
+    }
+}
+
+/// An IPv4 address as the kernel keys it: the four octets in wire order, read as a native u32.
+pub(super) fn v4_key(address: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(address.octets())
+}
+
+fn absent_ok(result: Result<(), MapError>) -> Result<bool, ShieldError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(MapError::KeyNotFound) => Ok(false),
+        // Deleting a missing LPM entry reports ENOENT through the syscall error.
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn collect<K: Pod>(
+    trie: &LpmTrie<MapData, K, u8>,
+    list: CidrList,
+    address: impl Fn(K) -> IpAddr,
+    into: &mut Vec<CidrEntry>,
+) -> Result<(), ShieldError> {
+    for item in trie.iter() {
+        let (key, origin) = item?;
+        let origin = if origin == CidrOrigin::Config as u8 {
+            CidrOrigin::Config
+        } else {
+            CidrOrigin::Runtime
+        };
+        let prefix = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
+        if let Ok(cidr) = Cidr::new(address(key.data()), prefix) {
+            into.push(CidrEntry { list, cidr, origin });
+        }
+    }
+    Ok(())
+}

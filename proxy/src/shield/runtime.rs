@@ -1,0 +1,324 @@
+//! [`RelayShield`]: the shield as one relay runs it.
+//!
+//! At start it tries XDP on the configured interfaces (`auto`: driver mode, else skb mode),
+//! writes the config into the maps and pins them for the CLI, and spawns the ban-event reader.
+//! When XDP is not possible (no interfaces configured, no privileges, an interface that
+//! refuses) it says why and enforces the userspace [`ConnectionGate`] at accept time instead.
+//! Either way the [`AbuseTracker`] turns repeated L7 rejections into bans, and
+//! [`RelayShield::reload`] applies a new `[shield]` section.
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use aya::programs::XdpMode;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::relay::{EdgeConfig, RelayConfig};
+use crate::config::shield::{AttachMode, ShieldConfig};
+
+use super::abuse::{Abuse, AbuseTracker};
+use super::gate::ConnectionGate;
+use super::{BanNotice, KernelPolicy, Shield, ShieldError, ShieldMaps, mode_name, pin};
+
+/// Where the program is attached: `(interface, "driver" | "skb")`.
+pub type Attachments = Vec<(String, &'static str)>;
+
+/// Which enforcement is active.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShieldMode {
+    /// The XDP program is attached.
+    Xdp { interfaces: Attachments },
+    /// XDP is off; the userspace gate enforces limits, for this reason.
+    Fallback { reason: String },
+}
+
+/// Counts a relay keeps about its shield.
+#[derive(Debug, Default)]
+pub struct ShieldStats {
+    /// Bans the kernel decided (ring-buffer events received).
+    pub kernel_bans: AtomicU64,
+    /// Bans decided from repeated L7 rejections.
+    pub abuse_bans: AtomicU64,
+    /// Connections the userspace gate closed at accept.
+    pub refused: AtomicU64,
+}
+
+/// The shield of one running relay.
+pub struct RelayShield {
+    mode: ShieldMode,
+    xdp: Mutex<Option<Shield>>,
+    config: Mutex<ShieldConfig>,
+    gate: ConnectionGate,
+    abuse: AbuseTracker,
+    stats: Arc<ShieldStats>,
+    stop: CancellationToken,
+}
+
+impl RelayShield {
+    /// Starts the shield for `config` (never fails: without XDP it falls back to userspace).
+    /// Must run inside a tokio runtime (the ban-event reader is a task).
+    pub fn start(config: &RelayConfig) -> Self {
+        let shield_config = config.shield.clone();
+        let stats = Arc::new(ShieldStats::default());
+        let stop = CancellationToken::new();
+        let (mode, xdp) = if shield_config.interfaces.is_empty() {
+            let reason = "no [shield] interfaces configured".to_owned();
+            info!(%reason, "shield: userspace fallback ({reason})");
+            (ShieldMode::Fallback { reason }, None)
+        } else {
+            match start_xdp(&shield_config, &config.edge, &instance_name(config)) {
+                Ok((mut shield, interfaces)) => {
+                    for (interface, mode) in &interfaces {
+                        info!(interface, mode, "shield: xdp on {interface} ({mode})");
+                    }
+                    if let Some(events) = shield.take_ban_events() {
+                        tokio::spawn(events.run(stop.clone(), log_ban(Arc::clone(&stats))));
+                    }
+                    (ShieldMode::Xdp { interfaces }, Some(shield))
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    warn!(%reason, "shield: userspace fallback ({reason})");
+                    (ShieldMode::Fallback { reason }, None)
+                }
+            }
+        };
+        Self {
+            mode,
+            xdp: Mutex::new(xdp),
+            gate: ConnectionGate::new(&shield_config),
+            abuse: AbuseTracker::new(&shield_config),
+            config: Mutex::new(shield_config),
+            stats,
+            stop,
+        }
+    }
+
+    pub fn mode(&self) -> &ShieldMode {
+        &self.mode
+    }
+
+    pub fn stats(&self) -> &ShieldStats {
+        &self.stats
+    }
+
+    /// Accept-time check: false means close the connection now. With XDP on, the kernel has
+    /// already policed the connection's packets, so everything is admitted here.
+    pub fn admit(&self, peer: IpAddr) -> bool {
+        if matches!(self.mode, ShieldMode::Xdp { .. }) {
+            return true;
+        }
+        let admission = self.gate.check(peer, Instant::now());
+        if !admission.admitted() {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, verdict = admission.label(), "shield: connection refused at accept");
+        }
+        admission.admitted()
+    }
+
+    /// The edge rejected a connection from `peer` for `what`; bans repeat offenders.
+    pub fn report_abuse(&self, peer: IpAddr, what: Abuse) {
+        if self.gate.is_allowlisted(peer) {
+            return;
+        }
+        let Some(rejections) = self.abuse.record(peer, Instant::now()) else {
+            return;
+        };
+        let duration = self.config.lock().expect("shield config lock").ban_duration;
+        self.stats.abuse_bans.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            source = %peer,
+            rejections,
+            last = what.label(),
+            ban = ?duration,
+            "shield: banning source after repeated rejected connections"
+        );
+        let mut xdp = self.xdp.lock().expect("shield lock");
+        match xdp.as_mut() {
+            Some(shield) => {
+                if let Err(e) = shield.ban(peer.to_canonical(), Some(duration)) {
+                    warn!(source = %peer, error = %e, "shield: kernel ban failed; banning in userspace");
+                    self.gate.ban(peer, Some(Instant::now() + duration));
+                }
+            }
+            None => self.gate.ban(peer, Some(Instant::now() + duration)),
+        }
+    }
+
+    /// Whether `peer` is banned (kernel ban map with XDP, userspace list otherwise).
+    pub fn is_banned(&self, peer: IpAddr) -> bool {
+        let xdp = self.xdp.lock().expect("shield lock");
+        match xdp.as_ref() {
+            Some(shield) => shield.maps().is_banned(peer.to_canonical()).unwrap_or(false),
+            None => self.gate.is_banned(peer, Instant::now()),
+        }
+    }
+
+    /// Runs `f` on the kernel maps, when XDP is on.
+    pub fn with_maps<R>(&self, f: impl FnOnce(&mut ShieldMaps) -> R) -> Option<R> {
+        let mut xdp = self.xdp.lock().expect("shield lock");
+        xdp.as_mut().map(|shield| f(shield.maps_mut()))
+    }
+
+    /// Applies a new `[shield]` section: limits, ports and lists take effect at once;
+    /// `interfaces` and `mode` only at the next start.
+    pub fn reload(&self, config: &ShieldConfig, edge: &EdgeConfig) -> Result<(), ShieldError> {
+        let mut current = self.config.lock().expect("shield config lock");
+        if current.interfaces != config.interfaces || current.mode != config.mode {
+            warn!("shield: `interfaces` and `mode` changes take effect at the next restart");
+        }
+        self.gate.reconfigure(config);
+        self.abuse.reconfigure(config);
+        if let Some(shield) = self.xdp.lock().expect("shield lock").as_mut() {
+            sync(shield.maps_mut(), config, edge)?;
+        }
+        *current = config.clone();
+        info!("shield: configuration reloaded");
+        Ok(())
+    }
+
+    /// Detaches XDP, removes the pins and stops the event reader. Idempotent.
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+        if let Some(shield) = self.xdp.lock().expect("shield lock").take() {
+            let interfaces: Vec<String> = shield.interfaces().map(str::to_owned).collect();
+            drop(shield);
+            info!(?interfaces, "shield: detached");
+        }
+    }
+}
+
+impl Drop for RelayShield {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The policy the kernel enforces for `config`.
+pub fn kernel_policy(config: &ShieldConfig, edge: &EdgeConfig) -> KernelPolicy {
+    KernelPolicy::new(
+        &config.effective_ports(edge),
+        (config.syn_rate, config.syn_burst),
+        (config.packet_rate, config.packet_burst),
+        config.ban_threshold,
+        config.ban_duration,
+    )
+}
+
+/// Writes `config` into the kernel maps.
+pub fn sync(maps: &mut ShieldMaps, config: &ShieldConfig, edge: &EdgeConfig) -> Result<(), ShieldError> {
+    maps.set_policy(&kernel_policy(config, edge))?;
+    maps.sync_cidrs(&config.allow, &config.deny)
+}
+
+/// The pin directory name of a relay: its first non-ephemeral edge port (ports identify a
+/// relay on a host), else its process id.
+pub fn instance_name(config: &RelayConfig) -> String {
+    config
+        .edge
+        .tls_listen
+        .iter()
+        .chain(&config.edge.http_listen)
+        .map(|a| a.port())
+        .find(|&p| p != 0)
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| format!("pid-{}", std::process::id()))
+}
+
+fn start_xdp(
+    config: &ShieldConfig,
+    edge: &EdgeConfig,
+    instance: &str,
+) -> Result<(Shield, Attachments), ShieldError> {
+    let mut shield = Shield::load_pinned(&pin::instance_dir(instance))?;
+    sync(shield.maps_mut(), config, edge)?;
+    let mut attached = Vec::new();
+    for interface in &config.interfaces {
+        let mode = match config.mode {
+            AttachMode::Driver => XdpMode::Driver,
+            AttachMode::Skb => XdpMode::Skb,
+            AttachMode::Auto => match shield.attach(interface, XdpMode::Driver) {
+                Ok(()) => {
+                    attached.push((interface.clone(), mode_name(XdpMode::Driver)));
+                    continue;
+                }
+                Err(e) => {
+                    warn!(
+                        interface,
+                        error = %e,
+                        "shield: driver mode refused on {interface}; falling back to skb mode"
+                    );
+                    XdpMode::Skb
+                }
+            },
+        };
+        shield.attach(interface, mode)?;
+        attached.push((interface.clone(), mode_name(mode)));
+    }
+    Ok((shield, attached))
+}
+
+fn log_ban(stats: Arc<ShieldStats>) -> impl Fn(BanNotice) {
+    move |notice| {
+        stats.kernel_bans.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            source = %notice.source,
+            reason = notice.reason.map_or("unknown", |r| r.label()),
+            ban = ?notice.remaining(),
+            "shield: kernel banned a source"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_is_named_after_the_first_fixed_edge_port() {
+        let mut config: RelayConfig = toml::from_str(
+            "state_dir = \"s\"\n[edge]\ntls_listen = [\"127.0.0.1:0\", \"127.0.0.1:8443\"]\n\
+             [tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\n",
+        )
+        .unwrap();
+        assert_eq!(instance_name(&config), "8443");
+        config.edge.tls_listen.truncate(1);
+        config.edge.http_listen.clear();
+        assert_eq!(instance_name(&config), format!("pid-{}", std::process::id()));
+    }
+
+    #[tokio::test]
+    async fn without_interfaces_the_gate_limits_and_abuse_bans_in_userspace() {
+        let mut config: RelayConfig = toml::from_str(
+            "state_dir = \"s\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\n\
+             [shield]\nconnection_rate = 1\nconnection_burst = 2\nabuse_threshold = 2\n",
+        )
+        .unwrap();
+        let shield = RelayShield::start(&config);
+        assert!(matches!(shield.mode(), ShieldMode::Fallback { .. }));
+
+        let flooder: IpAddr = "192.0.2.9".parse().unwrap();
+        assert!(shield.admit(flooder));
+        assert!(shield.admit(flooder));
+        assert!(!shield.admit(flooder));
+        assert_eq!(shield.stats().refused.load(Ordering::Relaxed), 1);
+
+        let scanner: IpAddr = "192.0.2.10".parse().unwrap();
+        for _ in 0..2 {
+            shield.report_abuse(scanner, Abuse::UnknownHost);
+        }
+        assert!(!shield.is_banned(scanner));
+        shield.report_abuse(scanner, Abuse::UnknownHost);
+        assert!(shield.is_banned(scanner));
+        assert!(!shield.admit(scanner));
+        assert_eq!(shield.stats().abuse_bans.load(Ordering::Relaxed), 1);
+
+        // Reload: the scanner's network is now allowlisted, which beats its ban.
+        config.shield.allow = vec!["192.0.2.0/24".parse().unwrap()];
+        shield.reload(&config.shield, &config.edge).unwrap();
+        assert!(shield.admit(scanner));
+        assert!(shield.with_maps(|_| ()).is_none());
+    }
+}
