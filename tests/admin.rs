@@ -149,6 +149,52 @@ async fn probes_metrics_and_tunnel_api_reflect_real_traffic() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bans_through_the_api_close_the_door_and_reopen_it() {
+    use sluice::admin::relay_api::BanView;
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let _agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &token,
+        )
+        .await;
+    let base = format!("http://{}", world.admin_addr());
+
+    let client = AdminClient::new(&base, None);
+    let (banned, bans) = admin(move || {
+        let banned = client.request("POST", "/api/bans/127.0.0.1?for=10m").unwrap();
+        let bans: Vec<BanView> = client.json("GET", "/api/bans").unwrap();
+        (banned, bans)
+    })
+    .await;
+    assert_eq!(banned.status, 200, "{}", banned.body);
+    assert_eq!(bans.len(), 1);
+    assert_eq!(bans[0].source, "127.0.0.1");
+    assert!(
+        bans[0].remaining_secs.is_some_and(|s| s > 590 && s <= 600),
+        "{bans:?}"
+    );
+    // In userspace fallback (no XDP in this test), a banned source is closed at accept.
+    let refused = round_trip(world.tls_addr(), "app.acme.test", acme.client_config(), "x").await;
+    assert!(refused.is_err(), "a banned source got through: {refused:?}");
+
+    let client = AdminClient::new(&base, None);
+    let (lifted, again, bad) = admin(move || {
+        (
+            client.request("DELETE", "/api/bans/127.0.0.1").unwrap().status,
+            client.request("DELETE", "/api/bans/127.0.0.1").unwrap().status,
+            client.request("POST", "/api/bans/not-an-ip").unwrap().status,
+        )
+    })
+    .await;
+    assert_eq!((lifted, again, bad), (200, 404, 400));
+    let answer = round_trip(world.tls_addr(), "app.acme.test", acme.client_config(), "back").await;
+    assert_eq!(answer.unwrap(), "acme: back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_token_protects_everything_but_the_probes() {
     let world = World::start(RelayOptions {
         admin_token: Some("s3cret-admin-token-123"),

@@ -61,14 +61,14 @@ async fn relay_process_never_holds_the_tenant_key_or_plaintext() {
         .unwrap();
     let token = store.create_token("acme", "agent", None).unwrap().token;
 
-    let (tls_port, tunnel_port) = (free_port(), free_port());
+    let (tls_port, tunnel_port, admin_port) = (free_port(), free_port(), free_port());
     let config = write(
         dir.path(),
         "relay.toml",
         &format!(
             "state_dir = \"state\"\nshutdown_grace = \"2s\"\n[edge]\ntls_listen = [\"127.0.0.1:{tls_port}\"]\n\
              http_listen = []\n[tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\ncert = \"relay-cert.pem\"\n\
-             key = \"relay-key.pem\"\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+             key = \"relay-key.pem\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n"
         ),
     );
     let mut relay = RelayProcess {
@@ -134,6 +134,41 @@ async fn relay_process_never_holds_the_tenant_key_or_plaintext() {
         "plaintext sent by the browser is in relay memory"
     );
     drop(stream);
+
+    // The CLI reaches the running relay through its admin API.
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let cli = |args: &[&str]| {
+        let out = Command::new(sluice_binary())
+            .args(args)
+            .args(["--admin", &admin])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "sluice {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let tunnels = cli(&["tunnels", "list"]);
+    assert!(
+        tunnels.starts_with("acme/acme-1/") && tunnels.contains("app.acme.test"),
+        "{tunnels}"
+    );
+    assert_eq!(
+        cli(&["bans", "add", "192.0.2.44", "--for", "5m"]),
+        "banned 192.0.2.44\n"
+    );
+    let bans = cli(&["bans", "list"]);
+    assert!(
+        bans.starts_with("192.0.2.44\t") && bans.contains("s left"),
+        "{bans}"
+    );
+    assert_eq!(
+        cli(&["bans", "remove", "192.0.2.44"]),
+        "lifted the ban on 192.0.2.44\n"
+    );
+    assert_eq!(cli(&["bans", "list"]), "");
 
     // SIGTERM: graceful shutdown, exit status 0.
     // SAFETY: plain syscall on the pid of our own child.

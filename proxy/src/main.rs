@@ -58,6 +58,14 @@ enum Command {
         #[command(subcommand)]
         action: TunnelAction,
     },
+    /// Banned sources on a running relay (through its admin API; kernel bans with XDP,
+    /// userspace bans in fallback mode). `sluice shield bans` edits the kernel maps directly.
+    Bans {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: BanAction,
+    },
     /// Print the SHA-256 pin of a certificate's public key, for an agent's `pin_sha256`.
     RelayPin {
         /// PEM certificate (the relay's tunnel certificate).
@@ -115,6 +123,21 @@ enum TunnelAction {
 }
 
 #[derive(Subcommand)]
+enum BanAction {
+    List,
+    /// Ban a source address, for a while (`--for 10m`) or until lifted.
+    Add {
+        source: std::net::IpAddr,
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Lift a ban.
+    Remove {
+        source: std::net::IpAddr,
+    },
+}
+
+#[derive(Subcommand)]
 enum TenantAction {
     /// Add a tenant that owns the given hostnames (exact or `*.suffix`).
     Add {
@@ -169,6 +192,7 @@ fn main() -> anyhow::Result<()> {
         Command::Tenant { store, action } => tenant(&store.open()?, action),
         Command::Token { store, action } => token(&store.open()?, action),
         Command::Tunnels { admin, action } => tunnels(&admin, action),
+        Command::Bans { admin, action } => bans(&admin, action),
         Command::RelayPin { cert } => relay_pin(&cert),
         Command::ShieldProbe => shield_probe(),
         Command::Shield(args) => Ok(sluice::shield::cli::run(&args, &mut std::io::stdout())?),
@@ -347,6 +371,34 @@ fn tunnels(admin: &AdminArgs, action: TunnelAction) -> anyhow::Result<()> {
         TunnelAction::Cut { agent_id } => {
             let _: serde_json::Value = client.json("DELETE", &format!("/api/tunnels/{agent_id}"))?;
             println!("cut {agent_id}");
+        }
+    }
+    Ok(())
+}
+
+fn bans(admin: &AdminArgs, action: BanAction) -> anyhow::Result<()> {
+    use sluice::admin::relay_api::BanView;
+    let client = admin.client()?;
+    match action {
+        BanAction::List => {
+            let bans: Vec<BanView> = client.json("GET", "/api/bans")?;
+            for ban in bans {
+                let left = ban
+                    .remaining_secs
+                    .map_or_else(|| "until lifted".to_owned(), |s| format!("{s}s left"));
+                println!("{}\t{left}", ban.source);
+            }
+        }
+        BanAction::Add { source, duration } => {
+            let query = duration
+                .map(|d| format!("?for={}s", d.as_secs().max(1)))
+                .unwrap_or_default();
+            let _: serde_json::Value = client.json("POST", &format!("/api/bans/{source}{query}"))?;
+            println!("banned {source}");
+        }
+        BanAction::Remove { source } => {
+            let _: serde_json::Value = client.json("DELETE", &format!("/api/bans/{source}"))?;
+            println!("lifted the ban on {source}");
         }
     }
     Ok(())

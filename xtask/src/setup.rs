@@ -57,7 +57,7 @@ pub fn setup() -> Result<()> {
     }
     if let Some(problem) = bpf_linker_problem()? {
         eprintln!(
-            "xtask: {problem}; building bpf-linker {BPF_LINKER_VERSION} against {NIGHTLY}'s LLVM (takes a few minutes, once)"
+            "xtask: needs {problem}; building bpf-linker {BPF_LINKER_VERSION} against {NIGHTLY}'s LLVM (takes a few minutes, once)"
         );
         install_bpf_linker()?;
         if let Some(problem) = bpf_linker_problem()? {

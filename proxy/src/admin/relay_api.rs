@@ -10,6 +10,9 @@
 //! | POST | `/api/tokens/{id}/revoke` | revoke a token; its live tunnels are cut now |
 //! | GET | `/api/tunnels` | live agent sessions |
 //! | DELETE | `/api/tunnels/{agent-id}` | cut one live session and its streams |
+//! | GET | `/api/bans` | banned sources (kernel with XDP, userspace otherwise) |
+//! | POST | `/api/bans/{ip}?for=10m` | ban a source (no `for`: until lifted) |
+//! | DELETE | `/api/bans/{ip}` | lift a ban |
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -45,6 +48,13 @@ pub struct TunnelView {
     pub routes: Vec<String>,
     pub active_streams: usize,
     pub idle_data_connections: usize,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct BanView {
+    pub source: String,
+    /// Seconds left; absent for a ban without expiry.
+    pub remaining_secs: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -152,7 +162,60 @@ impl AdminHandler for RelayAdmin {
                     None => error(StatusCode::NOT_FOUND, &format!("no live tunnel {id}")),
                 }
             }
+            (&Method::GET, ["api", "bans"]) => match state.shield.bans() {
+                Ok(bans) => {
+                    let bans: Vec<BanView> = bans
+                        .into_iter()
+                        .map(|b| BanView {
+                            source: b.source.to_string(),
+                            remaining_secs: b.remaining.map(|d| d.as_secs()),
+                        })
+                        .collect();
+                    json(StatusCode::OK, &bans)
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            },
+            (&Method::POST, ["api", "bans", source]) => {
+                let Ok(source) = source.parse::<std::net::IpAddr>() else {
+                    return error(StatusCode::BAD_REQUEST, "not an IP address");
+                };
+                let duration = match query_value(request.query.as_deref(), "for") {
+                    None => None,
+                    Some(text) => match humantime::parse_duration(text) {
+                        Ok(d) => Some(d),
+                        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("`for`: {e}")),
+                    },
+                };
+                match state.shield.ban(source, duration) {
+                    Ok(()) => json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "banned": source.to_string() }),
+                    ),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                }
+            }
+            (&Method::DELETE, ["api", "bans", source]) => {
+                let Ok(source) = source.parse::<std::net::IpAddr>() else {
+                    return error(StatusCode::BAD_REQUEST, "not an IP address");
+                };
+                match state.shield.unban(source) {
+                    Ok(true) => json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "unbanned": source.to_string() }),
+                    ),
+                    Ok(false) => error(StatusCode::NOT_FOUND, &format!("{source} is not banned")),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                }
+            }
             _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
         }
     }
+}
+
+/// The value of `key` in a query string like `a=1&for=10m` (no percent-decoding needed for the
+/// values this API takes).
+fn query_value<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v))
 }

@@ -174,6 +174,17 @@ impl ConnectionGate {
         state.bans.remove(&source.to_canonical()).is_some()
     }
 
+    /// Bans in force at `now`: source and time left (`None`: no expiry).
+    pub fn bans(&self, now: Instant) -> Vec<(IpAddr, Option<std::time::Duration>)> {
+        let state = self.state.lock().expect("gate state lock");
+        state
+            .bans
+            .iter()
+            .filter(|(_, until)| until.is_none_or(|u| u > now))
+            .map(|(source, until)| (*source, until.map(|u| u - now)))
+            .collect()
+    }
+
     pub fn is_banned(&self, source: IpAddr, now: Instant) -> bool {
         let state = self.state.lock().expect("gate state lock");
         match state.bans.get(&source.to_canonical()) {

@@ -9,7 +9,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use aya::programs::XdpMode;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +20,7 @@ use crate::config::shield::{AttachMode, ShieldConfig};
 
 use super::abuse::{Abuse, AbuseTracker};
 use super::gate::ConnectionGate;
-use super::{BanNotice, KernelPolicy, Shield, ShieldError, ShieldMaps, mode_name, pin};
+use super::{BanNotice, BanRecord, KernelPolicy, Shield, ShieldError, ShieldMaps, mode_name, pin};
 
 /// Where the program is attached: `(interface, "driver" | "skb")`.
 pub type Attachments = Vec<(String, &'static str)>;
@@ -153,6 +153,41 @@ impl RelayShield {
         match xdp.as_ref() {
             Some(shield) => shield.maps().is_banned(peer.to_canonical()).unwrap_or(false),
             None => self.gate.is_banned(peer, Instant::now()),
+        }
+    }
+
+    /// Every ban in force (kernel ban map with XDP, userspace list otherwise).
+    pub fn bans(&self) -> Result<Vec<BanRecord>, ShieldError> {
+        let xdp = self.xdp.lock().expect("shield lock");
+        match xdp.as_ref() {
+            Some(shield) => shield.maps().bans(),
+            None => Ok(self
+                .gate
+                .bans(Instant::now())
+                .into_iter()
+                .map(|(source, remaining)| BanRecord { source, remaining })
+                .collect()),
+        }
+    }
+
+    /// Bans `source` for `duration` (`None`: until lifted), wherever enforcement happens.
+    pub fn ban(&self, source: IpAddr, duration: Option<Duration>) -> Result<(), ShieldError> {
+        let mut xdp = self.xdp.lock().expect("shield lock");
+        match xdp.as_mut() {
+            Some(shield) => shield.ban(source.to_canonical(), duration),
+            None => {
+                self.gate.ban(source, duration.map(|d| Instant::now() + d));
+                Ok(())
+            }
+        }
+    }
+
+    /// Lifts a ban; returns whether there was one.
+    pub fn unban(&self, source: IpAddr) -> Result<bool, ShieldError> {
+        let mut xdp = self.xdp.lock().expect("shield lock");
+        match xdp.as_mut() {
+            Some(shield) => shield.maps_mut().unban(source.to_canonical()),
+            None => Ok(self.gate.unban(source)),
         }
     }
 
