@@ -241,7 +241,23 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
 
     // 4. Relay memory with many idle proxied connections.
-    let (held, failed) = client::hold(&relayed, options.idle_connections, 64).await?;
+    // Relay and agent each hold two descriptors per proxied connection: stay within what their
+    // open-file limits allow, and say so when that is below what was asked.
+    let capacity = ["relay", "agent"]
+        .iter()
+        .map(|name| open_file_limit(processes.pid(name)).map(|l| l.saturating_sub(256) / 2))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .min()
+        .unwrap_or(0) as usize;
+    let idle_connections = options.idle_connections.min(capacity);
+    if idle_connections < options.idle_connections {
+        println!(
+            "idle phase: {idle_connections} connections, not {}: the open-file limit allows that many per process",
+            options.idle_connections
+        );
+    }
+    let (held, failed) = client::hold(&relayed, idle_connections, 64).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let busy_rss = rss_kib(processes.pid("relay"))?;
     report.memory(idle_rss, held.len(), busy_rss, failed);
@@ -338,6 +354,17 @@ fn pin_self(cpu: usize) -> anyhow::Result<()> {
         .status()?;
     ensure!(status.success(), "taskset failed");
     Ok(())
+}
+
+/// The soft "Max open files" limit of process `pid`.
+fn open_file_limit(pid: u32) -> anyhow::Result<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no open-file limit")?;
+    let soft = line.split_whitespace().nth(3).context("bad limits line")?;
+    Ok(soft.parse().unwrap_or(u64::MAX))
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {

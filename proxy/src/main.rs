@@ -199,9 +199,10 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Every proxied connection costs descriptors (browser, tunnel, target): lift the limit as
-/// servers must, instead of failing at the default 1024. With CAP_SYS_RESOURCE the hard limit is
-/// raised too; otherwise the soft limit goes up to the hard one.
+/// Every proxied connection costs descriptors (browser + tunnel on the relay, tunnel + target on
+/// the agent): lift the limit as servers must, instead of failing at the default 1024. With
+/// CAP_SYS_RESOURCE the hard limit is raised too; otherwise the soft limit goes up to the hard
+/// one. The resulting capacity is logged, because running out shows up as stalled accepts.
 fn raise_open_file_limit() {
     const WANTED: libc::rlim_t = 262_144;
     let mut limit = libc::rlimit {
@@ -210,23 +211,32 @@ fn raise_open_file_limit() {
     };
     // SAFETY: plain syscalls with valid pointers to structs we own.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= WANTED {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return;
         }
-        let raised = libc::rlimit {
-            rlim_cur: WANTED,
-            rlim_max: WANTED.max(limit.rlim_max),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+        if limit.rlim_cur < WANTED {
+            let raised = libc::rlimit {
+                rlim_cur: WANTED,
+                rlim_max: WANTED.max(limit.rlim_max),
+            };
             let soft = libc::rlimit {
                 rlim_cur: limit.rlim_max,
                 rlim_max: limit.rlim_max,
             };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &soft) != 0 {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0
+                && libc::setrlimit(libc::RLIMIT_NOFILE, &soft) != 0
+            {
                 tracing::warn!(soft = limit.rlim_cur, "could not raise the open-file limit");
             }
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
         }
     }
+    // Keep some descriptors for listeners, the store and the data-connection pool.
+    tracing::info!(
+        open_files = limit.rlim_cur,
+        max_proxied_connections = limit.rlim_cur.saturating_sub(256) / 2,
+        "file descriptor limit"
+    );
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

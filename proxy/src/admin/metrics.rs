@@ -47,6 +47,7 @@ pub struct RelayMetrics {
     pub connections_accepted: IntCounterVec,
     pub connections_active: IntGaugeVec,
     pub connections_rejected: IntCounterVec,
+    pub accept_errors: IntCounterVec,
     pub http_redirects: IntCounter,
     pub streams: IntCounterVec,
     pub stream_bytes: IntCounterVec,
@@ -124,6 +125,11 @@ impl RelayMetrics {
                 "sluice_connections_rejected_total",
                 "Browser connections turned away, by reason.",
                 &["listener", "reason"],
+            ),
+            accept_errors: counter_vec(
+                "sluice_accept_errors_total",
+                "Failed accepts on edge listeners (e.g. out of file descriptors).",
+                &["listener"],
             ),
             http_redirects: counter(
                 "sluice_http_redirects_total",

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::warn;
 
 use crate::relay::RelayState;
 
@@ -56,13 +56,19 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// relay drains on shutdown.
 pub async fn accept_loop(listener: TcpListener, kind: EdgeKind, state: Arc<RelayState>) {
     let local_port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    let mut last_warning: Option<Instant> = None;
     loop {
         let (client, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    debug!(error = %e, "edge accept failed");
+                    // EMFILE and friends: the connection waits in the kernel's queue. Say so
+                    // (at most once a second) and back off briefly instead of spinning.
+                    state.metrics.accept_errors.with_label_values(&[kind.label()]).inc();
+                    if last_warning.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1)) {
+                        warn!(error = %e, listener = kind.label(), "edge accept failed (out of file descriptors?)");
+                        last_warning = Some(Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
