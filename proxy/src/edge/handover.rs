@@ -87,9 +87,9 @@ pub async fn to_agent(
         }
         let least_loaded = &agents[0].session;
         if !asked_for_more {
-            least_loaded.send_control(RelayMessage::OpenData {
-                count: state.config.tunnel.pool_size,
-            });
+            // One more for this stream: each waiting stream asks for exactly what it needs, so
+            // a burst cannot make the agent open (and the relay hold) far more than it uses.
+            least_loaded.send_control(RelayMessage::OpenData { count: 1 });
             asked_for_more = true;
         }
         let now = Instant::now();
