@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use sluice::admin::client::AdminClient;
 use sluice_tests::client::round_trip;
+use sluice_tests::process::free_port;
 use sluice_tests::servers::tls_echo;
 use sluice_tests::world::{RelayOptions, World, passthrough_route, write};
 
@@ -29,14 +30,6 @@ fn prometheus_binary() -> PathBuf {
         .unwrap_or_else(|| {
             panic!("no prometheus binary in {candidates:?}: `cargo xtask setup` installs Debian's package")
         })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Percent-encodes a PromQL expression for a query string.

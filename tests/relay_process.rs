@@ -4,7 +4,6 @@
 //! traffic has flowed, every readable page of the relay process is scanned for the tenant's
 //! private key and for the plaintext sent through it. A positive control (the SNI hostname,
 //! which the relay must have read) shows the scan does find what is there.
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -12,24 +11,9 @@ use sluice::route::pattern::HostPattern;
 use sluice::store::Store;
 use sluice_tests::client::{ask, connect};
 use sluice_tests::pki::CertSet;
+use sluice_tests::process::{free_port, sluice_binary};
 use sluice_tests::servers::tls_echo;
 use sluice_tests::world::{eventually, passthrough_route, within, write};
-
-fn sluice_binary() -> PathBuf {
-    // target/debug/deps/relay_process-<hash> -> target/debug/sluice
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("sluice");
-    assert!(
-        bin.is_file(),
-        "{} not found: build the workspace first (cargo xtask test does)",
-        bin.display()
-    );
-    bin
-}
 
 struct RelayProcess {
     child: Child,
@@ -40,14 +24,6 @@ impl Drop for RelayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

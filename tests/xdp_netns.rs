@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use proxy_common::Reason;
 use sluice::shield::runtime::ShieldMode;
 use sluice_tests::client::round_trip;
+use sluice_tests::process::free_port;
 use sluice_tests::servers::tls_echo;
 use sluice_tests::world::{RelayOptions, World, passthrough_route};
 
@@ -125,14 +126,6 @@ fn ip(args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts `count` connections without waiting for any: one SYN each (plus retransmits).
@@ -319,17 +312,7 @@ fn inside<T: Send + 'static>(namespace: &str, f: impl FnOnce() -> T + Send + 'st
 
 /// Runs the `sluice` binary built next to this test; returns stdout, failing on error.
 fn sluice(args: &[&str]) -> String {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("sluice");
-    assert!(
-        bin.is_file(),
-        "{} not found: build the workspace first",
-        bin.display()
-    );
+    let bin = sluice_tests::process::sluice_binary();
     let output = Command::new(bin).args(args).output().unwrap();
     assert!(
         output.status.success(),

@@ -3,5 +3,6 @@
 pub mod client;
 pub mod frames;
 pub mod pki;
+pub mod process;
 pub mod servers;
 pub mod world;

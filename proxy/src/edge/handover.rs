@@ -12,6 +12,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt as _;
 use tokio::time::Instant;
 
+use crate::pump::{Counted, PumpError, Transferred, pump};
 use crate::relay::RelayState;
 use crate::route::registry::{Route, RouteAgent};
 use crate::tunnel::message::RelayMessage;
@@ -34,6 +35,31 @@ pub struct Handover {
     pub tunnel: DataStream,
     /// Keeps the stream counted in the agent's load until dropped.
     pub active: ActiveStream,
+}
+
+impl Handover {
+    /// Counts the stream in the metrics, then pumps bytes between `client` and the agent until
+    /// both sides are done (or access is cut). `peeked` bytes already went out with the header.
+    pub async fn pump_stream(
+        mut self,
+        state: &RelayState,
+        listener: &str,
+        tenant: &str,
+        client: tokio::net::TcpStream,
+        peeked: usize,
+        accepted_at: Instant,
+    ) -> Result<Transferred, PumpError> {
+        let metrics = &state.metrics;
+        metrics
+            .setup_seconds
+            .with_label_values(&[listener])
+            .observe(accepted_at.elapsed().as_secs_f64());
+        metrics.streams.with_label_values(&[metrics.tenant(tenant)]).inc();
+        let (to_agent, to_client) = metrics.byte_counters(tenant);
+        to_agent.inc_by(peeked as u64);
+        let mut client = Counted::new(client, to_agent, to_client);
+        pump(&mut client, &mut self.tunnel, &self.session.cut).await
+    }
 }
 
 /// What to tell the agent about the stream.

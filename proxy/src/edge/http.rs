@@ -14,7 +14,6 @@ use super::{PeekReadError, read_more};
 use crate::admin::metrics::Rejection;
 use crate::peek::Peek;
 use crate::peek::http::{HttpPeekError, error_response, peek_request_head, redirect_to_https};
-use crate::pump::{Counted, pump};
 use crate::relay::RelayState;
 use crate::shield::abuse::Abuse;
 use crate::tunnel::message::HttpMode;
@@ -85,7 +84,7 @@ pub async fn serve(
         relay_port: local_port,
         host: &head.host,
     };
-    let mut handover = match handover::to_agent(&state, &route, forwards, info, &buf).await {
+    let handover = match handover::to_agent(&state, &route, forwards, info, &buf).await {
         Ok(handover) => handover,
         Err(e) => {
             info!(%peer, host = head.host, error = %e, "cannot reach the tenant's agent");
@@ -98,21 +97,14 @@ pub async fn serve(
             return;
         }
     };
-    metrics
-        .setup_seconds
-        .with_label_values(&[LISTENER])
-        .observe(accepted_at.elapsed().as_secs_f64());
-    metrics
-        .streams
-        .with_label_values(&[metrics.tenant(&route.tenant)])
-        .inc();
-    let (to_agent, to_client) = metrics.byte_counters(&route.tenant);
-    to_agent.inc_by(buf.len() as u64);
     // The peeked bytes are on their way; do not keep the buffer for the stream's lifetime.
+    let peeked = buf.len();
     drop(buf);
-    let mut client = Counted::new(client, to_agent, to_client);
-    let result = pump(&mut client, &mut handover.tunnel, &handover.session.cut).await;
-    debug!(%peer, host = head.host, agent = %handover.session.id, ?result, "plaintext stream finished");
+    let agent = handover.session.id.clone();
+    let result = handover
+        .pump_stream(&state, LISTENER, &route.tenant, client, peeked, accepted_at)
+        .await;
+    debug!(%peer, host = head.host, %agent, ?result, "plaintext stream finished");
 }
 
 /// `host`, plus the relay's TLS port when it is not 443.

@@ -15,7 +15,6 @@ use super::{PeekReadError, read_more};
 use crate::admin::metrics::Rejection;
 use crate::peek::Peek;
 use crate::peek::tls::{AlertDescription, ClientHelloError, fatal_alert, peek_client_hello};
-use crate::pump::{Counted, pump};
 use crate::relay::RelayState;
 use crate::shield::abuse::Abuse;
 use crate::tunnel::stream_header::StreamKind;
@@ -95,7 +94,7 @@ pub async fn serve(
         relay_port: local_port,
         host: &host,
     };
-    let mut handover = match handover::to_agent(&state, &route, |_| true, info, &buf).await {
+    let handover = match handover::to_agent(&state, &route, |_| true, info, &buf).await {
         Ok(handover) => handover,
         Err(e) => {
             info!(%peer, host, tenant = %route.tenant, error = %e, "cannot reach the tenant's agent");
@@ -108,23 +107,15 @@ pub async fn serve(
             return;
         }
     };
-    metrics
-        .setup_seconds
-        .with_label_values(&[LISTENER])
-        .observe(accepted_at.elapsed().as_secs_f64());
-    metrics
-        .streams
-        .with_label_values(&[metrics.tenant(&route.tenant)])
-        .inc();
-    let (to_agent, to_client) = metrics.byte_counters(&route.tenant);
-    // The peeked bytes already went out with the stream header.
-    to_agent.inc_by(buf.len() as u64);
     // The peeked bytes are on their way; do not keep the buffer for the stream's lifetime.
+    let peeked = buf.len();
     drop(buf);
     debug!(%peer, host, agent = %handover.session.id, "stream handed over");
-    let mut client = Counted::new(client, to_agent, to_client);
-    let result = pump(&mut client, &mut handover.tunnel, &handover.session.cut).await;
-    debug!(%peer, host, agent = %handover.session.id, ?result, "stream finished");
+    let agent = handover.session.id.clone();
+    let result = handover
+        .pump_stream(&state, LISTENER, &route.tenant, client, peeked, accepted_at)
+        .await;
+    debug!(%peer, host, %agent, ?result, "stream finished");
 }
 
 /// Sends a fatal alert (if any) and closes.
