@@ -31,12 +31,21 @@ pub struct DataContext {
     pub connect_timeout: Duration,
 }
 
+/// Pause before a slot dials the replacement for a connection it just handed over.
+const REPLENISH_DELAY: Duration = Duration::from_millis(5);
+
 /// Keeps one idle data connection open until the session ends.
 pub async fn pool_slot(ctx: Arc<DataContext>) {
     let mut retry = Duration::from_millis(100);
     while !ctx.session_ended.is_cancelled() {
         match idle_connection(&ctx).await {
-            Ok(Some(())) => retry = Duration::from_millis(100),
+            Ok(Some(())) => {
+                retry = Duration::from_millis(100);
+                // Let the stream just handed over get through its setup before this slot's
+                // replacement handshake competes with it for the CPU; the rest of the pool
+                // covers the gap, and a dry pool asks for more at once.
+                tokio::time::sleep(REPLENISH_DELAY).await;
+            }
             Ok(None) => return,
             Err(e) => {
                 debug!(agent = ctx.agent_id, error = %e, "data connection failed");
