@@ -427,6 +427,17 @@ mod tests {
         metrics
             .register(Box::new(XdpCollector::new(|| vec![("pass", 1, 1)])))
             .unwrap();
+        let figures = || ShieldFigures {
+            xdp: false,
+            active_bans: 1,
+            kernel_bans: 1,
+            abuse_bans: 1,
+            refused: 1,
+        };
+        metrics
+            .register(Box::new(ShieldCollector::new(move || Some(figures()))))
+            .unwrap();
+        metrics.accept_errors.with_label_values(&["tls"]).inc();
         // Touch every labelled family so it appears in the exposition.
         metrics.connections_accepted.with_label_values(&["tls"]).inc();
         let _active = metrics.active_connection("tls");
@@ -455,7 +466,7 @@ mod tests {
                 }
             }
         }
-        assert!(checked >= 12, "only {checked} metric references found");
+        assert!(checked >= 16, "only {checked} metric references found");
     }
 
     #[test]
