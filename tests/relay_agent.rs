@@ -677,3 +677,45 @@ async fn the_tenant_takes_a_hostname_offline_and_back_without_a_restart() {
     );
     assert_eq!(agent_id(&agent), session);
 }
+
+#[tokio::test]
+async fn an_agent_serves_through_several_relays_and_survives_losing_one() {
+    let world = World::start(RelayOptions::default()).await;
+    let second = world.another_relay().await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let config = world.agent_config_for(
+        "acme-1",
+        &[world.tunnel_addr(), second.tunnel_addr],
+        &passthrough_route("app.acme.test", app.addr),
+    );
+    let agent = world.agent(&config, &token).await;
+    let (first_edge, second_edge) = (world.tls_addr(), second.tls_addrs[0]);
+    for (edge, line) in [(first_edge, "via one"), (second_edge, "via two")] {
+        assert_eq!(
+            round_trip(edge, "app.acme.test", acme.client_config(), line)
+                .await
+                .unwrap(),
+            format!("acme: {line}")
+        );
+    }
+
+    // One edge host goes away: its link drops, the other keeps serving.
+    second.shutdown().await;
+    within(
+        WAIT,
+        agent.wait_for_link(1, |s| !matches!(s, LinkState::Connected { .. })),
+    )
+    .await;
+    assert!(matches!(agent.links()[0], LinkState::Connected { .. }));
+    for i in 0..5 {
+        let answer = round_trip(
+            first_edge,
+            "app.acme.test",
+            acme.client_config(),
+            &format!("still {i}"),
+        )
+        .await;
+        assert_eq!(answer.unwrap(), format!("acme: still {i}"));
+    }
+}

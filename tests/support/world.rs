@@ -147,6 +147,14 @@ listen = "127.0.0.1:0"
         self.relay = Some(Relay::start(config).await.unwrap());
     }
 
+    /// Starts another relay from the same config file (ephemeral ports, same store and tunnel
+    /// certificate): a second edge host of the same deployment.
+    pub async fn another_relay(&self) -> Relay {
+        Relay::start(RelayConfig::load(&self.relay_config_path).unwrap())
+            .await
+            .unwrap()
+    }
+
     /// Adds a tenant owning `hostnames`; returns its application certificate set (issued for
     /// `cert_names`) and a fresh agent token.
     pub fn tenant(&self, name: &str, hostnames: &[&str], cert_names: &[&str]) -> (CertSet, String) {
