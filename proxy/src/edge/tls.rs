@@ -61,16 +61,12 @@ pub async fn serve(
         Err(e) => {
             info!(%peer, error = %e, "rejecting connection: bad ClientHello");
             state.shield.report_abuse(peer.ip(), Abuse::BadClientHello);
-            let (reason, alert) = match e {
-                // Not TLS at all: an alert would be noise.
-                ClientHelloError::NotTls => (Rejection::NotTls, None),
-                ClientHelloError::InvalidServerName => {
-                    (Rejection::ParseError, Some(AlertDescription::UnrecognizedName))
-                }
-                _ => (Rejection::ParseError, Some(AlertDescription::DecodeError)),
+            let reason = match e {
+                ClientHelloError::NotTls => Rejection::NotTls,
+                _ => Rejection::ParseError,
             };
             metrics.rejected(LISTENER, reason);
-            close(&mut client, alert).await;
+            close(&mut client, e.alert()).await;
             return;
         }
     };

@@ -72,12 +72,13 @@ pub enum ClientHelloError {
 
 impl ClientHelloError {
     /// The fatal alert to send before closing, or `None` when the peer does not speak TLS and
-    /// should just be disconnected.
+    /// should just be disconnected (an alert would be noise to it).
     pub fn alert(&self) -> Option<AlertDescription> {
         match self {
             Self::NotTls => None,
-            Self::NotClientHello | Self::TooLarge { .. } => Some(AlertDescription::HandshakeFailure),
-            Self::Malformed(_) => Some(AlertDescription::DecodeError),
+            Self::NotClientHello | Self::TooLarge { .. } | Self::Malformed(_) => {
+                Some(AlertDescription::DecodeError)
+            }
             Self::InvalidServerName => Some(AlertDescription::UnrecognizedName),
         }
     }
@@ -777,6 +778,17 @@ mod tests {
             ClientHelloError::InvalidServerName.alert(),
             Some(AlertDescription::UnrecognizedName)
         );
+        for undecodable in [
+            ClientHelloError::NotClientHello,
+            ClientHelloError::TooLarge { limit: 512 },
+            ClientHelloError::Malformed("x"),
+        ] {
+            assert_eq!(
+                undecodable.alert(),
+                Some(AlertDescription::DecodeError),
+                "{undecodable:?}"
+            );
+        }
     }
 
     /// Checks what must hold for any input: no panic, `len` within the input and the limit, a
