@@ -349,12 +349,7 @@ fn token(store: &Store, action: TokenAction) -> anyhow::Result<()> {
         TokenAction::List => {
             let now = sluice::store::unix_now();
             for t in store.load()?.tokens.values() {
-                let status = match (t.revoked_at, t.expires_at) {
-                    (Some(_), _) => "revoked",
-                    (None, Some(expiry)) if expiry <= now => "expired",
-                    _ => "active",
-                };
-                println!("{}\t{}\t{}\t{}", t.id, t.tenant, t.label, status);
+                println!("{}\t{}\t{}\t{}", t.id, t.tenant, t.label, t.status(now).label());
             }
         }
     }

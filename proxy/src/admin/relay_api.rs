@@ -114,12 +114,7 @@ impl AdminHandler for RelayAdmin {
                         id: t.id.clone(),
                         tenant: t.tenant.clone(),
                         label: t.label.clone(),
-                        status: match (t.revoked_at, t.expires_at) {
-                            (Some(_), _) => "revoked",
-                            (None, Some(expiry)) if expiry <= now => "expired",
-                            _ => "active",
-                        }
-                        .to_owned(),
+                        status: t.status(now).label().to_owned(),
                     })
                     .collect();
                 json(StatusCode::OK, &tokens)

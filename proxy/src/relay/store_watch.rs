@@ -59,7 +59,7 @@ fn enforce(state: &RelayState) {
             Ok(auth) => session
                 .routes()
                 .iter()
-                .find(|route| !auth.tenant.hostnames.iter().any(|owned| owned.covers(route)))
+                .find(|route| !auth.tenant.owns(route))
                 .map(|route| format!("tenant {} no longer owns {route}", auth.tenant.name)),
         };
         if let Some(reason) = reason {

@@ -73,6 +73,46 @@ pub struct TokenRecord {
     pub revoked_at: Option<u64>,
 }
 
+/// Where a token stands at a given time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenStatus {
+    Active,
+    /// Revoked; reported even when it has also expired.
+    Revoked,
+    Expired,
+}
+
+impl TokenStatus {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+impl TokenRecord {
+    /// The token's status at `now` (unix seconds): refused from `expires_at` on.
+    pub fn status(&self, now: u64) -> TokenStatus {
+        if self.revoked_at.is_some() {
+            TokenStatus::Revoked
+        } else if self.expires_at.is_some_and(|at| now >= at) {
+            TokenStatus::Expired
+        } else {
+            TokenStatus::Active
+        }
+    }
+}
+
+impl Tenant {
+    /// Whether `pattern` is among this tenant's hostnames (exactly, or under one of its
+    /// wildcards): the test for registering a route and for keeping it registered.
+    pub fn owns(&self, pattern: &HostPattern) -> bool {
+        self.hostnames.iter().any(|owned| owned.covers(pattern))
+    }
+}
+
 /// The whole store at one point in time.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {

@@ -10,7 +10,7 @@ use ring::digest;
 use ring::rand::{SecureRandom, SystemRandom};
 use subtle::ConstantTimeEq;
 
-use super::{Snapshot, Tenant, TokenRecord};
+use super::{Snapshot, Tenant, TokenRecord, TokenStatus};
 
 /// Every token starts with this, so leaked tokens are easy to grep for and secret scanners can
 /// recognise them.
@@ -154,15 +154,18 @@ impl Snapshot {
     }
 
     fn check_record<'a>(&'a self, record: &'a TokenRecord, now: u64) -> Result<Authenticated<'a>, AuthError> {
-        if record.revoked_at.is_some() {
-            return Err(AuthError::Revoked {
-                id: record.id.clone(),
-            });
-        }
-        if record.expires_at.is_some_and(|at| now >= at) {
-            return Err(AuthError::Expired {
-                id: record.id.clone(),
-            });
+        match record.status(now) {
+            TokenStatus::Revoked => {
+                return Err(AuthError::Revoked {
+                    id: record.id.clone(),
+                });
+            }
+            TokenStatus::Expired => {
+                return Err(AuthError::Expired {
+                    id: record.id.clone(),
+                });
+            }
+            TokenStatus::Active => {}
         }
         let tenant = self
             .tenants

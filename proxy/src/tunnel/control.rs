@@ -247,7 +247,7 @@ fn apply_routes(
                 continue;
             }
         };
-        if !tenant.hostnames.iter().any(|owned| owned.covers(&pattern)) {
+        if !tenant.owns(&pattern) {
             refused.push(refuse(format!("not among tenant {}'s hostnames", tenant.name)));
             continue;
         }
