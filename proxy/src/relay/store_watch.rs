@@ -19,20 +19,11 @@ pub(super) async fn run(state: Arc<RelayState>, mut last: Option<StoreFingerprin
             () = state.stopping.cancelled() => return,
         }
         match state.store.fingerprint() {
-            Ok(now) if now != last => match state.store.load() {
-                Ok(snapshot) => {
+            Ok(now) if now != last => {
+                if reload(&state) {
                     last = now;
-                    info!(
-                        tenants = snapshot.tenants.len(),
-                        tokens = snapshot.tokens.len(),
-                        "store reloaded"
-                    );
-                    *state.snapshot.write().expect("snapshot lock") = Arc::new(snapshot);
                 }
-                // Keep serving with the last good snapshot; a half-edited file is not a reason
-                // to drop every tenant.
-                Err(e) => warn!(error = %e, "store changed but cannot be loaded; keeping the previous one"),
-            },
+            }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "cannot check the store"),
         }
@@ -40,13 +31,30 @@ pub(super) async fn run(state: Arc<RelayState>, mut last: Option<StoreFingerprin
     }
 }
 
-/// Reloads the store unconditionally and enforces it.
+/// Reloads the store unconditionally and enforces it (after an admin API change).
 pub(super) fn refresh_now(state: &RelayState) {
-    match state.store.load() {
-        Ok(snapshot) => *state.snapshot.write().expect("snapshot lock") = Arc::new(snapshot),
-        Err(e) => warn!(error = %e, "cannot load the store; keeping the previous one"),
-    }
+    reload(state);
     enforce(state);
+}
+
+/// Replaces the relay's snapshot with the store as it is now; false when it cannot be loaded.
+/// Then the last good snapshot stays: a half-edited file is not a reason to drop every tenant.
+fn reload(state: &RelayState) -> bool {
+    match state.store.load() {
+        Ok(snapshot) => {
+            info!(
+                tenants = snapshot.tenants.len(),
+                tokens = snapshot.tokens.len(),
+                "store reloaded"
+            );
+            *state.snapshot.write().expect("snapshot lock") = Arc::new(snapshot);
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot load the store; keeping the previous one");
+            false
+        }
+    }
 }
 
 /// Ends sessions whose authorization no longer holds (also catches plain token expiry).
