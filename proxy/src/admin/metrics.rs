@@ -41,6 +41,47 @@ impl Rejection {
     }
 }
 
+/// Registers `metric` in `registry` and hands it back. Names are fixed in the code, so a
+/// failure here is a programming error.
+pub(crate) fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric name");
+    metric
+}
+
+/// The Prometheus text exposition of everything in `registry`.
+pub(crate) fn encode(registry: &Registry) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&registry.gather(), &mut out);
+    out
+}
+
+pub(crate) fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    registered(registry, IntCounter::new(name, help).expect("valid metric"))
+}
+
+pub(crate) fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    registered(registry, IntGauge::new(name, help).expect("valid metric"))
+}
+
+pub(crate) fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    registered(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+pub(crate) fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    registered(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
 pub struct RelayMetrics {
     registry: Registry,
     tenant_labels: TenantLabels,
@@ -62,27 +103,6 @@ pub struct RelayMetrics {
 impl RelayMetrics {
     pub fn new(max_tenant_labels: usize) -> Self {
         let registry = Registry::new();
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
-        };
-        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
-        };
-        let counter = |name: &str, help: &str| {
-            let metric = IntCounter::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
-        };
         // 100 µs .. ~3.3 s: loopback setups to slow intercontinental agents.
         let latency_buckets = prometheus::exponential_buckets(0.0001, 2.0, 16).expect("valid buckets");
         let setup_seconds = HistogramVec::new(
@@ -94,9 +114,7 @@ impl RelayMetrics {
             &["listener"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(setup_seconds.clone()))
-            .expect("unique metric");
+        let setup_seconds = registered(&registry, setup_seconds);
         let client_hello_parse_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "sluice_client_hello_parse_seconds",
@@ -105,42 +123,47 @@ impl RelayMetrics {
             .buckets(prometheus::exponential_buckets(0.000_000_25, 2.0, 14).expect("valid buckets")),
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(client_hello_parse_seconds.clone()))
-            .expect("unique metric");
+        let client_hello_parse_seconds = registered(&registry, client_hello_parse_seconds);
 
         let metrics = Self {
             tenant_labels: TenantLabels::new(max_tenant_labels),
             connections_accepted: counter_vec(
+                &registry,
                 "sluice_connections_accepted_total",
                 "Browser connections accepted.",
                 &["listener"],
             ),
             connections_active: gauge_vec(
+                &registry,
                 "sluice_connections_active",
                 "Browser connections open now.",
                 &["listener"],
             ),
             connections_rejected: counter_vec(
+                &registry,
                 "sluice_connections_rejected_total",
                 "Browser connections turned away, by reason.",
                 &["listener", "reason"],
             ),
             accept_errors: counter_vec(
+                &registry,
                 "sluice_accept_errors_total",
                 "Failed accepts on edge listeners (e.g. out of file descriptors).",
                 &["listener"],
             ),
             http_redirects: counter(
+                &registry,
                 "sluice_http_redirects_total",
                 "Plaintext requests redirected to https.",
             ),
             streams: counter_vec(
+                &registry,
                 "sluice_streams_total",
                 "Streams handed to a tenant's agent.",
                 &["tenant"],
             ),
             stream_bytes: counter_vec(
+                &registry,
                 "sluice_stream_bytes_total",
                 "Bytes relayed, by tenant and direction (to_agent, to_client).",
                 &["tenant", "direction"],
@@ -148,20 +171,28 @@ impl RelayMetrics {
             setup_seconds,
             client_hello_parse_seconds,
             agents_connected: gauge_vec(
+                &registry,
                 "sluice_agents_connected",
                 "Agent sessions (tunnels) connected, by tenant.",
                 &["tenant"],
             ),
             agent_auth: counter_vec(
+                &registry,
                 "sluice_agent_auth_total",
                 "Agent authentications (Hello and renewal), by result.",
                 &["result"],
             ),
             credential_renewals: counter(
+                &registry,
                 "sluice_credential_renewals_total",
                 "Session credentials renewed by re-authentication.",
             ),
-            build_info: gauge_vec("sluice_build_info", "Build information; always 1.", &["version"]),
+            build_info: gauge_vec(
+                &registry,
+                "sluice_build_info",
+                "Build information; always 1.",
+                &["version"],
+            ),
             registry,
         };
         metrics
@@ -187,9 +218,11 @@ impl RelayMetrics {
             .inc();
     }
 
-    /// Counters for one stream's bytes: (to_agent, to_client).
-    pub fn byte_counters(&self, tenant: &str) -> (IntCounter, IntCounter) {
+    /// Counts a stream handed to `tenant`'s agent and returns the counters for its bytes:
+    /// (to_agent, to_client). The tenant's label is worked out once.
+    pub fn stream_started(&self, tenant: &str) -> (IntCounter, IntCounter) {
         let tenant = self.tenant(tenant);
+        self.streams.with_label_values(&[tenant]).inc();
         (
             self.stream_bytes.with_label_values(&[tenant, "to_agent"]),
             self.stream_bytes.with_label_values(&[tenant, "to_client"]),
@@ -198,21 +231,24 @@ impl RelayMetrics {
 
     /// A gauge that is incremented now and decremented when the guard drops.
     pub fn active_connection(&self, listener: &str) -> GaugeGuard {
-        let gauge = self.connections_active.with_label_values(&[listener]);
-        gauge.inc();
-        GaugeGuard(gauge)
+        GaugeGuard::up(self.connections_active.with_label_values(&[listener]))
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        out
+        encode(&self.registry)
     }
 }
 
-/// Decrements its gauge when dropped.
+/// Holds a gauge one higher while it lives: incremented on creation, decremented on drop.
 pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn up(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
@@ -442,8 +478,7 @@ mod tests {
         metrics.connections_accepted.with_label_values(&["tls"]).inc();
         let _active = metrics.active_connection("tls");
         metrics.rejected("tls", Rejection::NoSni);
-        metrics.streams.with_label_values(&["acme"]).inc();
-        let _ = metrics.byte_counters("acme");
+        let _ = metrics.stream_started("acme");
         metrics.setup_seconds.with_label_values(&["tls"]).observe(0.001);
         metrics.agents_connected.with_label_values(&["acme"]).inc();
         metrics.agent_auth.with_label_values(&["success"]).inc();

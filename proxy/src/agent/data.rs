@@ -110,19 +110,6 @@ async fn idle_connection(
     Ok(Some(()))
 }
 
-/// Decrements the gauge when dropped.
-struct GaugeDown(prometheus::IntGauge);
-
-impl Drop for GaugeDown {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-fn scopeguard(gauge: prometheus::IntGauge) -> GaugeDown {
-    GaugeDown(gauge)
-}
-
 async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: TunnelStream, early: BytesMut) {
     debug!(agent = ctx.agent_id, host = header.host, client = %header.client, kind = ?header.kind, "stream opened");
     let routes = ctx.shared.routes();
@@ -131,8 +118,7 @@ async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: TunnelStream
         .lookup(&header.host)
         .map_or_else(|| "none".to_owned(), |r| r.pattern.to_string());
     metrics.streams.with_label_values(&[&route]).inc();
-    metrics.active_streams.inc();
-    let _active = scopeguard(metrics.active_streams.clone());
+    let _active = crate::admin::metrics::GaugeGuard::up(metrics.active_streams.clone());
     let tunnel = crate::pump::Counted::new(
         tunnel,
         metrics.stream_bytes.with_label_values(&["to_target"]),

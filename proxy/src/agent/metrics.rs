@@ -4,12 +4,13 @@
 use std::sync::Arc;
 
 use hyper::{Method, Response, StatusCode};
-use prometheus::{Encoder as _, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use tokio::sync::watch;
 
 use super::LinkState;
 use super::target::TargetError;
 use crate::admin::http::{AdminHandler, AdminRequest, Body, error, json, text};
+use crate::admin::metrics::{counter_vec, gauge, gauge_vec};
 
 pub struct AgentMetrics {
     registry: Registry,
@@ -30,48 +31,38 @@ impl Default for AgentMetrics {
 impl AgentMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
-        };
-        let tunnel_up = IntGaugeVec::new(
-            Opts::new(
+        Self {
+            tunnel_up: gauge_vec(
+                &registry,
                 "sluice_agent_tunnel_up",
                 "1 while the tunnel to this relay is established.",
+                &["relay"],
             ),
-            &["relay"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(tunnel_up.clone()))
-            .expect("unique metric");
-        let active_streams =
-            IntGauge::new("sluice_agent_active_streams", "Streams being served now.").expect("valid metric");
-        registry
-            .register(Box::new(active_streams.clone()))
-            .expect("unique metric");
-        Self {
-            tunnel_up,
             reconnects: counter_vec(
+                &registry,
                 "sluice_agent_reconnects_total",
                 "Tunnel sessions to this relay that ended and were retried.",
                 &["relay"],
             ),
             streams: counter_vec(
+                &registry,
                 "sluice_agent_streams_total",
                 "Streams received, by route.",
                 &["route"],
             ),
-            active_streams,
+            active_streams: gauge(
+                &registry,
+                "sluice_agent_active_streams",
+                "Streams being served now.",
+            ),
             stream_bytes: counter_vec(
+                &registry,
                 "sluice_agent_stream_bytes_total",
                 "Bytes relayed, by direction (to_target, to_relay).",
                 &["direction"],
             ),
             target_errors: counter_vec(
+                &registry,
                 "sluice_agent_target_errors_total",
                 "Streams that failed on the on-prem side, by reason.",
                 &["reason"],
@@ -93,9 +84,7 @@ impl AgentMetrics {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        out
+        crate::admin::metrics::encode(&self.registry)
     }
 }
 

@@ -54,8 +54,7 @@ impl Handover {
             .setup_seconds
             .with_label_values(&[listener])
             .observe(accepted_at.elapsed().as_secs_f64());
-        metrics.streams.with_label_values(&[metrics.tenant(tenant)]).inc();
-        let (to_agent, to_client) = metrics.byte_counters(tenant);
+        let (to_agent, to_client) = metrics.stream_started(tenant);
         to_agent.inc_by(peeked as u64);
         let mut client = Counted::new(client, to_agent, to_client);
         pump(&mut client, &mut self.tunnel, &self.session.cut).await
