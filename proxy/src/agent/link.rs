@@ -17,6 +17,7 @@ use super::data::{self, DataContext};
 use super::{AgentShared, LinkState};
 use crate::tunnel::PROTOCOL_VERSION;
 use crate::tunnel::frame::{FrameReader, write_frame};
+use crate::tunnel::heartbeat::{Beat, Heartbeat};
 use crate::tunnel::message::{AgentMessage, RelayMessage};
 
 /// A TLS connection from the agent to a relay.
@@ -188,17 +189,13 @@ async fn session(
         tokio::spawn(data::pool_slot(Arc::clone(&ctx)));
     }
 
-    let heartbeat = Duration::from_secs(heartbeat_secs.max(1));
-    let mut ticker = tokio::time::interval(heartbeat);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat = Heartbeat::new(Duration::from_secs(heartbeat_secs.max(1)));
     let mut renew_at = Instant::now() + renewal_delay(credential_ttl_secs);
-    let mut last_heard = Instant::now();
-    let mut seq = 0u64;
     let end = loop {
         let outgoing = tokio::select! {
             message = reader.next::<RelayMessage>() => match message {
                 Ok(Some(message)) => {
-                    last_heard = Instant::now();
+                    heartbeat.heard();
                     match message {
                         RelayMessage::Ping { seq } => Some(AgentMessage::Pong { seq }),
                         RelayMessage::Pong { .. } => None,
@@ -229,16 +226,13 @@ async fn session(
                 Ok(None) => break SessionEnd::Lost("relay closed the control connection".into()),
                 Err(e) => break SessionEnd::Lost(format!("control connection: {e}")),
             },
-            _ = ticker.tick() => {
-                if last_heard.elapsed() > heartbeat * 3 {
-                    break SessionEnd::Lost(format!("relay silent for {:?}", last_heard.elapsed()));
-                }
-                seq += 1;
-                Some(AgentMessage::Ping { seq })
-            }
+            beat = heartbeat.beat() => match beat {
+                Beat::Silent(silent) => break SessionEnd::Lost(format!("relay silent for {silent:?}")),
+                Beat::Ping(seq) => Some(AgentMessage::Ping { seq }),
+            },
             () = tokio::time::sleep_until(renew_at) => {
                 // Re-authenticate with the tenant token; retry soon if the answer does not come.
-                renew_at = Instant::now() + heartbeat;
+                renew_at = Instant::now() + heartbeat.every();
                 Some(AgentMessage::Renew { token: shared.token.clone() })
             }
             Ok(()) = routes_version.changed() => Some(AgentMessage::Routes { routes: shared.route_ads() }),

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::frame::{FrameReader, write_frame};
+use super::heartbeat::{Beat, Heartbeat};
 use super::listener::reject;
 use super::message::{AgentMessage, RefusedRoute, RelayMessage, RouteAd};
 use super::session::{AgentSession, DataStream, new_secret};
@@ -19,9 +20,6 @@ use crate::relay::RelayState;
 use crate::route::pattern::HostPattern;
 use crate::route::registry::RouteAgent;
 use crate::store::{Tenant, unix_now};
-
-/// Missed heartbeats after which a silent agent is considered gone.
-const MISSED_HEARTBEATS: u32 = 3;
 
 pub async fn serve(
     state: Arc<RelayState>,
@@ -126,16 +124,12 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
-    let heartbeat = state.config.tunnel.heartbeat;
-    let mut ticker = tokio::time::interval(heartbeat);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = tokio::time::Instant::now();
-    let mut seq = 0u64;
+    let mut heartbeat = Heartbeat::new(state.config.tunnel.heartbeat);
     loop {
         let reply = tokio::select! {
             message = reader.next::<AgentMessage>() => match message {
                 Ok(Some(message)) => {
-                    last_heard = tokio::time::Instant::now();
+                    heartbeat.heard();
                     match handle(state, session, message) {
                         Ok(reply) => reply,
                         Err(reason) => {
@@ -148,18 +142,17 @@ where
                 Err(e) => return format!("control connection: {e}"),
             },
             Some(message) = control_rx.recv() => Some(message),
-            _ = ticker.tick() => {
-                if last_heard.elapsed() > heartbeat * MISSED_HEARTBEATS {
-                    return format!("no heartbeat for {:?}", last_heard.elapsed());
+            beat = heartbeat.beat() => match beat {
+                Beat::Silent(silent) => return format!("no heartbeat for {silent:?}"),
+                Beat::Ping(seq) => {
+                    if session.credential_expires() <= std::time::Instant::now() {
+                        let reason = "session credential expired without re-authentication".to_string();
+                        session.end(&reason, true);
+                        let _ = write_frame(writer, &RelayMessage::Goodbye { reason: reason.clone() }).await;
+                        return reason;
+                    }
+                    Some(RelayMessage::Ping { seq })
                 }
-                if session.credential_expires() <= std::time::Instant::now() {
-                    let reason = "session credential expired without re-authentication".to_string();
-                    session.end(&reason, true);
-                    let _ = write_frame(writer, &RelayMessage::Goodbye { reason: reason.clone() }).await;
-                    return reason;
-                }
-                seq += 1;
-                Some(RelayMessage::Ping { seq })
             },
             () = session.ended.cancelled() => {
                 let reason = session.end_reason().unwrap_or_else(|| "relay shutting down".into());

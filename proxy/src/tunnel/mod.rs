@@ -9,6 +9,7 @@
 pub mod control;
 pub mod data;
 pub mod frame;
+pub mod heartbeat;
 pub mod listener;
 pub mod message;
 pub mod session;
