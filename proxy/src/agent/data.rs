@@ -114,10 +114,9 @@ async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: TunnelStream
     debug!(agent = ctx.agent_id, host = header.host, client = %header.client, kind = ?header.kind, "stream opened");
     let routes = ctx.shared.routes();
     let metrics = &ctx.shared.metrics;
-    let route = routes
-        .lookup(&header.host)
-        .map_or_else(|| "none".to_owned(), |r| r.pattern.to_string());
-    metrics.streams.with_label_values(&[&route]).inc();
+    let route = routes.lookup(&header.host);
+    let label = route.map_or_else(|| "none".to_owned(), |r| r.pattern.to_string());
+    metrics.streams.with_label_values(&[&label]).inc();
     let _active = crate::admin::metrics::GaugeGuard::up(metrics.active_streams.clone());
     let tunnel = crate::pump::Counted::new(
         tunnel,
@@ -142,7 +141,7 @@ async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: TunnelStream
         std::future::pending::<()>().await;
     };
     let served = tokio::select! {
-        served = target::serve(&routes, &header, tunnel, early, ctx.connect_timeout, &cut) => served,
+        served = target::serve(route, &header, tunnel, early, ctx.connect_timeout, &cut) => served,
         () = offline => unreachable!("`offline` never completes"),
     };
     if let Err(e) = &served

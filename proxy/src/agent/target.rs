@@ -87,10 +87,10 @@ impl Routes {
     }
 }
 
-/// Serves one stream that arrived on a data connection: `early` holds the client bytes that
-/// came with the stream header.
+/// Serves one stream that arrived on a data connection for `route` (`None`: no route serves its
+/// hostname); `early` holds the client bytes that came with the stream header.
 pub async fn serve<S>(
-    routes: &Routes,
+    route: Option<&Route>,
     header: &StreamHeader,
     tunnel: S,
     early: BytesMut,
@@ -100,9 +100,7 @@ pub async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let route = routes
-        .lookup(&header.host)
-        .ok_or_else(|| TargetError::NoRoute(header.host.clone()))?;
+    let route = route.ok_or_else(|| TargetError::NoRoute(header.host.clone()))?;
     let mut tunnel = Prefixed {
         prefix: early,
         inner: tunnel,
