@@ -159,7 +159,7 @@ fn run_counting_tests(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

@@ -81,10 +81,7 @@ fn prometheus_installed() -> bool {
 
 fn install_prometheus() -> Result<()> {
     eprintln!("xtask: installing Debian's prometheus package (for the metrics integration test)");
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let root = crate::is_root();
     let apt = |args: &[&str]| -> Result<()> {
         let mut command = if root {
             Command::new("apt-get")

@@ -19,7 +19,7 @@ use crate::shield::abuse::Abuse;
 use crate::tunnel::message::HttpMode;
 use crate::tunnel::stream_header::StreamKind;
 
-const LISTENER: &str = "http";
+const LISTENER: &str = super::EdgeKind::Http.label();
 
 pub async fn serve(
     state: Arc<RelayState>,

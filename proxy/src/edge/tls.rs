@@ -19,7 +19,7 @@ use crate::relay::RelayState;
 use crate::shield::abuse::Abuse;
 use crate::tunnel::stream_header::StreamKind;
 
-const LISTENER: &str = "tls";
+const LISTENER: &str = super::EdgeKind::Tls.label();
 
 pub async fn serve(
     state: Arc<RelayState>,

@@ -27,6 +27,14 @@ pub struct Route {
 }
 
 impl Route {
+    fn empty(tenant: &Arc<str>, pattern: &HostPattern) -> Arc<Self> {
+        Arc::new(Self {
+            tenant: Arc::clone(tenant),
+            pattern: pattern.clone(),
+            agents: RwLock::new(Vec::new()),
+        })
+    }
+
     /// The live agents serving this route.
     pub fn agents(&self) -> Vec<RouteAgent> {
         self.agents
@@ -81,26 +89,14 @@ impl Registry {
                         });
                     }
                     // Only dead sessions held it: the name is free again.
-                    let fresh = Arc::new(Route {
-                        tenant: Arc::clone(tenant),
-                        pattern: pattern.clone(),
-                        agents: RwLock::new(Vec::new()),
-                    });
+                    let fresh = Route::empty(tenant, pattern);
                     entry.replace_entry(Arc::clone(&fresh));
                     fresh
                 } else {
                     route
                 }
             }
-            Entry::Vacant(entry) => {
-                let fresh = Arc::new(Route {
-                    tenant: Arc::clone(tenant),
-                    pattern: pattern.clone(),
-                    agents: RwLock::new(Vec::new()),
-                });
-                entry.insert(Arc::clone(&fresh));
-                fresh
-            }
+            Entry::Vacant(entry) => Arc::clone(entry.insert(Route::empty(tenant, pattern)).value()),
         };
         let mut agents = route.agents.write().expect("route lock");
         agents.retain(|a| a.session.is_live() && !Arc::ptr_eq(&a.session, &agent.session));
