@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
+
+use sluice_tests::pki::CertSet;
 
 use crate::client::{self, Setup, Target};
 use crate::report::{Report, Series};
@@ -69,8 +70,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let (relay_cpu, side_cpu) = (0, (cpus > 1) as usize);
     pin_self(relay_cpu)?; // the clients share the relay's CPU; agent and backend the other one
 
-    issue(&dir, "relay", "relay.load.test")?;
-    issue(&dir, "app", HOST)?;
+    // Written as <prefix>-ca.pem, <prefix>-cert.pem and <prefix>-key.pem, read back by path.
+    CertSet::issue(&dir, "relay", &["relay.load.test"]);
+    CertSet::issue(&dir, "app", &[HOST]);
     let sluice = &options.sluice;
     let state = dir.join("state");
     cli(
@@ -397,23 +399,6 @@ fn cli(sluice: &Path, args: &[&str], state: &Path) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8(out.stdout)?)
-}
-
-fn issue(dir: &Path, prefix: &str, name: &str) -> anyhow::Result<()> {
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("load {prefix} CA"));
-    let ca = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate()?;
-    let cert = CertificateParams::new(vec![name.to_owned()])?.signed_by(&key, &issuer)?;
-    std::fs::write(dir.join(format!("{prefix}-ca.pem")), ca.pem())?;
-    std::fs::write(dir.join(format!("{prefix}-cert.pem")), cert.pem())?;
-    std::fs::write(dir.join(format!("{prefix}-key.pem")), key.serialize_pem())?;
-    Ok(())
 }
 
 fn client_config(ca: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
