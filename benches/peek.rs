@@ -8,6 +8,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sluice::peek::Peek;
 use sluice::peek::http::peek_request_head;
 use sluice::peek::tls::peek_client_hello;
+use sluice_tests::records::handshake_records;
 
 /// The first flight rustls 0.23 (ring provider, TLS 1.3 + 1.2) sends for `api.example.com` with
 /// ALPN `h2`, `http/1.1`: one 260-byte handshake record, captured with `ClientConnection::write_tls`.
@@ -46,23 +47,6 @@ fn u16_at(bytes: &[u8], at: usize) -> usize {
     usize::from(u16::from_be_bytes([bytes[at], bytes[at + 1]]))
 }
 
-/// Frames a handshake message into records of the given fragment sizes (the last takes the rest).
-fn records(message: &[u8], sizes: &[usize]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut rest = message;
-    for &size in sizes.iter().chain(std::iter::once(&usize::MAX)) {
-        if rest.is_empty() {
-            break;
-        }
-        let (fragment, tail) = rest.split_at(size.min(rest.len()));
-        out.extend_from_slice(&[22, 3, 1]);
-        out.extend_from_slice(&u16::try_from(fragment.len()).expect("fragment").to_be_bytes());
-        out.extend_from_slice(fragment);
-        rest = tail;
-    }
-    out
-}
-
 /// The handshake message of a one-record hello, with a padding extension (RFC 7685) appended so
 /// that the record is `target_len` bytes long.
 fn padded(hello: &[u8], target_len: usize) -> Vec<u8> {
@@ -81,7 +65,7 @@ fn padded(hello: &[u8], target_len: usize) -> Vec<u8> {
     message.resize(message.len() + pad, 0);
     let body_len = u32::try_from(message.len() - 4).expect("body").to_be_bytes();
     message[1..4].copy_from_slice(&body_len[1..]);
-    records(&message, &[])
+    handshake_records(&message, &[])
 }
 
 fn bench_client_hello(c: &mut Criterion) {
@@ -90,10 +74,10 @@ fn bench_client_hello(c: &mut Criterion) {
     let inputs = [
         ("rustls_sni_alpn_260B", hello.clone()),
         ("rustls_padded_2KiB", padded(&hello, 2048)),
-        ("rustls_sni_alpn_3_records", records(message, &[7, 131])),
+        ("rustls_sni_alpn_3_records", handshake_records(message, &[7, 131])),
         (
             "rustls_padded_2KiB_3_records",
-            records(&padded(&hello, 2048)[5..], &[601, 997]),
+            handshake_records(&padded(&hello, 2048)[5..], &[601, 997]),
         ),
     ];
     let mut group = c.benchmark_group("peek_client_hello");

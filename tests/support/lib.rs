@@ -4,5 +4,6 @@ pub mod client;
 pub mod frames;
 pub mod pki;
 pub mod process;
+pub mod records;
 pub mod servers;
 pub mod world;
