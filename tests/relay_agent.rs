@@ -7,6 +7,7 @@ use std::time::Duration;
 use sluice::agent::LinkState;
 use sluice::peek::tls::{AlertDescription, fatal_alert};
 use sluice_tests::client::{ask, connect, round_trip};
+use sluice_tests::records::handshake_records;
 use sluice_tests::servers::{plain_echo, tls_echo};
 use sluice_tests::world::{RelayOptions, World, eventually, passthrough_route, within};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -206,7 +207,7 @@ async fn client_hello_split_across_segments_and_records_is_routed() {
 
 /// A synchronous rustls client that sends its ClientHello in pieces.
 fn blocking_exchange(relay: SocketAddr, config: Arc<rustls::ClientConfig>, refragment: bool) -> String {
-    use std::io::{BufRead as _, Read as _, Write as _};
+    use std::io::{BufRead as _, Write as _};
     let name = rustls::pki_types::ServerName::try_from("app.acme.test").unwrap();
     let mut connection = rustls::ClientConnection::new(config, name).unwrap();
     let mut tcp = std::net::TcpStream::connect(relay).unwrap();
@@ -215,7 +216,8 @@ fn blocking_exchange(relay: SocketAddr, config: Arc<rustls::ClientConfig>, refra
     let mut hello = Vec::new();
     connection.write_tls(&mut hello).unwrap();
     if refragment {
-        hello = split_into_records(&hello, &[7, 40]);
+        // Three records, cutting the handshake message at bytes 7 and 40.
+        hello = handshake_records(&hello[5..], &[7, 33]);
     }
     for byte in &hello {
         tcp.write_all(std::slice::from_ref(byte)).unwrap();
@@ -226,23 +228,7 @@ fn blocking_exchange(relay: SocketAddr, config: Arc<rustls::ClientConfig>, refra
     let mut reader = std::io::BufReader::new(tls);
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
-    let _ = reader.read(&mut [0u8; 0]);
     line.trim_end().to_owned()
-}
-
-/// Re-frames one handshake record into several, cutting its payload at `cuts`.
-fn split_into_records(record: &[u8], cuts: &[usize]) -> Vec<u8> {
-    let payload = &record[5..];
-    let mut out = Vec::new();
-    let mut start = 0;
-    for &end in cuts.iter().chain(std::iter::once(&payload.len())) {
-        let piece = &payload[start..end];
-        out.extend_from_slice(&[0x16, record[1], record[2]]);
-        out.extend_from_slice(&(piece.len() as u16).to_be_bytes());
-        out.extend_from_slice(piece);
-        start = end;
-    }
-    out
 }
 
 #[tokio::test]
