@@ -39,14 +39,16 @@ pub struct Handover {
 
 impl Handover {
     /// Counts the stream in the metrics, then pumps bytes between `client` and the agent until
-    /// both sides are done (or access is cut). `peeked` bytes already went out with the header.
+    /// both sides are done (or access is cut). `peeked` (the bytes read to route the stream)
+    /// already went out with the header: it is counted and freed here, not kept for the stream's
+    /// lifetime.
     pub async fn pump_stream(
         mut self,
         state: &RelayState,
         listener: &str,
         tenant: &str,
         client: tokio::net::TcpStream,
-        peeked: usize,
+        peeked: BytesMut,
         accepted_at: Instant,
     ) -> Result<Transferred, PumpError> {
         let metrics = &state.metrics;
@@ -55,7 +57,8 @@ impl Handover {
             .with_label_values(&[listener])
             .observe(accepted_at.elapsed().as_secs_f64());
         let (to_agent, to_client) = metrics.stream_started(tenant);
-        to_agent.inc_by(peeked as u64);
+        to_agent.inc_by(peeked.len() as u64);
+        drop(peeked);
         let mut client = Counted::new(client, to_agent, to_client);
         pump(&mut client, &mut self.tunnel, &self.session.cut).await
     }

@@ -97,12 +97,9 @@ pub async fn serve(
             return;
         }
     };
-    // The peeked bytes are on their way; do not keep the buffer for the stream's lifetime.
-    let peeked = buf.len();
-    drop(buf);
     let agent = handover.session.id.clone();
     let result = handover
-        .pump_stream(&state, LISTENER, &route.tenant, client, peeked, accepted_at)
+        .pump_stream(&state, LISTENER, &route.tenant, client, buf, accepted_at)
         .await;
     debug!(%peer, host = head.host, %agent, ?result, "plaintext stream finished");
 }

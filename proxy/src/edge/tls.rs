@@ -103,13 +103,10 @@ pub async fn serve(
             return;
         }
     };
-    // The peeked bytes are on their way; do not keep the buffer for the stream's lifetime.
-    let peeked = buf.len();
-    drop(buf);
     debug!(%peer, host, agent = %handover.session.id, "stream handed over");
     let agent = handover.session.id.clone();
     let result = handover
-        .pump_stream(&state, LISTENER, &route.tenant, client, peeked, accepted_at)
+        .pump_stream(&state, LISTENER, &route.tenant, client, buf, accepted_at)
         .await;
     debug!(%peer, host, %agent, ?result, "stream finished");
 }
