@@ -174,8 +174,19 @@ listen = "127.0.0.1:0"
     }
 
     pub fn agent_config_for(&self, name: &str, relays: &[SocketAddr], routes_toml: &str) -> AgentConfig {
+        self.agent_config_with(name, relays, "", routes_toml)
+    }
+
+    /// An agent config whose top-level settings start with `settings` (TOML key = value lines).
+    pub fn agent_config_with(
+        &self,
+        name: &str,
+        relays: &[SocketAddr],
+        settings: &str,
+        routes_toml: &str,
+    ) -> AgentConfig {
         let mut toml = format!(
-            "name = \"{name}\"\nconnect_timeout = \"2s\"\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n"
+            "name = \"{name}\"\nconnect_timeout = \"2s\"\n{settings}\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n"
         );
         for relay in relays {
             toml.push_str(&format!(

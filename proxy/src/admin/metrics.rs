@@ -91,6 +91,8 @@ pub struct RelayMetrics {
     pub accept_errors: IntCounterVec,
     pub http_redirects: IntCounter,
     pub streams: IntCounterVec,
+    /// Streams by the data connection that carried them to the agent ("tls" or "tcp").
+    pub stream_transports: IntCounterVec,
     pub stream_bytes: IntCounterVec,
     pub setup_seconds: HistogramVec,
     pub client_hello_parse_seconds: Histogram,
@@ -161,6 +163,12 @@ impl RelayMetrics {
                 "sluice_streams_total",
                 "Streams handed to a tenant's agent.",
                 &["tenant"],
+            ),
+            stream_transports: counter_vec(
+                &registry,
+                "sluice_stream_transports_total",
+                "Streams handed to agents, by the data connection that carried them (tls or tcp).",
+                &["transport"],
             ),
             stream_bytes: counter_vec(
                 &registry,

@@ -2,20 +2,34 @@
 //! connection open to the relay. When the relay hands a stream to a slot's connection, the slot
 //! starts serving it and immediately dials a replacement, so the pool stays full without the
 //! relay asking. Extra one-shot connections are dialed when the relay reports a dry pool.
+//!
+//! Connections are TLS, or plain TCP when the agent chose `data_transport = "tcp"`
+//! ([`crate::tunnel::tcp_data`]: join by challenge-response, stream header sealed by the relay).
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::link::{RelayDialer, TunnelStream};
 use super::target;
+use crate::config::agent::DataTransport;
 use crate::peek::Peek;
 use crate::tunnel::frame::write_frame;
 use crate::tunnel::message::AgentMessage;
 use crate::tunnel::stream_header::StreamHeader;
+use crate::tunnel::tcp_data::{self, Join, NONCE_LEN, Nonces, StreamKey};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A data connection the relay has handed a stream to.
+pub enum DataConn {
+    Tls(Box<TunnelStream>),
+    Tcp(TcpStream),
+}
 
 /// What data connections of one session share.
 pub struct DataContext {
@@ -29,6 +43,8 @@ pub struct DataContext {
     pub agent_stopped: CancellationToken,
     pub streams: tokio_util::task::TaskTracker,
     pub connect_timeout: Duration,
+    /// What the pool slots dial (one-shots may be told to use TLS).
+    pub transport: DataTransport,
 }
 
 /// Pause before a slot dials the replacement for a connection it just handed over.
@@ -38,7 +54,7 @@ const REPLENISH_DELAY: Duration = Duration::from_millis(5);
 pub async fn pool_slot(ctx: Arc<DataContext>) {
     let mut retry = Duration::from_millis(100);
     while !ctx.session_ended.is_cancelled() {
-        match idle_connection(&ctx).await {
+        match idle_connection(&ctx, ctx.transport).await {
             Ok(Some(())) => {
                 retry = Duration::from_millis(100);
                 // Let the stream just handed over get through its setup before this slot's
@@ -60,57 +76,134 @@ pub async fn pool_slot(ctx: Arc<DataContext>) {
 }
 
 /// One extra connection for a burst: serves at most one stream.
-pub async fn one_shot(ctx: Arc<DataContext>) {
-    if let Err(e) = idle_connection(&ctx).await {
+pub async fn one_shot(ctx: Arc<DataContext>, transport: DataTransport) {
+    if let Err(e) = idle_connection(&ctx, transport).await {
         debug!(agent = ctx.agent_id, error = %e, "extra data connection failed");
     }
 }
 
 /// Dials, joins the relay's pool, waits to be handed a stream and starts serving it.
 /// `Ok(None)`: the session ended while idle.
-async fn idle_connection(
-    ctx: &Arc<DataContext>,
-) -> Result<Option<()>, Box<dyn std::error::Error + Send + Sync>> {
-    let mut tunnel = ctx.dialer.dial(ctx.connect_timeout).await?;
-    let credential = ctx.credential.read().expect("credential lock").clone();
-    write_frame(
-        &mut tunnel,
-        &AgentMessage::Data {
-            agent_id: ctx.agent_id.clone(),
-            credential,
-        },
-    )
-    .await?;
+async fn idle_connection(ctx: &Arc<DataContext>, transport: DataTransport) -> Result<Option<()>, Error> {
     let mut buf = BytesMut::with_capacity(4096);
-    let (header, used) = loop {
-        if let Peek::Done(decoded) = StreamHeader::decode(&buf)? {
-            break decoded;
+    let handed = match transport {
+        DataTransport::Tls => {
+            let mut tunnel = ctx.dialer.dial(ctx.connect_timeout).await?;
+            let credential = ctx.credential.read().expect("credential lock").clone();
+            let data = AgentMessage::Data {
+                agent_id: ctx.agent_id.clone(),
+                credential,
+            };
+            write_frame(&mut tunnel, &data).await?;
+            let header =
+                wait_for_stream(ctx, &mut tunnel, &mut buf, |b| Ok(StreamHeader::decode(b)?)).await?;
+            header.map(|header| (header, DataConn::Tls(Box::new(tunnel))))
+        }
+        DataTransport::Tcp => {
+            let (mut tunnel, key) = join_tcp(ctx, &mut buf).await?;
+            let header = wait_for_stream(ctx, &mut tunnel, &mut buf, |b| Ok(key.open(b)?)).await?;
+            header.map(|header| (header, DataConn::Tcp(tunnel)))
+        }
+    };
+    let Some((header, tunnel)) = handed else {
+        return Ok(None);
+    };
+    let ctx = Arc::clone(ctx);
+    ctx.streams
+        .clone()
+        .spawn(async move { serve(ctx, header, tunnel, buf).await });
+    Ok(Some(()))
+}
+
+/// Joins the pool over plain TCP: proves the session credential for the relay's challenge.
+/// Returns the key the relay will seal this connection's stream header with.
+async fn join_tcp(ctx: &DataContext, buf: &mut BytesMut) -> Result<(TcpStream, StreamKey), Error> {
+    let mut tcp = ctx.dialer.dial_tcp(ctx.connect_timeout).await?;
+    let join = Join {
+        agent_id: ctx.agent_id.clone(),
+        agent_nonce: tcp_data::new_nonce(),
+    };
+    tcp.write_all(&join.encode()?).await?;
+    let challenge = async {
+        while buf.len() < 1 + NONCE_LEN && buf.first() != Some(&b'-') {
+            if tcp.read_buf(buf).await? == 0 {
+                return Err::<(), Error>("relay closed the data connection during the join".into());
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(ctx.connect_timeout, challenge)
+        .await
+        .map_err(|_| "no challenge from the relay in time")??;
+    if buf[0] != b'+' {
+        return Err(refusal(&mut tcp, buf).await);
+    }
+    let nonces = Nonces {
+        agent: join.agent_nonce,
+        relay: buf[1..1 + NONCE_LEN].try_into().expect("NONCE_LEN bytes"),
+    };
+    let _ = buf.split_to(1 + NONCE_LEN);
+    if !buf.is_empty() {
+        return Err("relay sent bytes after its challenge".into());
+    }
+    // Renewal may replace the credential at any time; the previous one stays valid for a while,
+    // so whichever is read here gets in.
+    let credential = ctx.credential.read().expect("credential lock").clone();
+    tcp.write_all(&tcp_data::join_proof(&credential, &ctx.agent_id, &nonces))
+        .await?;
+    Ok((tcp, StreamKey::derive(&credential, &ctx.agent_id, &nonces)))
+}
+
+/// The relay's reason for refusing a plain-TCP connection: a line starting with '-'.
+async fn refusal(tcp: &mut TcpStream, buf: &mut BytesMut) -> Error {
+    let read_line = async {
+        while !buf.contains(&b'\n') && buf.len() < 512 {
+            if tcp.read_buf(buf).await.unwrap_or(0) == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), read_line).await;
+    let line = String::from_utf8_lossy(&buf[1.min(buf.len())..]);
+    format!("relay refused the data connection: {}", line.trim_end()).into()
+}
+
+/// Waits idle until the relay hands this connection a stream: decodes the header with `decode`
+/// and leaves the client bytes that came with it in `buf`. `Ok(None)`: the session ended.
+async fn wait_for_stream<S>(
+    ctx: &DataContext,
+    tunnel: &mut S,
+    buf: &mut BytesMut,
+    decode: impl Fn(&[u8]) -> Result<Peek<(StreamHeader, usize)>, Error>,
+) -> Result<Option<StreamHeader>, Error>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    loop {
+        // A TLS refusal is a `Rejected` frame; a plain-TCP one a line starting with '-'.
+        if buf.first() != Some(&b'-')
+            && !buf.is_empty()
+            && let Peek::Done((header, used)) = decode(buf)?
+        {
+            let _ = buf.split_to(used);
+            return Ok(Some(header));
         }
         let read = tokio::select! {
-            read = tunnel.read_buf(&mut buf) => read?,
+            read = tunnel.read_buf(buf) => read?,
             () = ctx.session_ended.cancelled() => return Ok(None),
         };
         if read == 0 {
             if buf.is_empty() {
                 return Err("relay closed the idle data connection".into());
             }
-            // The relay refused the connection and said why in a frame.
-            return Err(format!(
-                "relay refused the data connection: {}",
-                String::from_utf8_lossy(&buf)
-            )
-            .into());
+            // The relay refused the connection and said why.
+            let reason = String::from_utf8_lossy(buf.strip_prefix(b"-").unwrap_or(buf));
+            return Err(format!("relay refused the data connection: {}", reason.trim_end()).into());
         }
-    };
-    let early = buf.split_off(used);
-    let ctx = Arc::clone(ctx);
-    ctx.streams
-        .clone()
-        .spawn(async move { serve(ctx, header, tunnel, early).await });
-    Ok(Some(()))
+    }
 }
 
-async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: TunnelStream, early: BytesMut) {
+async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: DataConn, early: BytesMut) {
     debug!(agent = ctx.agent_id, host = header.host, client = %header.client, kind = ?header.kind, "stream opened");
     let routes = ctx.shared.routes();
     let metrics = &ctx.shared.metrics;
@@ -118,11 +211,10 @@ async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: TunnelStream
     let label = route.map_or_else(|| "none".to_owned(), |r| r.pattern.to_string());
     metrics.streams.with_label_values(&[&label]).inc();
     let _active = crate::admin::metrics::GaugeGuard::up(metrics.active_streams.clone());
-    let tunnel = crate::pump::Counted::new(
-        tunnel,
-        metrics.stream_bytes.with_label_values(&["to_target"]),
-        metrics.stream_bytes.with_label_values(&["to_relay"]),
-    );
+    let meters = target::Meters {
+        to_target: metrics.stream_bytes.with_label_values(&["to_target"]),
+        to_relay: metrics.stream_bytes.with_label_values(&["to_relay"]),
+    };
     // Cut when the agent stops for good, or when the tenant takes this hostname offline.
     let cut = ctx.agent_stopped.child_token();
     let offline = async {
@@ -141,7 +233,7 @@ async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: TunnelStream
         std::future::pending::<()>().await;
     };
     let served = tokio::select! {
-        served = target::serve(route, &header, tunnel, early, ctx.connect_timeout, &cut) => served,
+        served = target::serve(route, &header, tunnel, early, meters, ctx.connect_timeout, &cut) => served,
         () = offline => unreachable!("`offline` never completes"),
     };
     if let Err(e) = &served

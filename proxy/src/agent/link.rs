@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use super::data::{self, DataContext};
 use super::{AgentShared, LinkState};
+use crate::config::agent::DataTransport;
 use crate::tunnel::PROTOCOL_VERSION;
 use crate::tunnel::frame::{FrameReader, write_frame};
 use crate::tunnel::heartbeat::{Beat, Heartbeat};
@@ -41,16 +42,34 @@ impl RelayDialer {
         })
     }
 
+    /// A TLS connection to the relay, the relay authenticated.
     pub async fn dial(&self, timeout: Duration) -> std::io::Result<TunnelStream> {
         let connect = async {
-            let tcp = TcpStream::connect(&self.address).await?;
-            tcp.set_nodelay(true)?;
+            let tcp = Self::connect(&self.address).await?;
             self.connector.connect(self.server_name.clone(), tcp).await
         };
-        tokio::time::timeout(timeout, connect).await.map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the relay timed out")
-        })?
+        tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| timed_out())?
     }
+
+    /// A plain TCP connection to the relay's tunnel port (for `tunnel::tcp_data`, which then
+    /// authenticates both ends with the session credential).
+    pub async fn dial_tcp(&self, timeout: Duration) -> std::io::Result<TcpStream> {
+        tokio::time::timeout(timeout, Self::connect(&self.address))
+            .await
+            .map_err(|_| timed_out())?
+    }
+
+    async fn connect(address: &str) -> std::io::Result<TcpStream> {
+        let tcp = TcpStream::connect(address).await?;
+        tcp.set_nodelay(true)?;
+        Ok(tcp)
+    }
+}
+
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the relay timed out")
 }
 
 /// Keeps a session with one relay until the agent stops.
@@ -184,6 +203,7 @@ async fn session(
         agent_stopped: shared.hard_stop.clone(),
         streams: shared.streams.clone(),
         connect_timeout: shared.connect_timeout,
+        transport: shared.data_transport,
     });
     for _ in 0..pool_size {
         tokio::spawn(data::pool_slot(Arc::clone(&ctx)));
@@ -205,9 +225,10 @@ async fn session(
                             info!(relay = dialer.address, agent_id, "session credential renewed");
                             None
                         }
-                        RelayMessage::OpenData { count } => {
+                        RelayMessage::OpenData { count, require_tls } => {
+                            let transport = if require_tls { DataTransport::Tls } else { ctx.transport };
                             for _ in 0..count.min(1024) {
-                                tokio::spawn(data::one_shot(Arc::clone(&ctx)));
+                                tokio::spawn(data::one_shot(Arc::clone(&ctx), transport));
                             }
                             None
                         }

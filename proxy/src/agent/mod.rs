@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::agent::{AgentConfig, ReconnectConfig};
+use crate::config::agent::{AgentConfig, DataTransport, ReconnectConfig};
 use crate::tunnel::message::RouteAd;
 use crate::tunnel::tls::{TlsConfigError, agent_client_config};
 use target::Routes;
@@ -59,6 +59,7 @@ pub struct AgentShared {
     pub routes_version: watch::Sender<u64>,
     pub reconnect: ReconnectConfig,
     pub connect_timeout: Duration,
+    pub data_transport: DataTransport,
     /// Cancelled on shutdown: links close, idle data connections close.
     pub stopped: CancellationToken,
     /// Cancelled when the drain deadline passes: streams in flight are cut.
@@ -97,6 +98,7 @@ impl Agent {
             routes_version: watch::Sender::new(0),
             reconnect: config.reconnect,
             connect_timeout: config.connect_timeout,
+            data_transport: config.data_transport,
             stopped: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             streams: TaskTracker::new(),

@@ -15,7 +15,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::agent::RouteConfig;
-use crate::pump::{PumpError, Transferred, pump};
+use tokio_util::either::Either;
+
+use super::data::DataConn;
+use crate::pump::{Counted, PumpError, Transferred, pump};
 use crate::route::pattern::HostPattern;
 use crate::tunnel::stream_header::{StreamHeader, StreamKind};
 use crate::tunnel::tls::{TlsConfigError, load_certs, load_key, provider};
@@ -87,20 +90,29 @@ impl Routes {
     }
 }
 
+/// Counters for a stream's bytes, moved as they move.
+pub struct Meters {
+    pub to_target: prometheus::IntCounter,
+    pub to_relay: prometheus::IntCounter,
+}
+
 /// Serves one stream that arrived on a data connection for `route` (`None`: no route serves its
 /// hostname); `early` holds the client bytes that came with the stream header.
-pub async fn serve<S>(
+pub async fn serve(
     route: Option<&Route>,
     header: &StreamHeader,
-    tunnel: S,
+    tunnel: DataConn,
     early: BytesMut,
+    meters: Meters,
     connect_timeout: Duration,
     cut: &CancellationToken,
-) -> Result<Transferred, TargetError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Result<Transferred, TargetError> {
     let route = route.ok_or_else(|| TargetError::NoRoute(header.host.clone()))?;
+    let tunnel = match tunnel {
+        DataConn::Tls(tls) => Either::Left(tls),
+        DataConn::Tcp(tcp) => Either::Right(tcp),
+    };
+    let tunnel = Counted::new(tunnel, meters.to_target, meters.to_relay);
     let mut tunnel = Prefixed {
         prefix: early,
         inner: tunnel,

@@ -27,6 +27,23 @@ pub struct AgentConfig {
     /// Dialing a relay or a target fails after this.
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How browser TLS streams travel from the relay to this agent.
+    #[serde(default)]
+    pub data_transport: DataTransport,
+}
+
+/// The agent's choice of data connections for browser TLS streams (plaintext HTTP forwarding
+/// always uses TLS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataTransport {
+    /// Inside the tunnel's TLS as well (the default).
+    #[default]
+    Tls,
+    /// Plain TCP authenticated with the session credential (`tunnel::tcp_data`): the browser's
+    /// TLS still protects every byte, the relay moves them with splice(2), stream metadata
+    /// (client address, hostname) is visible between relay and agent.
+    Tcp,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -187,4 +187,24 @@ mod tests {
         );
         assert!(agent_error(&forward).contains("`routes[0].http_target`"));
     }
+
+    #[test]
+    fn agent_data_transport_is_tls_unless_tcp_is_chosen() {
+        let route = "[[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\n";
+        let load = |head: &str| {
+            let text = format!("{head}{AGENT_HEAD}ca = \"ca.pem\"\n{route}");
+            let (_dir, path) = setup(&text, &["ca.pem"]);
+            AgentConfig::load(&path).map(|c| c.data_transport)
+        };
+        assert_eq!(load("").unwrap(), crate::config::agent::DataTransport::Tls);
+        assert_eq!(
+            load("data_transport = \"tcp\"\n").unwrap(),
+            crate::config::agent::DataTransport::Tcp
+        );
+        let error = load("data_transport = \"udp\"\n").unwrap_err().to_string();
+        assert!(
+            error.contains("data_transport") && error.contains("udp"),
+            "{error}"
+        );
+    }
 }

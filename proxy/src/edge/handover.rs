@@ -4,6 +4,8 @@
 //! takes a pre-opened idle data connection, so setup costs no round trip to the agent; if every
 //! pool is empty, the least-loaded agent is asked for more and the client waits up to
 //! `edge.agent_wait`. The stream header and the bytes already read go out in one write.
+//! Browser TLS streams prefer the agent's plain-TCP data connections, whose bytes the relay
+//! moves without copying them through userspace; plaintext HTTP only ever goes over TLS.
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +18,7 @@ use crate::pump::{Counted, PumpError, Transferred, pump};
 use crate::relay::RelayState;
 use crate::route::registry::{Route, RouteAgent};
 use crate::tunnel::message::RelayMessage;
-use crate::tunnel::session::{ActiveStream, AgentSession, DataStream};
+use crate::tunnel::session::{ActiveStream, AgentSession, Carrier, DataConn};
 use crate::tunnel::stream_header::{StreamHeader, StreamKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +34,7 @@ pub enum HandoverError {
 /// A client stream now attached to an agent's data connection.
 pub struct Handover {
     pub session: Arc<AgentSession>,
-    pub tunnel: DataStream,
+    pub tunnel: DataConn,
     /// Keeps the stream counted in the agent's load until dropped.
     pub active: ActiveStream,
 }
@@ -59,9 +61,26 @@ impl Handover {
         let (to_agent, to_client) = metrics.stream_started(tenant);
         to_agent.inc_by(peeked.len() as u64);
         drop(peeked);
-        let mut client = Counted::new(client, to_agent, to_client);
-        pump(&mut client, &mut self.tunnel, &self.session.cut).await
+        let transport = match &self.tunnel {
+            DataConn::Tls(_) => "tls",
+            DataConn::Tcp { .. } => "tcp",
+        };
+        metrics.stream_transports.with_label_values(&[transport]).inc();
+        match &mut self.tunnel {
+            DataConn::Tls(tunnel) => {
+                let mut client = Counted::new(client, to_agent, to_client);
+                pump(&mut client, tunnel, &self.session.cut).await
+            }
+            DataConn::Tcp { stream, .. } => {
+                let mut client = Counted::new(client, to_agent, to_client);
+                pump(&mut client, stream, &self.session.cut).await
+            }
+        }
     }
+}
+
+fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
 }
 
 /// What to tell the agent about the stream.
@@ -90,8 +109,12 @@ pub async fn to_agent(
             return Err(HandoverError::NoAgent);
         }
         agents.sort_by_key(|a| a.session.active_streams());
+        let carrier = match info.kind {
+            StreamKind::Tls => Carrier::Any,
+            StreamKind::Http => Carrier::TlsOnly,
+        };
         for agent in &agents {
-            if let Some(mut tunnel) = agent.session.claim_idle().await {
+            if let Some(mut tunnel) = agent.session.claim_idle(carrier).await {
                 let active = agent.session.stream_guard();
                 let header = StreamHeader {
                     kind: info.kind,
@@ -99,13 +122,20 @@ pub async fn to_agent(
                     relay_port: info.relay_port,
                     host: info.host.to_owned(),
                 };
-                let mut first = BytesMut::with_capacity(64 + initial.len());
-                header
-                    .encode(&mut first)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                first.extend_from_slice(initial);
-                tunnel.write_all(&first).await?;
-                tunnel.flush().await?;
+                let mut first = Vec::with_capacity(128 + initial.len());
+                match &mut tunnel {
+                    DataConn::Tls(stream) => {
+                        header.encode(&mut first).map_err(invalid)?;
+                        first.extend_from_slice(initial);
+                        stream.write_all(&first).await?;
+                        stream.flush().await?;
+                    }
+                    DataConn::Tcp { stream, key } => {
+                        key.seal(&header, &mut first).map_err(invalid)?;
+                        first.extend_from_slice(initial);
+                        stream.write_all(&first).await?;
+                    }
+                }
                 return Ok(Handover {
                     session: Arc::clone(&agent.session),
                     tunnel,
@@ -117,7 +147,10 @@ pub async fn to_agent(
         if !asked_for_more {
             // One more for this stream: each waiting stream asks for exactly what it needs, so
             // a burst cannot make the agent open (and the relay hold) far more than it uses.
-            least_loaded.send_control(RelayMessage::OpenData { count: 1 });
+            least_loaded.send_control(RelayMessage::OpenData {
+                count: 1,
+                require_tls: carrier == Carrier::TlsOnly,
+            });
             asked_for_more = true;
         }
         let now = Instant::now();

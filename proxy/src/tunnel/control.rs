@@ -15,7 +15,7 @@ use super::frame::{FrameReader, write_frame};
 use super::heartbeat::{Beat, Heartbeat};
 use super::listener::reject;
 use super::message::{AgentMessage, RefusedRoute, RelayMessage, RouteAd};
-use super::session::{AgentSession, DataStream, new_secret};
+use super::session::{AgentSession, TunnelTls, new_secret};
 use crate::relay::RelayState;
 use crate::route::pattern::HostPattern;
 use crate::route::registry::RouteAgent;
@@ -23,7 +23,7 @@ use crate::store::{Tenant, unix_now};
 
 pub async fn serve(
     state: Arc<RelayState>,
-    reader: FrameReader<DataStream>,
+    reader: FrameReader<TunnelTls>,
     peer: SocketAddr,
     protocol: u16,
     token: &str,

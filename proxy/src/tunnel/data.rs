@@ -1,17 +1,27 @@
-//! Relay side of a data connection: check the session credential, then park the connection in
-//! the session's idle pool until a client stream claims it.
+//! Relay side of a data connection: authenticate it with the session credential, then park it
+//! in the session's idle pool until a client stream claims it.
+//!
+//! TLS data connections present the credential in a `Data` frame inside the tunnel's TLS; plain
+//! TCP ones prove they hold it with the [`tcp_data`] challenge-response instead.
 use std::net::SocketAddr;
 
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::frame::FrameReader;
 use super::listener::reject;
-use super::session::DataStream;
+use super::session::{DataConn, TunnelTls};
+use super::tcp_data::{self, Join, NONCE_LEN, Nonces, TAG_LEN};
+use crate::peek::Peek;
 use crate::relay::RelayState;
 
+/// A TLS data connection whose first frame was `Data`.
 pub async fn serve(
     state: &RelayState,
-    reader: FrameReader<DataStream>,
+    reader: FrameReader<TunnelTls>,
     peer: SocketAddr,
     agent_id: &str,
     credential: &str,
@@ -32,5 +42,96 @@ pub async fn serve(
         return;
     }
     debug!(agent = agent_id, "data connection parked");
-    session.park(stream);
+    session.park(DataConn::Tls(Box::new(stream)));
+}
+
+/// Why a plain-TCP data connection was refused (logged; the agent gets the text).
+#[derive(Debug, thiserror::Error)]
+enum TcpJoinError {
+    #[error("{0}")]
+    Protocol(#[from] tcp_data::TcpDataError),
+    #[error("unknown or ended session")]
+    UnknownSession,
+    #[error("invalid or expired session credential")]
+    BadProof,
+    #[error("sent bytes before being claimed")]
+    EarlyBytes,
+    #[error("closed during the join")]
+    Closed,
+    #[error("no join within the handshake timeout")]
+    Timeout,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A plain-TCP data connection (it started with [`tcp_data::MAGIC`]): challenge, check the
+/// proof, park. `deadline` bounds the whole join, so a silent or slow peer costs nothing long.
+pub async fn serve_tcp(state: &RelayState, mut tcp: TcpStream, peer: SocketAddr, deadline: Instant) {
+    match tokio::time::timeout_at(deadline, join(state, &mut tcp)).await {
+        Ok(Ok((session, key))) => {
+            debug!(agent = &*session.id, "plain-TCP data connection parked");
+            session.park(DataConn::Tcp { stream: tcp, key });
+        }
+        outcome => {
+            let error = outcome
+                .unwrap_or(Err(TcpJoinError::Timeout))
+                .err()
+                .expect("not Ok");
+            info!(%peer, error = %error, "tunnel: plain-TCP data connection refused");
+            if !matches!(error, TcpJoinError::Closed | TcpJoinError::Io(_)) {
+                // A refusal starts with '-', never with the '+' of a challenge.
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    tcp.write_all(format!("-{error}\n").as_bytes()),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+async fn join(
+    state: &RelayState,
+    tcp: &mut TcpStream,
+) -> Result<
+    (
+        std::sync::Arc<crate::tunnel::session::AgentSession>,
+        tcp_data::StreamKey,
+    ),
+    TcpJoinError,
+> {
+    let mut buf = BytesMut::with_capacity(256);
+    let (join, used) = loop {
+        if let Peek::Done(done) = Join::decode(&buf)? {
+            break done;
+        }
+        if tcp.read_buf(&mut buf).await? == 0 {
+            return Err(TcpJoinError::Closed);
+        }
+    };
+    let _ = buf.split_to(used);
+    let session = state
+        .sessions
+        .get(join.agent_id.as_str())
+        .map(|s| s.clone())
+        .ok_or(TcpJoinError::UnknownSession)?;
+    let nonces = Nonces {
+        agent: join.agent_nonce,
+        relay: tcp_data::new_nonce(),
+    };
+    let mut challenge = [0u8; 1 + NONCE_LEN];
+    challenge[0] = b'+';
+    challenge[1..].copy_from_slice(&nonces.relay);
+    tcp.write_all(&challenge).await?;
+    while buf.len() < TAG_LEN {
+        if tcp.read_buf(&mut buf).await? == 0 {
+            return Err(TcpJoinError::Closed);
+        }
+    }
+    if buf.len() > TAG_LEN {
+        return Err(TcpJoinError::EarlyBytes);
+    }
+    let proof: tcp_data::Tag = buf[..TAG_LEN].try_into().expect("TAG_LEN bytes");
+    let key = session.tcp_join(&nonces, &proof).ok_or(TcpJoinError::BadProof)?;
+    Ok((session, key))
 }

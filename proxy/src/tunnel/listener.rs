@@ -1,6 +1,7 @@
-//! The relay's tunnel port: TLS handshake with the agent, then the first frame decides what the
-//! connection is — a control connection (`Hello`) or a data connection (`Data`). Anything else
-//! (garbage, a browser, a scanner) gets a short error and is closed; nothing blocks for long.
+//! The relay's tunnel port. The first byte tells plain-TCP data connections ([`tcp_data::MAGIC`])
+//! from TLS; after the TLS handshake with the agent, the first frame decides what the connection
+//! is — a control connection (`Hello`) or a data connection (`Data`). Anything else (garbage, a
+//! browser, a scanner) gets a short error and is closed; nothing blocks for long.
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use tracing::{debug, info};
 
 use super::frame::{FrameReader, write_frame};
 use super::message::{AgentMessage, RelayMessage};
-use super::{control, data};
+use super::{control, data, tcp_data};
 use crate::relay::RelayState;
 
 /// Accepts agent connections until the relay starts stopping.
@@ -35,6 +36,23 @@ pub async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, state: Ar
 
 async fn handle(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, state: Arc<RelayState>) {
     let deadline = tokio::time::Instant::now() + state.config.tunnel.handshake_timeout;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == tcp_data::MAGIC[0] => {
+            data::serve_tcp(&state, tcp, peer, deadline).await;
+            return;
+        }
+        Ok(Ok(1)) => {}
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "tunnel: connection failed before its first byte");
+            return;
+        }
+        Err(_) => {
+            info!(%peer, "tunnel: no first byte in time");
+            return;
+        }
+    }
     let stream = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {

@@ -92,9 +92,12 @@ pub enum RelayMessage {
         accepted: Vec<String>,
         refused: Vec<RefusedRoute>,
     },
-    /// The pool ran dry: open this many more data connections.
+    /// The pool ran dry: open this many more data connections. `require_tls`: they are for
+    /// plaintext HTTP streams, so they must be TLS even if the agent uses plain TCP otherwise.
     OpenData {
         count: u32,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        require_tls: bool,
     },
     Ping {
         seq: u64,

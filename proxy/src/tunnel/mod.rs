@@ -4,8 +4,10 @@
 //! credential renewal, heartbeats) and a small pool of idle **data connections**. Each browser
 //! connection consumes one idle data connection: the relay writes a [`stream_header`] and then the
 //! client's bytes, unmodified. Because the pool is opened ahead of time, handing a stream to an
-//! agent costs no round trip. All tunnel connections are TLS 1.3 (rustls), the relay
-//! authenticated by CA or pinned key.
+//! agent costs no round trip. Control connections are TLS 1.3 (rustls), the relay authenticated
+//! by CA or pinned key; data connections are too, unless the agent chose plain TCP for browser
+//! TLS streams ([`tcp_data`]: authenticated with the session credential, payload already
+//! encrypted end to end, moved by the relay with splice(2)).
 pub mod control;
 pub mod data;
 pub mod frame;
@@ -14,6 +16,7 @@ pub mod listener;
 pub mod message;
 pub mod session;
 pub mod stream_header;
+pub mod tcp_data;
 pub mod tls;
 
 /// ALPN protocol id of the tunnel; anything else on the tunnel port is refused in the handshake.

@@ -1,5 +1,6 @@
-//! Relay-side state of one authenticated agent: its credential, its pool of idle data
-//! connections, its load, and the tokens that end it.
+//! Relay-side state of one authenticated agent: its credential, its pools of idle data
+//! connections (TLS, and plain TCP for agents that chose it), its load, and the tokens that end
+//! it.
 //!
 //! Each idle data connection is parked in its own small task that watches the socket: if the
 //! agent closes it (or sends anything before being asked to), the task drops it, so a claimed
@@ -18,11 +19,46 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use super::message::RelayMessage;
+use super::tcp_data::{self, Nonces, StreamKey, Tag};
 use crate::route::pattern::HostPattern;
 
-/// A data connection from an agent, TLS already established.
-pub type DataStream = TlsStream<TcpStream>;
-type Claim = oneshot::Sender<DataStream>;
+/// A TLS connection from an agent (control or data), handshake done.
+pub type TunnelTls = TlsStream<TcpStream>;
+
+/// An idle data connection an agent has opened, authenticated and ready for a stream header.
+pub enum DataConn {
+    Tls(Box<TunnelTls>),
+    /// Plain TCP (see [`tcp_data`]): carries browser TLS streams only; its header is sealed
+    /// with `key`.
+    Tcp {
+        stream: TcpStream,
+        key: StreamKey,
+    },
+}
+
+impl DataConn {
+    /// Resolves when the idle connection is no longer usable: the agent closed it, it failed,
+    /// or it sent bytes an idle connection must not send.
+    async fn closed(&mut self) {
+        let mut probe = [0u8; 1];
+        let _ = match self {
+            DataConn::Tls(stream) => stream.read(&mut probe).await,
+            DataConn::Tcp { stream, .. } => stream.read(&mut probe).await,
+        };
+    }
+}
+
+/// Which idle connections may carry a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// Browser TLS: any connection, plain TCP first (it costs no crypto on the relay).
+    Any,
+    /// Plaintext HTTP: TLS connections only.
+    TlsOnly,
+}
+
+type Claim = oneshot::Sender<DataConn>;
+type Parked = oneshot::Sender<Claim>;
 
 /// A session credential: random, short-lived, renewed over the control connection.
 #[derive(Clone)]
@@ -41,7 +77,8 @@ pub struct AgentSession {
     routes: Mutex<Vec<HostPattern>>,
     end_reason: Mutex<Option<String>>,
     credentials: Mutex<(Credential, Option<Credential>)>,
-    idle: Mutex<VecDeque<oneshot::Sender<Claim>>>,
+    idle_tls: Mutex<VecDeque<Parked>>,
+    idle_tcp: Mutex<VecDeque<Parked>>,
     idle_ready: Notify,
     active: AtomicUsize,
     control: mpsc::Sender<RelayMessage>,
@@ -74,7 +111,8 @@ impl AgentSession {
                 },
                 None,
             )),
-            idle: Mutex::new(VecDeque::new()),
+            idle_tls: Mutex::new(VecDeque::new()),
+            idle_tcp: Mutex::new(VecDeque::new()),
             idle_ready: Notify::new(),
             active: AtomicUsize::new(0),
             control,
@@ -120,48 +158,78 @@ impl AgentSession {
             })
     }
 
+    /// Checks a plain-TCP join proof against the live credentials; on success returns the key
+    /// that seals this connection's stream header.
+    pub fn tcp_join(&self, nonces: &Nonces, proof: &Tag) -> Option<StreamKey> {
+        let now = Instant::now();
+        let credentials = self.credentials.lock().expect("credential lock");
+        [Some(&credentials.0), credentials.1.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter(|c| c.expires > now)
+            .find(|c| tcp_data::join_proof_valid(&c.secret, &self.id, nonces, proof))
+            .map(|c| StreamKey::derive(&c.secret, &self.id, nonces))
+    }
+
+    fn pool(&self, tcp: bool) -> &Mutex<VecDeque<Parked>> {
+        if tcp { &self.idle_tcp } else { &self.idle_tls }
+    }
+
     /// Parks an idle data connection until a client stream claims it or the agent drops it.
-    pub fn park(self: &Arc<Self>, mut stream: DataStream) {
+    pub fn park(self: &Arc<Self>, mut conn: DataConn) {
         let (claim_tx, mut claim_rx) = oneshot::channel::<Claim>();
-        self.idle.lock().expect("idle lock").push_back(claim_tx);
+        let tcp = matches!(conn, DataConn::Tcp { .. });
+        self.pool(tcp).lock().expect("idle lock").push_back(claim_tx);
         self.idle_ready.notify_one();
         let ended = self.ended.clone();
         tokio::spawn(async move {
-            let mut probe = [0u8; 1];
             let claimed = tokio::select! {
                 claim = &mut claim_rx => claim.ok(),
-                // EOF, an error, or bytes the agent must not send before a stream header.
-                _ = stream.read(&mut probe) => None,
+                () = conn.closed() => None,
                 () = ended.cancelled() => None,
             };
             if let Some(reply) = claimed {
-                let _ = reply.send(stream);
+                let _ = reply.send(conn);
             }
         });
     }
 
-    /// Takes a live idle data connection, if one is parked.
-    pub async fn claim_idle(&self) -> Option<DataStream> {
-        loop {
-            let parked = {
-                let mut idle = self.idle.lock().expect("idle lock");
-                idle.retain(|p| !p.is_closed());
-                idle.pop_front()?
-            };
-            let (reply_tx, reply_rx) = oneshot::channel();
-            if parked.send(reply_tx).is_ok()
-                && let Ok(stream) = reply_rx.await
-            {
-                return Some(stream);
+    /// Takes a live idle data connection that may carry the stream, if one is parked.
+    pub async fn claim_idle(&self, carrier: Carrier) -> Option<DataConn> {
+        let pools: &[bool] = match carrier {
+            Carrier::Any => &[true, false],
+            Carrier::TlsOnly => &[false],
+        };
+        for &tcp in pools {
+            loop {
+                let Some(parked) = ({
+                    let mut idle = self.pool(tcp).lock().expect("idle lock");
+                    idle.retain(|p| !p.is_closed());
+                    idle.pop_front()
+                }) else {
+                    break;
+                };
+                let (reply_tx, reply_rx) = oneshot::channel();
+                if parked.send(reply_tx).is_ok()
+                    && let Ok(conn) = reply_rx.await
+                {
+                    return Some(conn);
+                }
             }
         }
+        None
     }
 
     /// Idle data connections currently parked (approximate: a dying one may still count).
     pub fn idle_count(&self) -> usize {
-        let mut idle = self.idle.lock().expect("idle lock");
-        idle.retain(|p| !p.is_closed());
-        idle.len()
+        [false, true]
+            .into_iter()
+            .map(|tcp| {
+                let mut idle = self.pool(tcp).lock().expect("idle lock");
+                idle.retain(|p| !p.is_closed());
+                idle.len()
+            })
+            .sum()
     }
 
     /// Waits until a data connection is parked (or `timeout` passes).
