@@ -41,6 +41,7 @@ impl Series {
 }
 
 struct Throughput {
+    path: String,
     streams: usize,
     upload: bool,
     bytes: u64,
@@ -80,8 +81,10 @@ impl Report {
         self.open_loop.push(series);
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn throughput(
         &mut self,
+        path: &str,
         streams: usize,
         upload: bool,
         bytes: u64,
@@ -90,6 +93,7 @@ impl Report {
         cpu: f64,
     ) {
         self.throughput.push(Throughput {
+            path: path.into(),
             streams,
             upload,
             bytes,
@@ -141,13 +145,14 @@ impl Report {
         }
         println!("bulk throughput (Gbit/s)");
         println!(
-            "{:<8} {:<9} {:>9} {:>9} {:>13} {:>17}",
-            "streams", "direction", "direct", "relay", "relay/direct", "relay CPU s per GB"
+            "{:<10} {:<8} {:<9} {:>9} {:>9} {:>13} {:>17}",
+            "path", "streams", "direction", "direct", "relayed", "relayed/direct", "middle CPU s per GB"
         );
         for t in &self.throughput {
             let (d, r) = (gbit(t.bytes, t.direct), gbit(t.bytes, t.relay));
             println!(
-                "{:<8} {:<9} {:>9.2} {:>9.2} {:>12.2}x {:>17.2}",
+                "{:<10} {:<8} {:<9} {:>9.2} {:>9.2} {:>13.2}x {:>17.2}",
+                t.path,
                 t.streams,
                 if t.upload { "upload" } else { "download" },
                 d,
@@ -172,11 +177,12 @@ impl Report {
             "setup_sequential": self.setups.iter().map(Series::json).collect::<Vec<_>>(),
             "setup_open_loop": self.open_loop.iter().map(Series::json).collect::<Vec<_>>(),
             "throughput": self.throughput.iter().map(|t| json!({
+                "path": t.path,
                 "streams": t.streams,
                 "direction": if t.upload { "upload" } else { "download" },
                 "bytes": t.bytes,
                 "direct_gbit_s": gbit(t.bytes, t.direct),
-                "relay_gbit_s": gbit(t.bytes, t.relay),
+                "relayed_gbit_s": gbit(t.bytes, t.relay),
                 "relay_cpu_seconds_per_gb": t.relay_cpu_seconds / (t.bytes as f64 / 1e9),
             })).collect::<Vec<_>>(),
             "relay_rss": self.memory.map(|(idle, connections, busy, failed)| json!({

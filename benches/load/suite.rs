@@ -14,7 +14,10 @@ use sluice_tests::pki::CertSet;
 use crate::client::{self, Setup, Target};
 use crate::report::{Report, Series};
 
+/// Served by an agent with TLS data connections (the default)...
 const HOST: &str = "app.load.test";
+/// ...and by one with plain-TCP data connections (`data_transport = "tcp"`).
+const HOST_TCP: &str = "tcp.load.test";
 const BACKEND: &str = "127.0.0.1:19443";
 const RELAY_TLS: &str = "127.0.0.1:18443";
 const RELAY_TUNNEL: &str = "127.0.0.1:17443";
@@ -72,12 +75,21 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     // Written as <prefix>-ca.pem, <prefix>-cert.pem and <prefix>-key.pem, read back by path.
     CertSet::issue(&dir, "relay", &["relay.load.test"]);
-    CertSet::issue(&dir, "app", &[HOST]);
+    CertSet::issue(&dir, "app", &[HOST, HOST_TCP]);
     let sluice = &options.sluice;
     let state = dir.join("state");
     cli(
         sluice,
-        &["tenant", "add", "load", "--hostname", HOST, "--state-dir"],
+        &[
+            "tenant",
+            "add",
+            "load",
+            "--hostname",
+            HOST,
+            "--hostname",
+            HOST_TCP,
+            "--state-dir",
+        ],
         &state,
     )?;
     let token = cli(
@@ -104,14 +116,16 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
              [shield]\nallow = [\"127.0.0.0/8\"]\n"
         ),
     )?;
-    std::fs::write(
-        dir.join("agent.toml"),
-        format!(
-            "name = \"load\"\ntoken_file = \"agent.token\"\n[[relays]]\naddress = \"{RELAY_TUNNEL}\"\n\
-             server_name = \"relay.load.test\"\nca = \"relay-ca.pem\"\n[[routes]]\nhostname = \"{HOST}\"\n\
-             target = \"{BACKEND}\"\nproxy_protocol = true\n"
-        ),
-    )?;
+    for (name, transport, host) in [("agent-tls", "tls", HOST), ("agent-tcp", "tcp", HOST_TCP)] {
+        std::fs::write(
+            dir.join(format!("{name}.toml")),
+            format!(
+                "name = \"{name}\"\ntoken_file = \"agent.token\"\ndata_transport = \"{transport}\"\n\
+                 [[relays]]\naddress = \"{RELAY_TUNNEL}\"\nserver_name = \"relay.load.test\"\nca = \"relay-ca.pem\"\n\
+                 [[routes]]\nhostname = \"{host}\"\ntarget = \"{BACKEND}\"\nproxy_protocol = true\n"
+            ),
+        )?;
+    }
 
     let log = |name: &str| -> anyhow::Result<Stdio> { Ok(std::fs::File::create(dir.join(name))?.into()) };
     let me = std::env::current_exe()?;
@@ -138,17 +152,20 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             .stderr(log("relay.log")?)
             .spawn()?,
     ));
-    processes.0.push((
-        "agent",
-        pinned(side_cpu, sluice)
-            .arg("agent")
-            .arg("--config")
-            .arg(dir.join("agent.toml"))
-            .stderr(log("agent.log")?)
-            .spawn()?,
-    ));
+    for name in ["agent-tls", "agent-tcp"] {
+        processes.0.push((
+            name,
+            pinned(side_cpu, sluice)
+                .arg("agent")
+                .arg("--config")
+                .arg(dir.join(format!("{name}.toml")))
+                .stderr(log(&format!("{name}.log"))?)
+                .spawn()?,
+        ));
+    }
     let placement = format!(
-        "relay on CPU {relay_cpu} with the load clients; agent and backend on CPU {side_cpu} ({cpus} CPUs)"
+        "relay on CPU {relay_cpu} with the load clients; agents and backend on CPU {side_cpu} ({cpus} CPUs); \
+         relay-tls: agent with TLS data connections, relay-tcp: agent with plain-TCP data connections"
     );
     println!("placement: {placement}");
 
@@ -160,15 +177,24 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         tls: Arc::clone(&tls),
     };
     let relayed = Target {
-        name: "relay",
+        name: "relay-tls",
         addr: RELAY_TLS.parse()?,
         sni: HOST.into(),
         tls: Arc::clone(&tls),
     };
-    wait_until_up(&relayed)
-        .await
-        .context("relay + agent did not come up; see the logs")?;
-    let haproxy = start_haproxy(&dir, &mut processes, side_cpu)?;
+    let relayed_tcp = Target {
+        name: "relay-tcp",
+        addr: RELAY_TLS.parse()?,
+        sni: HOST_TCP.into(),
+        tls: Arc::clone(&tls),
+    };
+    for target in [&relayed, &relayed_tcp] {
+        wait_until_up(target)
+            .await
+            .with_context(|| format!("relay + agent for {} did not come up; see the logs", target.name))?;
+    }
+    // In the relay's place: same CPU, same clients, same backend.
+    let haproxy = start_haproxy(&dir, &mut processes, relay_cpu)?;
     let haproxy_target = haproxy.then(|| Target {
         name: "haproxy",
         addr: HAPROXY.parse().unwrap(),
@@ -183,7 +209,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let idle_rss = rss_kib(processes.pid("relay"))?;
 
     // 1. Sequential setups, interleaved so every path sees the same noise.
-    let mut runs: Vec<(&Target, Vec<Setup>)> = vec![(&direct, Vec::new()), (&relayed, Vec::new())];
+    let mut runs: Vec<(&Target, Vec<Setup>)> = vec![
+        (&direct, Vec::new()),
+        (&relayed, Vec::new()),
+        (&relayed_tcp, Vec::new()),
+    ];
     if let Some(target) = &haproxy_target {
         runs.push((target, Vec::new()));
     }
@@ -194,14 +224,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let first_bytes = read_first_bytes(&dir.join("first-bytes.log"))?;
     for (target, setups) in &runs {
-        let to_backend: Vec<Duration> = if target.name == "haproxy" {
-            Vec::new() // HAProxy sends no PROXY header here, so its connections cannot be matched
-        } else {
-            setups
-                .iter()
-                .filter_map(|s| to_backend(s, &first_bytes))
-                .collect()
-        };
+        // Every path announces the client with PROXY v2 (HAProxy: send-proxy-v2), so the
+        // backend's first-byte log matches connections by client port.
+        let to_backend: Vec<Duration> = setups
+            .iter()
+            .filter_map(|s| to_backend(s, &first_bytes))
+            .collect();
         report.setup(Series::new(target.name, "first byte at backend", &to_backend));
         report.setup(Series::new(
             target.name,
@@ -217,7 +245,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     // 2. Open-loop setups at fixed rates.
     for rate in [100, 300] {
-        for target in [&direct, &relayed] {
+        for target in [&direct, &relayed, &relayed_tcp]
+            .into_iter()
+            .chain(&haproxy_target)
+        {
             let latencies = client::open_loop(target, rate, Duration::from_secs(4)).await?;
             report.open_loop(Series::new(
                 target.name,
@@ -235,17 +266,34 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             options.bulk_bytes / 4
         };
         let total = bytes * streams as u64;
-        let direct_time = client::bulk(&direct, streams, bytes, upload).await?;
-        let cpu_before = cpu_seconds(processes.pid("relay"))?;
-        let relay_time = client::bulk(&relayed, streams, bytes, upload).await?;
-        let relay_cpu = cpu_seconds(processes.pid("relay"))? - cpu_before;
-        report.throughput(streams, upload, total, direct_time, relay_time, relay_cpu);
+        // Each relayed path right after its own direct run: both see the same moment's noise.
+        for target in [&relayed, &relayed_tcp].into_iter().chain(&haproxy_target) {
+            let direct_time = client::bulk(&direct, streams, bytes, upload).await?;
+            // CPU of whatever sits in the middle: the relay, or HAProxy in its place.
+            let middle = if target.name == "haproxy" {
+                "haproxy"
+            } else {
+                "relay"
+            };
+            let cpu_before = cpu_seconds(processes.pid(middle))?;
+            let relay_time = client::bulk(target, streams, bytes, upload).await?;
+            let relay_cpu = cpu_seconds(processes.pid(middle))? - cpu_before;
+            report.throughput(
+                target.name,
+                streams,
+                upload,
+                total,
+                direct_time,
+                relay_time,
+                relay_cpu,
+            );
+        }
     }
 
     // 4. Relay memory with many idle proxied connections.
     // Relay and agent each hold two descriptors per proxied connection: stay within what their
     // open-file limits allow, and say so when that is below what was asked.
-    let capacity = ["relay", "agent"]
+    let capacity = ["relay", "agent-tcp"]
         .iter()
         .map(|name| open_file_limit(processes.pid(name)).map(|l| l.saturating_sub(256) / 2))
         .collect::<anyhow::Result<Vec<_>>>()?
@@ -259,7 +307,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             options.idle_connections
         );
     }
-    let (held, failed) = client::hold(&relayed, idle_connections, 64).await?;
+    let (held, failed) = client::hold(&relayed_tcp, idle_connections, 64).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let busy_rss = rss_kib(processes.pid("relay"))?;
     report.memory(idle_rss, held.len(), busy_rss, failed);
@@ -318,9 +366,9 @@ fn start_haproxy(dir: &Path, processes: &mut Processes, cpu: usize) -> anyhow::R
         return Ok(false);
     };
     let config = format!(
-        "global\n  maxconn 20000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+        "global\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
          frontend sni\n  bind {HAPROXY}\n  tcp-request inspect-delay 5s\n  tcp-request content accept if {{ req.ssl_hello_type 1 }}\n\
-         \x20 use_backend app if {{ req.ssl_sni -i {HOST} }}\nbackend app\n  server app {BACKEND}\n"
+         \x20 use_backend app if {{ req.ssl_sni -i {HOST} }}\nbackend app\n  server app {BACKEND} send-proxy-v2\n"
     );
     std::fs::write(dir.join("haproxy.cfg"), config)?;
     let child = pinned(cpu, haproxy)

@@ -60,6 +60,7 @@ fn main() -> Result<()> {
         }
         Task::LoadTest { args } => {
             setup::ensure()?;
+            setup::ensure_haproxy();
             run(cmd("cargo").args(["build", "--release", "--bin", "sluice", "--bin", "sluice-load"]))?;
             let root = workspace_root();
             run(Command::new(root.join("target/release/sluice-load"))

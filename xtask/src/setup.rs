@@ -80,7 +80,27 @@ fn prometheus_installed() -> bool {
 }
 
 fn install_prometheus() -> Result<()> {
-    eprintln!("xtask: installing Debian's prometheus package (for the metrics integration test)");
+    apt_install(
+        "prometheus",
+        "/usr/bin/prometheus",
+        "for the metrics integration test",
+    )
+}
+
+/// Debian's HAProxy, the load test's side-by-side peer for SNI routing (`req.ssl_sni`). Optional:
+/// when it cannot be installed, the load test runs without that column and says why.
+pub fn ensure_haproxy() {
+    const BINARY: &str = "/usr/sbin/haproxy";
+    if Path::new(BINARY).is_file() {
+        return;
+    }
+    if let Err(e) = apt_install("haproxy", BINARY, "the load test's SNI-routing peer") {
+        eprintln!("xtask: could not install haproxy ({e:#}); the load test runs without it");
+    }
+}
+
+fn apt_install(package: &str, binary: &str, why: &str) -> Result<()> {
+    eprintln!("xtask: installing Debian's {package} package ({why})");
     let root = crate::is_root();
     let apt = |args: &[&str]| -> Result<()> {
         let mut command = if root {
@@ -94,10 +114,10 @@ fn install_prometheus() -> Result<()> {
         run(command.args(args).env("DEBIAN_FRONTEND", "noninteractive"))
     };
     apt(&["update", "-qq"])?;
-    apt(&["install", "-y", "-qq", "--no-install-recommends", "prometheus"])?;
+    apt(&["install", "-y", "-qq", "--no-install-recommends", package])?;
     ensure!(
-        prometheus_installed(),
-        "apt-get installed prometheus but /usr/bin/prometheus is missing"
+        Path::new(binary).is_file(),
+        "apt-get installed {package} but {binary} is missing"
     );
     Ok(())
 }
