@@ -5,14 +5,23 @@
 //! waiting to read holds none. Most proxied connections are idle most of the time (keep-alive,
 //! WebSockets), so per-connection memory stays small while active transfers still get large
 //! buffers.
+//!
+//! Between two plain TCP sockets, [`pump_tcp`] moves the bytes with splice(2) instead ([`splice`],
+//! Linux), so they never enter our memory at all; elsewhere it falls back to this copy.
+#[cfg(target_os = "linux")]
+pub mod splice;
+
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::Mutex;
+#[cfg(target_os = "linux")]
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 /// Size of one pooled buffer: large enough to carry a full TLS record and then some.
@@ -92,6 +101,59 @@ where
     up.release();
     down.release();
     result.map(|()| moved)
+}
+
+/// Counters for the bytes a pump moves, incremented as they move.
+pub struct Meters {
+    pub a_to_b: prometheus::IntCounter,
+    pub b_to_a: prometheus::IntCounter,
+}
+
+/// Set once splice(2) was refused: later TCP pumps copy straight away (and warn only once).
+#[cfg(target_os = "linux")]
+static SPLICE_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Pumps two TCP streams both ways until both sides finish, or `cut` fires: zero-copy with
+/// [`splice::splice_pump`] on Linux, with the buffered [`pump`] where splice is unavailable.
+/// `client_to_agent` counts bytes `a` -> `b`, `agent_to_client` bytes `b` -> `a`.
+pub async fn pump_tcp(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    cut: &CancellationToken,
+    meters: Option<&Meters>,
+) -> Result<Transferred, PumpError> {
+    #[cfg(target_os = "linux")]
+    if !SPLICE_REFUSED.load(Ordering::Relaxed) {
+        match splice::try_splice_pump(a, b, cut, meters).await {
+            Err(splice::SpliceError::Unsupported(e)) => {
+                if !SPLICE_REFUSED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "splice(2) refused on TCP sockets: pumping with buffered copies");
+                }
+            }
+            result => return result.map_err(PumpError::from),
+        }
+    }
+    pump_metered(a, b, cut, meters).await
+}
+
+/// The buffered [`pump`], counting into `meters` (if any) through [`Counted`] on `a`.
+async fn pump_metered<A, B>(
+    a: &mut A,
+    b: &mut B,
+    cut: &CancellationToken,
+    meters: Option<&Meters>,
+) -> Result<Transferred, PumpError>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    match meters {
+        Some(meters) => {
+            let mut a = Counted::new(&mut *a, meters.a_to_b.clone(), meters.b_to_a.clone());
+            pump(&mut a, b, cut).await
+        }
+        None => pump(a, b, cut).await,
+    }
 }
 
 /// One direction of the pump: read into a borrowed buffer, write it all out, give it back.
@@ -233,6 +295,17 @@ mod tests {
 
     use super::*;
 
+    /// Fresh meters, and the two counters behind them to read back.
+    pub(crate) fn meters() -> (Meters, prometheus::IntCounter, prometheus::IntCounter) {
+        let a_to_b = prometheus::IntCounter::new("a_to_b", "bytes a -> b").unwrap();
+        let b_to_a = prometheus::IntCounter::new("b_to_a", "bytes b -> a").unwrap();
+        let meters = Meters {
+            a_to_b: a_to_b.clone(),
+            b_to_a: b_to_a.clone(),
+        };
+        (meters, a_to_b, b_to_a)
+    }
+
     #[tokio::test]
     async fn moves_bytes_both_ways_and_keeps_half_close() {
         let (mut client, mut client_far) = tokio::io::duplex(64);
@@ -291,6 +364,29 @@ mod tests {
         drop(writer.await.unwrap());
         let moved = pump.await.unwrap().unwrap();
         assert_eq!(moved.client_to_agent, 3_000_000);
+    }
+
+    #[tokio::test]
+    async fn metered_copy_counts_both_directions() {
+        let (mut client, mut client_far) = tokio::io::duplex(64);
+        let (mut tunnel, mut tunnel_far) = tokio::io::duplex(64);
+        let (meters, a_to_b, b_to_a) = meters();
+        let cut = CancellationToken::new();
+        let pump =
+            tokio::spawn(
+                async move { pump_metered(&mut client_far, &mut tunnel_far, &cut, Some(&meters)).await },
+            );
+
+        client.write_all(b"hello agent").await.unwrap();
+        client.shutdown().await.unwrap();
+        tunnel.read_to_end(&mut Vec::new()).await.unwrap();
+        tunnel.write_all(b"hi browser").await.unwrap();
+        tunnel.shutdown().await.unwrap();
+        client.read_to_end(&mut Vec::new()).await.unwrap();
+
+        let moved = pump.await.unwrap().unwrap();
+        assert_eq!((a_to_b.get(), b_to_a.get()), (11, 10));
+        assert_eq!((moved.client_to_agent, moved.agent_to_client), (11, 10));
     }
 
     #[tokio::test]
