@@ -211,9 +211,9 @@ async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: DataConn, ea
     let label = route.map_or_else(|| "none".to_owned(), |r| r.pattern.to_string());
     metrics.streams.with_label_values(&[&label]).inc();
     let _active = crate::admin::metrics::GaugeGuard::up(metrics.active_streams.clone());
-    let meters = target::Meters {
-        to_target: metrics.stream_bytes.with_label_values(&["to_target"]),
-        to_relay: metrics.stream_bytes.with_label_values(&["to_relay"]),
+    let meters = crate::pump::Meters {
+        a_to_b: metrics.stream_bytes.with_label_values(&["to_target"]),
+        b_to_a: metrics.stream_bytes.with_label_values(&["to_relay"]),
     };
     // Cut when the agent stops for good, or when the tenant takes this hostname offline.
     let cut = ctx.agent_stopped.child_token();

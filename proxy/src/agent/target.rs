@@ -18,7 +18,7 @@ use crate::config::agent::RouteConfig;
 use tokio_util::either::Either;
 
 use super::data::DataConn;
-use crate::pump::{Counted, PumpError, Transferred, pump};
+use crate::pump::{self, Counted, Meters, PumpError, Transferred, pump};
 use crate::route::pattern::HostPattern;
 use crate::tunnel::stream_header::{StreamHeader, StreamKind};
 use crate::tunnel::tls::{TlsConfigError, load_certs, load_key, provider};
@@ -90,14 +90,9 @@ impl Routes {
     }
 }
 
-/// Counters for a stream's bytes, moved as they move.
-pub struct Meters {
-    pub to_target: prometheus::IntCounter,
-    pub to_relay: prometheus::IntCounter,
-}
-
 /// Serves one stream that arrived on a data connection for `route` (`None`: no route serves its
-/// hostname); `early` holds the client bytes that came with the stream header.
+/// hostname); `early` holds the client bytes that came with the stream header. `meters` count
+/// bytes to the target (`a_to_b`) and back to the relay (`b_to_a`) as they move.
 pub async fn serve(
     route: Option<&Route>,
     header: &StreamHeader,
@@ -108,11 +103,14 @@ pub async fn serve(
     cut: &CancellationToken,
 ) -> Result<Transferred, TargetError> {
     let route = route.ok_or_else(|| TargetError::NoRoute(header.host.clone()))?;
-    let tunnel = match tunnel {
-        DataConn::Tls(tls) => Either::Left(tls),
-        DataConn::Tcp(tcp) => Either::Right(tcp),
+    let tunnel = match (tunnel, header.kind, &route.tls) {
+        (DataConn::Tcp(tcp), StreamKind::Tls, None) => {
+            return splice_through(route, header, tcp, early, meters, connect_timeout, cut).await;
+        }
+        (DataConn::Tcp(tcp), ..) => Either::Right(tcp),
+        (DataConn::Tls(tls), ..) => Either::Left(tls),
     };
-    let tunnel = Counted::new(tunnel, meters.to_target, meters.to_relay);
+    let tunnel = Counted::new(tunnel, meters.a_to_b, meters.b_to_a);
     let mut tunnel = Prefixed {
         prefix: early,
         inner: tunnel,
@@ -139,6 +137,24 @@ pub async fn serve(
             Ok(pump(&mut tunnel, &mut target, cut).await?)
         }
     }
+}
+
+/// Browser TLS on a plain-TCP data connection to a target that terminates TLS itself: plain TCP
+/// on both sides, so the bytes go on with splice(2), after the ones that came with the header.
+async fn splice_through(
+    route: &Route,
+    header: &StreamHeader,
+    mut tunnel: TcpStream,
+    early: BytesMut,
+    meters: Meters,
+    connect_timeout: Duration,
+    cut: &CancellationToken,
+) -> Result<Transferred, TargetError> {
+    let mut target = connect(&route.config.target, connect_timeout).await?;
+    announce(&mut target, route, header).await?;
+    target.write_all(&early).await?;
+    meters.a_to_b.inc_by(early.len() as u64);
+    Ok(pump::pump_tcp(&mut tunnel, &mut target, cut, Some(&meters)).await?)
 }
 
 async fn connect(target: &str, timeout: Duration) -> Result<TcpStream, TargetError> {

@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt as _;
 use tokio::time::Instant;
 
-use crate::pump::{Counted, PumpError, Transferred, pump};
+use crate::pump::{Counted, Meters, PumpError, Transferred, pump, pump_tcp};
 use crate::relay::RelayState;
 use crate::route::registry::{Route, RouteAgent};
 use crate::tunnel::message::RelayMessage;
@@ -49,7 +49,7 @@ impl Handover {
         state: &RelayState,
         listener: &str,
         tenant: &str,
-        client: tokio::net::TcpStream,
+        mut client: tokio::net::TcpStream,
         peeked: BytesMut,
         accepted_at: Instant,
     ) -> Result<Transferred, PumpError> {
@@ -72,8 +72,12 @@ impl Handover {
                 pump(&mut client, tunnel, &self.session.cut).await
             }
             DataConn::Tcp { stream, .. } => {
-                let mut client = Counted::new(client, to_agent, to_client);
-                pump(&mut client, stream, &self.session.cut).await
+                // Both ends plain TCP: splice(2), the payload never enters our memory.
+                let meters = Meters {
+                    a_to_b: to_agent,
+                    b_to_a: to_client,
+                };
+                pump_tcp(&mut client, stream, &self.session.cut, Some(&meters)).await
             }
         }
     }
