@@ -11,9 +11,10 @@
 
 /// Name of the XDP program in the object file.
 pub const XDP_PROGRAM: &str = "sluice_shield";
-/// Map (LRU hash): IPv4 source address (network byte order) -> [`BanEntry`].
+/// Map (hash): IPv4 source address (network byte order) -> [`BanEntry`]. Bans userspace decides
+/// (operator via CLI or admin API, L7 abuse); bans the kernel decides live in [`SourceState`].
 pub const MAP_BANNED_V4: &str = "BANNED_V4";
-/// Map (LRU hash): IPv6 source address (16 octets) -> [`BanEntry`].
+/// Map (hash): IPv6 source address (16 octets) -> [`BanEntry`], as [`MAP_BANNED_V4`].
 pub const MAP_BANNED_V6: &str = "BANNED_V6";
 /// Map: per-CPU array of [`Counter`], indexed by [`Reason`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
@@ -29,9 +30,9 @@ pub const MAP_ALLOW_V6: &str = "ALLOW_V6";
 pub const MAP_DENY_V4: &str = "DENY_V4";
 /// Map (LPM trie): IPv6 CIDRs whose packets to protected ports are dropped -> [`CidrOrigin`].
 pub const MAP_DENY_V6: &str = "DENY_V6";
-/// Map (LRU hash): IPv4 source -> [`SourceState`] (its token buckets).
+/// Map (LRU hash): IPv4 source -> [`SourceState`] (its token buckets and kernel-decided ban).
 pub const MAP_SOURCES_V4: &str = "SOURCES_V4";
-/// Map (LRU hash): IPv6 source -> [`SourceState`] (its token buckets).
+/// Map (LRU hash): IPv6 source -> [`SourceState`] (its token buckets and kernel-decided ban).
 pub const MAP_SOURCES_V6: &str = "SOURCES_V6";
 /// Map (ring buffer): one [`BanEvent`] per ban the kernel decides.
 pub const MAP_BAN_EVENTS: &str = "BAN_EVENTS";
@@ -51,7 +52,8 @@ pub const PINNED_MAPS: [&str; 11] = [
     MAP_SOURCES_V6,
 ];
 
-/// Capacity of each ban map (LRU: when full, the least recently hit ban makes room).
+/// Capacity of each ban map. Not LRU, so a flood of new sources cannot evict an operator's
+/// ban; when it is full, userspace drops expired bans to make room, else refuses the new one.
 pub const MAX_BANS: u32 = 65_536;
 /// Capacity of each source-state map (LRU: idle sources are forgotten first).
 pub const MAX_SOURCES: u32 = 262_144;
@@ -203,8 +205,8 @@ pub struct Limits {
     pub ban_threshold: u64,
     /// How long a kernel-decided ban lasts, in nanoseconds.
     pub ban_ns: u64,
-    /// Which allow/deny tries hold entries (`LIST_*` bits), kept up to date by userspace so
-    /// the program skips lookups in empty tries.
+    /// Which allow/deny tries and ban maps hold entries (`LIST_*` bits), kept up to date by
+    /// userspace so the program skips lookups in empty ones.
     pub lists: u64,
 }
 
@@ -213,6 +215,8 @@ pub const LIST_ALLOW_V4: u64 = 1;
 pub const LIST_ALLOW_V6: u64 = 2;
 pub const LIST_DENY_V4: u64 = 4;
 pub const LIST_DENY_V6: u64 = 8;
+pub const LIST_BANS_V4: u64 = 16;
+pub const LIST_BANS_V6: u64 = 32;
 
 /// Protected destination ports as a 65,536-bit set: port `p` is bit `p % 64` of `words[p / 64]`.
 #[repr(C)]
@@ -237,20 +241,24 @@ impl PortSet {
     }
 }
 
-/// One source's token buckets and its strike count, in nanotokens and kernel ns.
+/// One source's token buckets, its strike count and the ban the kernel gave it, in nanotokens
+/// and kernel ns.
 ///
-/// `strikes` counts drops for exceeding either bucket; it resets once the packet bucket has
+/// `strikes` counts drops for exceeding either bucket; it resets once both buckets have
 /// refilled completely (the source kept quiet long enough). More than `ban_threshold` strikes
-/// bans the source. Updates from different CPUs are not atomic: a source hammering several
-/// queues at once may get a few extra tokens, which only makes the limit slightly soft.
+/// bans the source until `banned_until_ns`. Updates from different CPUs are not atomic: a
+/// source hammering several queues at once may get a few extra tokens, which only makes the
+/// limit slightly soft.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceState {
     pub syn_tokens: u64,
-    pub syn_last_ns: u64,
     pub packet_tokens: u64,
-    pub packet_last_ns: u64,
+    /// When both buckets were last refilled.
+    pub last_ns: u64,
     pub strikes: u64,
+    /// Kernel-decided ban: dropped while the clock is below this; 0 for none.
+    pub banned_until_ns: u64,
 }
 
 /// Where an allow/deny entry came from: reloads replace configured entries and keep the ones

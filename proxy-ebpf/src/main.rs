@@ -27,21 +27,22 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use proxy_common::{
-    BanEntry, Counter, FAMILY_V4, FAMILY_V6, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_DENY_V4, LIST_DENY_V6,
-    Limits, MAX_BANS, MAX_CIDRS, MAX_SOURCES, PortSet, Reason, SourceState,
+    BanEntry, Counter, FAMILY_V4, FAMILY_V6, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_BANS_V4, LIST_BANS_V6,
+    LIST_DENY_V4, LIST_DENY_V6, Limits, MAX_BANS, MAX_CIDRS, MAX_SOURCES, PortSet, Reason, SourceState,
 };
 
 use parse::{Parsed, Source};
 use police::FamilyMaps;
 
+// Bans decided in userspace. A plain hash, not LRU: a spray of new sources cannot evict them.
 #[map(name = "BANNED_V4")]
-static BANNED_V4: LruHashMap<u32, BanEntry> = LruHashMap::with_max_entries(MAX_BANS, 0);
+static BANNED_V4: HashMap<u32, BanEntry> = HashMap::with_max_entries(MAX_BANS, 0);
 #[map(name = "BANNED_V6")]
-static BANNED_V6: LruHashMap<[u8; 16], BanEntry> = LruHashMap::with_max_entries(MAX_BANS, 0);
+static BANNED_V6: HashMap<[u8; 16], BanEntry> = HashMap::with_max_entries(MAX_BANS, 0);
 
 #[map(name = "ALLOW_V4")]
 static ALLOW_V4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
@@ -104,6 +105,7 @@ fn classify(ctx: &XdpContext) -> Reason {
                         family: FAMILY_V4,
                         allow_bit: LIST_ALLOW_V4,
                         deny_bit: LIST_DENY_V4,
+                        bans_bit: LIST_BANS_V4,
                     };
                     police::police(&maps, address, flags, limits, &BAN_EVENTS, now)
                 }
@@ -117,6 +119,7 @@ fn classify(ctx: &XdpContext) -> Reason {
                         family: FAMILY_V6,
                         allow_bit: LIST_ALLOW_V6,
                         deny_bit: LIST_DENY_V6,
+                        bans_bit: LIST_BANS_V6,
                     };
                     police::police(&maps, address, flags, limits, &BAN_EVENTS, now)
                 }

@@ -1,12 +1,17 @@
 //! Per-source policy for well-formed TCP segments to protected ports, in this order:
-//! allowlist (pass, no limits) -> denylist (drop) -> ban (drop until it expires) -> token
+//! allowlist (pass, no limits) -> denylist (drop) -> bans (drop until they expire) -> token
 //! buckets (packet bucket for every segment, SYN bucket for new connections) -> pass.
 //!
 //! Over-limit drops are strikes; more than `ban_threshold` strikes ban the source for
 //! `ban_ns` and send a [`BanEvent`] to userspace. Strikes are forgiven once both buckets have
 //! refilled completely.
+//!
+//! Bans come from two places. The kernel's own bans live in the source's [`SourceState`],
+//! which the packet looks up anyway, so they cost no extra lookup. Bans decided in userspace
+//! (operator, L7 abuse) live in the `BANNED_*` hash maps, looked into only when userspace has
+//! put something there.
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::maps::{LpmTrie, LruHashMap, RingBuf};
+use aya_ebpf::maps::{HashMap, LpmTrie, LruHashMap, RingBuf};
 use proxy_common::{BanEntry, BanEvent, BucketLimit, Limits, NANOTOKENS, Reason, SourceState};
 
 use crate::parse::{TCP_ACK, TCP_SYN};
@@ -15,15 +20,16 @@ use crate::parse::{TCP_ACK, TCP_SYN};
 pub struct FamilyMaps<K: 'static> {
     pub allow: &'static LpmTrie<K, u8>,
     pub deny: &'static LpmTrie<K, u8>,
-    pub bans: &'static LruHashMap<K, BanEntry>,
+    pub bans: &'static HashMap<K, BanEntry>,
     pub sources: &'static LruHashMap<K, SourceState>,
     /// Prefix length of a full address (32 or 128).
     pub bits: u32,
     /// `FAMILY_V4` or `FAMILY_V6`, for ban events.
     pub family: u32,
-    /// The `LIST_*` bits of this family's tries in `Limits::lists`.
+    /// The `LIST_*` bits of this family's tries and ban map in `Limits::lists`.
     pub allow_bit: u64,
     pub deny_bit: u64,
+    pub bans_bit: u64,
 }
 
 #[inline(always)]
@@ -46,7 +52,8 @@ pub fn police<K: Copy + AddrBytes>(
     }
     let now = now();
     // SAFETY: the value is copied out at once; bans are only ever written whole.
-    if let Some(ban) = unsafe { maps.bans.get(source) }
+    if lists & maps.bans_bit != 0
+        && let Some(ban) = unsafe { maps.bans.get(source) }
         && ban.until_ns > now
     {
         return Reason::DropBanned;
@@ -60,10 +67,14 @@ pub fn police<K: Copy + AddrBytes>(
             // SAFETY: the pointer is valid while the program runs; concurrent updates from
             // other CPUs are tolerated (see `SourceState`).
             let state = unsafe { &mut *state };
+            if state.banned_until_ns > now {
+                return Reason::DropBanned;
+            }
             let reason = step(state, limits, now, new_connection);
             if state.strikes > limits.ban_threshold {
                 state.strikes = 0;
-                ban(maps, source, now.saturating_add(limits.ban_ns), reason, events);
+                state.banned_until_ns = now.saturating_add(limits.ban_ns);
+                report_ban(maps, source, state.banned_until_ns, reason, events);
             }
             reason
         }
@@ -71,10 +82,10 @@ pub fn police<K: Copy + AddrBytes>(
             // First segment seen from this source: both buckets start full, so it passes.
             let mut state = SourceState {
                 syn_tokens: limits.syn.capacity,
-                syn_last_ns: now,
                 packet_tokens: limits.packet.capacity,
-                packet_last_ns: now,
+                last_ns: now,
                 strikes: 0,
+                banned_until_ns: 0,
             };
             let reason = step(&mut state, limits, now, new_connection);
             // A full map evicts its least recently used source; failure only forgets history.
@@ -87,13 +98,10 @@ pub fn police<K: Copy + AddrBytes>(
 /// Refills both buckets, then charges this segment; returns the verdict.
 #[inline(always)]
 fn step(state: &mut SourceState, limits: &Limits, now: u64, new_connection: bool) -> Reason {
-    let packet_full = refill(
-        &mut state.packet_tokens,
-        &mut state.packet_last_ns,
-        &limits.packet,
-        now,
-    );
-    let syn_full = refill(&mut state.syn_tokens, &mut state.syn_last_ns, &limits.syn, now);
+    let elapsed = now.saturating_sub(state.last_ns);
+    state.last_ns = now;
+    let packet_full = refill(&mut state.packet_tokens, &limits.packet, elapsed);
+    let syn_full = refill(&mut state.syn_tokens, &limits.syn, elapsed);
     if packet_full && syn_full {
         state.strikes = 0;
     }
@@ -112,26 +120,25 @@ fn step(state: &mut SourceState, limits: &Limits, now: u64, new_connection: bool
     Reason::Pass
 }
 
-/// Adds the tokens earned since `last`; returns true when the bucket is full.
+/// Adds the tokens earned in `elapsed` ns; returns true when the bucket is full.
 #[inline(always)]
-fn refill(tokens: &mut u64, last: &mut u64, limit: &BucketLimit, now: u64) -> bool {
+fn refill(tokens: &mut u64, limit: &BucketLimit, elapsed: u64) -> bool {
     // At most `fill_ns` counts: `fill_ns * rate <= capacity`, so nothing overflows.
-    let elapsed = now.saturating_sub(*last).min(limit.fill_ns);
+    let elapsed = elapsed.min(limit.fill_ns);
     let filled = (*tokens + elapsed * limit.rate).min(limit.capacity);
     *tokens = filled;
-    *last = now;
     filled >= limit.capacity
 }
 
+/// Tells userspace about a ban the kernel just decided.
 #[inline(always)]
-fn ban<K: Copy + AddrBytes>(
+fn report_ban<K: Copy + AddrBytes>(
     maps: &FamilyMaps<K>,
     source: K,
     until_ns: u64,
     reason: Reason,
     events: &RingBuf,
 ) {
-    let _ = maps.bans.insert(source, BanEntry { until_ns }, 0);
     if let Some(mut entry) = events.reserve::<BanEvent>(0) {
         entry.write(BanEvent {
             until_ns,
@@ -141,7 +148,7 @@ fn ban<K: Copy + AddrBytes>(
         });
         entry.submit(0);
     }
-    // A full ring buffer loses the event, never the ban.
+    // A full ring buffer loses the event, never the ban (it is already in the source's state).
 }
 
 /// An address as the 16 octets of a [`BanEvent`].

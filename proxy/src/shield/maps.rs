@@ -1,6 +1,10 @@
 //! Typed handles on the shield's BPF maps, and every read and write userspace does on them:
 //! bans, allow/deny CIDRs, the limits and protected ports, the counters.
 //!
+//! Bans live in two places: the ones userspace decides (operator, L7 abuse) in the `BANNED_*`
+//! hash maps, the ones the kernel decides in the source's state (`SOURCES_*`). Listing, checking
+//! and lifting bans here covers both.
+//!
 //! The same [`ShieldMaps`] serves the relay (maps taken from the object it loaded) and the CLI
 //! (maps opened from their pins under `/sys/fs/bpf/sluice/<instance>/`), so both edit a running
 //! shield the same way.
@@ -12,9 +16,10 @@ use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use aya::{Ebpf, Pod};
 use proxy_common::{
-    BanEntry, BucketLimit, CidrOrigin, Counter, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_DENY_V4, LIST_DENY_V6,
-    Limits, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BANNED_V4, MAP_BANNED_V6, MAP_COUNTERS, MAP_DENY_V4, MAP_DENY_V6,
-    MAP_LIMITS, MAP_PORTS, PortSet, Reason,
+    BanEntry, BucketLimit, CidrOrigin, Counter, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_BANS_V4, LIST_BANS_V6,
+    LIST_DENY_V4, LIST_DENY_V6, Limits, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BANNED_V4, MAP_BANNED_V6,
+    MAP_COUNTERS, MAP_DENY_V4, MAP_DENY_V6, MAP_LIMITS, MAP_PORTS, MAP_SOURCES_V4, MAP_SOURCES_V6, PortSet,
+    Reason, SourceState,
 };
 
 use super::ShieldError;
@@ -90,6 +95,8 @@ impl KernelPolicy {
 pub struct ShieldMaps {
     bans_v4: HashMap<MapData, u32, BanEntry>,
     bans_v6: HashMap<MapData, [u8; 16], BanEntry>,
+    sources_v4: HashMap<MapData, u32, SourceState>,
+    sources_v6: HashMap<MapData, [u8; 16], SourceState>,
     allow_v4: LpmTrie<MapData, u32, u8>,
     allow_v6: LpmTrie<MapData, [u8; 16], u8>,
     deny_v4: LpmTrie<MapData, u32, u8>,
@@ -134,6 +141,8 @@ impl ShieldMaps {
         Ok(Self {
             bans_v4: get(MAP_BANNED_V4)?.try_into()?,
             bans_v6: get(MAP_BANNED_V6)?.try_into()?,
+            sources_v4: get(MAP_SOURCES_V4)?.try_into()?,
+            sources_v6: get(MAP_SOURCES_V6)?.try_into()?,
             allow_v4: get(MAP_ALLOW_V4)?.try_into()?,
             allow_v6: get(MAP_ALLOW_V6)?.try_into()?,
             deny_v4: get(MAP_DENY_V4)?.try_into()?,
@@ -155,7 +164,7 @@ impl ShieldMaps {
         Ok(())
     }
 
-    /// Which tries hold entries, as `Limits::lists` bits.
+    /// Which tries and ban maps hold entries, as `Limits::lists` bits.
     fn list_bits(&self) -> Result<u64, ShieldError> {
         let mut bits = 0;
         for (bit, empty) in [
@@ -163,6 +172,8 @@ impl ShieldMaps {
             (LIST_ALLOW_V6, self.allow_v6.keys().next().is_none()),
             (LIST_DENY_V4, self.deny_v4.keys().next().is_none()),
             (LIST_DENY_V6, self.deny_v6.keys().next().is_none()),
+            (LIST_BANS_V4, self.bans_v4.keys().next().is_none()),
+            (LIST_BANS_V6, self.bans_v6.keys().next().is_none()),
         ] {
             if !empty {
                 bits |= bit;
@@ -171,7 +182,7 @@ impl ShieldMaps {
         Ok(bits)
     }
 
-    /// Tells the kernel which tries are worth a lookup, after they changed.
+    /// Tells the kernel which tries and ban maps are worth a lookup, after they changed.
     fn refresh_lists(&mut self) -> Result<(), ShieldError> {
         let mut limits = self.limits.get(&0, 0)?;
         limits.lists = self.list_bits()?;
@@ -187,61 +198,134 @@ impl ShieldMaps {
         })
     }
 
-    /// Bans `source` for `duration` (`None`: until unbanned).
+    /// Bans `source` for `duration` (`None`: until unbanned). When the ban map is full, expired
+    /// bans make room; failing that, the ban is refused (`E2BIG`) rather than evicting another.
     pub fn ban(&mut self, source: IpAddr, duration: Option<Duration>) -> Result<(), ShieldError> {
         let until_ns = match duration {
             None => u64::MAX,
             Some(d) => monotonic_now_ns()?.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
         };
         let entry = BanEntry { until_ns };
+        if let Err(e) = self.insert_ban(source, entry) {
+            if !is_full(&e) {
+                return Err(e.into());
+            }
+            self.remove_expired_bans()?;
+            self.insert_ban(source, entry)?;
+        }
+        self.refresh_lists()
+    }
+
+    fn insert_ban(&mut self, source: IpAddr, entry: BanEntry) -> Result<(), MapError> {
         match source {
-            IpAddr::V4(v4) => self.bans_v4.insert(v4_key(v4), entry, 0)?,
-            IpAddr::V6(v6) => self.bans_v6.insert(v6.octets(), entry, 0)?,
+            IpAddr::V4(v4) => self.bans_v4.insert(v4_key(v4), entry, 0),
+            IpAddr::V6(v6) => self.bans_v6.insert(v6.octets(), entry, 0),
+        }
+    }
+
+    fn remove_expired_bans(&mut self) -> Result<(), ShieldError> {
+        let now = monotonic_now_ns()?;
+        let expired_v4: Vec<u32> = self
+            .bans_v4
+            .iter()
+            .filter_map(|item| {
+                item.ok()
+                    .filter(|(_, entry)| entry.until_ns <= now)
+                    .map(|(key, _)| key)
+            })
+            .collect();
+        for key in expired_v4 {
+            absent_ok(self.bans_v4.remove(&key))?;
+        }
+        let expired_v6: Vec<[u8; 16]> = self
+            .bans_v6
+            .iter()
+            .filter_map(|item| {
+                item.ok()
+                    .filter(|(_, entry)| entry.until_ns <= now)
+                    .map(|(key, _)| key)
+            })
+            .collect();
+        for key in expired_v6 {
+            absent_ok(self.bans_v6.remove(&key))?;
         }
         Ok(())
     }
 
-    /// Lifts a ban; returns whether there was one.
+    /// Lifts a ban, wherever it lives; returns whether there was one.
     pub fn unban(&mut self, source: IpAddr) -> Result<bool, ShieldError> {
-        let result = match source {
-            IpAddr::V4(v4) => self.bans_v4.remove(&v4_key(v4)),
-            IpAddr::V6(v6) => self.bans_v6.remove(&v6.octets()),
+        let now = monotonic_now_ns()?;
+        let (listed, kernel) = match source {
+            IpAddr::V4(v4) => (
+                absent_ok(self.bans_v4.remove(&v4_key(v4)))?,
+                lift_kernel_ban(&mut self.sources_v4, v4_key(v4), now)?,
+            ),
+            IpAddr::V6(v6) => (
+                absent_ok(self.bans_v6.remove(&v6.octets()))?,
+                lift_kernel_ban(&mut self.sources_v6, v6.octets(), now)?,
+            ),
         };
-        absent_ok(result)
-    }
-
-    /// Whether `source` is banned right now.
-    pub fn is_banned(&self, source: IpAddr) -> Result<bool, ShieldError> {
-        let entry = match source {
-            IpAddr::V4(v4) => self.bans_v4.get(&v4_key(v4), 0),
-            IpAddr::V6(v6) => self.bans_v6.get(&v6.octets(), 0),
-        };
-        match entry {
-            Ok(entry) => Ok(entry.until_ns > monotonic_now_ns()?),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(e) => Err(e.into()),
+        if listed {
+            self.refresh_lists()?;
         }
+        Ok(listed || kernel)
     }
 
-    /// Every ban still in force, IPv4 first.
+    /// Whether `source` is banned right now, by userspace or by the kernel.
+    pub fn is_banned(&self, source: IpAddr) -> Result<bool, ShieldError> {
+        let now = monotonic_now_ns()?;
+        let (listed, state) = match source {
+            IpAddr::V4(v4) => (
+                self.bans_v4.get(&v4_key(v4), 0),
+                self.sources_v4.get(&v4_key(v4), 0),
+            ),
+            IpAddr::V6(v6) => (
+                self.bans_v6.get(&v6.octets(), 0),
+                self.sources_v6.get(&v6.octets(), 0),
+            ),
+        };
+        let listed = found(listed)?.is_some_and(|entry| entry.until_ns > now);
+        let kernel = found(state)?.is_some_and(|state| state.banned_until_ns > now);
+        Ok(listed || kernel)
+    }
+
+    /// Every ban still in force, IPv4 first; a source banned both ways is listed once, with the
+    /// ban that lasts longer.
     pub fn bans(&self) -> Result<Vec<BanRecord>, ShieldError> {
         let now = monotonic_now_ns()?;
-        let record = |source: IpAddr, entry: BanEntry| {
-            (entry.until_ns > now).then(|| BanRecord {
-                source,
-                remaining: (entry.until_ns != u64::MAX).then(|| Duration::from_nanos(entry.until_ns - now)),
-            })
+        let mut until = std::collections::BTreeMap::<IpAddr, u64>::new();
+        let mut add = |source: IpAddr, until_ns: u64| {
+            if until_ns > now {
+                let longest = until.entry(source).or_default();
+                *longest = (*longest).max(until_ns);
+            }
         };
-        let mut records = Vec::new();
         for item in self.bans_v4.iter() {
             let (key, entry) = item?;
-            records.extend(record(IpAddr::V4(Ipv4Addr::from(key.to_ne_bytes())), entry));
+            add(IpAddr::V4(Ipv4Addr::from(key.to_ne_bytes())), entry.until_ns);
+        }
+        for item in self.sources_v4.iter() {
+            let (key, state) = item?;
+            add(
+                IpAddr::V4(Ipv4Addr::from(key.to_ne_bytes())),
+                state.banned_until_ns,
+            );
         }
         for item in self.bans_v6.iter() {
             let (key, entry) = item?;
-            records.extend(record(IpAddr::V6(Ipv6Addr::from(key)), entry));
+            add(IpAddr::V6(Ipv6Addr::from(key)), entry.until_ns);
         }
-        Ok(records)
+        for item in self.sources_v6.iter() {
+            let (key, state) = item?;
+            add(IpAddr::V6(Ipv6Addr::from(key)), state.banned_until_ns);
+        }
+        Ok(until
+            .into_iter()
+            .map(|(source, until_ns)| BanRecord {
+                source,
+                remaining: (until_ns != u64::MAX).then(|| Duration::from_nanos(until_ns - now)),
+            })
+            .collect())
     }
 
     /// Puts `cidr` on `list` (moving it off the other list, if it was there).
@@ -364,6 +448,44 @@ impl ShieldMaps {
 /// An IPv4 address as the kernel keys it: the four octets in wire order, read as a native u32.
 pub(super) fn v4_key(address: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(address.octets())
+}
+
+/// Map update flag from `linux/bpf.h`: update an existing element only.
+const BPF_EXIST: u64 = 2;
+
+/// Clears the kernel's ban on `key` if it is in force; returns whether it was.
+fn lift_kernel_ban<K: Pod>(
+    sources: &mut HashMap<MapData, K, SourceState>,
+    key: K,
+    now: u64,
+) -> Result<bool, ShieldError> {
+    match found(sources.get(&key, 0))? {
+        Some(state) if state.banned_until_ns > now => {
+            let lifted = SourceState {
+                banned_until_ns: 0,
+                ..state
+            };
+            // Only if the kernel has not evicted the source meanwhile.
+            match sources.insert(key, lifted, BPF_EXIST) {
+                Ok(()) => Ok(true),
+                Err(e) => absent_ok(Err(e)),
+            }
+        }
+        _ => Ok(false),
+    }
+}
+
+fn found<V>(result: Result<V, MapError>) -> Result<Option<V>, ShieldError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether an insert failed because the map is full.
+fn is_full(error: &MapError) -> bool {
+    matches!(error, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG))
 }
 
 fn absent_ok(result: Result<(), MapError>) -> Result<bool, ShieldError> {
