@@ -19,12 +19,13 @@ use proxy_common::{
     BanEntry, BucketLimit, CidrOrigin, Counter, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_BANS_V4, LIST_BANS_V6,
     LIST_DENY_V4, LIST_DENY_V6, Limits, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BANNED_V4, MAP_BANNED_V6,
     MAP_COUNTERS, MAP_DENY_V4, MAP_DENY_V6, MAP_LIMITS, MAP_PORTS, MAP_SOURCES_V4, MAP_SOURCES_V6, PortSet,
-    Reason, SourceState,
+    Reason,
 };
 
 use super::ShieldError;
 use super::cidr::Cidr;
 use super::clock::monotonic_now_ns;
+use super::sources::SourceTable;
 
 /// Which list a CIDR is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +85,9 @@ impl KernelPolicy {
                 packet: BucketLimit::new(u64::from(packet.0), u64::from(packet.1)),
                 ban_threshold: u64::from(ban_threshold),
                 ban_ns: u64::try_from(ban_duration.as_nanos()).unwrap_or(u64::MAX),
-                lists: 0, // filled in from the tries by `ShieldMaps::set_policy`
+                // Both filled in by `ShieldMaps::set_policy`: lists from the maps, seeds drawn once.
+                lists: 0,
+                seeds: [0; 4],
             },
             ports: set,
         }
@@ -95,8 +98,8 @@ impl KernelPolicy {
 pub struct ShieldMaps {
     bans_v4: HashMap<MapData, u32, BanEntry>,
     bans_v6: HashMap<MapData, [u8; 16], BanEntry>,
-    sources_v4: HashMap<MapData, u32, SourceState>,
-    sources_v6: HashMap<MapData, [u8; 16], SourceState>,
+    sources_v4: SourceTable<u32>,
+    sources_v6: SourceTable<[u64; 2]>,
     allow_v4: LpmTrie<MapData, u32, u8>,
     allow_v6: LpmTrie<MapData, [u8; 16], u8>,
     deny_v4: LpmTrie<MapData, u32, u8>,
@@ -141,8 +144,8 @@ impl ShieldMaps {
         Ok(Self {
             bans_v4: get(MAP_BANNED_V4)?.try_into()?,
             bans_v6: get(MAP_BANNED_V6)?.try_into()?,
-            sources_v4: get(MAP_SOURCES_V4)?.try_into()?,
-            sources_v6: get(MAP_SOURCES_V6)?.try_into()?,
+            sources_v4: SourceTable::new(get(MAP_SOURCES_V4)?, MAP_SOURCES_V4)?,
+            sources_v6: SourceTable::new(get(MAP_SOURCES_V6)?, MAP_SOURCES_V6)?,
             allow_v4: get(MAP_ALLOW_V4)?.try_into()?,
             allow_v6: get(MAP_ALLOW_V6)?.try_into()?,
             deny_v4: get(MAP_DENY_V4)?.try_into()?,
@@ -154,9 +157,17 @@ impl ShieldMaps {
     }
 
     /// Writes limits and protected ports (each one map update, so the kernel never sees half).
+    /// The source-table seeds are drawn once, the first time, and kept: new seeds would move
+    /// every source to another set and lose its state.
     pub fn set_policy(&mut self, policy: &KernelPolicy) -> Result<(), ShieldError> {
+        let current = self.limits.get(&0, 0)?.seeds;
         let limits = Limits {
             lists: self.list_bits()?,
+            seeds: if current == [0; 4] {
+                random_seeds()?
+            } else {
+                current
+            },
             ..policy.limits
         };
         self.limits.set(0, limits, 0)?;
@@ -258,11 +269,11 @@ impl ShieldMaps {
         let (listed, kernel) = match source {
             IpAddr::V4(v4) => (
                 absent_ok(self.bans_v4.remove(&v4_key(v4)))?,
-                lift_kernel_ban(&mut self.sources_v4, v4_key(v4), now)?,
+                self.sources_v4.lift_ban(v4_key(v4), now),
             ),
             IpAddr::V6(v6) => (
                 absent_ok(self.bans_v6.remove(&v6.octets()))?,
-                lift_kernel_ban(&mut self.sources_v6, v6.octets(), now)?,
+                self.sources_v6.lift_ban(v6_slot_key(v6), now),
             ),
         };
         if listed {
@@ -274,19 +285,18 @@ impl ShieldMaps {
     /// Whether `source` is banned right now, by userspace or by the kernel.
     pub fn is_banned(&self, source: IpAddr) -> Result<bool, ShieldError> {
         let now = monotonic_now_ns()?;
-        let (listed, state) = match source {
+        let (listed, kernel) = match source {
             IpAddr::V4(v4) => (
                 self.bans_v4.get(&v4_key(v4), 0),
-                self.sources_v4.get(&v4_key(v4), 0),
+                self.sources_v4.banned_until(v4_key(v4), now),
             ),
             IpAddr::V6(v6) => (
                 self.bans_v6.get(&v6.octets(), 0),
-                self.sources_v6.get(&v6.octets(), 0),
+                self.sources_v6.banned_until(v6_slot_key(v6), now),
             ),
         };
         let listed = found(listed)?.is_some_and(|entry| entry.until_ns > now);
-        let kernel = found(state)?.is_some_and(|state| state.banned_until_ns > now);
-        Ok(listed || kernel)
+        Ok(listed || kernel.is_some())
     }
 
     /// Every ban still in force, IPv4 first; a source banned both ways is listed once, with the
@@ -304,20 +314,15 @@ impl ShieldMaps {
             let (key, entry) = item?;
             add(IpAddr::V4(Ipv4Addr::from(key.to_ne_bytes())), entry.until_ns);
         }
-        for item in self.sources_v4.iter() {
-            let (key, state) = item?;
-            add(
-                IpAddr::V4(Ipv4Addr::from(key.to_ne_bytes())),
-                state.banned_until_ns,
-            );
+        for (key, until_ns) in self.sources_v4.bans(now) {
+            add(IpAddr::V4(Ipv4Addr::from(key.to_ne_bytes())), until_ns);
         }
         for item in self.bans_v6.iter() {
             let (key, entry) = item?;
             add(IpAddr::V6(Ipv6Addr::from(key)), entry.until_ns);
         }
-        for item in self.sources_v6.iter() {
-            let (key, state) = item?;
-            add(IpAddr::V6(Ipv6Addr::from(key)), state.banned_until_ns);
+        for (key, until_ns) in self.sources_v6.bans(now) {
+            add(IpAddr::V6(v6_from_slot_key(key)), until_ns);
         }
         Ok(until
             .into_iter()
@@ -450,29 +455,36 @@ pub(super) fn v4_key(address: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(address.octets())
 }
 
-/// Map update flag from `linux/bpf.h`: update an existing element only.
-const BPF_EXIST: u64 = 2;
+/// An IPv6 address as the source table stores it: its octets in wire order, as two native u64.
+fn v6_slot_key(address: Ipv6Addr) -> [u64; 2] {
+    let octets = address.octets();
+    let (first, second) = octets.split_at(8);
+    [
+        u64::from_ne_bytes(first.try_into().expect("8 octets")),
+        u64::from_ne_bytes(second.try_into().expect("8 octets")),
+    ]
+}
 
-/// Clears the kernel's ban on `key` if it is in force; returns whether it was.
-fn lift_kernel_ban<K: Pod>(
-    sources: &mut HashMap<MapData, K, SourceState>,
-    key: K,
-    now: u64,
-) -> Result<bool, ShieldError> {
-    match found(sources.get(&key, 0))? {
-        Some(state) if state.banned_until_ns > now => {
-            let lifted = SourceState {
-                banned_until_ns: 0,
-                ..state
-            };
-            // Only if the kernel has not evicted the source meanwhile.
-            match sources.insert(key, lifted, BPF_EXIST) {
-                Ok(()) => Ok(true),
-                Err(e) => absent_ok(Err(e)),
-            }
-        }
-        _ => Ok(false),
+fn v6_from_slot_key(key: [u64; 2]) -> Ipv6Addr {
+    let mut octets = [0u8; 16];
+    octets[..8].copy_from_slice(&key[0].to_ne_bytes());
+    octets[8..].copy_from_slice(&key[1].to_ne_bytes());
+    Ipv6Addr::from(octets)
+}
+
+/// Four random multipliers for the source-table hash, from the kernel's random pool.
+fn random_seeds() -> Result<[u64; 4], ShieldError> {
+    let mut bytes = [0u8; 32];
+    // SAFETY: writes at most `bytes.len()` bytes into our buffer.
+    let read = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if read != bytes.len() as isize {
+        return Err(ShieldError::Random(std::io::Error::last_os_error()));
     }
+    let mut seeds = [0u64; 4];
+    for (seed, chunk) in seeds.iter_mut().zip(bytes.chunks_exact(8)) {
+        *seed = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+    }
+    Ok(seeds)
 }
 
 fn found<V>(result: Result<V, MapError>) -> Result<Option<V>, ShieldError> {
