@@ -220,6 +220,9 @@ pub struct Limits {
     /// Random multipliers of the source-table hash, chosen once when the program is loaded, so
     /// that nobody outside can pick addresses that crowd one set.
     pub seeds: [u64; 4],
+    /// Bumped by userspace after every change to the tries and ban maps (it stays within
+    /// `1..=u32::MAX`); a source's cached lookups hold while its slot has the same number.
+    pub generation: u64,
 }
 
 /// [`Limits::lists`] bits.
@@ -253,14 +256,19 @@ impl PortSet {
     }
 }
 
-/// One slot of a source table: a source's token buckets, its strike count and the ban the
-/// kernel gave it, in nanotokens and kernel ns. `A` is the address as the table stores it: the
-/// IPv4 `u32` as on the wire, or the 16 IPv6 octets as two `u64` (cheap to compare).
+/// One slot of a source table: a source's token buckets, its strike count, the ban the kernel
+/// gave it, and what the allow/deny tries and ban maps said about it, in nanotokens and kernel
+/// ns. `A` is the address as the table stores it: the IPv4 `u32` as on the wire, or the 16
+/// IPv6 octets as two `u64` (cheap to compare).
 ///
 /// The tables are BPF arrays the program indexes itself (set = keyed multiply-shift hash of the
 /// address): array lookups are inlined by the verifier, where a hash-map lookup is a chain of
 /// kernel calls costing more than the rest of the program. The price is that a source can be
 /// evicted by another one landing in a full set, as an LRU map evicts when it is full.
+///
+/// `listed` and `listed_ban_until_ns` cache the trie and ban-map lookups: they hold while
+/// `generation` equals [`Limits::generation`], which userspace bumps after every change to
+/// those maps, so a packet only looks into them when its source is new or the maps changed.
 ///
 /// `strikes` counts drops for exceeding either bucket; it resets once both buckets have
 /// refilled completely (the source kept quiet long enough). More than `ban_threshold` strikes
@@ -272,8 +280,11 @@ impl PortSet {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceState<A> {
     pub addr: A,
-    /// Nonzero when the slot holds a source.
-    pub in_use: u32,
+    /// The [`Limits::generation`] `listed` and `listed_ban_until_ns` were looked up under
+    /// (never 0 once the slot is taken); 0: a free slot.
+    pub generation: u32,
+    /// What the allow/deny tries say about the source (`LISTED_*`).
+    pub listed: u32,
     pub strikes: u32,
     pub syn_tokens: u64,
     pub packet_tokens: u64,
@@ -284,7 +295,14 @@ pub struct SourceState<A> {
     pub tick: u64,
     /// Kernel-decided ban: dropped while the clock is below this; 0 for none.
     pub banned_until_ns: u64,
+    /// The source's entry in the `BANNED_*` map (userspace ban); 0 for none.
+    pub listed_ban_until_ns: u64,
 }
+
+/// [`SourceState::listed`] values.
+pub const LISTED_NONE: u32 = 0;
+pub const LISTED_ALLOW: u32 = 1;
+pub const LISTED_DENY: u32 = 2;
 
 /// Where an allow/deny entry came from: reloads replace configured entries and keep the ones
 /// added at runtime (CLI).

@@ -6,19 +6,20 @@
 //! `ban_ns` and send a [`BanEvent`] to userspace. Strikes are forgiven once both buckets have
 //! refilled completely.
 //!
-//! Per-source state lives in a source table (see [`SourceState`]): an array the program
-//! indexes itself, because every kernel call costs here (about 17-30 ns each for a clock read
-//! or a hash-map lookup, more than the whole program otherwise) while array lookups are
-//! inlined. For the same reason the clock is read at most once per tick per source.
-//!
-//! Bans come from two places. The kernel's own bans live in the source's slot, which the packet
-//! looks up anyway. Bans decided in userspace (operator, L7 abuse) live in the `BANNED_*` hash
-//! maps, looked into only when userspace has put something there.
+//! Everything about a source lives in its slot of a source table (see [`SourceState`]): an
+//! array the program indexes itself, because every kernel call costs (about 17-30 ns each for
+//! a clock read, an LPM or hash-map lookup: more than the rest of the program) while array
+//! lookups are inlined by the verifier. So a packet from a known source makes no kernel call:
+//! - the allow/deny tries and the userspace ban map are looked into when the source is new or
+//!   userspace changed them (`Limits::generation`), and the answers kept in the slot;
+//! - the kernel's own bans are kept in the slot;
+//! - the clock is read at most once per tick per source.
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, RingBuf};
 use proxy_common::{
-    BanEntry, BanEvent, BucketLimit, Limits, NANOTOKENS, Reason, SOURCE_SET_BITS, SOURCE_WAYS, SourceState,
+    BanEntry, BanEvent, BucketLimit, LISTED_ALLOW, LISTED_DENY, LISTED_NONE, Limits, NANOTOKENS, Reason,
+    SOURCE_SET_BITS, SOURCE_WAYS, SourceState,
 };
 
 use crate::parse::{TCP_ACK, TCP_SYN};
@@ -47,26 +48,33 @@ pub fn police<K: Address>(
     limits: &Limits,
     events: &RingBuf,
 ) -> Reason {
-    let prefix = Key::new(maps.bits, source);
-    if limits.lists & maps.allow_bit != 0 && maps.allow.get(&prefix).is_some() {
-        return Reason::PassAllowlisted;
-    }
-    if limits.lists & maps.deny_bit != 0 && maps.deny.get(&prefix).is_some() {
-        return Reason::DropDenylisted;
-    }
-    let new_connection = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let key = source.stored();
     let first = first_slot(K::hash(&key, &limits.seeds));
-    let Some(state) = find(maps.sources, first, key) else {
-        return first_segment(maps, source, key, first, new_connection, limits);
+    let slot = match find(maps.sources, first, key) {
+        Some(slot) => slot,
+        None => match claim(maps.sources, first, key, limits) {
+            Some(slot) => slot,
+            None => return Reason::Pass, // unreachable: every set lies inside the table
+        },
     };
     // SAFETY: array slots stay valid while the program runs; concurrent updates from other
     // CPUs are tolerated (see `SourceState`).
-    let state = unsafe { &mut *state };
+    let state = unsafe { &mut *slot };
+    // Userspace keeps the generation within 32 bits (see `Limits::generation`).
+    let generation = limits.generation as u32;
+    if state.generation != generation {
+        look_up(maps, source, state, limits, generation);
+    }
+    match state.listed {
+        LISTED_ALLOW => return Reason::PassAllowlisted,
+        LISTED_DENY => return Reason::DropDenylisted,
+        _ => {}
+    }
     let now = catch_up(state, limits);
-    if state.banned_until_ns > now || listed_ban(maps, source, limits, now) {
+    if state.banned_until_ns > now || state.listed_ban_until_ns > now {
         return Reason::DropBanned;
     }
+    let new_connection = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let reason = charge(state, new_connection);
     if u64::from(state.strikes) > limits.ban_threshold {
         state.strikes = 0;
@@ -76,37 +84,61 @@ pub fn police<K: Address>(
     reason
 }
 
-/// A source without a slot: it gets one with both buckets full, so its segment passes unless
-/// it is banned.
+/// Gives a source the table does not hold a slot of its set: both buckets full (so its first
+/// segment passes), nothing looked up yet.
 #[inline(always)]
-fn first_segment<K: Address>(
+fn claim<A: Copy>(
+    table: &Array<SourceState<A>>,
+    first: u32,
+    key: A,
+    limits: &Limits,
+) -> Option<*mut SourceState<A>> {
+    let now = coarse_now();
+    let slot = victim(table, first, now)?;
+    // SAFETY: as in `police`.
+    unsafe {
+        *slot = SourceState {
+            addr: key,
+            generation: 0,
+            listed: LISTED_NONE,
+            strikes: 0,
+            syn_tokens: limits.syn.capacity,
+            packet_tokens: limits.packet.capacity,
+            last_ns: now,
+            tick: tick(),
+            banned_until_ns: 0,
+            listed_ban_until_ns: 0,
+        };
+    }
+    Some(slot)
+}
+
+/// Looks the source up in the allow/deny tries and the ban map (only those holding entries)
+/// and caches the answers in its slot until userspace changes them (`generation`). A source
+/// on the allow or deny list needs no ban lookup: those lists come first.
+#[inline(always)]
+fn look_up<K: Address>(
     maps: &FamilyMaps<K>,
     source: K,
-    key: K::Stored,
-    first: u32,
-    new_connection: bool,
+    state: &mut SourceState<K::Stored>,
     limits: &Limits,
-) -> Reason {
-    let now = coarse_now();
-    if listed_ban(maps, source, limits, now) {
-        return Reason::DropBanned;
-    }
-    let Some(slot) = victim(maps.sources, first, now) else {
-        return Reason::Pass; // unreachable: the set lies inside the table
+    generation: u32,
+) {
+    let prefix = Key::new(maps.bits, source);
+    state.listed = if limits.lists & maps.allow_bit != 0 && maps.allow.get(&prefix).is_some() {
+        LISTED_ALLOW
+    } else if limits.lists & maps.deny_bit != 0 && maps.deny.get(&prefix).is_some() {
+        LISTED_DENY
+    } else {
+        LISTED_NONE
     };
-    // SAFETY: as in `police`.
-    let state = unsafe { &mut *slot };
-    *state = SourceState {
-        addr: key,
-        in_use: 1,
-        strikes: 0,
-        syn_tokens: limits.syn.capacity,
-        packet_tokens: limits.packet.capacity,
-        last_ns: now,
-        tick: tick(),
-        banned_until_ns: 0,
+    state.listed_ban_until_ns = if state.listed == LISTED_NONE && limits.lists & maps.bans_bit != 0 {
+        // SAFETY: the value is copied out at once; bans are only ever written whole.
+        unsafe { maps.bans.get(source) }.map_or(0, |ban| ban.until_ns)
+    } else {
+        0
     };
-    charge(state, new_connection)
+    state.generation = generation;
 }
 
 /// Index of the first slot of the set a hash picks (its top `SOURCE_SET_BITS` bits).
@@ -125,7 +157,7 @@ fn find<A: Copy + PartialEq>(
     for way in 0..SOURCE_WAYS {
         let slot = table.get_ptr_mut(first + way)?;
         // SAFETY: a valid slot pointer; reading a field another CPU may be writing is tolerated.
-        if unsafe { (*slot).in_use != 0 && (*slot).addr == key } {
+        if unsafe { (*slot).generation != 0 && (*slot).addr == key } {
             return Some(slot);
         }
     }
@@ -143,9 +175,9 @@ fn victim<A>(table: &Array<SourceState<A>>, first: u32, now: u64) -> Option<*mut
             continue;
         };
         // SAFETY: as in `find`.
-        let (in_use, tick, banned_until_ns) =
-            unsafe { ((*slot).in_use, (*slot).tick, (*slot).banned_until_ns) };
-        let age = if in_use == 0 {
+        let (generation, tick, banned_until_ns) =
+            unsafe { ((*slot).generation, (*slot).tick, (*slot).banned_until_ns) };
+        let age = if generation == 0 {
             0
         } else if banned_until_ns > now {
             u64::MAX
@@ -158,16 +190,6 @@ fn victim<A>(table: &Array<SourceState<A>>, first: u32, now: u64) -> Option<*mut
         }
     }
     chosen
-}
-
-/// Whether userspace banned `source` (looked up only when the ban map holds entries).
-#[inline(always)]
-fn listed_ban<K: Address>(maps: &FamilyMaps<K>, source: K, limits: &Limits, now: u64) -> bool {
-    if limits.lists & maps.bans_bit == 0 {
-        return false;
-    }
-    // SAFETY: the value is copied out at once; bans are only ever written whole.
-    unsafe { maps.bans.get(source) }.is_some_and(|ban| ban.until_ns > now)
 }
 
 /// Refills both buckets for the time since the source's last refill, at most once per clock

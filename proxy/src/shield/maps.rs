@@ -85,9 +85,11 @@ impl KernelPolicy {
                 packet: BucketLimit::new(u64::from(packet.0), u64::from(packet.1)),
                 ban_threshold: u64::from(ban_threshold),
                 ban_ns: u64::try_from(ban_duration.as_nanos()).unwrap_or(u64::MAX),
-                // Both filled in by `ShieldMaps::set_policy`: lists from the maps, seeds drawn once.
+                // Filled in by `ShieldMaps::set_policy`: lists from the maps, seeds drawn once,
+                // the next generation.
                 lists: 0,
                 seeds: [0; 4],
+                generation: 0,
             },
             ports: set,
         }
@@ -160,14 +162,15 @@ impl ShieldMaps {
     /// The source-table seeds are drawn once, the first time, and kept: new seeds would move
     /// every source to another set and lose its state.
     pub fn set_policy(&mut self, policy: &KernelPolicy) -> Result<(), ShieldError> {
-        let current = self.limits.get(&0, 0)?.seeds;
+        let current = self.limits.get(&0, 0)?;
         let limits = Limits {
             lists: self.list_bits()?,
-            seeds: if current == [0; 4] {
+            seeds: if current.seeds == [0; 4] {
                 random_seeds()?
             } else {
-                current
+                current.seeds
             },
+            generation: next_generation(current.generation),
             ..policy.limits
         };
         self.limits.set(0, limits, 0)?;
@@ -193,10 +196,12 @@ impl ShieldMaps {
         Ok(bits)
     }
 
-    /// Tells the kernel which tries and ban maps are worth a lookup, after they changed.
+    /// After a change to the tries or ban maps: tells the kernel which are worth a lookup, and
+    /// bumps the generation so every source's cached lookups are redone.
     fn refresh_lists(&mut self) -> Result<(), ShieldError> {
         let mut limits = self.limits.get(&0, 0)?;
         limits.lists = self.list_bits()?;
+        limits.generation = next_generation(limits.generation);
         self.limits.set(0, limits, 0)?;
         Ok(())
     }
@@ -470,6 +475,12 @@ fn v6_from_slot_key(key: [u64; 2]) -> Ipv6Addr {
     octets[..8].copy_from_slice(&key[0].to_ne_bytes());
     octets[8..].copy_from_slice(&key[1].to_ne_bytes());
     Ipv6Addr::from(octets)
+}
+
+/// The generation after `current`, within `1..=u32::MAX` (the kernel keeps 32 bits per slot,
+/// and 0 marks a free slot).
+fn next_generation(current: u64) -> u64 {
+    current % u64::from(u32::MAX) + 1
 }
 
 /// Four random multipliers for the source-table hash, from the kernel's random pool.

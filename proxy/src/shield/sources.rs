@@ -80,7 +80,7 @@ impl<A: Copy + PartialEq> SourceTable<A> {
     pub fn bans(&self, now: u64) -> Vec<(A, u64)> {
         (0..self.len)
             .map(|i| self.slot(i))
-            .filter(|slot| slot.in_use != 0 && slot.banned_until_ns > now)
+            .filter(|slot| slot.generation != 0 && slot.banned_until_ns > now)
             .map(|slot| (slot.addr, slot.banned_until_ns))
             .collect()
     }
@@ -99,7 +99,7 @@ impl<A: Copy + PartialEq> SourceTable<A> {
         let mut lifted = false;
         for index in 0..self.len {
             let slot = self.slot(index);
-            if slot.in_use != 0 && slot.addr == addr && slot.banned_until_ns > now {
+            if slot.generation != 0 && slot.addr == addr && slot.banned_until_ns > now {
                 // SAFETY: in bounds; the field is 8-byte aligned (the mapping is page aligned
                 // and slots are multiples of 8 bytes), so it can be stored atomically.
                 let field = unsafe { &raw mut (*self.slots.as_ptr().add(index)).banned_until_ns };
