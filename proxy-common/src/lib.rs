@@ -219,7 +219,7 @@ pub struct Limits {
     pub lists: u64,
     /// Random multipliers of the source-table hash, chosen once when the program is loaded, so
     /// that nobody outside can pick addresses that crowd one set.
-    pub seeds: [u64; 4],
+    pub seeds: [u64; 2],
     /// Bumped by userspace after every change to the tries and ban maps (it stays within
     /// `1..=u32::MAX`); a source's cached lookups hold while its slot has the same number.
     pub generation: u64,

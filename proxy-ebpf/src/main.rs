@@ -5,6 +5,10 @@
 //! and TCP; [`police`] applies the allowlist, denylist, bans and per-source token buckets.
 //! Every verdict is counted per CPU (packets and bytes) under its [`Reason`].
 //!
+//! Cost is the design constraint: a packet from a source seen before makes no kernel call at
+//! all (map lookups other than arrays and clock reads are calls, each costing about as much as
+//! the rest of the program); see [`police`] for how.
+//!
 //! What is dropped, and why regardless of the port or not:
 //! - Malformed IPv4/IPv6 headers (IHL < 5, total/payload length beyond the frame or shorter
 //!   than the header, wrong version, truncated headers) and TCP headers cut short, whatever the

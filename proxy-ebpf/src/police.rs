@@ -24,12 +24,12 @@ use proxy_common::{
 
 use crate::parse::{TCP_ACK, TCP_SYN};
 
-/// The maps of one address family; `K` is the address as it is on the wire.
-pub struct FamilyMaps<K: Address + 'static> {
-    pub allow: &'static LpmTrie<K, u8>,
-    pub deny: &'static LpmTrie<K, u8>,
-    pub bans: &'static HashMap<K, BanEntry>,
-    pub sources: &'static Array<SourceState<K::Stored>>,
+/// The maps of one address family, whose addresses are `A`.
+pub struct FamilyMaps<A: Address + 'static> {
+    pub allow: &'static LpmTrie<A::Wire, u8>,
+    pub deny: &'static LpmTrie<A::Wire, u8>,
+    pub bans: &'static HashMap<A::Wire, BanEntry>,
+    pub sources: &'static Array<SourceState<A>>,
     /// Prefix length of a full address (32 or 128).
     pub bits: u32,
     /// `FAMILY_V4` or `FAMILY_V6`, for ban events.
@@ -41,18 +41,17 @@ pub struct FamilyMaps<K: Address + 'static> {
 }
 
 #[inline(always)]
-pub fn police<K: Address>(
-    maps: &FamilyMaps<K>,
-    source: K,
+pub fn police<A: Address>(
+    maps: &FamilyMaps<A>,
+    source: A,
     flags: u8,
     limits: &Limits,
     events: &RingBuf,
 ) -> Reason {
-    let key = source.stored();
-    let first = first_slot(K::hash(&key, &limits.seeds));
-    let slot = match find(maps.sources, first, key) {
+    let first = first_slot(source.hash(&limits.seeds));
+    let slot = match find(maps.sources, first, source) {
         Some(slot) => slot,
-        None => match claim(maps.sources, first, key, limits) {
+        None => match claim(maps.sources, first, source, limits) {
             Some(slot) => slot,
             None => return Reason::Pass, // unreachable: every set lies inside the table
         },
@@ -117,14 +116,15 @@ fn claim<A: Copy>(
 /// and caches the answers in its slot until userspace changes them (`generation`). A source
 /// on the allow or deny list needs no ban lookup: those lists come first.
 #[inline(always)]
-fn look_up<K: Address>(
-    maps: &FamilyMaps<K>,
-    source: K,
-    state: &mut SourceState<K::Stored>,
+fn look_up<A: Address>(
+    maps: &FamilyMaps<A>,
+    source: A,
+    state: &mut SourceState<A>,
     limits: &Limits,
     generation: u32,
 ) {
-    let prefix = Key::new(maps.bits, source);
+    let wire = source.wire();
+    let prefix = Key::new(maps.bits, wire);
     state.listed = if limits.lists & maps.allow_bit != 0 && maps.allow.get(&prefix).is_some() {
         LISTED_ALLOW
     } else if limits.lists & maps.deny_bit != 0 && maps.deny.get(&prefix).is_some() {
@@ -134,7 +134,7 @@ fn look_up<K: Address>(
     };
     state.listed_ban_until_ns = if state.listed == LISTED_NONE && limits.lists & maps.bans_bit != 0 {
         // SAFETY: the value is copied out at once; bans are only ever written whole.
-        unsafe { maps.bans.get(source) }.map_or(0, |ban| ban.until_ns)
+        unsafe { maps.bans.get(wire) }.map_or(0, |ban| ban.until_ns)
     } else {
         0
     };
@@ -258,11 +258,11 @@ fn coarse_now() -> u64 {
 
 /// Tells userspace about a ban the kernel just decided.
 #[inline(always)]
-fn report_ban<K: Address>(maps: &FamilyMaps<K>, source: K, until_ns: u64, reason: Reason, events: &RingBuf) {
+fn report_ban<A: Address>(maps: &FamilyMaps<A>, source: A, until_ns: u64, reason: Reason, events: &RingBuf) {
     if let Some(mut entry) = events.reserve::<BanEvent>(0) {
         entry.write(BanEvent {
             until_ns,
-            addr: source.addr_bytes(),
+            addr: source.event_bytes(),
             family: maps.family,
             reason: reason as u32,
         });
@@ -271,36 +271,37 @@ fn report_ban<K: Address>(maps: &FamilyMaps<K>, source: K, until_ns: u64, reason
     // A full ring buffer loses the event, never the ban (it is already in the source's state).
 }
 
-/// A source address as the maps key it.
-pub trait Address: Copy {
-    /// How the source tables store it.
-    type Stored: Copy + PartialEq;
+/// A source address, as parsing reads it and the source tables store it.
+pub trait Address: Copy + PartialEq {
+    /// The address as the tries and the ban map key it: the octets as on the wire.
+    type Wire: Copy;
 
-    fn stored(&self) -> Self::Stored;
+    fn wire(&self) -> Self::Wire;
 
-    /// Multiply-shift hash keyed by random multipliers: without the seeds, nobody can choose
-    /// addresses that land in one set. The set is taken from the top bits.
-    fn hash(stored: &Self::Stored, seeds: &[u64; 4]) -> u64;
+    /// Multiply-shift hash keyed by random odd multipliers: without the seeds, nobody can
+    /// choose addresses that land in one set. The set is taken from the top bits.
+    fn hash(&self, seeds: &[u64; 2]) -> u64;
 
     /// The 16 octets of a [`BanEvent`].
-    fn addr_bytes(&self) -> [u8; 16];
+    fn event_bytes(&self) -> [u8; 16];
 }
 
+/// IPv4: the four octets as on the wire, read as a native `u32`.
 impl Address for u32 {
-    type Stored = u32;
+    type Wire = u32;
 
     #[inline(always)]
-    fn stored(&self) -> u32 {
+    fn wire(&self) -> u32 {
         *self
     }
 
     #[inline(always)]
-    fn hash(stored: &u32, seeds: &[u64; 4]) -> u64 {
-        u64::from(*stored).wrapping_mul(seeds[0] | 1)
+    fn hash(&self, seeds: &[u64; 2]) -> u64 {
+        u64::from(*self).wrapping_mul(seeds[0] | 1)
     }
 
     #[inline(always)]
-    fn addr_bytes(&self) -> [u8; 16] {
+    fn event_bytes(&self) -> [u8; 16] {
         let mut bytes = [0u8; 16];
         let octets = self.to_ne_bytes();
         bytes[0] = octets[0];
@@ -311,32 +312,26 @@ impl Address for u32 {
     }
 }
 
-impl Address for [u8; 16] {
-    /// Two words instead of 16 bytes: two compares.
-    type Stored = [u64; 2];
+/// IPv6: the 16 octets as on the wire, read as two native `u64` (two compares, not 16).
+impl Address for [u64; 2] {
+    type Wire = [u8; 16];
 
     #[inline(always)]
-    fn stored(&self) -> [u64; 2] {
-        let [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p] = *self;
-        [
-            u64::from_ne_bytes([a, b, c, d, e, f, g, h]),
-            u64::from_ne_bytes([i, j, k, l, m, n, o, p]),
-        ]
+    fn wire(&self) -> [u8; 16] {
+        let [a, b, c, d, e, f, g, h] = self[0].to_ne_bytes();
+        let [i, j, k, l, m, n, o, p] = self[1].to_ne_bytes();
+        [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p]
     }
 
     #[inline(always)]
-    fn hash(stored: &[u64; 2], seeds: &[u64; 4]) -> u64 {
-        // The vector form of multiply-shift: one random multiplier per 32-bit piece.
-        let [high, low] = *stored;
-        (high & 0xffff_ffff)
-            .wrapping_mul(seeds[0])
-            .wrapping_add((high >> 32).wrapping_mul(seeds[1]))
-            .wrapping_add((low & 0xffff_ffff).wrapping_mul(seeds[2]))
-            .wrapping_add((low >> 32).wrapping_mul(seeds[3]))
+    fn hash(&self, seeds: &[u64; 2]) -> u64 {
+        self[0]
+            .wrapping_mul(seeds[0] | 1)
+            .wrapping_add(self[1].wrapping_mul(seeds[1] | 1))
     }
 
     #[inline(always)]
-    fn addr_bytes(&self) -> [u8; 16] {
-        *self
+    fn event_bytes(&self) -> [u8; 16] {
+        self.wire()
     }
 }

@@ -88,7 +88,7 @@ impl KernelPolicy {
                 // Filled in by `ShieldMaps::set_policy`: lists from the maps, seeds drawn once,
                 // the next generation.
                 lists: 0,
-                seeds: [0; 4],
+                seeds: [0; 2],
                 generation: 0,
             },
             ports: set,
@@ -165,7 +165,7 @@ impl ShieldMaps {
         let current = self.limits.get(&0, 0)?;
         let limits = Limits {
             lists: self.list_bits()?,
-            seeds: if current.seeds == [0; 4] {
+            seeds: if current.seeds == [0; 2] {
                 random_seeds()?
             } else {
                 current.seeds
@@ -483,15 +483,15 @@ fn next_generation(current: u64) -> u64 {
     current % u64::from(u32::MAX) + 1
 }
 
-/// Four random multipliers for the source-table hash, from the kernel's random pool.
-fn random_seeds() -> Result<[u64; 4], ShieldError> {
-    let mut bytes = [0u8; 32];
+/// Random multipliers for the source-table hash, from the kernel's random pool.
+fn random_seeds() -> Result<[u64; 2], ShieldError> {
+    let mut bytes = [0u8; 16];
     // SAFETY: writes at most `bytes.len()` bytes into our buffer.
     let read = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
     if read != bytes.len() as isize {
         return Err(ShieldError::Random(std::io::Error::last_os_error()));
     }
-    let mut seeds = [0u64; 4];
+    let mut seeds = [0u64; 2];
     for (seed, chunk) in seeds.iter_mut().zip(bytes.chunks_exact(8)) {
         *seed = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
     }
