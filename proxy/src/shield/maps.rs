@@ -196,11 +196,17 @@ impl ShieldMaps {
         Ok(bits)
     }
 
-    /// After a change to the tries or ban maps: tells the kernel which are worth a lookup, and
-    /// bumps the generation so every source's cached lookups are redone.
+    /// After a change to the tries or ban maps: tells the kernel which are worth a lookup.
     fn refresh_lists(&mut self) -> Result<(), ShieldError> {
+        let lists = self.list_bits()?;
+        self.announce(|_| lists)
+    }
+
+    /// Writes `Limits::lists` as `lists` makes it from the current bits, and bumps the
+    /// generation so every source's cached lookups (see `SourceState`) are redone.
+    fn announce(&mut self, lists: impl FnOnce(u64) -> u64) -> Result<(), ShieldError> {
         let mut limits = self.limits.get(&0, 0)?;
-        limits.lists = self.list_bits()?;
+        limits.lists = lists(limits.lists);
         limits.generation = next_generation(limits.generation);
         self.limits.set(0, limits, 0)?;
         Ok(())
@@ -229,7 +235,13 @@ impl ShieldMaps {
             self.remove_expired_bans()?;
             self.insert_ban(source, entry)?;
         }
-        self.refresh_lists()
+        // The map holds an entry now: no need to look at every map for the bits.
+        let bit = if source.is_ipv4() {
+            LIST_BANS_V4
+        } else {
+            LIST_BANS_V6
+        };
+        self.announce(|lists| lists | bit)
     }
 
     fn insert_ban(&mut self, source: IpAddr, entry: BanEntry) -> Result<(), MapError> {
@@ -540,4 +552,27 @@ fn collect<K: Pod>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_stay_within_32_bits_and_skip_zero() {
+        assert_eq!(next_generation(0), 1);
+        assert_eq!(next_generation(1), 2);
+        assert_eq!(next_generation(u64::from(u32::MAX) - 1), u64::from(u32::MAX));
+        assert_eq!(next_generation(u64::from(u32::MAX)), 1);
+    }
+
+    #[test]
+    fn ipv6_slot_keys_are_the_wire_octets_as_two_native_words() {
+        let address: Ipv6Addr = "2001:db8::1:2:3".parse().unwrap();
+        let key = v6_slot_key(address);
+        let octets = address.octets();
+        assert_eq!(key[0].to_ne_bytes(), octets[..8]);
+        assert_eq!(key[1].to_ne_bytes(), octets[8..]);
+        assert_eq!(v6_from_slot_key(key), address);
+    }
 }
