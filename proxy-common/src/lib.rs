@@ -6,7 +6,7 @@
 //!
 //! Addresses are stored as they are on the wire (network byte order): an IPv4 source is the
 //! `u32` read straight from the header (`u32::from_ne_bytes(ip.octets())` in userspace), an
-//! IPv6 source its 16 octets.
+//! IPv6 source its 16 octets (in the source tables, those octets as two native `u64`).
 #![no_std]
 
 /// Name of the XDP program in the object file.
