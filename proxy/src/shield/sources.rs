@@ -69,45 +69,49 @@ impl<A: Copy + PartialEq> SourceTable<A> {
         })
     }
 
-    /// A copy of slot `index` (it may be torn if the kernel is writing it right now).
-    fn slot(&self, index: usize) -> SourceState<A> {
-        assert!(index < self.len);
-        // SAFETY: in bounds of the mapping; any bit pattern is a valid SourceState.
-        unsafe { self.slots.as_ptr().add(index).read_volatile() }
+    /// Slots whose kernel ban lasts beyond `now`: index, address, end of the ban. Only the ban
+    /// field is read from every slot (most have none); a slot may be torn if the kernel is
+    /// writing it right now.
+    fn banned(&self, now: u64) -> impl Iterator<Item = (usize, A, u64)> + '_ {
+        (0..self.len).filter_map(move |index| {
+            // SAFETY: in bounds of the mapping; every bit pattern is a valid SourceState.
+            let slot = unsafe { self.slots.as_ptr().add(index) };
+            let until = unsafe { (&raw const (*slot).banned_until_ns).read_volatile() };
+            if until <= now {
+                return None;
+            }
+            let copy = unsafe { slot.read_volatile() };
+            (copy.generation != 0).then_some((index, copy.addr, until))
+        })
     }
 
     /// Every source whose kernel ban lasts beyond `now`, with the ban's end.
     pub fn bans(&self, now: u64) -> Vec<(A, u64)> {
-        (0..self.len)
-            .map(|i| self.slot(i))
-            .filter(|slot| slot.generation != 0 && slot.banned_until_ns > now)
-            .map(|slot| (slot.addr, slot.banned_until_ns))
-            .collect()
+        self.banned(now).map(|(_, addr, until)| (addr, until)).collect()
     }
 
     /// When the kernel's ban on `addr` ends, if it lasts beyond `now`.
     pub fn banned_until(&self, addr: A, now: u64) -> Option<u64> {
-        self.bans(now)
-            .into_iter()
-            .filter(|(banned, _)| *banned == addr)
-            .map(|(_, until)| until)
+        self.banned(now)
+            .filter(|(_, banned, _)| *banned == addr)
+            .map(|(_, _, until)| until)
             .max()
     }
 
     /// Lifts the kernel's ban on `addr`; returns whether one was in force.
     pub fn lift_ban(&self, addr: A, now: u64) -> bool {
-        let mut lifted = false;
-        for index in 0..self.len {
-            let slot = self.slot(index);
-            if slot.generation != 0 && slot.addr == addr && slot.banned_until_ns > now {
-                // SAFETY: in bounds; the field is 8-byte aligned (the mapping is page aligned
-                // and slots are multiples of 8 bytes), so it can be stored atomically.
-                let field = unsafe { &raw mut (*self.slots.as_ptr().add(index)).banned_until_ns };
-                unsafe { AtomicU64::from_ptr(field) }.store(0, Ordering::Relaxed);
-                lifted = true;
-            }
+        let slots: Vec<usize> = self
+            .banned(now)
+            .filter(|(_, banned, _)| *banned == addr)
+            .map(|(index, _, _)| index)
+            .collect();
+        for &index in &slots {
+            // SAFETY: in bounds; the field is 8-byte aligned (the mapping is page aligned and
+            // slots are multiples of 8 bytes), so it can be stored atomically.
+            let field = unsafe { &raw mut (*self.slots.as_ptr().add(index)).banned_until_ns };
+            unsafe { AtomicU64::from_ptr(field) }.store(0, Ordering::Relaxed);
         }
-        lifted
+        !slots.is_empty()
     }
 }
 
