@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use proxy_common::{CidrOrigin, Reason};
+use proxy_common::{CidrOrigin, MAX_BANS, Reason, SOURCE_SET_BITS, SOURCE_WAYS};
 use sluice::shield::cidr::Cidr;
 use sluice::shield::{CidrList, KernelPolicy, Shield, ShieldMaps, action, pin};
 use sluice_tests::frames::{self, ACK, FIN, Frame, PSH, RST, SYN, TPID_8021AD, TPID_8021Q, URG};
@@ -604,4 +604,217 @@ fn pinned_maps_let_another_handle_edit_the_running_shield() {
     drop(shield);
     assert!(!dir.exists(), "pins removed when the shield is dropped");
     assert!(ShieldMaps::open_pinned(&dir).is_err());
+}
+
+/// `count` addresses in 10.0.0.0/8 that land in the same source-table set as `target`, given
+/// the seeds the shield drew: the program's hash (multiply-shift of the address as the table
+/// keys it), redone here so tests can fill one set on purpose.
+fn same_set(h: &mut Harness, target: Ipv4Addr, count: usize) -> Vec<IpAddr> {
+    let seeds = h.maps().policy().unwrap().limits.seeds;
+    let set = |address: Ipv4Addr| {
+        u64::from(u32::from_ne_bytes(address.octets())).wrapping_mul(seeds[0] | 1) >> (64 - SOURCE_SET_BITS)
+    };
+    let wanted = set(target);
+    (1u32..0x00ff_ffff)
+        .map(|i| Ipv4Addr::from(0x0a00_0000 | i))
+        .filter(|&address| address != target && set(address) == wanted)
+        .take(count)
+        .map(IpAddr::V4)
+        .collect()
+}
+
+/// Longer than a kernel tick (HZ >= 100), so sources seen on either side are ordered by age.
+fn next_tick() {
+    std::thread::sleep(Duration::from_millis(25));
+}
+
+#[test]
+fn a_full_set_gives_way_to_the_source_seen_longest_ago_but_keeps_kernel_bans() {
+    // One SYN per source per second; the second drop over it bans.
+    let mut h = Harness::new(Limits {
+        syn: (1, 1),
+        ban_threshold: 1,
+        ..Limits::default()
+    });
+    let banned = Ipv4Addr::new(192, 0, 2, 50);
+    let others = same_set(&mut h, banned, SOURCE_WAYS as usize);
+    assert_eq!(
+        h.run(&syn4(banned.into()).bytes, 3),
+        vec![(Reason::Pass, 1), (Reason::DropSynRate, 2)]
+    );
+    assert!(h.maps().is_banned(banned.into()).unwrap());
+    // The other ways fill up; each source spends its only SYN token, so a forgotten source
+    // would pass again and a remembered one is over its limit.
+    for &other in &others[..3] {
+        next_tick();
+        assert_eq!(h.verdict(&syn4(other).bytes), Reason::Pass, "{other}");
+    }
+    // A newcomer to the full set takes the way seen longest ago, except the banned source's.
+    next_tick();
+    assert_eq!(h.verdict(&syn4(others[3]).bytes), Reason::Pass);
+    assert_eq!(h.verdict(&syn4(banned.into()).bytes), Reason::DropBanned);
+    assert_eq!(h.verdict(&syn4(others[1]).bytes), Reason::DropSynRate);
+    assert_eq!(h.verdict(&syn4(others[2]).bytes), Reason::DropSynRate);
+    assert_eq!(
+        h.verdict(&syn4(others[0]).bytes),
+        Reason::Pass,
+        "the oldest source was forgotten: a fresh bucket"
+    );
+}
+
+#[test]
+fn userspace_bans_outlive_their_source_losing_its_slot() {
+    let mut h = Harness::new(Limits::default());
+    let attacker = Ipv4Addr::new(192, 0, 2, 60);
+    h.shield.ban(attacker.into(), None).unwrap();
+    assert_eq!(h.verdict(&syn4(attacker.into()).bytes), Reason::DropBanned);
+    // Four newer sources in its set push it out of the table...
+    for other in same_set(&mut h, attacker, SOURCE_WAYS as usize) {
+        next_tick();
+        assert_eq!(h.verdict(&syn4(other).bytes), Reason::Pass, "{other}");
+    }
+    // ...and the ban, kept in the ban map, applies again when it comes back.
+    assert_eq!(h.verdict(&syn4(attacker.into()).bytes), Reason::DropBanned);
+    assert!(h.maps().is_banned(attacker.into()).unwrap());
+}
+
+#[test]
+fn a_full_ban_map_makes_room_from_expired_bans_and_never_evicts_a_live_one() {
+    let mut h = Harness::new(Limits::default());
+    let nth = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | i));
+    let keeper = v4(192, 0, 2, 61);
+    h.shield.ban(keeper, None).unwrap();
+    for i in 1..MAX_BANS {
+        h.maps().ban(nth(i), Some(Duration::from_millis(1))).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(5));
+    // Full of expired bans: they make room.
+    h.maps().ban(nth(MAX_BANS), None).unwrap();
+    assert!(h.maps().is_banned(nth(MAX_BANS)).unwrap());
+    assert_eq!(h.verdict(&syn4(keeper).bytes), Reason::DropBanned);
+    // Full of live bans: the new one is refused, the others stay.
+    for i in 1..MAX_BANS - 1 {
+        h.maps().ban(nth(MAX_BANS + i), None).unwrap();
+    }
+    assert!(
+        h.maps().ban(v4(192, 0, 2, 62), None).is_err(),
+        "a full ban map refuses"
+    );
+    assert!(h.maps().is_banned(keeper).unwrap());
+    assert_eq!(h.maps().bans().unwrap().len(), MAX_BANS as usize);
+}
+
+#[test]
+fn a_known_source_sees_list_and_ban_changes_at_once() {
+    let mut h = Harness::new(Limits::default());
+    for (source, network, host) in [
+        (v4(192, 0, 2, 70), "192.0.2.0/24", "192.0.2.70/32"),
+        (v6("2001:db8:70::1"), "2001:db8:70::/48", "2001:db8:70::1/128"),
+    ] {
+        let frame = if source.is_ipv4() {
+            syn4(source)
+        } else {
+            syn6(source)
+        }
+        .bytes;
+        let cidr = |text: &str| -> Cidr { text.parse().unwrap() };
+        assert_eq!(h.verdict(&frame), Reason::Pass, "{source}");
+        h.maps()
+            .add_cidr(CidrList::Deny, cidr(network), CidrOrigin::Runtime)
+            .unwrap();
+        assert_eq!(h.verdict(&frame), Reason::DropDenylisted, "{source}");
+        h.maps()
+            .add_cidr(CidrList::Allow, cidr(host), CidrOrigin::Runtime)
+            .unwrap();
+        assert_eq!(h.verdict(&frame), Reason::PassAllowlisted, "{source}");
+        assert!(h.maps().remove_cidr(cidr(host)).unwrap());
+        assert_eq!(h.verdict(&frame), Reason::DropDenylisted, "{source}");
+        assert!(h.maps().remove_cidr(cidr(network)).unwrap());
+        assert_eq!(h.verdict(&frame), Reason::Pass, "{source}");
+        h.shield.ban(source, None).unwrap();
+        assert_eq!(h.verdict(&frame), Reason::DropBanned, "{source}");
+        assert!(h.shield.unban(source).unwrap());
+        assert_eq!(h.verdict(&frame), Reason::Pass, "{source}");
+    }
+}
+
+#[test]
+fn kernel_bans_are_listed_and_can_be_lifted() {
+    let mut h = Harness::new(Limits {
+        syn: (1, 2),
+        ban_threshold: 1,
+        ..Limits::default()
+    });
+    for source in [v4(192, 0, 2, 80), v6("2001:db8:80::1")] {
+        let frame = if source.is_ipv4() {
+            syn4(source)
+        } else {
+            syn6(source)
+        }
+        .bytes;
+        assert_eq!(
+            h.run(&frame, 5),
+            vec![
+                (Reason::Pass, 2),
+                (Reason::DropBanned, 1),
+                (Reason::DropSynRate, 2)
+            ],
+            "{source}"
+        );
+        assert!(h.maps().is_banned(source).unwrap(), "{source}");
+        let listed = h.maps().bans().unwrap();
+        let record = listed.iter().find(|b| b.source == source).expect("listed ban");
+        assert!(record.remaining.is_some_and(|r| r <= Duration::from_secs(60)));
+
+        assert!(h.shield.unban(source).unwrap(), "{source}");
+        assert!(!h.shield.unban(source).unwrap(), "{source}");
+        assert!(!h.maps().is_banned(source).unwrap(), "{source}");
+        // Unbanned, not refilled: still over its SYN limit, but no longer dropped as banned.
+        assert_eq!(h.verdict(&frame), Reason::DropSynRate, "{source}");
+    }
+}
+
+#[test]
+fn remembers_thousands_of_sources_at_once() {
+    let mut h = Harness::new(Limits {
+        syn: (1, 1),
+        ..Limits::default()
+    });
+    let template4 = syn4(v4(10, 0, 0, 0));
+    let template6 = syn6(v6("2001:db8:100::"));
+    let frames: Vec<Vec<u8>> = (1..=4096u32)
+        .map(|i| {
+            let mut frame = template4.clone();
+            let at = frame.l3 + 12;
+            frame.bytes[at..at + 4].copy_from_slice(&(0x0a01_0000 | i).to_be_bytes());
+            frame.bytes
+        })
+        .chain((1..=1024u16).map(|i| {
+            let mut frame = template6.clone();
+            let at = frame.l3 + 8 + 14;
+            frame.bytes[at..at + 2].copy_from_slice(&i.to_be_bytes());
+            frame.bytes
+        }))
+        .collect();
+    // Straight test runs (no counter reads in between): the whole test takes well under the
+    // second one SYN token takes to come back.
+    let actions = |h: &mut Harness| -> Vec<u32> {
+        frames
+            .iter()
+            .map(|frame| h.shield.test_run(frame, 1).unwrap().action)
+            .collect()
+    };
+    let before = h.shield.counters().unwrap();
+    assert!(actions(&mut h).iter().all(|&a| a == action::PASS));
+    // Every one of them still has its (spent) SYN bucket.
+    assert!(actions(&mut h).iter().all(|&a| a == action::DROP));
+    let after = h.shield.counters().unwrap();
+    let moved = |reason| {
+        let of = |counters: &[(Reason, proxy_common::Counter)]| {
+            counters.iter().find(|(r, _)| *r == reason).unwrap().1.packets
+        };
+        of(&after) - of(&before)
+    };
+    assert_eq!(moved(Reason::Pass), frames.len() as u64);
+    assert_eq!(moved(Reason::DropSynRate), frames.len() as u64);
 }

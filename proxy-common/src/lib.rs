@@ -6,14 +6,15 @@
 //!
 //! Addresses are stored as they are on the wire (network byte order): an IPv4 source is the
 //! `u32` read straight from the header (`u32::from_ne_bytes(ip.octets())` in userspace), an
-//! IPv6 source its 16 octets.
+//! IPv6 source its 16 octets (in the source tables, those octets as two native `u64`).
 #![no_std]
 
 /// Name of the XDP program in the object file.
 pub const XDP_PROGRAM: &str = "sluice_shield";
-/// Map (LRU hash): IPv4 source address (network byte order) -> [`BanEntry`].
+/// Map (hash): IPv4 source address (network byte order) -> [`BanEntry`]. Bans userspace decides
+/// (operator via CLI or admin API, L7 abuse); bans the kernel decides live in [`SourceState`].
 pub const MAP_BANNED_V4: &str = "BANNED_V4";
-/// Map (LRU hash): IPv6 source address (16 octets) -> [`BanEntry`].
+/// Map (hash): IPv6 source address (16 octets) -> [`BanEntry`], as [`MAP_BANNED_V4`].
 pub const MAP_BANNED_V6: &str = "BANNED_V6";
 /// Map: per-CPU array of [`Counter`], indexed by [`Reason`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
@@ -29,9 +30,10 @@ pub const MAP_ALLOW_V6: &str = "ALLOW_V6";
 pub const MAP_DENY_V4: &str = "DENY_V4";
 /// Map (LPM trie): IPv6 CIDRs whose packets to protected ports are dropped -> [`CidrOrigin`].
 pub const MAP_DENY_V6: &str = "DENY_V6";
-/// Map (LRU hash): IPv4 source -> [`SourceState`] (its token buckets).
+/// Map (array, mmapable): the IPv4 source table, [`MAX_SOURCES`] slots of `SourceState<u32>`
+/// (token buckets and kernel-decided ban of one source each); see [`SourceState`].
 pub const MAP_SOURCES_V4: &str = "SOURCES_V4";
-/// Map (LRU hash): IPv6 source -> [`SourceState`] (its token buckets).
+/// Map (array, mmapable): the IPv6 source table, slots of `SourceState<[u64; 2]>`.
 pub const MAP_SOURCES_V6: &str = "SOURCES_V6";
 /// Map (ring buffer): one [`BanEvent`] per ban the kernel decides.
 pub const MAP_BAN_EVENTS: &str = "BAN_EVENTS";
@@ -51,10 +53,19 @@ pub const PINNED_MAPS: [&str; 11] = [
     MAP_SOURCES_V6,
 ];
 
-/// Capacity of each ban map (LRU: when full, the least recently hit ban makes room).
+/// Capacity of each ban map. Not LRU, so a flood of new sources cannot evict an operator's
+/// ban; when it is full, userspace drops expired bans to make room, else refuses the new one.
 pub const MAX_BANS: u32 = 65_536;
-/// Capacity of each source-state map (LRU: idle sources are forgotten first).
-pub const MAX_SOURCES: u32 = 262_144;
+/// A source lives in one of the `SOURCE_WAYS` slots of the set its address hashes to; a new
+/// source takes a free slot of its set, else the one whose source was seen longest ago.
+pub const SOURCE_WAYS: u32 = 4;
+/// log2 of the number of sets in each source table.
+pub const SOURCE_SET_BITS: u32 = 16;
+/// Slots in each source table.
+pub const MAX_SOURCES: u32 = SOURCE_WAYS << SOURCE_SET_BITS;
+/// `BPF_F_MMAPABLE` (`linux/bpf.h`): userspace maps the source tables into its memory to list
+/// and lift the kernel's bans without a syscall per slot.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Capacity of each allow/deny trie.
 pub const MAX_CIDRS: u32 = 16_384;
 
@@ -203,9 +214,15 @@ pub struct Limits {
     pub ban_threshold: u64,
     /// How long a kernel-decided ban lasts, in nanoseconds.
     pub ban_ns: u64,
-    /// Which allow/deny tries hold entries (`LIST_*` bits), kept up to date by userspace so
-    /// the program skips lookups in empty tries.
+    /// Which allow/deny tries and ban maps hold entries (`LIST_*` bits), kept up to date by
+    /// userspace so the program skips lookups in empty ones.
     pub lists: u64,
+    /// Random multipliers of the source-table hash, chosen once when the program is loaded, so
+    /// that nobody outside can pick addresses that crowd one set.
+    pub seeds: [u64; 2],
+    /// Bumped by userspace after every change to the tries and ban maps (it stays within
+    /// `1..=u32::MAX`); a source's cached lookups hold while its slot has the same number.
+    pub generation: u64,
 }
 
 /// [`Limits::lists`] bits.
@@ -213,6 +230,8 @@ pub const LIST_ALLOW_V4: u64 = 1;
 pub const LIST_ALLOW_V6: u64 = 2;
 pub const LIST_DENY_V4: u64 = 4;
 pub const LIST_DENY_V6: u64 = 8;
+pub const LIST_BANS_V4: u64 = 16;
+pub const LIST_BANS_V6: u64 = 32;
 
 /// Protected destination ports as a 65,536-bit set: port `p` is bit `p % 64` of `words[p / 64]`.
 #[repr(C)]
@@ -237,21 +256,53 @@ impl PortSet {
     }
 }
 
-/// One source's token buckets and its strike count, in nanotokens and kernel ns.
+/// One slot of a source table: a source's token buckets, its strike count, the ban the kernel
+/// gave it, and what the allow/deny tries and ban maps said about it, in nanotokens and kernel
+/// ns. `A` is the address as the table stores it: the IPv4 `u32` as on the wire, or the 16
+/// IPv6 octets as two `u64` (cheap to compare).
 ///
-/// `strikes` counts drops for exceeding either bucket; it resets once the packet bucket has
+/// The tables are BPF arrays the program indexes itself (set = keyed multiply-shift hash of the
+/// address): array lookups are inlined by the verifier, where a hash-map lookup is a chain of
+/// kernel calls costing more than the rest of the program. The price is that a source can be
+/// evicted by another one landing in a full set, as an LRU map evicts when it is full.
+///
+/// `listed` and `listed_ban_until_ns` cache the trie and ban-map lookups: they hold while
+/// `generation` equals [`Limits::generation`], which userspace bumps after every change to
+/// those maps, so a packet only looks into them when its source is new or the maps changed.
+///
+/// `strikes` counts drops for exceeding either bucket; it resets once both buckets have
 /// refilled completely (the source kept quiet long enough). More than `ban_threshold` strikes
-/// bans the source. Updates from different CPUs are not atomic: a source hammering several
-/// queues at once may get a few extra tokens, which only makes the limit slightly soft.
+/// bans the source until `banned_until_ns`. Updates from different CPUs are not atomic: a
+/// source hammering several queues at once may get a few extra tokens, which only makes the
+/// limit slightly soft, and two new sources claiming the same slot at once may mix their
+/// (fresh, nearly identical) states.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SourceState {
+pub struct SourceState<A> {
+    pub addr: A,
+    /// The [`Limits::generation`] `listed` and `listed_ban_until_ns` were looked up under
+    /// (never 0 once the slot is taken); 0: a free slot.
+    pub generation: u32,
+    /// What the allow/deny tries say about the source (`LISTED_*`).
+    pub listed: u32,
+    pub strikes: u32,
     pub syn_tokens: u64,
-    pub syn_last_ns: u64,
     pub packet_tokens: u64,
-    pub packet_last_ns: u64,
-    pub strikes: u64,
+    /// When both buckets were last refilled.
+    pub last_ns: u64,
+    /// The kernel's `jiffies` at `last_ns`: buckets are refilled at most once per tick, the
+    /// resolution of the clock they use anyway. Also how recently the source was seen.
+    pub tick: u64,
+    /// Kernel-decided ban: dropped while the clock is below this; 0 for none.
+    pub banned_until_ns: u64,
+    /// The source's entry in the `BANNED_*` map (userspace ban); 0 for none.
+    pub listed_ban_until_ns: u64,
 }
+
+/// [`SourceState::listed`] values.
+pub const LISTED_NONE: u32 = 0;
+pub const LISTED_ALLOW: u32 = 1;
+pub const LISTED_DENY: u32 = 2;
 
 /// Where an allow/deny entry came from: reloads replace configured entries and keep the ones
 /// added at runtime (CLI).
@@ -287,6 +338,5 @@ mod pod {
     unsafe impl aya::Pod for super::BanEntry {}
     unsafe impl aya::Pod for super::Limits {}
     unsafe impl aya::Pod for super::PortSet {}
-    unsafe impl aya::Pod for super::SourceState {}
     unsafe impl aya::Pod for super::BanEvent {}
 }

@@ -5,6 +5,10 @@
 //! and TCP; [`police`] applies the allowlist, denylist, bans and per-source token buckets.
 //! Every verdict is counted per CPU (packets and bytes) under its [`Reason`].
 //!
+//! Cost is the design constraint: a packet from a source seen before makes no kernel call at
+//! all (map lookups other than arrays and clock reads are calls, each costing about as much as
+//! the rest of the program); see [`police`] for how.
+//!
 //! What is dropped, and why regardless of the port or not:
 //! - Malformed IPv4/IPv6 headers (IHL < 5, total/payload length beyond the frame or shorter
 //!   than the header, wrong version, truncated headers) and TCP headers cut short, whatever the
@@ -25,23 +29,24 @@ mod police;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use proxy_common::{
-    BanEntry, Counter, FAMILY_V4, FAMILY_V6, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_DENY_V4, LIST_DENY_V6,
-    Limits, MAX_BANS, MAX_CIDRS, MAX_SOURCES, PortSet, Reason, SourceState,
+    BPF_F_MMAPABLE, BanEntry, Counter, FAMILY_V4, FAMILY_V6, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_BANS_V4,
+    LIST_BANS_V6, LIST_DENY_V4, LIST_DENY_V6, Limits, MAX_BANS, MAX_CIDRS, MAX_SOURCES, PortSet, Reason,
+    SourceState,
 };
 
 use parse::{Parsed, Source};
 use police::FamilyMaps;
 
+// Bans decided in userspace. A plain hash, not LRU: a spray of new sources cannot evict them.
 #[map(name = "BANNED_V4")]
-static BANNED_V4: LruHashMap<u32, BanEntry> = LruHashMap::with_max_entries(MAX_BANS, 0);
+static BANNED_V4: HashMap<u32, BanEntry> = HashMap::with_max_entries(MAX_BANS, 0);
 #[map(name = "BANNED_V6")]
-static BANNED_V6: LruHashMap<[u8; 16], BanEntry> = LruHashMap::with_max_entries(MAX_BANS, 0);
+static BANNED_V6: HashMap<[u8; 16], BanEntry> = HashMap::with_max_entries(MAX_BANS, 0);
 
 #[map(name = "ALLOW_V4")]
 static ALLOW_V4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
@@ -52,10 +57,11 @@ static DENY_V4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 #[map(name = "DENY_V6")]
 static DENY_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 
+// Source tables: arrays of slots in sets, indexed by the program itself (see `SourceState`).
 #[map(name = "SOURCES_V4")]
-static SOURCES_V4: LruHashMap<u32, SourceState> = LruHashMap::with_max_entries(MAX_SOURCES, 0);
+static SOURCES_V4: Array<SourceState<u32>> = Array::with_max_entries(MAX_SOURCES, BPF_F_MMAPABLE);
 #[map(name = "SOURCES_V6")]
-static SOURCES_V6: LruHashMap<[u8; 16], SourceState> = LruHashMap::with_max_entries(MAX_SOURCES, 0);
+static SOURCES_V6: Array<SourceState<[u64; 2]>> = Array::with_max_entries(MAX_SOURCES, BPF_F_MMAPABLE);
 
 #[map(name = "LIMITS")]
 static LIMITS: Array<Limits> = Array::with_max_entries(1, 0);
@@ -88,11 +94,10 @@ fn classify(ctx: &XdpContext) -> Reason {
     match parse::parse(ctx, protected) {
         Parsed::Verdict(reason) => reason,
         Parsed::Police { source, flags } => {
-            let limits = LIMITS.get(0);
-            // CLOCK_MONOTONIC at tick resolution (1-4 ms): plenty for token buckets and ban
-            // expiry, and about 20 ns cheaper per packet than `bpf_ktime_get_ns` here.
-            // SAFETY: helper without preconditions.
-            let now = || unsafe { bpf_ktime_get_coarse_ns() };
+            // Index 0 of a one-entry array is always there (zeroed until userspace writes it).
+            let Some(limits) = LIMITS.get(0) else {
+                return Reason::Pass;
+            };
             match source {
                 Source::V4(address) => {
                     let maps = FamilyMaps {
@@ -104,8 +109,9 @@ fn classify(ctx: &XdpContext) -> Reason {
                         family: FAMILY_V4,
                         allow_bit: LIST_ALLOW_V4,
                         deny_bit: LIST_DENY_V4,
+                        bans_bit: LIST_BANS_V4,
                     };
-                    police::police(&maps, address, flags, limits, &BAN_EVENTS, now)
+                    police::police(&maps, address, flags, limits, &BAN_EVENTS)
                 }
                 Source::V6(address) => {
                     let maps = FamilyMaps {
@@ -117,8 +123,9 @@ fn classify(ctx: &XdpContext) -> Reason {
                         family: FAMILY_V6,
                         allow_bit: LIST_ALLOW_V6,
                         deny_bit: LIST_DENY_V6,
+                        bans_bit: LIST_BANS_V6,
                     };
-                    police::police(&maps, address, flags, limits, &BAN_EVENTS, now)
+                    police::police(&maps, address, flags, limits, &BAN_EVENTS)
                 }
             }
         }

@@ -1,108 +1,226 @@
 //! Per-source policy for well-formed TCP segments to protected ports, in this order:
-//! allowlist (pass, no limits) -> denylist (drop) -> ban (drop until it expires) -> token
+//! allowlist (pass, no limits) -> denylist (drop) -> bans (drop until they expire) -> token
 //! buckets (packet bucket for every segment, SYN bucket for new connections) -> pass.
 //!
 //! Over-limit drops are strikes; more than `ban_threshold` strikes ban the source for
 //! `ban_ns` and send a [`BanEvent`] to userspace. Strikes are forgiven once both buckets have
 //! refilled completely.
+//!
+//! Everything about a source lives in its slot of a source table (see [`SourceState`]): an
+//! array the program indexes itself, because every kernel call costs (about 17-30 ns each for
+//! a clock read, an LPM or hash-map lookup: more than the rest of the program) while array
+//! lookups are inlined by the verifier. So a packet from a known source makes no kernel call:
+//! - the allow/deny tries and the userspace ban map are looked into when the source is new or
+//!   userspace changed them (`Limits::generation`), and the answers kept in the slot;
+//! - the kernel's own bans are kept in the slot;
+//! - the clock is read at most once per tick per source.
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::maps::{LpmTrie, LruHashMap, RingBuf};
-use proxy_common::{BanEntry, BanEvent, BucketLimit, Limits, NANOTOKENS, Reason, SourceState};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, RingBuf};
+use proxy_common::{
+    BanEntry, BanEvent, BucketLimit, LISTED_ALLOW, LISTED_DENY, LISTED_NONE, Limits, NANOTOKENS, Reason,
+    SOURCE_SET_BITS, SOURCE_WAYS, SourceState,
+};
 
 use crate::parse::{TCP_ACK, TCP_SYN};
 
-/// The maps of one address family; `K` is the address as it is on the wire.
-pub struct FamilyMaps<K: 'static> {
-    pub allow: &'static LpmTrie<K, u8>,
-    pub deny: &'static LpmTrie<K, u8>,
-    pub bans: &'static LruHashMap<K, BanEntry>,
-    pub sources: &'static LruHashMap<K, SourceState>,
+/// The maps of one address family, whose addresses are `A`.
+pub struct FamilyMaps<A: Address + 'static> {
+    pub allow: &'static LpmTrie<A::Wire, u8>,
+    pub deny: &'static LpmTrie<A::Wire, u8>,
+    pub bans: &'static HashMap<A::Wire, BanEntry>,
+    pub sources: &'static Array<SourceState<A>>,
     /// Prefix length of a full address (32 or 128).
     pub bits: u32,
     /// `FAMILY_V4` or `FAMILY_V6`, for ban events.
     pub family: u32,
-    /// The `LIST_*` bits of this family's tries in `Limits::lists`.
+    /// The `LIST_*` bits of this family's tries and ban map in `Limits::lists`.
     pub allow_bit: u64,
     pub deny_bit: u64,
+    pub bans_bit: u64,
 }
 
 #[inline(always)]
-pub fn police<K: Copy + AddrBytes>(
-    maps: &FamilyMaps<K>,
-    source: K,
+pub fn police<A: Address>(
+    maps: &FamilyMaps<A>,
+    source: A,
     flags: u8,
-    limits: Option<&Limits>,
+    limits: &Limits,
     events: &RingBuf,
-    now: impl Fn() -> u64,
 ) -> Reason {
-    // Without limits written yet, look into every trie.
-    let lists = limits.map_or(u64::MAX, |l| l.lists);
-    let prefix = Key::new(maps.bits, source);
-    if lists & maps.allow_bit != 0 && maps.allow.get(&prefix).is_some() {
-        return Reason::PassAllowlisted;
+    let first = first_slot(source.hash(&limits.seeds));
+    let slot = match find(maps.sources, first, source) {
+        Some(slot) => slot,
+        None => match claim(maps.sources, first, source, limits) {
+            Some(slot) => slot,
+            None => return Reason::Pass, // unreachable: every set lies inside the table
+        },
+    };
+    // SAFETY: array slots stay valid while the program runs; concurrent updates from other
+    // CPUs are tolerated (see `SourceState`).
+    let state = unsafe { &mut *slot };
+    // Userspace keeps the generation within 32 bits (see `Limits::generation`).
+    let generation = limits.generation as u32;
+    if state.generation != generation {
+        look_up(maps, source, state, limits, generation);
     }
-    if lists & maps.deny_bit != 0 && maps.deny.get(&prefix).is_some() {
-        return Reason::DropDenylisted;
+    match state.listed {
+        LISTED_ALLOW => return Reason::PassAllowlisted,
+        LISTED_DENY => return Reason::DropDenylisted,
+        _ => {}
     }
-    let now = now();
-    // SAFETY: the value is copied out at once; bans are only ever written whole.
-    if let Some(ban) = unsafe { maps.bans.get(source) }
-        && ban.until_ns > now
-    {
+    let now = catch_up(state, limits);
+    if state.banned_until_ns > now || state.listed_ban_until_ns > now {
         return Reason::DropBanned;
     }
-    let Some(limits) = limits else {
-        return Reason::Pass;
-    };
     let new_connection = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    match maps.sources.get_ptr_mut(source) {
-        Some(state) => {
-            // SAFETY: the pointer is valid while the program runs; concurrent updates from
-            // other CPUs are tolerated (see `SourceState`).
-            let state = unsafe { &mut *state };
-            let reason = step(state, limits, now, new_connection);
-            if state.strikes > limits.ban_threshold {
-                state.strikes = 0;
-                ban(maps, source, now.saturating_add(limits.ban_ns), reason, events);
-            }
-            reason
-        }
-        None => {
-            // First segment seen from this source: both buckets start full, so it passes.
-            let mut state = SourceState {
-                syn_tokens: limits.syn.capacity,
-                syn_last_ns: now,
-                packet_tokens: limits.packet.capacity,
-                packet_last_ns: now,
-                strikes: 0,
-            };
-            let reason = step(&mut state, limits, now, new_connection);
-            // A full map evicts its least recently used source; failure only forgets history.
-            let _ = maps.sources.insert(source, state, 0);
-            reason
-        }
+    let reason = charge(state, new_connection);
+    if u64::from(state.strikes) > limits.ban_threshold {
+        state.strikes = 0;
+        state.banned_until_ns = now.saturating_add(limits.ban_ns);
+        report_ban(maps, source, state.banned_until_ns, reason, events);
     }
+    reason
 }
 
-/// Refills both buckets, then charges this segment; returns the verdict.
+/// Gives a source the table does not hold a slot of its set: both buckets full (so its first
+/// segment passes), nothing looked up yet.
 #[inline(always)]
-fn step(state: &mut SourceState, limits: &Limits, now: u64, new_connection: bool) -> Reason {
-    let packet_full = refill(
-        &mut state.packet_tokens,
-        &mut state.packet_last_ns,
-        &limits.packet,
-        now,
-    );
-    let syn_full = refill(&mut state.syn_tokens, &mut state.syn_last_ns, &limits.syn, now);
+fn claim<A: Copy>(
+    table: &Array<SourceState<A>>,
+    first: u32,
+    key: A,
+    limits: &Limits,
+) -> Option<*mut SourceState<A>> {
+    let now = coarse_now();
+    let slot = victim(table, first, now)?;
+    // SAFETY: as in `police`.
+    unsafe {
+        *slot = SourceState {
+            addr: key,
+            generation: 0,
+            listed: LISTED_NONE,
+            strikes: 0,
+            syn_tokens: limits.syn.capacity,
+            packet_tokens: limits.packet.capacity,
+            last_ns: now,
+            tick: tick(),
+            banned_until_ns: 0,
+            listed_ban_until_ns: 0,
+        };
+    }
+    Some(slot)
+}
+
+/// Looks the source up in the allow/deny tries and the ban map (only those holding entries)
+/// and caches the answers in its slot until userspace changes them (`generation`). A source
+/// on the allow or deny list needs no ban lookup: those lists come first.
+#[inline(always)]
+fn look_up<A: Address>(
+    maps: &FamilyMaps<A>,
+    source: A,
+    state: &mut SourceState<A>,
+    limits: &Limits,
+    generation: u32,
+) {
+    let wire = source.wire();
+    let prefix = Key::new(maps.bits, wire);
+    state.listed = if limits.lists & maps.allow_bit != 0 && maps.allow.get(&prefix).is_some() {
+        LISTED_ALLOW
+    } else if limits.lists & maps.deny_bit != 0 && maps.deny.get(&prefix).is_some() {
+        LISTED_DENY
+    } else {
+        LISTED_NONE
+    };
+    state.listed_ban_until_ns = if state.listed == LISTED_NONE && limits.lists & maps.bans_bit != 0 {
+        // SAFETY: the value is copied out at once; bans are only ever written whole.
+        unsafe { maps.bans.get(wire) }.map_or(0, |ban| ban.until_ns)
+    } else {
+        0
+    };
+    state.generation = generation;
+}
+
+/// Index of the first slot of the set a hash picks (its top `SOURCE_SET_BITS` bits).
+#[inline(always)]
+fn first_slot(hash: u64) -> u32 {
+    ((hash >> (64 - SOURCE_SET_BITS)) as u32) * SOURCE_WAYS
+}
+
+/// The slot holding `key` in the set starting at `first`.
+#[inline(always)]
+fn find<A: Copy + PartialEq>(
+    table: &Array<SourceState<A>>,
+    first: u32,
+    key: A,
+) -> Option<*mut SourceState<A>> {
+    for way in 0..SOURCE_WAYS {
+        let slot = table.get_ptr_mut(first + way)?;
+        // SAFETY: a valid slot pointer; reading a field another CPU may be writing is tolerated.
+        if unsafe { (*slot).generation != 0 && (*slot).addr == key } {
+            return Some(slot);
+        }
+    }
+    None
+}
+
+/// The slot a new source takes in the set starting at `first`: a free one, else the one seen
+/// longest ago, keeping sources the kernel has banned as long as another slot can go.
+#[inline(always)]
+fn victim<A>(table: &Array<SourceState<A>>, first: u32, now: u64) -> Option<*mut SourceState<A>> {
+    let mut chosen = None;
+    let mut chosen_age = u64::MAX;
+    for way in 0..SOURCE_WAYS {
+        let Some(slot) = table.get_ptr_mut(first + way) else {
+            continue;
+        };
+        // SAFETY: as in `find`.
+        let (generation, tick, banned_until_ns) =
+            unsafe { ((*slot).generation, (*slot).tick, (*slot).banned_until_ns) };
+        let age = if generation == 0 {
+            0
+        } else if banned_until_ns > now {
+            u64::MAX
+        } else {
+            tick
+        };
+        if chosen.is_none() || age < chosen_age {
+            chosen = Some(slot);
+            chosen_age = age;
+        }
+    }
+    chosen
+}
+
+/// Refills both buckets for the time since the source's last refill, at most once per clock
+/// tick (the coarse clock does not move in between); returns the time now.
+#[inline(always)]
+fn catch_up<A>(state: &mut SourceState<A>, limits: &Limits) -> u64 {
+    let tick = tick();
+    if state.tick == tick {
+        return state.last_ns;
+    }
+    let now = coarse_now();
+    let elapsed = now.saturating_sub(state.last_ns);
+    state.last_ns = now;
+    state.tick = tick;
+    let packet_full = refill(&mut state.packet_tokens, &limits.packet, elapsed);
+    let syn_full = refill(&mut state.syn_tokens, &limits.syn, elapsed);
     if packet_full && syn_full {
         state.strikes = 0;
     }
+    now
+}
+
+/// Charges this segment to the buckets; returns the verdict.
+#[inline(always)]
+fn charge<A>(state: &mut SourceState<A>, new_connection: bool) -> Reason {
     if state.packet_tokens < NANOTOKENS {
-        state.strikes += 1;
+        state.strikes = state.strikes.saturating_add(1);
         return Reason::DropPacketRate;
     }
     if new_connection && state.syn_tokens < NANOTOKENS {
-        state.strikes += 1;
+        state.strikes = state.strikes.saturating_add(1);
         return Reason::DropSynRate;
     }
     state.packet_tokens -= NANOTOKENS;
@@ -112,46 +230,78 @@ fn step(state: &mut SourceState, limits: &Limits, now: u64, new_connection: bool
     Reason::Pass
 }
 
-/// Adds the tokens earned since `last`; returns true when the bucket is full.
+/// Adds the tokens earned in `elapsed` ns; returns true when the bucket is full.
 #[inline(always)]
-fn refill(tokens: &mut u64, last: &mut u64, limit: &BucketLimit, now: u64) -> bool {
+fn refill(tokens: &mut u64, limit: &BucketLimit, elapsed: u64) -> bool {
     // At most `fill_ns` counts: `fill_ns * rate <= capacity`, so nothing overflows.
-    let elapsed = now.saturating_sub(*last).min(limit.fill_ns);
+    let elapsed = elapsed.min(limit.fill_ns);
     let filled = (*tokens + elapsed * limit.rate).min(limit.capacity);
     *tokens = filled;
-    *last = now;
     filled >= limit.capacity
 }
 
+/// The kernel's `jiffies`. The verifier inlines `bpf_jiffies64` into a single load, so this
+/// costs nothing, unlike a clock helper call (about 17 ns here).
 #[inline(always)]
-fn ban<K: Copy + AddrBytes>(
-    maps: &FamilyMaps<K>,
-    source: K,
-    until_ns: u64,
-    reason: Reason,
-    events: &RingBuf,
-) {
-    let _ = maps.bans.insert(source, BanEntry { until_ns }, 0);
+fn tick() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_jiffies64() }
+}
+
+/// CLOCK_MONOTONIC ns at tick resolution (1-10 ms): plenty for token buckets and ban expiry,
+/// and cheaper than `bpf_ktime_get_ns`. Read only when the tick moved.
+#[inline(always)]
+fn coarse_now() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Tells userspace about a ban the kernel just decided.
+#[inline(always)]
+fn report_ban<A: Address>(maps: &FamilyMaps<A>, source: A, until_ns: u64, reason: Reason, events: &RingBuf) {
     if let Some(mut entry) = events.reserve::<BanEvent>(0) {
         entry.write(BanEvent {
             until_ns,
-            addr: source.addr_bytes(),
+            addr: source.event_bytes(),
             family: maps.family,
             reason: reason as u32,
         });
         entry.submit(0);
     }
-    // A full ring buffer loses the event, never the ban.
+    // A full ring buffer loses the event, never the ban (it is already in the source's state).
 }
 
-/// An address as the 16 octets of a [`BanEvent`].
-pub trait AddrBytes {
-    fn addr_bytes(&self) -> [u8; 16];
+/// A source address, as parsing reads it and the source tables store it.
+pub trait Address: Copy + PartialEq {
+    /// The address as the tries and the ban map key it: the octets as on the wire.
+    type Wire: Copy;
+
+    fn wire(&self) -> Self::Wire;
+
+    /// Multiply-shift hash keyed by random odd multipliers: without the seeds, nobody can
+    /// choose addresses that land in one set. The set is taken from the top bits.
+    fn hash(&self, seeds: &[u64; 2]) -> u64;
+
+    /// The 16 octets of a [`BanEvent`].
+    fn event_bytes(&self) -> [u8; 16];
 }
 
-impl AddrBytes for u32 {
+/// IPv4: the four octets as on the wire, read as a native `u32`.
+impl Address for u32 {
+    type Wire = u32;
+
     #[inline(always)]
-    fn addr_bytes(&self) -> [u8; 16] {
+    fn wire(&self) -> u32 {
+        *self
+    }
+
+    #[inline(always)]
+    fn hash(&self, seeds: &[u64; 2]) -> u64 {
+        u64::from(*self).wrapping_mul(seeds[0] | 1)
+    }
+
+    #[inline(always)]
+    fn event_bytes(&self) -> [u8; 16] {
         let mut bytes = [0u8; 16];
         let octets = self.to_ne_bytes();
         bytes[0] = octets[0];
@@ -162,9 +312,26 @@ impl AddrBytes for u32 {
     }
 }
 
-impl AddrBytes for [u8; 16] {
+/// IPv6: the 16 octets as on the wire, read as two native `u64` (two compares, not 16).
+impl Address for [u64; 2] {
+    type Wire = [u8; 16];
+
     #[inline(always)]
-    fn addr_bytes(&self) -> [u8; 16] {
-        *self
+    fn wire(&self) -> [u8; 16] {
+        let [a, b, c, d, e, f, g, h] = self[0].to_ne_bytes();
+        let [i, j, k, l, m, n, o, p] = self[1].to_ne_bytes();
+        [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p]
+    }
+
+    #[inline(always)]
+    fn hash(&self, seeds: &[u64; 2]) -> u64 {
+        self[0]
+            .wrapping_mul(seeds[0] | 1)
+            .wrapping_add(self[1].wrapping_mul(seeds[1] | 1))
+    }
+
+    #[inline(always)]
+    fn event_bytes(&self) -> [u8; 16] {
+        self.wire()
     }
 }

@@ -1,6 +1,10 @@
 //! Typed handles on the shield's BPF maps, and every read and write userspace does on them:
 //! bans, allow/deny CIDRs, the limits and protected ports, the counters.
 //!
+//! Bans live in two places: the ones userspace decides (operator, L7 abuse) in the `BANNED_*`
+//! hash maps, the ones the kernel decides in the source's state (`SOURCES_*`). Listing, checking
+//! and lifting bans here covers both.
+//!
 //! The same [`ShieldMaps`] serves the relay (maps taken from the object it loaded) and the CLI
 //! (maps opened from their pins under `/sys/fs/bpf/sluice/<instance>/`), so both edit a running
 //! shield the same way.
@@ -12,14 +16,16 @@ use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use aya::{Ebpf, Pod};
 use proxy_common::{
-    BanEntry, BucketLimit, CidrOrigin, Counter, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_DENY_V4, LIST_DENY_V6,
-    Limits, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BANNED_V4, MAP_BANNED_V6, MAP_COUNTERS, MAP_DENY_V4, MAP_DENY_V6,
-    MAP_LIMITS, MAP_PORTS, PortSet, Reason,
+    BanEntry, BucketLimit, CidrOrigin, Counter, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_BANS_V4, LIST_BANS_V6,
+    LIST_DENY_V4, LIST_DENY_V6, Limits, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BANNED_V4, MAP_BANNED_V6,
+    MAP_COUNTERS, MAP_DENY_V4, MAP_DENY_V6, MAP_LIMITS, MAP_PORTS, MAP_SOURCES_V4, MAP_SOURCES_V6, PortSet,
+    Reason,
 };
 
 use super::ShieldError;
 use super::cidr::Cidr;
 use super::clock::monotonic_now_ns;
+use super::sources::SourceTable;
 
 /// Which list a CIDR is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +85,11 @@ impl KernelPolicy {
                 packet: BucketLimit::new(u64::from(packet.0), u64::from(packet.1)),
                 ban_threshold: u64::from(ban_threshold),
                 ban_ns: u64::try_from(ban_duration.as_nanos()).unwrap_or(u64::MAX),
-                lists: 0, // filled in from the tries by `ShieldMaps::set_policy`
+                // Filled in by `ShieldMaps::set_policy`: lists from the maps, seeds drawn once,
+                // the next generation.
+                lists: 0,
+                seeds: [0; 2],
+                generation: 0,
             },
             ports: set,
         }
@@ -90,6 +100,8 @@ impl KernelPolicy {
 pub struct ShieldMaps {
     bans_v4: HashMap<MapData, u32, BanEntry>,
     bans_v6: HashMap<MapData, [u8; 16], BanEntry>,
+    sources_v4: SourceTable<u32>,
+    sources_v6: SourceTable<[u64; 2]>,
     allow_v4: LpmTrie<MapData, u32, u8>,
     allow_v6: LpmTrie<MapData, [u8; 16], u8>,
     deny_v4: LpmTrie<MapData, u32, u8>,
@@ -134,6 +146,8 @@ impl ShieldMaps {
         Ok(Self {
             bans_v4: get(MAP_BANNED_V4)?.try_into()?,
             bans_v6: get(MAP_BANNED_V6)?.try_into()?,
+            sources_v4: SourceTable::new(get(MAP_SOURCES_V4)?, MAP_SOURCES_V4)?,
+            sources_v6: SourceTable::new(get(MAP_SOURCES_V6)?, MAP_SOURCES_V6)?,
             allow_v4: get(MAP_ALLOW_V4)?.try_into()?,
             allow_v6: get(MAP_ALLOW_V6)?.try_into()?,
             deny_v4: get(MAP_DENY_V4)?.try_into()?,
@@ -145,9 +159,18 @@ impl ShieldMaps {
     }
 
     /// Writes limits and protected ports (each one map update, so the kernel never sees half).
+    /// The source-table seeds are drawn once, the first time, and kept: new seeds would move
+    /// every source to another set and lose its state.
     pub fn set_policy(&mut self, policy: &KernelPolicy) -> Result<(), ShieldError> {
+        let current = self.limits.get(&0, 0)?;
         let limits = Limits {
             lists: self.list_bits()?,
+            seeds: if current.seeds == [0; 2] {
+                random_seeds()?
+            } else {
+                current.seeds
+            },
+            generation: next_generation(current.generation),
             ..policy.limits
         };
         self.limits.set(0, limits, 0)?;
@@ -155,7 +178,7 @@ impl ShieldMaps {
         Ok(())
     }
 
-    /// Which tries hold entries, as `Limits::lists` bits.
+    /// Which tries and ban maps hold entries, as `Limits::lists` bits.
     fn list_bits(&self) -> Result<u64, ShieldError> {
         let mut bits = 0;
         for (bit, empty) in [
@@ -163,6 +186,8 @@ impl ShieldMaps {
             (LIST_ALLOW_V6, self.allow_v6.keys().next().is_none()),
             (LIST_DENY_V4, self.deny_v4.keys().next().is_none()),
             (LIST_DENY_V6, self.deny_v6.keys().next().is_none()),
+            (LIST_BANS_V4, self.bans_v4.keys().next().is_none()),
+            (LIST_BANS_V6, self.bans_v6.keys().next().is_none()),
         ] {
             if !empty {
                 bits |= bit;
@@ -171,10 +196,18 @@ impl ShieldMaps {
         Ok(bits)
     }
 
-    /// Tells the kernel which tries are worth a lookup, after they changed.
+    /// After a change to the tries or ban maps: tells the kernel which are worth a lookup.
     fn refresh_lists(&mut self) -> Result<(), ShieldError> {
+        let lists = self.list_bits()?;
+        self.announce(|_| lists)
+    }
+
+    /// Writes `Limits::lists` as `lists` makes it from the current bits, and bumps the
+    /// generation so every source's cached lookups (see `SourceState`) are redone.
+    fn announce(&mut self, lists: impl FnOnce(u64) -> u64) -> Result<(), ShieldError> {
         let mut limits = self.limits.get(&0, 0)?;
-        limits.lists = self.list_bits()?;
+        limits.lists = lists(limits.lists);
+        limits.generation = next_generation(limits.generation);
         self.limits.set(0, limits, 0)?;
         Ok(())
     }
@@ -187,61 +220,134 @@ impl ShieldMaps {
         })
     }
 
-    /// Bans `source` for `duration` (`None`: until unbanned).
+    /// Bans `source` for `duration` (`None`: until unbanned). When the ban map is full, expired
+    /// bans make room; failing that, the ban is refused (`E2BIG`) rather than evicting another.
     pub fn ban(&mut self, source: IpAddr, duration: Option<Duration>) -> Result<(), ShieldError> {
         let until_ns = match duration {
             None => u64::MAX,
             Some(d) => monotonic_now_ns()?.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
         };
         let entry = BanEntry { until_ns };
+        if let Err(e) = self.insert_ban(source, entry) {
+            if !is_full(&e) {
+                return Err(e.into());
+            }
+            self.remove_expired_bans()?;
+            self.insert_ban(source, entry)?;
+        }
+        // The map holds an entry now: no need to look at every map for the bits.
+        let bit = if source.is_ipv4() {
+            LIST_BANS_V4
+        } else {
+            LIST_BANS_V6
+        };
+        self.announce(|lists| lists | bit)
+    }
+
+    fn insert_ban(&mut self, source: IpAddr, entry: BanEntry) -> Result<(), MapError> {
         match source {
-            IpAddr::V4(v4) => self.bans_v4.insert(v4_key(v4), entry, 0)?,
-            IpAddr::V6(v6) => self.bans_v6.insert(v6.octets(), entry, 0)?,
+            IpAddr::V4(v4) => self.bans_v4.insert(v4_key(v4), entry, 0),
+            IpAddr::V6(v6) => self.bans_v6.insert(v6.octets(), entry, 0),
+        }
+    }
+
+    fn remove_expired_bans(&mut self) -> Result<(), ShieldError> {
+        let now = monotonic_now_ns()?;
+        let expired_v4: Vec<u32> = self
+            .bans_v4
+            .iter()
+            .filter_map(|item| {
+                item.ok()
+                    .filter(|(_, entry)| entry.until_ns <= now)
+                    .map(|(key, _)| key)
+            })
+            .collect();
+        for key in expired_v4 {
+            absent_ok(self.bans_v4.remove(&key))?;
+        }
+        let expired_v6: Vec<[u8; 16]> = self
+            .bans_v6
+            .iter()
+            .filter_map(|item| {
+                item.ok()
+                    .filter(|(_, entry)| entry.until_ns <= now)
+                    .map(|(key, _)| key)
+            })
+            .collect();
+        for key in expired_v6 {
+            absent_ok(self.bans_v6.remove(&key))?;
         }
         Ok(())
     }
 
-    /// Lifts a ban; returns whether there was one.
+    /// Lifts a ban, wherever it lives; returns whether there was one.
     pub fn unban(&mut self, source: IpAddr) -> Result<bool, ShieldError> {
-        let result = match source {
-            IpAddr::V4(v4) => self.bans_v4.remove(&v4_key(v4)),
-            IpAddr::V6(v6) => self.bans_v6.remove(&v6.octets()),
+        let now = monotonic_now_ns()?;
+        let (listed, kernel) = match source {
+            IpAddr::V4(v4) => (
+                absent_ok(self.bans_v4.remove(&v4_key(v4)))?,
+                self.sources_v4.lift_ban(v4_key(v4), now),
+            ),
+            IpAddr::V6(v6) => (
+                absent_ok(self.bans_v6.remove(&v6.octets()))?,
+                self.sources_v6.lift_ban(v6_slot_key(v6), now),
+            ),
         };
-        absent_ok(result)
-    }
-
-    /// Whether `source` is banned right now.
-    pub fn is_banned(&self, source: IpAddr) -> Result<bool, ShieldError> {
-        let entry = match source {
-            IpAddr::V4(v4) => self.bans_v4.get(&v4_key(v4), 0),
-            IpAddr::V6(v6) => self.bans_v6.get(&v6.octets(), 0),
-        };
-        match entry {
-            Ok(entry) => Ok(entry.until_ns > monotonic_now_ns()?),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(e) => Err(e.into()),
+        if listed {
+            self.refresh_lists()?;
         }
+        Ok(listed || kernel)
     }
 
-    /// Every ban still in force, IPv4 first.
+    /// Whether `source` is banned right now, by userspace or by the kernel.
+    pub fn is_banned(&self, source: IpAddr) -> Result<bool, ShieldError> {
+        let now = monotonic_now_ns()?;
+        let (listed, kernel) = match source {
+            IpAddr::V4(v4) => (
+                self.bans_v4.get(&v4_key(v4), 0),
+                self.sources_v4.banned_until(v4_key(v4), now),
+            ),
+            IpAddr::V6(v6) => (
+                self.bans_v6.get(&v6.octets(), 0),
+                self.sources_v6.banned_until(v6_slot_key(v6), now),
+            ),
+        };
+        let listed = found(listed)?.is_some_and(|entry| entry.until_ns > now);
+        Ok(listed || kernel.is_some())
+    }
+
+    /// Every ban still in force, IPv4 first; a source banned both ways is listed once, with the
+    /// ban that lasts longer.
     pub fn bans(&self) -> Result<Vec<BanRecord>, ShieldError> {
         let now = monotonic_now_ns()?;
-        let record = |source: IpAddr, entry: BanEntry| {
-            (entry.until_ns > now).then(|| BanRecord {
-                source,
-                remaining: (entry.until_ns != u64::MAX).then(|| Duration::from_nanos(entry.until_ns - now)),
-            })
+        let mut until = std::collections::BTreeMap::<IpAddr, u64>::new();
+        let mut add = |source: IpAddr, until_ns: u64| {
+            if until_ns > now {
+                let longest = until.entry(source).or_default();
+                *longest = (*longest).max(until_ns);
+            }
         };
-        let mut records = Vec::new();
         for item in self.bans_v4.iter() {
             let (key, entry) = item?;
-            records.extend(record(IpAddr::V4(Ipv4Addr::from(key.to_ne_bytes())), entry));
+            add(IpAddr::V4(Ipv4Addr::from(key.to_ne_bytes())), entry.until_ns);
+        }
+        for (key, until_ns) in self.sources_v4.bans(now) {
+            add(IpAddr::V4(Ipv4Addr::from(key.to_ne_bytes())), until_ns);
         }
         for item in self.bans_v6.iter() {
             let (key, entry) = item?;
-            records.extend(record(IpAddr::V6(Ipv6Addr::from(key)), entry));
+            add(IpAddr::V6(Ipv6Addr::from(key)), entry.until_ns);
         }
-        Ok(records)
+        for (key, until_ns) in self.sources_v6.bans(now) {
+            add(IpAddr::V6(v6_from_slot_key(key)), until_ns);
+        }
+        Ok(until
+            .into_iter()
+            .map(|(source, until_ns)| BanRecord {
+                source,
+                remaining: (until_ns != u64::MAX).then(|| Duration::from_nanos(until_ns - now)),
+            })
+            .collect())
     }
 
     /// Puts `cidr` on `list` (moving it off the other list, if it was there).
@@ -366,6 +472,57 @@ pub(super) fn v4_key(address: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(address.octets())
 }
 
+/// An IPv6 address as the source table stores it: its octets in wire order, as two native u64.
+fn v6_slot_key(address: Ipv6Addr) -> [u64; 2] {
+    let octets = address.octets();
+    let (first, second) = octets.split_at(8);
+    [
+        u64::from_ne_bytes(first.try_into().expect("8 octets")),
+        u64::from_ne_bytes(second.try_into().expect("8 octets")),
+    ]
+}
+
+fn v6_from_slot_key(key: [u64; 2]) -> Ipv6Addr {
+    let mut octets = [0u8; 16];
+    octets[..8].copy_from_slice(&key[0].to_ne_bytes());
+    octets[8..].copy_from_slice(&key[1].to_ne_bytes());
+    Ipv6Addr::from(octets)
+}
+
+/// The generation after `current`, within `1..=u32::MAX` (the kernel keeps 32 bits per slot,
+/// and 0 marks a free slot).
+fn next_generation(current: u64) -> u64 {
+    current % u64::from(u32::MAX) + 1
+}
+
+/// Random multipliers for the source-table hash, from the kernel's random pool.
+fn random_seeds() -> Result<[u64; 2], ShieldError> {
+    let mut bytes = [0u8; 16];
+    // SAFETY: writes at most `bytes.len()` bytes into our buffer.
+    let read = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if read != bytes.len() as isize {
+        return Err(ShieldError::Random(std::io::Error::last_os_error()));
+    }
+    let mut seeds = [0u64; 2];
+    for (seed, chunk) in seeds.iter_mut().zip(bytes.chunks_exact(8)) {
+        *seed = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+    }
+    Ok(seeds)
+}
+
+fn found<V>(result: Result<V, MapError>) -> Result<Option<V>, ShieldError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether an insert failed because the map is full.
+fn is_full(error: &MapError) -> bool {
+    matches!(error, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
 fn absent_ok(result: Result<(), MapError>) -> Result<bool, ShieldError> {
     match result {
         Ok(()) => Ok(true),
@@ -395,4 +552,27 @@ fn collect<K: Pod>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_stay_within_32_bits_and_skip_zero() {
+        assert_eq!(next_generation(0), 1);
+        assert_eq!(next_generation(1), 2);
+        assert_eq!(next_generation(u64::from(u32::MAX) - 1), u64::from(u32::MAX));
+        assert_eq!(next_generation(u64::from(u32::MAX)), 1);
+    }
+
+    #[test]
+    fn ipv6_slot_keys_are_the_wire_octets_as_two_native_words() {
+        let address: Ipv6Addr = "2001:db8::1:2:3".parse().unwrap();
+        let key = v6_slot_key(address);
+        let octets = address.octets();
+        assert_eq!(key[0].to_ne_bytes(), octets[..8]);
+        assert_eq!(key[1].to_ne_bytes(), octets[8..]);
+        assert_eq!(v6_from_slot_key(key), address);
+    }
 }

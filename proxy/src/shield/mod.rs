@@ -4,6 +4,7 @@
 //!   binary by `proxy/build.rs`): load, attach/detach, pins, `BPF_PROG_TEST_RUN`.
 //! - [`maps`]: typed reads and writes of its maps (bans, CIDR lists, limits, counters), shared
 //!   by the relay and the CLI.
+//! - [`sources`]: the kernel's per-source tables, mapped into memory (kernel-decided bans).
 //! - [`events`]: ban events from the kernel's ring buffer.
 //! - [`runtime`]: what a relay runs: XDP when it can attach, else the userspace [`gate`];
 //!   plus the [`abuse`] tracker that turns repeated L7 rejections into bans.
@@ -18,6 +19,7 @@ pub mod gate;
 pub mod maps;
 pub mod pin;
 pub mod runtime;
+pub mod sources;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -60,6 +62,13 @@ pub enum ShieldError {
     PinDir { path: PathBuf, source: std::io::Error },
     #[error("opening the pinned map {path} (is a relay with XDP running?): {source}")]
     OpenPinned { path: PathBuf, source: MapError },
+    #[error("mapping the source table {name} into memory: {source}")]
+    SourceTable {
+        name: &'static str,
+        source: std::io::Error,
+    },
+    #[error("drawing random seeds: {0}")]
+    Random(std::io::Error),
     #[error("reading CLOCK_MONOTONIC: {0}")]
     Clock(std::io::Error),
 }

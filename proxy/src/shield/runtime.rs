@@ -147,7 +147,7 @@ impl RelayShield {
         }
     }
 
-    /// Whether `peer` is banned (kernel ban map with XDP, userspace list otherwise).
+    /// Whether `peer` is banned (kernel maps with XDP, userspace list otherwise).
     pub fn is_banned(&self, peer: IpAddr) -> bool {
         let xdp = self.xdp.lock().expect("shield lock");
         match xdp.as_ref() {
@@ -156,7 +156,7 @@ impl RelayShield {
         }
     }
 
-    /// Every ban in force (kernel ban map with XDP, userspace list otherwise).
+    /// Every ban in force (kernel maps with XDP, userspace list otherwise).
     pub fn bans(&self) -> Result<Vec<BanRecord>, ShieldError> {
         let xdp = self.xdp.lock().expect("shield lock");
         match xdp.as_ref() {
