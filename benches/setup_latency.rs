@@ -2,7 +2,8 @@
 //!
 //! Measures, sequentially, the time from TCP connect to the first application answer over a
 //! fresh TLS connection (handshake included) — directly to the on-prem TLS server, and through
-//! the relay and an agent with its pre-opened data connection pool. Also measures what dialing a
+//! the relay and an agent with its pre-opened data connection pool (one agent with TLS data
+//! connections, one with plain-TCP ones, `data_transport = "tcp"`). Also measures what dialing a
 //! tunnel connection on demand would cost (TCP + TLS 1.3 to the relay), which is the round trip
 //! the pool design removes from every browser connection.
 //!
@@ -35,10 +36,13 @@ fn main() {
 async fn run(samples: usize) {
     let world = World::start(RelayOptions {
         pool_size: 8,
+        // Every sample comes from loopback; a real edge sees many source addresses.
+        extra_toml: "[shield]\nallow = [\"127.0.0.0/8\"]\n".into(),
         ..Default::default()
     })
     .await;
-    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let names = ["app.acme.test", "tcp.acme.test"];
+    let (acme, token) = world.tenant("acme", &names, &names);
     let app = tls_echo("acme", acme.server_config()).await;
     let _agent = world
         .agent(
@@ -46,17 +50,34 @@ async fn run(samples: usize) {
             &token,
         )
         .await;
+    let tcp_agent_config = world.agent_config_with(
+        "bench-tcp",
+        &[world.tunnel_addr()],
+        "data_transport = \"tcp\"",
+        &passthrough_route("tcp.acme.test", app.addr),
+    );
+    let _tcp_agent = world.agent(&tcp_agent_config, &token).await;
     let config = acme.client_config();
 
     let mut direct = Vec::with_capacity(samples);
     let mut relayed = Vec::with_capacity(samples);
+    let mut relayed_tcp = Vec::with_capacity(samples);
     for _ in 0..samples {
-        // Interleaved so both see the same machine noise.
+        // Interleaved so every path sees the same machine noise.
         direct.push(time(round_trip(app.addr, "app.acme.test", config.clone(), "ping")).await);
         relayed.push(
             time(round_trip(
                 world.tls_addr(),
                 "app.acme.test",
+                config.clone(),
+                "ping",
+            ))
+            .await,
+        );
+        relayed_tcp.push(
+            time(round_trip(
+                world.tls_addr(),
+                "tcp.acme.test",
                 config.clone(),
                 "ping",
             ))
@@ -84,7 +105,8 @@ async fn run(samples: usize) {
     );
     println!("{:<44} {:>10} {:>10} {:>10}", "", "p50", "p90", "p99");
     report("direct to the on-prem TLS server", &mut direct);
-    report("through relay + agent (pre-opened pool)", &mut relayed);
+    report("through relay + agent (TLS data pool)", &mut relayed);
+    report("through relay + agent (plain-TCP data pool)", &mut relayed_tcp);
     report("one on-demand tunnel dial (TCP + TLS 1.3)", &mut dial);
     let (d, r, t) = (
         percentile(&direct, 50.0),
@@ -95,6 +117,12 @@ async fn run(samples: usize) {
     println!(
         "p50 ratio relay/direct: {:.2}x; added by relay + agent: {added} µs",
         ratio(r, d)
+    );
+    let r_tcp = percentile(&relayed_tcp, 50.0);
+    println!(
+        "p50 ratio relay/direct with plain-TCP data connections: {:.2}x; added: {} µs",
+        ratio(r_tcp, d),
+        r_tcp.saturating_sub(d).as_micros()
     );
     let dial = t.as_micros();
     println!(

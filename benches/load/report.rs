@@ -143,7 +143,7 @@ impl Report {
             }
             println!();
         }
-        println!("bulk throughput (Gbit/s)");
+        println!("bulk throughput (Gbit/s; per row the direct/relayed pair with the median ratio)");
         println!(
             "{:<10} {:<8} {:<9} {:>9} {:>9} {:>13} {:>17}",
             "path", "streams", "direction", "direct", "relayed", "relayed/direct", "middle CPU s per GB"

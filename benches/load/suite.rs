@@ -41,6 +41,10 @@ pub struct Options {
     /// Bytes per bulk transfer (per stream for the single-stream runs).
     #[arg(long, default_value_t = 512 << 20)]
     bulk_bytes: u64,
+    /// Direct/relayed transfer pairs per throughput figure; the pair with the median ratio is
+    /// reported (one pair is at the mercy of whatever else the machine does at that moment).
+    #[arg(long, default_value_t = 3)]
+    bulk_rounds: usize,
 }
 
 /// Child processes, killed when the suite ends.
@@ -217,8 +221,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     if let Some(target) = &haproxy_target {
         runs.push((target, Vec::new()));
     }
-    for _ in 0..options.setups {
-        for (target, setups) in &mut runs {
+    // The starting path rotates: what one path leaves behind (e.g. an agent replacing the data
+    // connection just used, a few ms later) lands on every other path equally often.
+    for i in 0..options.setups {
+        for k in 0..runs.len() {
+            let index = (i + k) % runs.len();
+            let (target, setups) = &mut runs[index];
             setups.push(client::setup(target).await?.0);
         }
     }
@@ -268,16 +276,25 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         let total = bytes * streams as u64;
         // Each relayed path right after its own direct run: both see the same moment's noise.
         for target in [&relayed, &relayed_tcp].into_iter().chain(&haproxy_target) {
-            let direct_time = client::bulk(&direct, streams, bytes, upload).await?;
             // CPU of whatever sits in the middle: the relay, or HAProxy in its place.
             let middle = if target.name == "haproxy" {
                 "haproxy"
             } else {
                 "relay"
             };
-            let cpu_before = cpu_seconds(processes.pid(middle))?;
-            let relay_time = client::bulk(target, streams, bytes, upload).await?;
-            let relay_cpu = cpu_seconds(processes.pid(middle))? - cpu_before;
+            let mut pairs = Vec::with_capacity(options.bulk_rounds);
+            for _ in 0..options.bulk_rounds.max(1) {
+                let direct_time = client::bulk(&direct, streams, bytes, upload).await?;
+                let cpu_before = cpu_seconds(processes.pid(middle))?;
+                let relay_time = client::bulk(target, streams, bytes, upload).await?;
+                let relay_cpu = cpu_seconds(processes.pid(middle))? - cpu_before;
+                pairs.push((direct_time, relay_time, relay_cpu));
+            }
+            // Ratio relayed/direct throughput = direct time / relayed time.
+            pairs.sort_by(|a, b| {
+                (a.0.as_secs_f64() / a.1.as_secs_f64()).total_cmp(&(b.0.as_secs_f64() / b.1.as_secs_f64()))
+            });
+            let (direct_time, relay_time, relay_cpu) = pairs[pairs.len() / 2];
             report.throughput(
                 target.name,
                 streams,
