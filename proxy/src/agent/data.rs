@@ -164,8 +164,13 @@ async fn refusal(tcp: &mut TcpStream, buf: &mut BytesMut) -> Error {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), read_line).await;
-    let line = String::from_utf8_lossy(&buf[1.min(buf.len())..]);
-    format!("relay refused the data connection: {}", line.trim_end()).into()
+    refused(buf)
+}
+
+/// The error for a refusal the relay explained in `said` (a '-' line or a `Rejected` frame).
+fn refused(said: &[u8]) -> Error {
+    let reason = String::from_utf8_lossy(said.strip_prefix(b"-").unwrap_or(said));
+    format!("relay refused the data connection: {}", reason.trim_end()).into()
 }
 
 /// Waits idle until the relay hands this connection a stream: decodes the header with `decode`
@@ -197,8 +202,7 @@ where
                 return Err("relay closed the idle data connection".into());
             }
             // The relay refused the connection and said why.
-            let reason = String::from_utf8_lossy(buf.strip_prefix(b"-").unwrap_or(buf));
-            return Err(format!("relay refused the data connection: {}", reason.trim_end()).into());
+            return Err(refused(buf));
         }
     }
 }

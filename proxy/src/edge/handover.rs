@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt as _;
 use tokio::time::Instant;
 
 use crate::pump::{Counted, Meters, PumpError, Transferred, pump, pump_tcp};
@@ -61,11 +60,10 @@ impl Handover {
         let (to_agent, to_client) = metrics.stream_started(tenant);
         to_agent.inc_by(peeked.len() as u64);
         drop(peeked);
-        let transport = match &self.tunnel {
-            DataConn::Tls(_) => "tls",
-            DataConn::Tcp { .. } => "tcp",
-        };
-        metrics.stream_transports.with_label_values(&[transport]).inc();
+        metrics
+            .stream_transports
+            .with_label_values(&[self.tunnel.transport()])
+            .inc();
         match &mut self.tunnel {
             DataConn::Tls(tunnel) => {
                 let mut client = Counted::new(client, to_agent, to_client);
@@ -107,16 +105,16 @@ pub async fn to_agent(
     let wait = state.config.edge.agent_wait;
     let deadline = Instant::now() + wait;
     let mut asked_for_more = false;
+    let carrier = match info.kind {
+        StreamKind::Tls => Carrier::Any,
+        StreamKind::Http => Carrier::TlsOnly,
+    };
     loop {
         let mut agents: Vec<RouteAgent> = route.agents().into_iter().filter(&eligible).collect();
         if agents.is_empty() {
             return Err(HandoverError::NoAgent);
         }
         agents.sort_by_key(|a| a.session.active_streams());
-        let carrier = match info.kind {
-            StreamKind::Tls => Carrier::Any,
-            StreamKind::Http => Carrier::TlsOnly,
-        };
         for agent in &agents {
             if let Some(mut tunnel) = agent.session.claim_idle(carrier).await {
                 let active = agent.session.stream_guard();
@@ -127,19 +125,12 @@ pub async fn to_agent(
                     host: info.host.to_owned(),
                 };
                 let mut first = Vec::with_capacity(128 + initial.len());
-                match &mut tunnel {
-                    DataConn::Tls(stream) => {
-                        header.encode(&mut first).map_err(invalid)?;
-                        first.extend_from_slice(initial);
-                        stream.write_all(&first).await?;
-                        stream.flush().await?;
-                    }
-                    DataConn::Tcp { stream, key } => {
-                        key.seal(&header, &mut first).map_err(invalid)?;
-                        first.extend_from_slice(initial);
-                        stream.write_all(&first).await?;
-                    }
+                match &tunnel {
+                    DataConn::Tls(_) => header.encode(&mut first).map_err(invalid)?,
+                    DataConn::Tcp { key, .. } => key.seal(&header, &mut first).map_err(invalid)?,
                 }
+                first.extend_from_slice(initial);
+                tunnel.send(&first).await?;
                 return Ok(Handover {
                     session: Arc::clone(&agent.session),
                     tunnel,

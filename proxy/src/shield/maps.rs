@@ -253,31 +253,8 @@ impl ShieldMaps {
 
     fn remove_expired_bans(&mut self) -> Result<(), ShieldError> {
         let now = monotonic_now_ns()?;
-        let expired_v4: Vec<u32> = self
-            .bans_v4
-            .iter()
-            .filter_map(|item| {
-                item.ok()
-                    .filter(|(_, entry)| entry.until_ns <= now)
-                    .map(|(key, _)| key)
-            })
-            .collect();
-        for key in expired_v4 {
-            absent_ok(self.bans_v4.remove(&key))?;
-        }
-        let expired_v6: Vec<[u8; 16]> = self
-            .bans_v6
-            .iter()
-            .filter_map(|item| {
-                item.ok()
-                    .filter(|(_, entry)| entry.until_ns <= now)
-                    .map(|(key, _)| key)
-            })
-            .collect();
-        for key in expired_v6 {
-            absent_ok(self.bans_v6.remove(&key))?;
-        }
-        Ok(())
+        remove_expired(&mut self.bans_v4, now)?;
+        remove_expired(&mut self.bans_v6, now)
     }
 
     /// Lifts a ban, wherever it lives; returns whether there was one.
@@ -521,6 +498,22 @@ fn found<V>(result: Result<V, MapError>) -> Result<Option<V>, ShieldError> {
 /// Whether an insert failed because the map is full.
 fn is_full(error: &MapError) -> bool {
     matches!(error, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
+/// Removes the bans of one family's ban map that expired by `now`.
+fn remove_expired<K: Pod>(bans: &mut HashMap<MapData, K, BanEntry>, now: u64) -> Result<(), ShieldError> {
+    let expired: Vec<K> = bans
+        .iter()
+        .filter_map(|item| {
+            item.ok()
+                .filter(|(_, entry)| entry.until_ns <= now)
+                .map(|(key, _)| key)
+        })
+        .collect();
+    for key in expired {
+        absent_ok(bans.remove(&key))?;
+    }
+    Ok(())
 }
 
 fn absent_ok(result: Result<(), MapError>) -> Result<bool, ShieldError> {

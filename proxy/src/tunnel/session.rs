@@ -37,6 +37,26 @@ pub enum DataConn {
 }
 
 impl DataConn {
+    /// "tls" or "tcp", for metrics.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            DataConn::Tls(_) => "tls",
+            DataConn::Tcp { .. } => "tcp",
+        }
+    }
+
+    /// Writes `bytes` out in full (and flushes TLS).
+    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        match self {
+            DataConn::Tls(stream) => {
+                stream.write_all(bytes).await?;
+                stream.flush().await
+            }
+            DataConn::Tcp { stream, .. } => stream.write_all(bytes).await,
+        }
+    }
+
     /// Resolves when the idle connection is no longer usable: the agent closed it, it failed,
     /// or it sent bytes an idle connection must not send.
     async fn closed(&mut self) {
@@ -144,31 +164,36 @@ impl AgentSession {
         self.credentials.lock().expect("credential lock").0.expires
     }
 
-    /// Constant-time check of a presented credential against the live ones.
-    pub fn credential_valid(&self, presented: &str) -> bool {
-        use subtle::ConstantTimeEq as _;
+    /// Hands the secrets of the live (unexpired) credentials, newest first, to `check`.
+    fn with_live_secrets<R>(&self, check: impl FnOnce(&mut dyn Iterator<Item = &str>) -> R) -> R {
         let now = Instant::now();
         let credentials = self.credentials.lock().expect("credential lock");
-        [Some(&credentials.0), credentials.1.as_ref()]
+        let mut live = [Some(&credentials.0), credentials.1.as_ref()]
             .into_iter()
             .flatten()
             .filter(|c| c.expires > now)
-            .fold(false, |ok, c| {
-                ok | bool::from(c.secret.as_bytes().ct_eq(presented.as_bytes()))
+            .map(|c| c.secret.as_str());
+        check(&mut live)
+    }
+
+    /// Constant-time check of a presented credential against the live ones.
+    pub fn credential_valid(&self, presented: &str) -> bool {
+        use subtle::ConstantTimeEq as _;
+        self.with_live_secrets(|live| {
+            live.fold(false, |ok, secret| {
+                ok | bool::from(secret.as_bytes().ct_eq(presented.as_bytes()))
             })
+        })
     }
 
     /// Checks a plain-TCP join proof against the live credentials; on success returns the key
     /// that seals this connection's stream header.
     pub fn tcp_join(&self, nonces: &Nonces, proof: &Tag) -> Option<StreamKey> {
-        let now = Instant::now();
-        let credentials = self.credentials.lock().expect("credential lock");
-        [Some(&credentials.0), credentials.1.as_ref()]
-            .into_iter()
-            .flatten()
-            .filter(|c| c.expires > now)
-            .find(|c| tcp_data::join_proof_valid(&c.secret, &self.id, nonces, proof))
-            .map(|c| StreamKey::derive(&c.secret, &self.id, nonces))
+        self.with_live_secrets(|live| {
+            live.filter(|secret| tcp_data::join_proof_valid(secret, &self.id, nonces, proof))
+                .map(|secret| StreamKey::derive(secret, &self.id, nonces))
+                .next()
+        })
     }
 
     fn pool(&self, tcp: bool) -> &Mutex<VecDeque<Parked>> {
