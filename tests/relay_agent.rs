@@ -132,6 +132,51 @@ async fn proxy_protocol_v2_carries_the_browser_address() {
     assert_eq!(next[0], 0x16, "the ClientHello follows the PROXY header");
 }
 
+#[tokio::test]
+async fn warm_target_connections_are_opened_ahead_and_carry_the_stream_when_it_comes() {
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let route = format!(
+        "[[routes]]\nhostname = \"app.acme.test\"\ntarget = \"{target}\"\nproxy_protocol = true\nwarm_connections = 1\n"
+    );
+    let _agent = world.agent(&world.agent_config("acme-1", &route), &token).await;
+
+    // Opened before any browser shows up, and silent while idle.
+    let (mut warm, _) = within(WAIT, listener.accept()).await.unwrap();
+    let mut byte = [0u8; 1];
+    let idle = tokio::time::timeout(Duration::from_millis(200), warm.read(&mut byte)).await;
+    assert!(
+        idle.is_err(),
+        "the agent sent {idle:?} on an idle warm connection"
+    );
+
+    let browser = tokio::spawn({
+        let (relay, config) = (world.tls_addr(), acme.client_config());
+        async move {
+            let tcp = TcpStream::connect(relay).await.unwrap();
+            let local = tcp.local_addr().unwrap();
+            let name = rustls::pki_types::ServerName::try_from("app.acme.test").unwrap();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+            )
+            .await;
+            local
+        }
+    });
+    // The stream arrives on the warm connection: the PROXY header first, then the ClientHello.
+    let mut header = [0u8; 29];
+    within(WAIT, warm.read_exact(&mut header)).await.unwrap();
+    let browser_addr = browser.await.unwrap();
+    assert_eq!(&header[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    assert_eq!(u16::from_be_bytes([header[24], header[25]]), browser_addr.port());
+    assert_eq!(header[28], 0x16, "the ClientHello follows the PROXY header");
+    // ...and the pool replaces the connection it handed out.
+    let (_replacement, _) = within(WAIT, listener.accept()).await.unwrap();
+}
+
 /// Sends a raw ClientHello for `sni` and returns what the relay answered before closing.
 async fn raw_hello_answer(relay: SocketAddr, hello: &[u8]) -> Vec<u8> {
     let mut tcp = TcpStream::connect(relay).await.unwrap();

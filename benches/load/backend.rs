@@ -31,7 +31,9 @@ pub async fn run(listen: SocketAddr, cert: &Path, key: &Path, first_bytes: &Path
         let (acceptor, log) = (acceptor.clone(), Arc::clone(&log));
         tokio::spawn(async move {
             // The first byte of the ClientHello: when it arrives is what "setup to backend" means.
-            if tcp.readable().await.is_err() {
+            // A peek, not `readable()`, which may wake before any byte is there (a connection
+            // opened ahead of time, e.g. the agent's warm target connections, sits idle first).
+            if !matches!(tcp.peek(&mut [0u8; 1]).await, Ok(1..)) {
                 return;
             }
             let arrived = crate::monotonic_ns();

@@ -16,8 +16,10 @@ use crate::report::{Report, Series};
 
 /// Served by an agent with TLS data connections (the default)...
 const HOST: &str = "app.load.test";
-/// ...and by one with plain-TCP data connections (`data_transport = "tcp"`).
+/// ...and by one with plain-TCP data connections (`data_transport = "tcp"`)...
 const HOST_TCP: &str = "tcp.load.test";
+/// ...which also serves this one with warm target connections (`warm_connections`).
+const HOST_WARM: &str = "warm.load.test";
 const BACKEND: &str = "127.0.0.1:19443";
 const RELAY_TLS: &str = "127.0.0.1:18443";
 const RELAY_TUNNEL: &str = "127.0.0.1:17443";
@@ -45,6 +47,27 @@ pub struct Options {
     /// reported (one pair is at the mercy of whatever else the machine does at that moment).
     #[arg(long, default_value_t = 3)]
     bulk_rounds: usize,
+    /// Which phases to run (comma-separated); all by default.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "setup,open-loop,bulk,idle"
+    )]
+    phases: Vec<Phase>,
+}
+
+/// The suite's phases, in the order they run.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Phase {
+    /// Sequential connection setups on every path.
+    Setup,
+    /// Setups at fixed open-loop rates.
+    OpenLoop,
+    /// Bulk throughput and CPU per GB.
+    Bulk,
+    /// Relay RSS with many idle proxied connections.
+    Idle,
 }
 
 /// Child processes, killed when the suite ends.
@@ -79,7 +102,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     // Written as <prefix>-ca.pem, <prefix>-cert.pem and <prefix>-key.pem, read back by path.
     CertSet::issue(&dir, "relay", &["relay.load.test"]);
-    CertSet::issue(&dir, "app", &[HOST, HOST_TCP]);
+    CertSet::issue(&dir, "app", &[HOST, HOST_TCP, HOST_WARM]);
     let sluice = &options.sluice;
     let state = dir.join("state");
     cli(
@@ -92,6 +115,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             HOST,
             "--hostname",
             HOST_TCP,
+            "--hostname",
+            HOST_WARM,
             "--state-dir",
         ],
         &state,
@@ -120,13 +145,22 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
              [shield]\nallow = [\"127.0.0.0/8\"]\n"
         ),
     )?;
-    for (name, transport, host) in [("agent-tls", "tls", HOST), ("agent-tcp", "tcp", HOST_TCP)] {
+    let route = |host: &str, warm: usize| {
+        format!(
+            "[[routes]]\nhostname = \"{host}\"\ntarget = \"{BACKEND}\"\nproxy_protocol = true\nwarm_connections = {warm}\n"
+        )
+    };
+    let agent_tcp_routes = route(HOST_TCP, 0) + &route(HOST_WARM, 4);
+    for (name, transport, routes) in [
+        ("agent-tls", "tls", route(HOST, 0)),
+        ("agent-tcp", "tcp", agent_tcp_routes),
+    ] {
         std::fs::write(
             dir.join(format!("{name}.toml")),
             format!(
                 "name = \"{name}\"\ntoken_file = \"agent.token\"\ndata_transport = \"{transport}\"\n\
                  [[relays]]\naddress = \"{RELAY_TUNNEL}\"\nserver_name = \"relay.load.test\"\nca = \"relay-ca.pem\"\n\
-                 [[routes]]\nhostname = \"{host}\"\ntarget = \"{BACKEND}\"\nproxy_protocol = true\n"
+                 {routes}"
             ),
         )?;
     }
@@ -169,7 +203,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let placement = format!(
         "relay on CPU {relay_cpu} with the load clients; agents and backend on CPU {side_cpu} ({cpus} CPUs); \
-         relay-tls: agent with TLS data connections, relay-tcp: agent with plain-TCP data connections"
+         relay-tls: agent with TLS data connections, relay-tcp: agent with plain-TCP data connections, \
+         relay-warm: the same agent with warm target connections"
     );
     println!("placement: {placement}");
 
@@ -192,7 +227,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         sni: HOST_TCP.into(),
         tls: Arc::clone(&tls),
     };
-    for target in [&relayed, &relayed_tcp] {
+    let relayed_warm = Target {
+        name: "relay-warm",
+        addr: RELAY_TLS.parse()?,
+        sni: HOST_WARM.into(),
+        tls: Arc::clone(&tls),
+    };
+    for target in [&relayed, &relayed_tcp, &relayed_warm] {
         wait_until_up(target)
             .await
             .with_context(|| format!("relay + agent for {} did not come up; see the logs", target.name))?;
@@ -217,13 +258,16 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         (&direct, Vec::new()),
         (&relayed, Vec::new()),
         (&relayed_tcp, Vec::new()),
+        (&relayed_warm, Vec::new()),
     ];
     if let Some(target) = &haproxy_target {
         runs.push((target, Vec::new()));
     }
+    let phase = |p: Phase| options.phases.contains(&p);
+    let setups = if phase(Phase::Setup) { options.setups } else { 0 };
     // The starting path rotates: what one path leaves behind (e.g. an agent replacing the data
     // connection just used, a few ms later) lands on every other path equally often.
-    for i in 0..options.setups {
+    for i in 0..setups {
         for k in 0..runs.len() {
             let index = (i + k) % runs.len();
             let (target, setups) = &mut runs[index];
@@ -231,7 +275,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         }
     }
     let first_bytes = read_first_bytes(&dir.join("first-bytes.log"))?;
-    for (target, setups) in &runs {
+    for (target, setups) in runs.iter().filter(|(_, setups)| !setups.is_empty()) {
         // Every path announces the client with PROXY v2 (HAProxy: send-proxy-v2), so the
         // backend's first-byte log matches connections by client port.
         let to_backend: Vec<Duration> = setups
@@ -252,8 +296,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
 
     // 2. Open-loop setups at fixed rates.
-    for rate in [100, 300] {
-        for target in [&direct, &relayed, &relayed_tcp]
+    let rates: &[u32] = if phase(Phase::OpenLoop) { &[100, 300] } else { &[] };
+    for &rate in rates {
+        for target in [&direct, &relayed, &relayed_tcp, &relayed_warm]
             .into_iter()
             .chain(&haproxy_target)
         {
@@ -267,7 +312,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
 
     // 3. Bulk throughput, both directions, 1 and 4 streams; relay CPU per GB.
-    for (streams, upload) in [(1, false), (1, true), (4, false), (4, true)] {
+    let bulk: &[(usize, bool)] = if phase(Phase::Bulk) {
+        &[(1, false), (1, true), (4, false), (4, true)]
+    } else {
+        &[]
+    };
+    for &(streams, upload) in bulk {
         let bytes = if streams == 1 {
             options.bulk_bytes
         } else {
@@ -308,27 +358,29 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
 
     // 4. Relay memory with many idle proxied connections.
-    // Relay and agent each hold two descriptors per proxied connection: stay within what their
-    // open-file limits allow, and say so when that is below what was asked.
-    let capacity = ["relay", "agent-tcp"]
-        .iter()
-        .map(|name| open_file_limit(processes.pid(name)).map(|l| l.saturating_sub(256) / 2))
-        .collect::<anyhow::Result<Vec<_>>>()?
-        .into_iter()
-        .min()
-        .unwrap_or(0) as usize;
-    let idle_connections = options.idle_connections.min(capacity);
-    if idle_connections < options.idle_connections {
-        println!(
-            "idle phase: {idle_connections} connections, not {}: the open-file limit allows that many per process",
-            options.idle_connections
-        );
+    if phase(Phase::Idle) {
+        // Relay and agent each hold two descriptors per proxied connection: stay within what their
+        // open-file limits allow, and say so when that is below what was asked.
+        let capacity = ["relay", "agent-tcp"]
+            .iter()
+            .map(|name| open_file_limit(processes.pid(name)).map(|l| l.saturating_sub(256) / 2))
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .into_iter()
+            .min()
+            .unwrap_or(0) as usize;
+        let idle_connections = options.idle_connections.min(capacity);
+        if idle_connections < options.idle_connections {
+            println!(
+                "idle phase: {idle_connections} connections, not {}: the open-file limit allows that many per process",
+                options.idle_connections
+            );
+        }
+        let (held, failed) = client::hold(&relayed_tcp, idle_connections, 64).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let busy_rss = rss_kib(processes.pid("relay"))?;
+        report.memory(idle_rss, held.len(), busy_rss, failed);
+        drop(held);
     }
-    let (held, failed) = client::hold(&relayed_tcp, idle_connections, 64).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let busy_rss = rss_kib(processes.pid("relay"))?;
-    report.memory(idle_rss, held.len(), busy_rss, failed);
-    drop(held);
 
     report.print();
     std::fs::write(

@@ -5,6 +5,7 @@
 //!
 //! Connections are TLS, or plain TCP when the agent chose `data_transport = "tcp"`
 //! ([`crate::tunnel::tcp_data`]: join by challenge-response, stream header sealed by the relay).
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -45,10 +46,44 @@ pub struct DataContext {
     pub connect_timeout: Duration,
     /// What the pool slots dial (one-shots may be told to use TLS).
     pub transport: DataTransport,
+    /// Pool slots, as the relay asked for.
+    pub pool_size: usize,
+    /// Connections (slots and one-shots) joined and waiting for a stream right now.
+    pub idle: AtomicUsize,
 }
 
-/// Pause before a slot dials the replacement for a connection it just handed over.
-const REPLENISH_DELAY: Duration = Duration::from_millis(5);
+/// Pause before a slot dials the replacement for a connection it just handed over, while at
+/// least half the pool is still waiting: the stream just handed over, and the next few, get
+/// through their setup before the replacement's handshake competes with them for the CPU.
+const CALM_REPLENISH: Duration = Duration::from_millis(50);
+/// The pause when the pool runs low (a burst): replace almost at once.
+const QUICK_REPLENISH: Duration = Duration::from_millis(5);
+
+/// How long to wait before replacing a connection just handed over, given how many of the
+/// pool's `size` still wait for a stream.
+pub fn replenish_delay(idle: usize, size: usize) -> Duration {
+    if idle * 2 >= size {
+        CALM_REPLENISH
+    } else {
+        QUICK_REPLENISH
+    }
+}
+
+/// Counts one connection as idle in the pool until dropped.
+struct IdleGuard<'a>(&'a AtomicUsize);
+
+impl<'a> IdleGuard<'a> {
+    fn up(idle: &'a AtomicUsize) -> Self {
+        idle.fetch_add(1, Ordering::Relaxed);
+        Self(idle)
+    }
+}
+
+impl Drop for IdleGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Keeps one idle data connection open until the session ends.
 pub async fn pool_slot(ctx: Arc<DataContext>) {
@@ -57,10 +92,9 @@ pub async fn pool_slot(ctx: Arc<DataContext>) {
         match idle_connection(&ctx, ctx.transport).await {
             Ok(Some(())) => {
                 retry = Duration::from_millis(100);
-                // Let the stream just handed over get through its setup before this slot's
-                // replacement handshake competes with it for the CPU; the rest of the pool
-                // covers the gap, and a dry pool asks for more at once.
-                tokio::time::sleep(REPLENISH_DELAY).await;
+                // The rest of the pool covers the gap, and a dry pool asks for more at once.
+                let idle = ctx.idle.load(Ordering::Relaxed);
+                tokio::time::sleep(replenish_delay(idle, ctx.pool_size)).await;
             }
             Ok(None) => return,
             Err(e) => {
@@ -95,12 +129,14 @@ async fn idle_connection(ctx: &Arc<DataContext>, transport: DataTransport) -> Re
                 credential,
             };
             write_frame(&mut tunnel, &data).await?;
+            let _idle = IdleGuard::up(&ctx.idle);
             let header =
                 wait_for_stream(ctx, &mut tunnel, &mut buf, |b| Ok(StreamHeader::decode(b)?)).await?;
             header.map(|header| (header, DataConn::Tls(Box::new(tunnel))))
         }
         DataTransport::Tcp => {
             let (mut tunnel, key) = join_tcp(ctx, &mut buf).await?;
+            let _idle = IdleGuard::up(&ctx.idle);
             let header = wait_for_stream(ctx, &mut tunnel, &mut buf, |b| Ok(key.open(b)?)).await?;
             header.map(|header| (header, DataConn::Tcp(tunnel)))
         }
@@ -215,10 +251,6 @@ async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: DataConn, ea
     let label = route.map_or_else(|| "none".to_owned(), |r| r.pattern.to_string());
     metrics.streams.with_label_values(&[&label]).inc();
     let _active = crate::admin::metrics::GaugeGuard::up(metrics.active_streams.clone());
-    let meters = crate::pump::Meters {
-        a_to_b: metrics.stream_bytes.with_label_values(&["to_target"]),
-        b_to_a: metrics.stream_bytes.with_label_values(&["to_relay"]),
-    };
     // Cut when the agent stops for good, or when the tenant takes this hostname offline.
     let cut = ctx.agent_stopped.child_token();
     let offline = async {
@@ -237,7 +269,7 @@ async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: DataConn, ea
         std::future::pending::<()>().await;
     };
     let served = tokio::select! {
-        served = target::serve(route, &header, tunnel, early, meters, ctx.connect_timeout, &cut) => served,
+        served = target::serve(route, &header, tunnel, early, metrics, ctx.connect_timeout, &cut) => served,
         () = offline => unreachable!("`offline` never completes"),
     };
     if let Err(e) = &served

@@ -1,6 +1,7 @@
 //! The agent's link to one relay: dial out, authenticate, register routes, keep the session
 //! alive (heartbeats, credential renewal at half its lifetime), and reconnect with exponential
 //! backoff and jitter whenever the session ends.
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -204,6 +205,8 @@ async fn session(
         streams: shared.streams.clone(),
         connect_timeout: shared.connect_timeout,
         transport: shared.data_transport,
+        pool_size: pool_size as usize,
+        idle: AtomicUsize::new(0),
     });
     for _ in 0..pool_size {
         tokio::spawn(data::pool_slot(Arc::clone(&ctx)));

@@ -20,6 +20,7 @@ pub struct AgentMetrics {
     pub active_streams: IntGauge,
     pub stream_bytes: IntCounterVec,
     pub target_errors: IntCounterVec,
+    pub target_connections: IntCounterVec,
 }
 
 impl Default for AgentMetrics {
@@ -66,6 +67,12 @@ impl AgentMetrics {
                 "sluice_agent_target_errors_total",
                 "Streams that failed on the on-prem side, by reason.",
                 &["reason"],
+            ),
+            target_connections: counter_vec(
+                &registry,
+                "sluice_agent_target_connections_total",
+                "Connections to targets taken by streams: warm (opened ahead, `warm_connections`) or fresh.",
+                &["kind"],
             ),
             registry,
         }

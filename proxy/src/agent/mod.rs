@@ -5,10 +5,12 @@
 //! - [`data`]: the pool of pre-opened data connections for that relay
 //! - [`metrics`]: the agent's metrics and probes
 //! - [`target`]: the on-prem end of a stream (connect, PROXY v2, optional TLS termination)
+//! - [`warm`]: connections to a route's target opened ahead of streams (opt-in per route)
 pub mod data;
 pub mod link;
 pub mod metrics;
 pub mod target;
+pub mod warm;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -91,15 +93,16 @@ pub struct Agent {
 impl Agent {
     /// Starts a link to every configured relay.
     pub fn start(config: &AgentConfig, token: String) -> Result<Self, AgentError> {
+        let stopped = CancellationToken::new();
         let shared = Arc::new(AgentShared {
             name: config.name.clone(),
             token,
-            routes: RwLock::new(routes_of(config)?),
+            routes: RwLock::new(routes_of(config, &stopped)?),
             routes_version: watch::Sender::new(0),
             reconnect: config.reconnect,
             connect_timeout: config.connect_timeout,
             data_transport: config.data_transport,
-            stopped: CancellationToken::new(),
+            stopped,
             hard_stop: CancellationToken::new(),
             streams: TaskTracker::new(),
             metrics: Arc::new(metrics::AgentMetrics::new()),
@@ -152,7 +155,7 @@ impl Agent {
     /// Replaces the routes this agent serves (e.g. on SIGHUP) and re-registers them with every
     /// relay: hostnames left out go offline at once. Relay endpoints are not reloaded.
     pub fn reload_routes(&self, config: &AgentConfig) -> Result<(), AgentError> {
-        let fresh = routes_of(config)?;
+        let fresh = routes_of(config, &self.shared.stopped)?;
         info!(routes = ?fresh.0.iter().map(|r| &r.hostname).collect::<Vec<_>>(), "routes reloaded");
         *self.shared.routes.write().expect("routes lock") = fresh;
         self.shared.routes_version.send_modify(|v| *v += 1);
@@ -195,7 +198,10 @@ impl Agent {
     }
 }
 
-fn routes_of(config: &AgentConfig) -> Result<(Vec<RouteAd>, Arc<Routes>), AgentError> {
+fn routes_of(
+    config: &AgentConfig,
+    stopped: &CancellationToken,
+) -> Result<(Vec<RouteAd>, Arc<Routes>), AgentError> {
     let ads = config
         .routes
         .iter()
@@ -204,5 +210,6 @@ fn routes_of(config: &AgentConfig) -> Result<(Vec<RouteAd>, Arc<Routes>), AgentE
             http: r.http,
         })
         .collect();
-    Ok((ads, Arc::new(Routes::new(&config.routes)?)))
+    let routes = Routes::new(&config.routes, config.connect_timeout, stopped)?;
+    Ok((ads, Arc::new(routes)))
 }

@@ -18,6 +18,9 @@ use crate::config::agent::RouteConfig;
 use tokio_util::either::Either;
 
 use super::data::DataConn;
+use super::link::TunnelStream;
+use super::metrics::AgentMetrics;
+use super::warm::WarmPool;
 use crate::pump::{self, Counted, Meters, PumpError, Transferred, pump};
 use crate::route::pattern::HostPattern;
 use crate::tunnel::stream_header::{StreamHeader, StreamKind};
@@ -47,6 +50,8 @@ pub struct Route {
     pub config: RouteConfig,
     /// Present when TLS ends at the agent.
     tls: Option<TlsAcceptor>,
+    /// Connections to `target` opened ahead of streams (`warm_connections`).
+    warm: Option<WarmPool>,
 }
 
 /// The agent's routes, most specific first.
@@ -55,7 +60,13 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn new(configs: &[RouteConfig]) -> Result<Self, TlsConfigError> {
+    /// Builds the routes; routes with `warm_connections` start filling their pools (inside the
+    /// runtime), which close when the routes are dropped or `stopped` is cancelled.
+    pub fn new(
+        configs: &[RouteConfig],
+        connect_timeout: Duration,
+        stopped: &CancellationToken,
+    ) -> Result<Self, TlsConfigError> {
         let mut routes = Vec::with_capacity(configs.len());
         for config in configs {
             let tls = match &config.tls {
@@ -70,10 +81,13 @@ impl Routes {
                 None => None,
             };
             let pattern = HostPattern::parse(&config.hostname).expect("validated at config load");
+            let warm = (config.warm_connections > 0)
+                .then(|| WarmPool::start(&config.target, config.warm_connections, connect_timeout, stopped));
             routes.push(Route {
                 pattern,
                 config: config.clone(),
                 tls,
+                warm,
             });
         }
         // Exact names win over wildcards.
@@ -91,70 +105,74 @@ impl Routes {
 }
 
 /// Serves one stream that arrived on a data connection for `route` (`None`: no route serves its
-/// hostname); `early` holds the client bytes that came with the stream header. `meters` count
-/// bytes to the target (`a_to_b`) and back to the relay (`b_to_a`) as they move.
+/// hostname); `early` holds the client bytes that came with the stream header. Bytes are
+/// counted in `metrics` as they move.
 pub async fn serve(
     route: Option<&Route>,
     header: &StreamHeader,
     tunnel: DataConn,
     early: BytesMut,
-    meters: Meters,
+    metrics: &AgentMetrics,
     connect_timeout: Duration,
     cut: &CancellationToken,
 ) -> Result<Transferred, TargetError> {
     let route = route.ok_or_else(|| TargetError::NoRoute(header.host.clone()))?;
-    let tunnel = match (tunnel, header.kind, &route.tls) {
-        (DataConn::Tcp(tcp), StreamKind::Tls, None) => {
-            return splice_through(route, header, tcp, early, meters, connect_timeout, cut).await;
-        }
-        (DataConn::Tcp(tcp), ..) => Either::Right(tcp),
-        (DataConn::Tls(tls), ..) => Either::Left(tls),
+    let meters = Meters {
+        a_to_b: metrics.stream_bytes.with_label_values(&["to_target"]),
+        b_to_a: metrics.stream_bytes.with_label_values(&["to_relay"]),
     };
-    let tunnel = Counted::new(tunnel, meters.a_to_b, meters.b_to_a);
-    let mut tunnel = Prefixed {
-        prefix: early,
-        inner: tunnel,
-    };
-    match (header.kind, &route.tls) {
-        (StreamKind::Tls, Some(acceptor)) => {
-            let mut browser = acceptor.accept(tunnel).await.map_err(TargetError::Handshake)?;
-            let mut target = connect(&route.config.target, connect_timeout).await?;
-            announce(&mut target, route, header).await?;
-            Ok(pump(&mut browser, &mut target, cut).await?)
-        }
-        (StreamKind::Tls, None) => {
-            let mut target = connect(&route.config.target, connect_timeout).await?;
-            announce(&mut target, route, header).await?;
-            Ok(pump(&mut tunnel, &mut target, cut).await?)
-        }
-        (StreamKind::Http, _) => {
+    if let (StreamKind::Tls, Some(acceptor)) = (header.kind, &route.tls) {
+        // TLS ends here: the early bytes are the start of the browser's handshake.
+        let tunnel = Prefixed {
+            prefix: early,
+            inner: Counted::new(either(tunnel), meters.a_to_b, meters.b_to_a),
+        };
+        let mut browser = acceptor.accept(tunnel).await.map_err(TargetError::Handshake)?;
+        let mut target = route.connect(metrics, connect_timeout).await?;
+        send_first(&mut target, route, header, &[]).await?;
+        return Ok(pump(&mut browser, &mut target, cut).await?);
+    }
+    // The bytes go on unchanged.
+    let mut target = match header.kind {
+        StreamKind::Tls => route.connect(metrics, connect_timeout).await?,
+        StreamKind::Http => {
             let address = route
                 .config
                 .http_target()
                 .ok_or_else(|| TargetError::NoHttpTarget(header.host.clone()))?;
-            let mut target = connect(address, connect_timeout).await?;
-            announce(&mut target, route, header).await?;
+            connect(address, connect_timeout).await?
+        }
+    };
+    send_first(&mut target, route, header, &early).await?;
+    meters.a_to_b.inc_by(early.len() as u64);
+    drop(early);
+    match tunnel {
+        // Plain TCP on both sides: splice(2), the payload never enters our memory.
+        DataConn::Tcp(mut tcp) => Ok(pump::pump_tcp(&mut tcp, &mut target, cut, Some(&meters)).await?),
+        tunnel => {
+            let mut tunnel = Counted::new(either(tunnel), meters.a_to_b, meters.b_to_a);
             Ok(pump(&mut tunnel, &mut target, cut).await?)
         }
     }
 }
 
-/// Browser TLS on a plain-TCP data connection to a target that terminates TLS itself: plain TCP
-/// on both sides, so the bytes go on with splice(2), after the ones that came with the header.
-async fn splice_through(
-    route: &Route,
-    header: &StreamHeader,
-    mut tunnel: TcpStream,
-    early: BytesMut,
-    meters: Meters,
-    connect_timeout: Duration,
-    cut: &CancellationToken,
-) -> Result<Transferred, TargetError> {
-    let mut target = connect(&route.config.target, connect_timeout).await?;
-    announce(&mut target, route, header).await?;
-    target.write_all(&early).await?;
-    meters.a_to_b.inc_by(early.len() as u64);
-    Ok(pump::pump_tcp(&mut tunnel, &mut target, cut, Some(&meters)).await?)
+fn either(tunnel: DataConn) -> Either<Box<TunnelStream>, TcpStream> {
+    match tunnel {
+        DataConn::Tls(tls) => Either::Left(tls),
+        DataConn::Tcp(tcp) => Either::Right(tcp),
+    }
+}
+
+impl Route {
+    /// A connection to the route's target: a warm one if the pool has one, else a fresh dial.
+    async fn connect(&self, metrics: &AgentMetrics, timeout: Duration) -> Result<TcpStream, TargetError> {
+        if let Some(conn) = self.warm.as_ref().and_then(WarmPool::take) {
+            metrics.target_connections.with_label_values(&["warm"]).inc();
+            return Ok(conn);
+        }
+        metrics.target_connections.with_label_values(&["fresh"]).inc();
+        connect(&self.config.target, timeout).await
+    }
 }
 
 async fn connect(target: &str, timeout: Duration) -> Result<TcpStream, TargetError> {
@@ -173,12 +191,20 @@ async fn connect(target: &str, timeout: Duration) -> Result<TcpStream, TargetErr
     }
 }
 
-/// Sends the PROXY v2 header when the route asks for it.
-async fn announce(target: &mut TcpStream, route: &Route, header: &StreamHeader) -> Result<(), TargetError> {
+/// Sends the stream's first bytes to the target: the PROXY v2 header when the route asks for it,
+/// then `early`, in one write (one segment, one wake-up of the target instead of two).
+async fn send_first(
+    target: &mut TcpStream,
+    route: &Route,
+    header: &StreamHeader,
+    early: &[u8],
+) -> Result<(), TargetError> {
     if route.config.proxy_protocol {
-        target
-            .write_all(&proxy_v2_header(header.client, header.relay_port)?)
-            .await?;
+        let mut first = proxy_v2_header(header.client, header.relay_port)?;
+        first.extend_from_slice(early);
+        target.write_all(&first).await?;
+    } else if !early.is_empty() {
+        target.write_all(early).await?;
     }
     Ok(())
 }

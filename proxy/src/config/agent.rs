@@ -77,6 +77,11 @@ pub struct RouteConfig {
     pub http: HttpMode,
     /// Where forwarded plaintext HTTP goes; defaults to `target` when TLS ends at the agent.
     pub http_target: Option<String>,
+    /// Connections to `target` kept open ahead of streams (0, the default: none), so a stream
+    /// does not wait for a TCP handshake with the application. The application sees them as
+    /// idle connections; each is replaced after 15 s idle or when the application closes it.
+    #[serde(default)]
+    pub warm_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,6 +114,9 @@ impl Default for ReconnectConfig {
         }
     }
 }
+
+/// Upper bound of a route's `warm_connections`.
+pub const MAX_WARM_CONNECTIONS: usize = 64;
 
 mod defaults {
     use std::time::Duration;
@@ -215,6 +223,13 @@ impl AgentConfig {
                 && !looks_like_host_port(target)
             {
                 return Err(invalid(path, field("http_target"), "expected host:port"));
+            }
+            if route.warm_connections > MAX_WARM_CONNECTIONS {
+                return Err(invalid(
+                    path,
+                    field("warm_connections"),
+                    format!("at most {MAX_WARM_CONNECTIONS}"),
+                ));
             }
         }
         positive(path, "connect_timeout", self.connect_timeout)?;

@@ -186,6 +186,18 @@ mod tests {
             "{head}[[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\nhttp = \"forward\"\n"
         );
         assert!(agent_error(&forward).contains("`routes[0].http_target`"));
+        let too_warm = format!(
+            "{head}[[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\nwarm_connections = 65\n"
+        );
+        let error = agent_error(&too_warm);
+        assert!(
+            error.contains("`routes[0].warm_connections`") && error.contains("at most 64"),
+            "{error}"
+        );
+        let negative = format!(
+            "{head}[[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\nwarm_connections = -1\n"
+        );
+        assert!(agent_error(&negative).contains("warm_connections"));
     }
 
     #[test]

@@ -40,6 +40,20 @@ impl EdgeKind {
 
 /// Binds a listener with SO_REUSEPORT, so a restarted relay can bind while the old one drains.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    bind_with(addr, false)
+}
+
+/// [`bind`] for a protocol whose client speaks first (TLS, HTTP, the tunnel): with
+/// TCP_DEFER_ACCEPT the kernel hands a connection over only once its first bytes are in, so
+/// accepting it and reading them is one wake-up of the relay instead of two (the first of which,
+/// on a busy CPU, delays the very client it is waiting for). A connection that sends nothing
+/// stays in the kernel for about a second, holding no task or descriptor, and is then accepted
+/// and held to the usual read deadline.
+pub fn bind_client_speaks_first(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    bind_with(addr, true)
+}
+
+fn bind_with(addr: SocketAddr, defer_accept: bool) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -47,9 +61,34 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    if defer_accept {
+        set_defer_accept(&socket, DEFER_ACCEPT_SECONDS)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     TcpListener::from_std(socket.into())
+}
+
+/// How long a connection that has sent nothing waits in the kernel before it is accepted anyway.
+const DEFER_ACCEPT_SECONDS: libc::c_int = 1;
+
+fn set_defer_accept(socket: &socket2::Socket, seconds: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a valid socket descriptor and a c_int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const seconds).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Accepts browser connections until the relay starts stopping; each is handled in a task the

@@ -139,18 +139,22 @@ impl Relay {
         let bound = |addr: SocketAddr| edge::bind(addr).map_err(|source| RelayError::Bind { addr, source });
         let admin_listener = bound(state.config.admin.listen)?;
         let admin_addr = local_addr(&admin_listener, state.config.admin.listen);
-        let tunnel_listener = bound(state.config.tunnel.listen)?;
+        // Browsers and agents speak first on every other port.
+        let client_first = |addr: SocketAddr| {
+            edge::bind_client_speaks_first(addr).map_err(|source| RelayError::Bind { addr, source })
+        };
+        let tunnel_listener = client_first(state.config.tunnel.listen)?;
         let tunnel_addr = local_addr(&tunnel_listener, state.config.tunnel.listen);
         let mut tls_addrs = Vec::new();
         let mut http_addrs = Vec::new();
         let mut edge_listeners = Vec::new();
         for &addr in &state.config.edge.tls_listen {
-            let listener = bound(addr)?;
+            let listener = client_first(addr)?;
             tls_addrs.push(local_addr(&listener, addr));
             edge_listeners.push((listener, EdgeKind::Tls));
         }
         for &addr in &state.config.edge.http_listen {
-            let listener = bound(addr)?;
+            let listener = client_first(addr)?;
             http_addrs.push(local_addr(&listener, addr));
             edge_listeners.push((listener, EdgeKind::Http));
         }

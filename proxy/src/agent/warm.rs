@@ -1,0 +1,255 @@
+//! Warm target connections: TCP connections to a route's target opened before any stream needs
+//! them (`warm_connections = N` on the route), so a stream's first bytes reach the application
+//! without waiting for a TCP handshake and for the application to accept. The relay side has the
+//! same idea in its pool of pre-opened data connections; this is the agent's last hop.
+//!
+//! The application sees up to N idle connections from the agent. Nothing is sent on one until
+//! a stream takes it (the PROXY v2 header, if the route wants one, still comes first). One that
+//! the application closes, or that says anything while idle, is never handed out: it is checked
+//! (a non-blocking peek) when taken, idle ones are swept every second, and each is replaced
+//! after [`MAX_IDLE`] so it stays well inside common idle and header-read timeouts.
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::debug;
+
+/// A warm connection is closed and replaced after idling this long.
+pub const MAX_IDLE: Duration = Duration::from_secs(15);
+/// How often idle connections are checked for a close by the application.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Upper bound of the pause between failed dials while the target is unreachable.
+const MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// Up to `size` open, idle connections to one target, kept topped up by a background task
+/// that ends when the pool is dropped (routes replaced) or the agent stops.
+pub struct WarmPool {
+    shared: Arc<Shared>,
+    _stop: DropGuard,
+}
+
+struct Shared {
+    target: String,
+    size: usize,
+    connect_timeout: Duration,
+    idle: Mutex<VecDeque<Idle>>,
+    /// Wakes the filler when a stream took a connection.
+    taken: Notify,
+}
+
+struct Idle {
+    conn: TcpStream,
+    opened: Instant,
+}
+
+impl WarmPool {
+    /// Starts filling a pool of `size` connections to `target` (must run inside a tokio
+    /// runtime); the filler stops when `stopped` is cancelled or the pool is dropped.
+    pub fn start(target: &str, size: usize, connect_timeout: Duration, stopped: &CancellationToken) -> Self {
+        let shared = Arc::new(Shared {
+            target: target.to_owned(),
+            size,
+            connect_timeout,
+            idle: Mutex::new(VecDeque::with_capacity(size)),
+            taken: Notify::new(),
+        });
+        let stop = stopped.child_token();
+        tokio::spawn(fill(Arc::clone(&shared), stop.clone()));
+        Self {
+            shared,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// An open idle connection, if the pool has one; the filler replaces it shortly after.
+    pub fn take(&self) -> Option<TcpStream> {
+        let mut idle = self.shared.idle.lock().expect("warm pool lock");
+        while let Some(Idle { conn, .. }) = idle.pop_front() {
+            if still_quiet(&conn) {
+                drop(idle);
+                self.shared.taken.notify_one();
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Idle connections right now.
+    pub fn idle(&self) -> usize {
+        self.shared.idle.lock().expect("warm pool lock").len()
+    }
+}
+
+/// True while the application has neither closed the connection nor sent anything on it: a
+/// non-blocking peek has nothing to read.
+fn still_quiet(conn: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    match socket2::SockRef::from(conn).peek(&mut byte) {
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        Ok(_) => false, // 0: closed; more: the application spoke first
+    }
+}
+
+/// Keeps the pool at its size until stopped; then closes what it holds.
+async fn fill(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut retry = Duration::from_millis(100);
+    loop {
+        sweep(&shared);
+        let missing = shared
+            .size
+            .saturating_sub(shared.idle.lock().expect("warm pool lock").len());
+        let mut failed = false;
+        for _ in 0..missing {
+            let dial = tokio::time::timeout(shared.connect_timeout, TcpStream::connect(&shared.target));
+            let conn = tokio::select! {
+                conn = dial => conn,
+                () = stop.cancelled() => break,
+            };
+            match conn {
+                Ok(Ok(conn)) => {
+                    let _ = conn.set_nodelay(true);
+                    let mut idle = shared.idle.lock().expect("warm pool lock");
+                    idle.push_back(Idle {
+                        conn,
+                        opened: Instant::now(),
+                    });
+                    retry = Duration::from_millis(100);
+                }
+                Ok(Err(e)) => {
+                    debug!(target = shared.target, error = %e, "warm connection failed");
+                    failed = true;
+                    break;
+                }
+                Err(_) => {
+                    debug!(target = shared.target, "warm connection timed out");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let wait = if failed {
+            retry = (retry * 2).min(MAX_RETRY);
+            retry
+        } else {
+            SWEEP_EVERY
+        };
+        tokio::select! {
+            // The stream's own setup (on the application's machine, often its CPU) goes first.
+            () = shared.taken.notified(), if !failed => {
+                let idle = shared.idle.lock().expect("warm pool lock").len();
+                tokio::time::sleep(super::data::replenish_delay(idle, shared.size)).await;
+            }
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    shared.idle.lock().expect("warm pool lock").clear();
+}
+
+/// Drops idle connections the application closed (or spoke on) and ones past [`MAX_IDLE`].
+fn sweep(shared: &Shared) {
+    let mut idle = shared.idle.lock().expect("warm pool lock");
+    idle.retain(|warm| warm.opened.elapsed() < MAX_IDLE && still_quiet(&warm.conn));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    async fn eventually(mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(Instant::now() < deadline, "condition not met in 10 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn fills_hands_out_open_connections_and_replaces_them() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap().to_string();
+        let stopped = CancellationToken::new();
+        let pool = WarmPool::start(&target, 2, Duration::from_secs(1), &stopped);
+        let (mut first, _) = listener.accept().await.unwrap();
+        let (_second, _) = listener.accept().await.unwrap();
+        eventually(|| pool.idle() == 2).await;
+
+        let mut taken = pool.take().expect("a warm connection");
+        taken.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        first.read_exact(&mut got).await.unwrap();
+        assert_eq!(
+            &got, b"hello",
+            "the first connection opened is the first handed out"
+        );
+
+        // The filler dials a replacement for the one taken.
+        let (_third, _) = listener.accept().await.unwrap();
+        eventually(|| pool.idle() == 2).await;
+    }
+
+    #[tokio::test]
+    async fn never_hands_out_a_connection_the_target_closed_or_spoke_on() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap().to_string();
+        let stopped = CancellationToken::new();
+        let pool = WarmPool::start(&target, 2, Duration::from_secs(1), &stopped);
+        let (closed, _) = listener.accept().await.unwrap();
+        let (mut chatty, _) = listener.accept().await.unwrap();
+        eventually(|| pool.idle() == 2).await;
+        drop(closed);
+        chatty.write_all(b"220 banner\r\n").await.unwrap();
+        // Give the kernel a moment to deliver the FIN and the banner on loopback.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(pool.take().is_none(), "both idle connections are unusable");
+    }
+
+    #[tokio::test]
+    async fn closes_its_connections_when_dropped_or_stopped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap().to_string();
+        let stopped = CancellationToken::new();
+        let pool = WarmPool::start(&target, 1, Duration::from_secs(1), &stopped);
+        let (mut from_dropped, _) = listener.accept().await.unwrap();
+        drop(pool);
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), from_dropped.read_to_end(&mut rest))
+            .await
+            .expect("closed after the pool is dropped")
+            .unwrap();
+
+        let _pool = WarmPool::start(&target, 1, Duration::from_secs(1), &stopped);
+        let (mut from_stopped, _) = listener.accept().await.unwrap();
+        stopped.cancel();
+        tokio::time::timeout(Duration::from_secs(10), from_stopped.read_to_end(&mut rest))
+            .await
+            .expect("closed when the agent stops")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn keeps_retrying_an_unreachable_target() {
+        // Bind then drop: nothing listens on this port for a while.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let stopped = CancellationToken::new();
+        let pool = WarmPool::start(&addr.to_string(), 1, Duration::from_secs(1), &stopped);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(pool.take().is_none());
+        let listener = TcpListener::bind(addr).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .expect("the filler dials again once the target is up")
+            .unwrap();
+        eventually(|| pool.idle() == 1).await;
+    }
+}
