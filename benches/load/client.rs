@@ -59,10 +59,25 @@ pub async fn setup(target: &Target) -> anyhow::Result<(Setup, TlsStream<TcpStrea
     ))
 }
 
-/// Open-loop: connection starts are scheduled at `rate` per second for `duration`, whatever
-/// the previous ones are doing; latency counts from the scheduled start, so a stall shows up in
-/// the numbers instead of silently slowing the load (no coordinated omission).
-pub async fn open_loop(target: &Target, rate: u32, duration: Duration) -> anyhow::Result<Vec<Duration>> {
+/// What one open-loop connection measured.
+pub struct OpenLoopSample {
+    /// From the connection's start to its handshake + first answer.
+    pub latency: Duration,
+    /// How late the start was against the schedule (the generator's own timer and CPU).
+    pub lag: Duration,
+}
+
+/// Open-loop: connection starts are scheduled at `rate` per second for `duration`, whatever the
+/// previous ones are doing, so slow answers cannot slow the load down (no coordinated
+/// omission). Tokio's timers tick in whole milliseconds, so a start lands up to ~1 ms after its
+/// slot, by an offset that is the same for a whole run at a whole-millisecond interval: latency
+/// counts from each connection's actual start, and the lag behind the schedule is returned
+/// alongside so a generator that falls behind shows.
+pub async fn open_loop(
+    target: &Target,
+    rate: u32,
+    duration: Duration,
+) -> anyhow::Result<Vec<OpenLoopSample>> {
     let total = (rate as f64 * duration.as_secs_f64()) as u32;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let begin = Instant::now() + Duration::from_millis(20);
@@ -72,19 +87,23 @@ pub async fn open_loop(target: &Target, rate: u32, duration: Duration) -> anyhow
         tokio::time::sleep_until(scheduled).await;
         let target = target.clone();
         tasks.spawn(async move {
+            let started = Instant::now();
             let result = tokio::time::timeout(Duration::from_secs(10), setup(&target)).await;
             match result {
-                Ok(Ok(_)) => Ok(scheduled.elapsed()),
+                Ok(Ok(_)) => Ok(OpenLoopSample {
+                    latency: started.elapsed(),
+                    lag: started - scheduled,
+                }),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(anyhow::anyhow!("setup took over 10 s")),
             }
         });
     }
-    let mut latencies = Vec::with_capacity(total as usize);
+    let mut samples = Vec::with_capacity(total as usize);
     while let Some(result) = tasks.join_next().await {
-        latencies.push(result??);
+        samples.push(result??);
     }
-    Ok(latencies)
+    Ok(samples)
 }
 
 /// Moves `bytes` per stream over `streams` concurrent connections; returns the wall time.

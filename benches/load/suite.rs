@@ -45,7 +45,7 @@ pub struct Options {
     bulk_bytes: u64,
     /// Direct/relayed transfer pairs per throughput figure; the pair with the median ratio is
     /// reported (one pair is at the mercy of whatever else the machine does at that moment).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     bulk_rounds: usize,
     /// Which phases to run (comma-separated); all by default.
     #[arg(
@@ -302,12 +302,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             .into_iter()
             .chain(&haproxy_target)
         {
-            let latencies = client::open_loop(target, rate, Duration::from_secs(4)).await?;
+            let samples = client::open_loop(target, rate, Duration::from_secs(4)).await?;
+            let latencies: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
+            let lags: Vec<Duration> = samples.iter().map(|s| s.lag).collect();
             report.open_loop(Series::new(
                 target.name,
                 &format!("{rate}/s open loop"),
                 &latencies,
             ));
+            report.open_loop(Series::new(target.name, &format!("{rate}/s start lag"), &lags));
         }
     }
 

@@ -80,6 +80,7 @@ pub struct RouteConfig {
     /// Connections to `target` kept open ahead of streams (0, the default: none), so a stream
     /// does not wait for a TCP handshake with the application. The application sees them as
     /// idle connections; each is replaced after 15 s idle or when the application closes it.
+    /// Not for an application that serves one connection at a time (an idle one would hold it).
     #[serde(default)]
     pub warm_connections: usize,
 }
