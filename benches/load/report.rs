@@ -40,14 +40,19 @@ impl Series {
     }
 }
 
-struct Throughput {
-    path: String,
-    streams: usize,
-    upload: bool,
-    bytes: u64,
-    direct: Duration,
-    relay: Duration,
-    relay_cpu_seconds: f64,
+/// One throughput figure: the direct/relayed pair with the median ratio.
+pub struct Throughput {
+    pub path: String,
+    pub streams: usize,
+    pub upload: bool,
+    /// Total over all streams.
+    pub bytes: u64,
+    pub direct: Duration,
+    pub relay: Duration,
+    /// CPU time of what sits in the relay's place (the relay, or HAProxy) during the relayed run.
+    pub middle_cpu_seconds: f64,
+    /// CPU time of the agent during the relayed run (Sluice paths only).
+    pub agent_cpu_seconds: Option<f64>,
 }
 
 pub struct Report {
@@ -81,26 +86,8 @@ impl Report {
         self.open_loop.push(series);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn throughput(
-        &mut self,
-        path: &str,
-        streams: usize,
-        upload: bool,
-        bytes: u64,
-        direct: Duration,
-        relay: Duration,
-        cpu: f64,
-    ) {
-        self.throughput.push(Throughput {
-            path: path.into(),
-            streams,
-            upload,
-            bytes,
-            direct,
-            relay,
-            relay_cpu_seconds: cpu,
-        });
+    pub fn throughput(&mut self, figure: Throughput) {
+        self.throughput.push(figure);
     }
 
     pub fn memory(&mut self, idle_kib: u64, connections: usize, busy_kib: u64, failed: usize) {
@@ -148,20 +135,31 @@ impl Report {
         }
         println!("bulk throughput (Gbit/s; per row the direct/relayed pair with the median ratio)");
         println!(
-            "{:<10} {:<8} {:<9} {:>9} {:>9} {:>13} {:>17}",
-            "path", "streams", "direction", "direct", "relayed", "relayed/direct", "middle CPU s per GB"
+            "{:<10} {:<8} {:<9} {:>9} {:>9} {:>13} {:>22} {:>20}",
+            "path",
+            "streams",
+            "direction",
+            "direct",
+            "relayed",
+            "relayed/direct",
+            "relay|haproxy CPU s/GB",
+            "agent CPU s/GB"
         );
         for t in &self.throughput {
             let (d, r) = (gbit(t.bytes, t.direct), gbit(t.bytes, t.relay));
+            let gb = t.bytes as f64 / 1e9;
             println!(
-                "{:<10} {:<8} {:<9} {:>9.2} {:>9.2} {:>13.2}x {:>17.2}",
+                "{:<10} {:<8} {:<9} {:>9.2} {:>9.2} {:>13.2}x {:>22.2} {:>20}",
                 t.path,
                 t.streams,
                 if t.upload { "upload" } else { "download" },
                 d,
                 r,
                 r / d,
-                t.relay_cpu_seconds / (t.bytes as f64 / 1e9)
+                t.middle_cpu_seconds / gb,
+                t.agent_cpu_seconds
+                    .map(|s| format!("{:.2}", s / gb))
+                    .unwrap_or_else(|| "-".into())
             );
         }
         if let Some((idle, connections, busy, failed)) = self.memory {
@@ -186,7 +184,8 @@ impl Report {
                 "bytes": t.bytes,
                 "direct_gbit_s": gbit(t.bytes, t.direct),
                 "relayed_gbit_s": gbit(t.bytes, t.relay),
-                "relay_cpu_seconds_per_gb": t.relay_cpu_seconds / (t.bytes as f64 / 1e9),
+                "middle_cpu_seconds_per_gb": t.middle_cpu_seconds / (t.bytes as f64 / 1e9),
+                "agent_cpu_seconds_per_gb": t.agent_cpu_seconds.map(|s| s / (t.bytes as f64 / 1e9)),
             })).collect::<Vec<_>>(),
             "relay_rss": self.memory.map(|(idle, connections, busy, failed)| json!({
                 "idle_kib": idle, "connections": connections, "with_connections_kib": busy, "failed_to_open": failed,

@@ -12,7 +12,7 @@ use rustls::pki_types::pem::PemObject as _;
 use sluice_tests::pki::CertSet;
 
 use crate::client::{self, Setup, Target};
-use crate::report::{Report, Series};
+use crate::report::{Report, Series, Throughput};
 
 /// Served by an agent with TLS data connections (the default)...
 const HOST: &str = "app.load.test";
@@ -329,34 +329,38 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         let total = bytes * streams as u64;
         // Each relayed path right after its own direct run: both see the same moment's noise.
         for target in [&relayed, &relayed_tcp].into_iter().chain(&haproxy_target) {
-            // CPU of whatever sits in the middle: the relay, or HAProxy in its place.
-            let middle = if target.name == "haproxy" {
-                "haproxy"
-            } else {
-                "relay"
+            // CPU of whatever sits in the relay's place (the relay, or HAProxy), and the agent's.
+            let (middle, agent) = match target.name {
+                "haproxy" => ("haproxy", None),
+                "relay-tls" => ("relay", Some("agent-tls")),
+                _ => ("relay", Some("agent-tcp")),
             };
+            let cpu = |name: Option<&str>| name.map(|n| cpu_seconds(processes.pid(n))).transpose();
             let mut pairs = Vec::with_capacity(options.bulk_rounds);
             for _ in 0..options.bulk_rounds.max(1) {
                 let direct_time = client::bulk(&direct, streams, bytes, upload).await?;
-                let cpu_before = cpu_seconds(processes.pid(middle))?;
+                let (middle_before, agent_before) = (cpu(Some(middle))?, cpu(agent)?);
                 let relay_time = client::bulk(target, streams, bytes, upload).await?;
-                let relay_cpu = cpu_seconds(processes.pid(middle))? - cpu_before;
-                pairs.push((direct_time, relay_time, relay_cpu));
+                let (middle_after, agent_after) = (cpu(Some(middle))?, cpu(agent)?);
+                pairs.push(Throughput {
+                    path: target.name.into(),
+                    streams,
+                    upload,
+                    bytes: total,
+                    direct: direct_time,
+                    relay: relay_time,
+                    middle_cpu_seconds: middle_after.unwrap_or(0.0) - middle_before.unwrap_or(0.0),
+                    agent_cpu_seconds: agent_after
+                        .zip(agent_before)
+                        .map(|(after, before)| after - before),
+                });
             }
             // Ratio relayed/direct throughput = direct time / relayed time.
             pairs.sort_by(|a, b| {
-                (a.0.as_secs_f64() / a.1.as_secs_f64()).total_cmp(&(b.0.as_secs_f64() / b.1.as_secs_f64()))
+                (a.direct.as_secs_f64() / a.relay.as_secs_f64())
+                    .total_cmp(&(b.direct.as_secs_f64() / b.relay.as_secs_f64()))
             });
-            let (direct_time, relay_time, relay_cpu) = pairs[pairs.len() / 2];
-            report.throughput(
-                target.name,
-                streams,
-                upload,
-                total,
-                direct_time,
-                relay_time,
-                relay_cpu,
-            );
+            report.throughput(pairs.swap_remove(pairs.len() / 2));
         }
     }
 

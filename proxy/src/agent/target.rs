@@ -128,22 +128,22 @@ pub async fn serve(
             inner: Counted::new(either(tunnel), meters.a_to_b, meters.b_to_a),
         };
         let mut browser = acceptor.accept(tunnel).await.map_err(TargetError::Handshake)?;
-        let mut target = route.connect(metrics, connect_timeout).await?;
-        send_first(&mut target, route, header, &[]).await?;
+        let mut target = route.open(header, &[], metrics, connect_timeout).await?;
         return Ok(pump(&mut browser, &mut target, cut).await?);
     }
     // The bytes go on unchanged.
     let mut target = match header.kind {
-        StreamKind::Tls => route.connect(metrics, connect_timeout).await?,
+        StreamKind::Tls => route.open(header, &early, metrics, connect_timeout).await?,
         StreamKind::Http => {
             let address = route
                 .config
                 .http_target()
                 .ok_or_else(|| TargetError::NoHttpTarget(header.host.clone()))?;
-            connect(address, connect_timeout).await?
+            let mut target = connect(address, connect_timeout).await?;
+            send_first(&mut target, route, header, &early).await?;
+            target
         }
     };
-    send_first(&mut target, route, header, &early).await?;
     meters.a_to_b.inc_by(early.len() as u64);
     drop(early);
     match tunnel {
@@ -164,14 +164,27 @@ fn either(tunnel: DataConn) -> Either<Box<TunnelStream>, TcpStream> {
 }
 
 impl Route {
-    /// A connection to the route's target: a warm one if the pool has one, else a fresh dial.
-    async fn connect(&self, metrics: &AgentMetrics, timeout: Duration) -> Result<TcpStream, TargetError> {
-        if let Some(conn) = self.warm.as_ref().and_then(WarmPool::take) {
+    /// A connection to the route's target that has been sent the stream's first bytes
+    /// ([`send_first`]): a warm one if the pool has one, else a fresh dial. A warm connection
+    /// the application closed at the very moment it was taken fails that first write; nothing
+    /// reached the application then, so the stream goes on over a fresh one.
+    async fn open(
+        &self,
+        header: &StreamHeader,
+        early: &[u8],
+        metrics: &AgentMetrics,
+        timeout: Duration,
+    ) -> Result<TcpStream, TargetError> {
+        if let Some(mut warm) = self.warm.as_ref().and_then(WarmPool::take)
+            && send_first(&mut warm, self, header, early).await.is_ok()
+        {
             metrics.target_connections.with_label_values(&["warm"]).inc();
-            return Ok(conn);
+            return Ok(warm);
         }
         metrics.target_connections.with_label_values(&["fresh"]).inc();
-        connect(&self.config.target, timeout).await
+        let mut fresh = connect(&self.config.target, timeout).await?;
+        send_first(&mut fresh, self, header, early).await?;
+        Ok(fresh)
     }
 }
 
