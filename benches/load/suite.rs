@@ -442,7 +442,7 @@ fn start_haproxy(dir: &Path, processes: &mut Processes, cpu: usize) -> anyhow::R
         return Ok(false);
     };
     let config = format!(
-        "global\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+        "global\n  maxconn 6000\ndefaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
          frontend sni\n  bind {HAPROXY}\n  tcp-request inspect-delay 5s\n  tcp-request content accept if {{ req.ssl_hello_type 1 }}\n\
          \x20 use_backend app if {{ req.ssl_sni -i {HOST} }}\nbackend app\n  server app {BACKEND} send-proxy-v2\n"
     );
