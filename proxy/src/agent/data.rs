@@ -55,18 +55,21 @@ pub struct DataContext {
 /// Pause before a slot dials the replacement for a connection it just handed over, while at
 /// least half the pool is still waiting: the stream just handed over, and the next few, get
 /// through their setup before the replacement's handshake competes with them for the CPU.
-const CALM_REPLENISH: Duration = Duration::from_millis(50);
+const CALM_REPLENISH: Duration = Duration::from_millis(60);
 /// The pause when the pool runs low (a burst): replace almost at once.
-const QUICK_REPLENISH: Duration = Duration::from_millis(5);
+const QUICK_REPLENISH: Duration = Duration::from_millis(6);
 
 /// How long to wait before replacing a connection just handed over, given how many of the
-/// pool's `size` still wait for a stream.
+/// pool's `size` still wait for a stream. Jittered (between half and all of the pause): a fixed
+/// pause would land every replacement on the same phase of a periodic load, e.g. exactly on
+/// the fifth next connection of a steady 100/s.
 pub fn replenish_delay(idle: usize, size: usize) -> Duration {
-    if idle * 2 >= size {
+    let pause = if idle * 2 >= size {
         CALM_REPLENISH
     } else {
         QUICK_REPLENISH
-    }
+    };
+    super::link::jitter(pause)
 }
 
 /// Counts one connection as idle in the pool until dropped.

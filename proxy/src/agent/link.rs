@@ -279,7 +279,7 @@ fn renewal_delay(ttl_secs: u64) -> Duration {
 
 /// Full jitter between half the backoff and the backoff, so agents do not reconnect in lockstep
 /// after a relay restart.
-fn jitter(backoff: Duration) -> Duration {
+pub(super) fn jitter(backoff: Duration) -> Duration {
     let half = backoff / 2;
     half + backoff.mul_f64(rand::random::<f64>() * 0.5)
 }
