@@ -133,6 +133,30 @@ async fn proxy_protocol_v2_carries_the_browser_address() {
 }
 
 #[tokio::test]
+async fn the_relay_takes_a_connection_only_once_its_first_bytes_are_in() {
+    let world = World::start(RelayOptions::default()).await;
+    let accepted = || {
+        world
+            .relay()
+            .state()
+            .metrics
+            .connections_accepted
+            .with_label_values(&["tls"])
+            .get()
+    };
+    // TCP_DEFER_ACCEPT: the handshake completes in the kernel, but a silent connection is not
+    // handed to the relay (no task, no descriptor) for its first second.
+    let mut silent = TcpStream::connect(world.tls_addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(accepted(), 0, "a connection that sent nothing was accepted");
+    // Its first bytes bring it in, and it is treated like any other (here: not TLS, closed).
+    silent.write_all(b"hello?\r\n").await.unwrap();
+    eventually(WAIT, || accepted() == 1).await;
+    let mut rest = Vec::new();
+    within(WAIT, silent.read_to_end(&mut rest)).await.unwrap();
+}
+
+#[tokio::test]
 async fn warm_target_connections_are_opened_ahead_and_carry_the_stream_when_it_comes() {
     let world = World::start(RelayOptions::default()).await;
     let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
