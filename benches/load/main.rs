@@ -10,6 +10,7 @@
 //! Every loop is bounded in count and time; traffic goes to loopback only.
 mod backend;
 mod client;
+mod probe;
 mod report;
 mod suite;
 
@@ -40,6 +41,10 @@ enum Mode {
     },
     /// Run the whole comparison and write the report.
     Suite(suite::Options),
+    /// Sequential setups against already running servers, interleaved across targets, with
+    /// their p50s: for profiling one path by hand (`perf sched`, `perf trace`) while the rest
+    /// of the machine stays quiet. Each target is `name=address,sni`.
+    Probe(probe::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +63,7 @@ fn main() -> anyhow::Result<()> {
             first_bytes,
         } => runtime.block_on(backend::run(listen, &cert, &key, &first_bytes)),
         Mode::Suite(options) => runtime.block_on(suite::run(options)),
+        Mode::Probe(options) => runtime.block_on(probe::run(options)),
     }
 }
 

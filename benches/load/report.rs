@@ -31,6 +31,15 @@ impl Series {
         self.histogram.value_at_quantile(q)
     }
 
+    /// `n`, then every quantile, on one line.
+    pub fn summary(&self) -> String {
+        let mut line = format!("n {}", self.histogram.len());
+        for (q, name) in QUANTILES {
+            let _ = write!(line, "  {name} {} µs", self.quantile(q));
+        }
+        line
+    }
+
     fn json(&self) -> Value {
         let mut value = json!({ "path": self.path, "what": self.what, "samples": self.histogram.len() });
         for (q, name) in QUANTILES {
@@ -61,6 +70,8 @@ pub struct Report {
     open_loop: Vec<Series>,
     throughput: Vec<Throughput>,
     memory: Option<(u64, usize, u64, usize)>,
+    /// Facts about the run that qualify its figures (printed under the placement).
+    notes: Vec<String>,
 }
 
 fn gbit(bytes: u64, time: Duration) -> f64 {
@@ -75,7 +86,12 @@ impl Report {
             open_loop: Vec::new(),
             throughput: Vec::new(),
             memory: None,
+            notes: Vec::new(),
         }
+    }
+
+    pub fn note(&mut self, note: String) {
+        self.notes.push(note);
     }
 
     pub fn setup(&mut self, series: Series) {
@@ -104,7 +120,11 @@ impl Report {
     }
 
     pub fn print(&self) {
-        println!("\n{}\n", self.placement);
+        println!("\n{}", self.placement);
+        for note in &self.notes {
+            println!("{note}");
+        }
+        println!();
         for (title, table) in [
             ("connection setup, sequential", &self.setups),
             ("connection setup, open loop", &self.open_loop),
@@ -175,6 +195,7 @@ impl Report {
     pub fn json(&self) -> Value {
         json!({
             "placement": self.placement,
+            "notes": self.notes,
             "setup_sequential": self.setups.iter().map(Series::json).collect::<Vec<_>>(),
             "setup_open_loop": self.open_loop.iter().map(Series::json).collect::<Vec<_>>(),
             "throughput": self.throughput.iter().map(|t| json!({

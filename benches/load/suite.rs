@@ -25,6 +25,8 @@ const RELAY_TLS: &str = "127.0.0.1:18443";
 const RELAY_TUNNEL: &str = "127.0.0.1:17443";
 const RELAY_ADMIN: &str = "127.0.0.1:19090";
 const HAPROXY: &str = "127.0.0.1:18444";
+/// The plain-TCP agent's metrics (how many streams found a warm target connection).
+const AGENT_TCP_ADMIN: &str = "127.0.0.1:19091";
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -150,7 +152,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             "[[routes]]\nhostname = \"{host}\"\ntarget = \"{BACKEND}\"\nproxy_protocol = true\nwarm_connections = {warm}\n"
         )
     };
-    let agent_tcp_routes = route(HOST_TCP, 0) + &route(HOST_WARM, 4);
+    // As many warm target connections as the relay keeps data connections: sequential setups
+    // take one every few milliseconds, and each is replaced 30-60 ms later.
+    let agent_tcp_routes =
+        route(HOST_TCP, 0) + &route(HOST_WARM, 32) + &format!("[admin]\nlisten = \"{AGENT_TCP_ADMIN}\"\n");
     for (name, transport, routes) in [
         ("agent-tls", "tls", route(HOST, 0)),
         ("agent-tcp", "tcp", agent_tcp_routes),
@@ -265,6 +270,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let phase = |p: Phase| options.phases.contains(&p);
     let setups = if phase(Phase::Setup) { options.setups } else { 0 };
+    let warm_before = warm_taken().await?;
     // The starting path rotates: what one path leaves behind (e.g. an agent replacing the data
     // connection just used, a few ms later) lands on every other path equally often.
     for i in 0..setups {
@@ -273,6 +279,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             let (target, setups) = &mut runs[index];
             setups.push(client::setup(target).await?.0);
         }
+    }
+    if setups > 0 {
+        report.note(warm_note("sequential", warm_taken().await? - warm_before, setups));
     }
     let first_bytes = read_first_bytes(&dir.join("first-bytes.log"))?;
     for (target, setups) in runs.iter().filter(|(_, setups)| !setups.is_empty()) {
@@ -297,12 +306,17 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
     // 2. Open-loop setups at fixed rates.
     let rates: &[u32] = if phase(Phase::OpenLoop) { &[100, 300] } else { &[] };
+    let warm_before = warm_taken().await?;
+    let mut warm_setups = 0;
     for &rate in rates {
         for target in [&direct, &relayed, &relayed_tcp, &relayed_warm]
             .into_iter()
             .chain(&haproxy_target)
         {
             let samples = client::open_loop(target, rate, Duration::from_secs(4)).await?;
+            if target.name == relayed_warm.name {
+                warm_setups += samples.len();
+            }
             let latencies: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
             let lags: Vec<Duration> = samples.iter().map(|s| s.lag).collect();
             report.open_loop(Series::new(
@@ -312,6 +326,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             ));
             report.open_loop(Series::new(target.name, &format!("{rate}/s start lag"), &lags));
         }
+    }
+
+    if warm_setups > 0 {
+        report.note(warm_note(
+            "open-loop",
+            warm_taken().await? - warm_before,
+            warm_setups,
+        ));
     }
 
     // 3. Bulk throughput, both directions, 1 and 4 streams; relay CPU per GB.
@@ -401,6 +423,32 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         dir.join("latency.svg").display()
     );
     Ok(())
+}
+
+/// Streams of the plain-TCP agent that found a warm target connection so far (only the
+/// relay-warm route has any), from the agent's `sluice_agent_target_connections_total`.
+async fn warm_taken() -> anyhow::Result<u64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut admin = tokio::net::TcpStream::connect(AGENT_TCP_ADMIN)
+        .await
+        .context("agent admin")?;
+    admin
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut page = String::new();
+    admin.read_to_string(&mut page).await?;
+    Ok(page
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_agent_target_connections_total{kind=\"warm\"} "))
+        .map(|v| v.trim().parse::<f64>())
+        .transpose()?
+        .unwrap_or(0.0) as u64)
+}
+
+/// Says how many relay-warm setups of a phase were served by a warm target connection (the
+/// rest by a fresh dial): the relay-warm figures are only as warm as this.
+fn warm_note(phase: &str, warm: u64, setups: usize) -> String {
+    format!("relay-warm, {phase}: {warm} of {setups} setups found a warm target connection")
 }
 
 /// Time from the client's connect to the first byte at the backend, matched by client port.
@@ -525,7 +573,7 @@ fn cli(sluice: &Path, args: &[&str], state: &Path) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-fn client_config(ca: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+pub fn client_config(ca: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca)? {
         roots.add(cert?)?;

@@ -97,7 +97,7 @@ fn still_quiet(conn: &TcpStream) -> bool {
 /// Keeps the pool at its size until stopped; then closes what it holds.
 async fn fill(shared: Arc<Shared>, stop: CancellationToken) {
     let mut retry = Duration::from_millis(100);
-    loop {
+    'fill: loop {
         sweep(&shared);
         let missing = shared
             .size
@@ -137,17 +137,43 @@ async fn fill(shared: Arc<Shared>, stop: CancellationToken) {
         } else {
             SWEEP_EVERY
         };
-        tokio::select! {
-            // The stream's own setup (on the application's machine, often its CPU) goes first.
-            () = shared.taken.notified(), if !failed => {
-                let idle = shared.idle.lock().expect("warm pool lock").len();
-                tokio::time::sleep(super::data::replenish_delay(idle, shared.size)).await;
+        // Until the next sweep, or until the refill that streams taking connections call for.
+        let sweep_at = Instant::now() + wait;
+        let mut refill = Refill::default();
+        loop {
+            tokio::select! {
+                // The stream's own setup (on the application's machine, often its CPU) goes
+                // first; a pool running low is topped up sooner.
+                () = shared.taken.notified(), if !failed => {
+                    let idle = shared.idle.lock().expect("warm pool lock").len();
+                    refill.taken(Instant::now(), super::data::replenish_delay(idle, shared.size));
+                }
+                () = tokio::time::sleep_until(refill.due_before(sweep_at)) => break,
+                () = stop.cancelled() => break 'fill,
             }
-            () = tokio::time::sleep(wait) => {}
-            () = stop.cancelled() => break,
         }
     }
     shared.idle.lock().expect("warm pool lock").clear();
+}
+
+/// When the filler tops the pool up next: the earliest of the pauses asked for by the takes since
+/// the last refill. A take that leaves the pool low asks for a short pause, which overrides a
+/// longer one asked for by an earlier take while the pool was still well stocked.
+#[derive(Debug, Default)]
+struct Refill {
+    due: Option<Instant>,
+}
+
+impl Refill {
+    fn taken(&mut self, now: Instant, pause: Duration) {
+        let at = now + pause;
+        self.due = Some(self.due.map_or(at, |due| due.min(at)));
+    }
+
+    /// The refill time, or `fallback` if no take asked for one (or asked for a later one).
+    fn due_before(&self, fallback: Instant) -> Instant {
+        self.due.map_or(fallback, |due| due.min(fallback))
+    }
 }
 
 /// Drops idle connections the application closed (or spoke on) and ones past [`MAX_IDLE`].
@@ -168,6 +194,36 @@ mod tests {
             assert!(Instant::now() < deadline, "condition not met in 10 s");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[test]
+    fn a_pool_running_low_is_refilled_sooner_than_a_calm_take_asked() {
+        let now = Instant::now();
+        let sweep = now + SWEEP_EVERY;
+        let mut refill = Refill::default();
+        assert_eq!(
+            refill.due_before(sweep),
+            sweep,
+            "nothing taken: wait for the sweep"
+        );
+        refill.taken(now, Duration::from_millis(45));
+        assert_eq!(refill.due_before(sweep), now + Duration::from_millis(45));
+        refill.taken(now + Duration::from_millis(2), Duration::from_millis(4));
+        assert_eq!(
+            refill.due_before(sweep),
+            now + Duration::from_millis(6),
+            "the low pool's short pause wins"
+        );
+        refill.taken(now + Duration::from_millis(3), Duration::from_millis(50));
+        assert_eq!(
+            refill.due_before(sweep),
+            now + Duration::from_millis(6),
+            "a later calm take cannot postpone it"
+        );
+        assert_eq!(
+            refill.due_before(now + Duration::from_millis(1)),
+            now + Duration::from_millis(1)
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,59 @@
+//! `sluice-load probe`: sequential setups against servers someone else started, interleaved
+//! across targets and pinned like the suite's clients, with p50/p90 per target. The suite's
+//! processes live only as long as the suite; this is for looking at one path under a profiler.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::client::{self, Target};
+use crate::report::Series;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// The CA that signed the backend's certificate (the suite's `app-ca.pem`).
+    #[arg(long)]
+    ca: PathBuf,
+    /// Setups per target.
+    #[arg(long, default_value_t = 500)]
+    setups: usize,
+    /// Pause between two setups.
+    #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
+    pause: Duration,
+    /// `name=address,sni`, e.g. `warm=127.0.0.1:18443,warm.load.test`.
+    #[arg(required = true)]
+    targets: Vec<String>,
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let tls = crate::suite::client_config(&options.ca)?;
+    let targets = options
+        .targets
+        .iter()
+        .map(|spec| {
+            let (name, rest) = spec.split_once('=').context("target: name=address,sni")?;
+            let (addr, sni) = rest.split_once(',').context("target: name=address,sni")?;
+            Ok(Target {
+                name: Box::leak(name.to_owned().into_boxed_str()),
+                addr: addr.parse().with_context(|| format!("address {addr}"))?,
+                sni: sni.to_owned(),
+                tls: Arc::clone(&tls),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut samples = vec![Vec::with_capacity(options.setups); targets.len()];
+    for i in 0..options.setups {
+        for k in 0..targets.len() {
+            let index = (i + k) % targets.len();
+            let (setup, _stream) = client::setup(&targets[index]).await?;
+            samples[index].push(setup.handshake);
+            tokio::time::sleep(options.pause).await;
+        }
+    }
+    for (target, samples) in targets.iter().zip(&samples) {
+        let series = Series::new(target.name, "handshake complete", samples);
+        println!("{:<12} {}", target.name, series.summary());
+    }
+    Ok(())
+}
