@@ -21,6 +21,15 @@ pub struct Options {
     /// Pause between two setups.
     #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
     pause: Duration,
+    /// Instead of setups: move this many bytes over one stream per target, and report Gbit/s.
+    #[arg(long)]
+    bulk_bytes: Option<u64>,
+    /// With `--bulk-bytes`: client -> backend instead of backend -> client.
+    #[arg(long)]
+    upload: bool,
+    /// Keep every connection open until the end (no teardown running next to a setup).
+    #[arg(long)]
+    keep: bool,
     /// `name=address,sni`, e.g. `warm=127.0.0.1:18443,warm.load.test`.
     #[arg(required = true)]
     targets: Vec<String>,
@@ -42,12 +51,24 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(bytes) = options.bulk_bytes {
+        for target in &targets {
+            let took = client::bulk(target, 1, bytes, options.upload).await?;
+            let gbit = bytes as f64 * 8.0 / took.as_secs_f64() / 1e9;
+            println!("{:<12} {gbit:.2} Gbit/s", target.name);
+        }
+        return Ok(());
+    }
     let mut samples = vec![Vec::with_capacity(options.setups); targets.len()];
+    let mut kept = Vec::new();
     for i in 0..options.setups {
         for k in 0..targets.len() {
             let index = (i + k) % targets.len();
-            let (setup, _stream) = client::setup(&targets[index]).await?;
+            let (setup, stream) = client::setup(&targets[index]).await?;
             samples[index].push(setup.handshake);
+            if options.keep {
+                kept.push(stream);
+            }
             tokio::time::sleep(options.pause).await;
         }
     }
