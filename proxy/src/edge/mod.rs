@@ -137,6 +137,9 @@ pub async fn accept_loop(listener: TcpListener, kind: EdgeKind, state: Arc<Relay
                 EdgeKind::Http => http::serve(state_for_task, client, peer, local_port, accepted_at).await,
             }
         });
+        // The connection's first bytes are already in (TCP_DEFER_ACCEPT): let its task read and
+        // route them before this loop asks the kernel for the next connection.
+        tokio::task::yield_now().await;
     }
 }
 
