@@ -69,7 +69,7 @@ impl WarmPool {
     pub fn take(&self) -> Option<TcpStream> {
         let mut idle = self.shared.idle.lock().expect("warm pool lock");
         while let Some(Idle { conn, .. }) = idle.pop_front() {
-            if still_quiet(&conn) {
+            if crate::tunnel::is_quiet(&conn) {
                 drop(idle);
                 self.shared.taken.notify_one();
                 return Some(conn);
@@ -81,16 +81,6 @@ impl WarmPool {
     /// Idle connections right now.
     pub fn idle(&self) -> usize {
         self.shared.idle.lock().expect("warm pool lock").len()
-    }
-}
-
-/// True while the application has neither closed the connection nor sent anything on it: a
-/// non-blocking peek has nothing to read.
-fn still_quiet(conn: &TcpStream) -> bool {
-    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-    match socket2::SockRef::from(conn).peek(&mut byte) {
-        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-        Ok(_) => false, // 0: closed; more: the application spoke first
     }
 }
 
@@ -179,7 +169,7 @@ impl Refill {
 /// Drops idle connections the application closed (or spoke on) and ones past [`MAX_IDLE`].
 fn sweep(shared: &Shared) {
     let mut idle = shared.idle.lock().expect("warm pool lock");
-    idle.retain(|warm| warm.opened.elapsed() < MAX_IDLE && still_quiet(&warm.conn));
+    idle.retain(|warm| warm.opened.elapsed() < MAX_IDLE && crate::tunnel::is_quiet(&warm.conn));
 }
 
 #[cfg(test)]

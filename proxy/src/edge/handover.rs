@@ -116,7 +116,7 @@ pub async fn to_agent(
         }
         agents.sort_by_key(|a| a.session.active_streams());
         for agent in &agents {
-            if let Some(mut tunnel) = agent.session.claim_idle(carrier).await {
+            if let Some(mut tunnel) = agent.session.claim_idle(carrier) {
                 let active = agent.session.stream_guard();
                 let header = StreamHeader {
                     kind: info.kind,

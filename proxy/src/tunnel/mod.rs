@@ -23,3 +23,14 @@ pub mod tls;
 pub const ALPN: &[u8] = b"sluice-tunnel/1";
 /// Version carried in `Hello`; bumped on incompatible message changes.
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// True while nobody has used a pooled idle connection (a data connection parked at the relay,
+/// a warm target connection at the agent): the peer has neither closed it nor sent anything, so
+/// a non-blocking peek finds nothing to read.
+pub fn is_quiet(conn: &tokio::net::TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    match socket2::SockRef::from(conn).peek(&mut byte) {
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        Ok(_) => false, // 0: closed; more: the peer spoke first
+    }
+}

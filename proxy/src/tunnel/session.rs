@@ -2,19 +2,21 @@
 //! connections (TLS, and plain TCP for agents that chose it), its load, and the tokens that end
 //! it.
 //!
-//! Each idle data connection is parked in its own small task that watches the socket: if the
-//! agent closes it (or sends anything before being asked to), the task drops it, so a claimed
-//! connection is known to be alive up to that moment. Claiming hands the stream out of the task
-//! through a oneshot, without copying or losing a byte.
+//! Idle data connections wait in the session's pools, owned by no task: claiming one is a pop and
+//! a non-blocking peek ([`super::is_quiet`]), which skips any the agent has closed (or sent
+//! anything on before being asked to), so a claimed connection is known to be alive at that
+//! moment. A sweeper drops dead ones every second, and all of them when the session ends.
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt as _;
+use std::sync::Weak;
+use std::sync::atomic::AtomicBool;
+
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
@@ -57,16 +59,17 @@ impl DataConn {
         }
     }
 
-    /// Resolves when the idle connection is no longer usable: the agent closed it, it failed,
-    /// or it sent bytes an idle connection must not send.
-    async fn closed(&mut self) {
-        let mut probe = [0u8; 1];
-        let _ = match self {
-            DataConn::Tls(stream) => stream.read(&mut probe).await,
-            DataConn::Tcp { stream, .. } => stream.read(&mut probe).await,
-        };
+    /// Still usable as an idle connection: the agent has neither closed it nor sent anything.
+    fn is_quiet(&self) -> bool {
+        match self {
+            DataConn::Tls(stream) => super::is_quiet(stream.get_ref().0),
+            DataConn::Tcp { stream, .. } => super::is_quiet(stream),
+        }
     }
 }
+
+/// How often a session's pools are swept of connections the agent closed.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Which idle connections may carry a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,9 +79,6 @@ pub enum Carrier {
     /// Plaintext HTTP: TLS connections only.
     TlsOnly,
 }
-
-type Claim = oneshot::Sender<DataConn>;
-type Parked = oneshot::Sender<Claim>;
 
 /// A session credential: random, short-lived, renewed over the control connection.
 #[derive(Clone)]
@@ -97,9 +97,11 @@ pub struct AgentSession {
     routes: Mutex<Vec<HostPattern>>,
     end_reason: Mutex<Option<String>>,
     credentials: Mutex<(Credential, Option<Credential>)>,
-    idle_tls: Mutex<VecDeque<Parked>>,
-    idle_tcp: Mutex<VecDeque<Parked>>,
+    idle_tls: Mutex<VecDeque<DataConn>>,
+    idle_tcp: Mutex<VecDeque<DataConn>>,
     idle_ready: Notify,
+    /// The pools' sweeper has been started (with the first parked connection).
+    sweeping: AtomicBool,
     active: AtomicUsize,
     control: mpsc::Sender<RelayMessage>,
     /// Cancelled when the session ends: the control loop exits, idle connections close.
@@ -134,6 +136,7 @@ impl AgentSession {
             idle_tls: Mutex::new(VecDeque::new()),
             idle_tcp: Mutex::new(VecDeque::new()),
             idle_ready: Notify::new(),
+            sweeping: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             control,
             ended: cut.child_token(),
@@ -196,62 +199,45 @@ impl AgentSession {
         })
     }
 
-    fn pool(&self, tcp: bool) -> &Mutex<VecDeque<Parked>> {
+    fn pool(&self, tcp: bool) -> &Mutex<VecDeque<DataConn>> {
         if tcp { &self.idle_tcp } else { &self.idle_tls }
     }
 
-    /// Parks an idle data connection until a client stream claims it or the agent drops it.
-    pub fn park(self: &Arc<Self>, mut conn: DataConn) {
-        let (claim_tx, mut claim_rx) = oneshot::channel::<Claim>();
+    /// Parks an idle data connection until a client stream claims it, the agent drops it or
+    /// the session ends.
+    pub fn park(self: &Arc<Self>, conn: DataConn) {
+        if self.ended.is_cancelled() {
+            return; // dropped: closed
+        }
         let tcp = matches!(conn, DataConn::Tcp { .. });
-        self.pool(tcp).lock().expect("idle lock").push_back(claim_tx);
+        self.pool(tcp).lock().expect("idle lock").push_back(conn);
         self.idle_ready.notify_one();
-        let ended = self.ended.clone();
-        tokio::spawn(async move {
-            let claimed = tokio::select! {
-                claim = &mut claim_rx => claim.ok(),
-                () = conn.closed() => None,
-                () = ended.cancelled() => None,
-            };
-            if let Some(reply) = claimed {
-                let _ = reply.send(conn);
-            }
-        });
+        if !self.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(self), self.ended.clone()));
+        }
     }
 
-    /// Takes a live idle data connection that may carry the stream, if one is parked.
-    pub async fn claim_idle(&self, carrier: Carrier) -> Option<DataConn> {
+    /// Takes a live idle data connection that may carry the stream, if one is parked: plain TCP
+    /// first when the stream allows it (it costs the relay no crypto). Dead ones found on the
+    /// way are dropped.
+    pub fn claim_idle(&self, carrier: Carrier) -> Option<DataConn> {
         let pools: &[bool] = match carrier {
             Carrier::Any => &[true, false],
             Carrier::TlsOnly => &[false],
         };
-        for &tcp in pools {
-            loop {
-                let Some(parked) = ({
-                    let mut idle = self.pool(tcp).lock().expect("idle lock");
-                    idle.retain(|p| !p.is_closed());
-                    idle.pop_front()
-                }) else {
-                    break;
-                };
-                let (reply_tx, reply_rx) = oneshot::channel();
-                if parked.send(reply_tx).is_ok()
-                    && let Ok(conn) = reply_rx.await
-                {
-                    return Some(conn);
-                }
-            }
-        }
-        None
+        pools.iter().find_map(|&tcp| {
+            let mut idle = self.pool(tcp).lock().expect("idle lock");
+            std::iter::from_fn(|| idle.pop_front()).find(DataConn::is_quiet)
+        })
     }
 
-    /// Idle data connections currently parked (approximate: a dying one may still count).
+    /// Idle data connections parked now (dead ones are dropped first).
     pub fn idle_count(&self) -> usize {
         [false, true]
             .into_iter()
             .map(|tcp| {
                 let mut idle = self.pool(tcp).lock().expect("idle lock");
-                idle.retain(|p| !p.is_closed());
+                idle.retain(DataConn::is_quiet);
                 idle.len()
             })
             .sum()
@@ -319,6 +305,27 @@ impl AgentSession {
     }
 }
 
+/// Drops the idle connections the agent has closed, every [`SWEEP_EVERY`], and all of them once
+/// the session ends (so their descriptors are freed without waiting for a claim).
+async fn sweep(session: Weak<AgentSession>, ended: CancellationToken) {
+    loop {
+        let ended_now = tokio::select! {
+            () = ended.cancelled() => true,
+            () = tokio::time::sleep(SWEEP_EVERY) => false,
+        };
+        let Some(session) = session.upgrade() else {
+            return;
+        };
+        if ended_now {
+            for tcp in [false, true] {
+                session.pool(tcp).lock().expect("idle lock").clear();
+            }
+            return;
+        }
+        session.idle_count();
+    }
+}
+
 /// An active client stream on a session; decrements the load count when dropped.
 pub struct ActiveStream {
     session: Arc<AgentSession>,
@@ -336,4 +343,117 @@ pub fn new_secret() -> String {
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .expect("the OS random source failed");
     data_encoding::BASE64URL_NOPAD.encode(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    fn session() -> Arc<AgentSession> {
+        let (control, _) = mpsc::channel(1);
+        Arc::new(AgentSession::new(
+            "acme/office/1".into(),
+            "acme".into(),
+            "token".into(),
+            Duration::from_secs(60),
+            control,
+            &CancellationToken::new(),
+        ))
+    }
+
+    /// A parked plain-TCP data connection (relay end) and the agent's end of it.
+    async fn data_conn() -> (DataConn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (agent, relay) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let nonces = Nonces {
+            agent: tcp_data::new_nonce(),
+            relay: tcp_data::new_nonce(),
+        };
+        let key = StreamKey::derive("credential", "acme/office/1", &nonces);
+        (
+            DataConn::Tcp {
+                stream: relay.unwrap().0,
+                key,
+            },
+            agent.unwrap(),
+        )
+    }
+
+    /// Until the kernel has delivered what the agent's end just did (loopback, a moment).
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    #[tokio::test]
+    async fn claims_skip_connections_the_agent_closed_or_spoke_on() {
+        let session = session();
+        let (closed, closed_agent) = data_conn().await;
+        let (chatty, mut chatty_agent) = data_conn().await;
+        let (live, mut live_agent) = data_conn().await;
+        for conn in [closed, chatty, live] {
+            session.park(conn);
+        }
+        drop(closed_agent);
+        chatty_agent.write_all(b"early").await.unwrap();
+        settle().await;
+
+        let Some(DataConn::Tcp { mut stream, .. }) = session.claim_idle(Carrier::Any) else {
+            panic!("the live connection is claimed");
+        };
+        stream.write_all(b"header").await.unwrap();
+        let mut got = [0u8; 6];
+        live_agent.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"header", "the claimed connection is the live one");
+        assert!(
+            session.claim_idle(Carrier::Any).is_none(),
+            "the dead ones were dropped"
+        );
+        assert_eq!(session.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn plaintext_http_never_claims_a_plain_tcp_connection() {
+        let session = session();
+        let (conn, _agent) = data_conn().await;
+        session.park(conn);
+        assert!(session.claim_idle(Carrier::TlsOnly).is_none());
+        assert_eq!(session.idle_count(), 1, "still parked for a TLS stream");
+    }
+
+    #[tokio::test]
+    async fn idle_count_forgets_connections_the_agent_closed() {
+        let session = session();
+        let (first, first_agent) = data_conn().await;
+        let (second, _second_agent) = data_conn().await;
+        session.park(first);
+        session.park(second);
+        assert_eq!(session.idle_count(), 2);
+        drop(first_agent);
+        settle().await;
+        assert_eq!(session.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn ending_the_session_closes_its_idle_connections() {
+        let session = session();
+        let (conn, mut agent) = data_conn().await;
+        session.park(conn);
+        session.end("test", false);
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), agent.read_to_end(&mut rest))
+            .await
+            .expect("closed when the session ends, without waiting for a claim")
+            .unwrap();
+        let (late, mut late_agent) = data_conn().await;
+        session.park(late);
+        tokio::time::timeout(Duration::from_secs(5), late_agent.read_to_end(&mut rest))
+            .await
+            .expect("a connection parked after the end is closed at once")
+            .unwrap();
+    }
 }
