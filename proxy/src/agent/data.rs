@@ -5,6 +5,8 @@
 //!
 //! Connections are TLS, or plain TCP when the agent chose `data_transport = "tcp"`
 //! ([`crate::tunnel::tcp_data`]: join by challenge-response, stream header sealed by the relay).
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -88,40 +90,62 @@ impl Drop for IdleGuard<'_> {
     }
 }
 
-/// Keeps one idle data connection open until the session ends.
-pub async fn pool_slot(ctx: Arc<DataContext>) {
-    let mut retry = Duration::from_millis(100);
-    while !ctx.session_ended.is_cancelled() {
-        match idle_connection(&ctx, ctx.transport).await {
-            Ok(Some(())) => {
-                retry = Duration::from_millis(100);
-                // The rest of the pool covers the gap, and a dry pool asks for more at once.
-                let idle = ctx.idle.load(Ordering::Relaxed);
-                tokio::time::sleep(replenish_delay(idle, ctx.pool_size)).await;
-            }
-            Ok(None) => return,
-            Err(e) => {
-                debug!(agent = ctx.agent_id, error = %e, "data connection failed");
-                tokio::select! {
-                    () = tokio::time::sleep(retry) => {}
-                    () = ctx.session_ended.cancelled() => return,
+/// A stream the relay handed to one of our data connections.
+struct Handed {
+    header: StreamHeader,
+    tunnel: DataConn,
+    /// Client bytes that came with the header.
+    early: BytesMut,
+}
+
+/// Keeps one idle data connection open until the session ends. The task whose connection is
+/// handed a stream goes on to serve it at once (no hand-off to another task on the stream's
+/// critical path); the slot carries on in a new task, which dials the replacement after
+/// [`replenish_delay`].
+pub fn pool_slot(ctx: Arc<DataContext>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let mut retry = Duration::from_millis(100);
+        while !ctx.session_ended.is_cancelled() {
+            match idle_connection(&ctx, ctx.transport).await {
+                Ok(Some(handed)) => {
+                    // The rest of the pool covers the gap, and a dry pool asks for more at once.
+                    let pause = replenish_delay(ctx.idle.load(Ordering::Relaxed), ctx.pool_size);
+                    let next = Arc::clone(&ctx);
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = tokio::time::sleep(pause) => pool_slot(next).await,
+                            () = next.session_ended.cancelled() => {}
+                        }
+                    });
+                    ctx.streams.track_future(serve(Arc::clone(&ctx), handed)).await;
+                    return;
                 }
-                retry = (retry * 2).min(Duration::from_secs(2));
+                Ok(None) => return,
+                Err(e) => {
+                    debug!(agent = ctx.agent_id, error = %e, "data connection failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(retry) => {}
+                        () = ctx.session_ended.cancelled() => return,
+                    }
+                    retry = (retry * 2).min(Duration::from_secs(2));
+                }
             }
         }
-    }
+    })
 }
 
 /// One extra connection for a burst: serves at most one stream.
 pub async fn one_shot(ctx: Arc<DataContext>, transport: DataTransport) {
-    if let Err(e) = idle_connection(&ctx, transport).await {
-        debug!(agent = ctx.agent_id, error = %e, "extra data connection failed");
+    match idle_connection(&ctx, transport).await {
+        Ok(Some(handed)) => ctx.streams.track_future(serve(Arc::clone(&ctx), handed)).await,
+        Ok(None) => {}
+        Err(e) => debug!(agent = ctx.agent_id, error = %e, "extra data connection failed"),
     }
 }
 
-/// Dials, joins the relay's pool, waits to be handed a stream and starts serving it.
-/// `Ok(None)`: the session ended while idle.
-async fn idle_connection(ctx: &Arc<DataContext>, transport: DataTransport) -> Result<Option<()>, Error> {
+/// Dials, joins the relay's pool and waits to be handed a stream. `Ok(None)`: the session
+/// ended while idle.
+async fn idle_connection(ctx: &DataContext, transport: DataTransport) -> Result<Option<Handed>, Error> {
     let mut buf = BytesMut::with_capacity(4096);
     let handed = match transport {
         DataTransport::Tls => {
@@ -144,14 +168,11 @@ async fn idle_connection(ctx: &Arc<DataContext>, transport: DataTransport) -> Re
             header.map(|header| (header, DataConn::Tcp(tunnel)))
         }
     };
-    let Some((header, tunnel)) = handed else {
-        return Ok(None);
-    };
-    let ctx = Arc::clone(ctx);
-    ctx.streams
-        .clone()
-        .spawn(async move { serve(ctx, header, tunnel, buf).await });
-    Ok(Some(()))
+    Ok(handed.map(|(header, tunnel)| Handed {
+        header,
+        tunnel,
+        early: buf,
+    }))
 }
 
 /// Joins the pool over plain TCP: proves the session credential for the relay's challenge.
@@ -246,7 +267,12 @@ where
     }
 }
 
-async fn serve(ctx: Arc<DataContext>, header: StreamHeader, tunnel: DataConn, early: BytesMut) {
+async fn serve(ctx: Arc<DataContext>, handed: Handed) {
+    let Handed {
+        header,
+        tunnel,
+        early,
+    } = handed;
     debug!(agent = ctx.agent_id, host = header.host, client = %header.client, kind = ?header.kind, "stream opened");
     let routes = ctx.shared.routes();
     let metrics = &ctx.shared.metrics;
