@@ -27,7 +27,6 @@ pub async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, state: Ar
             },
             () = state.stopping.cancelled() => return,
         };
-        let _ = tcp.set_nodelay(true);
         let state = Arc::clone(&state);
         let acceptor = acceptor.clone();
         tokio::spawn(async move { handle(tcp, peer, acceptor, state).await });
