@@ -37,7 +37,7 @@ pub fn buffers_in_use() -> usize {
     IN_USE.load(Ordering::Relaxed)
 }
 
-fn take_buffer() -> Box<[u8]> {
+pub(crate) fn take_buffer() -> Box<[u8]> {
     IN_USE.fetch_add(1, Ordering::Relaxed);
     POOL.lock()
         .expect("pool lock")
@@ -45,7 +45,7 @@ fn take_buffer() -> Box<[u8]> {
         .unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice())
 }
 
-fn return_buffer(buffer: Box<[u8]>) {
+pub(crate) fn return_buffer(buffer: Box<[u8]>) {
     IN_USE.fetch_sub(1, Ordering::Relaxed);
     let mut pool = POOL.lock().expect("pool lock");
     if pool.len() < POOL_CAPACITY {

@@ -21,6 +21,10 @@
 //! that socket's interest. The pipes are non-blocking, and a splice into a pipe only ever starts
 //! when the pipe is empty, so `EAGAIN` always comes from the socket, never from the pipe.
 //!
+//! Out of file descriptors (EMFILE, ENFILE), no new pipe can be made: the direction then moves
+//! that chunk through one of the buffered pump's pooled buffers instead, and tries for a pipe
+//! again with the next one. The stream slows down for a while; it does not fail.
+//!
 //! A splice into a socket whose peer is gone fails with `EPIPE` and would raise `SIGPIPE`; Rust
 //! programs (and test binaries) ignore that signal, so the pump sees an ordinary error.
 use std::future::poll_fn;
@@ -35,7 +39,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{Meters, PumpError, Transferred};
+use super::{Meters, PumpError, Transferred, return_buffer, take_buffer};
 
 /// Capacity asked for each pipe, and so the most bytes one splice moves from a socket. Over
 /// loopback (`benches/pump.rs`, a noisy shared 2-CPU machine) 256 KiB pipes had more throughput
@@ -134,6 +138,8 @@ fn is_unsupported(error: &io::Error) -> bool {
 struct Direction {
     /// Present only while bytes are in flight.
     lease: Option<Lease>,
+    /// Bytes in flight through a buffer instead, when no pipe could be had.
+    bounce: Option<Bounce>,
     /// The source reached end of stream; the destination gets shut down once the pipe is empty.
     eof: bool,
     finished: bool,
@@ -152,6 +158,25 @@ impl Direction {
             return Poll::Ready(Ok(()));
         }
         loop {
+            if let Some(bounce) = &mut self.bounce {
+                if bounce.start < bounce.end {
+                    ready!(to.poll_write_ready(cx))?;
+                    match to.try_write(&bounce.buffer[bounce.start..bounce.end]) {
+                        Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                        Ok(n) => {
+                            bounce.start += n;
+                            self.moved += n as u64;
+                            if let Some(meter) = meter {
+                                meter.inc_by(n as u64);
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                    continue;
+                }
+                self.bounce = None;
+            }
             if let Some(lease) = &mut self.lease {
                 if lease.held > 0 {
                     ready!(to.poll_write_ready(cx))?;
@@ -182,7 +207,26 @@ impl Direction {
                 return Poll::Ready(Ok(()));
             }
             ready!(from.poll_read_ready(cx))?;
-            let mut lease = Lease::take()?;
+            let mut lease = match Lease::take() {
+                Ok(lease) => lease,
+                Err(e) if is_out_of_descriptors(&e) => {
+                    if !WARNED_NO_PIPE.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "no pipe for splice(2): copying through buffers until descriptors free up");
+                    }
+                    let mut bounce = Bounce::new();
+                    match from.try_read(&mut bounce.buffer) {
+                        Ok(0) => self.eof = true,
+                        Ok(n) => {
+                            bounce.end = n;
+                            self.bounce = Some(bounce);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                    continue;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            };
             let taken = from.try_io(Interest::READABLE, || {
                 splice(from.as_fd(), lease.pipe().write.as_fd(), PIPE_SIZE)
             });
@@ -201,7 +245,37 @@ impl Direction {
 
     /// No byte has left the source socket yet.
     fn untouched(&self) -> bool {
-        self.moved == 0 && self.lease.is_none()
+        self.moved == 0 && self.lease.is_none() && self.bounce.is_none()
+    }
+}
+
+/// Set once the pump ran out of descriptors for pipes (it says so once).
+static WARNED_NO_PIPE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn is_out_of_descriptors(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// A pooled buffer of the buffered pump and the part of it still to be written.
+struct Bounce {
+    buffer: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Bounce {
+    fn new() -> Self {
+        Self {
+            buffer: take_buffer(),
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        return_buffer(std::mem::take(&mut self.buffer));
     }
 }
 
@@ -238,6 +312,10 @@ struct Lease {
 
 impl Lease {
     fn take() -> io::Result<Self> {
+        #[cfg(test)]
+        if tests::NO_PIPES.get() {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
         let pooled = POOL.lock().expect("pipe pool lock").pop();
         let pipe = match pooled {
             Some(pipe) => pipe,
@@ -301,7 +379,12 @@ mod tests {
 
     use super::*;
     use crate::pump::tests::meters;
-    use crate::pump::{SPLICE_REFUSED, pump_tcp};
+    use crate::pump::{SPLICE_REFUSED, buffers_in_use, pump_tcp};
+
+    thread_local! {
+        /// Makes every pipe this thread asks for fail with EMFILE, as at the descriptor limit.
+        pub(super) static NO_PIPES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     /// A relay on loopback: `client` <-> a [pump] b <-> `server`, the pump running in its own task.
     struct Relay {
@@ -406,6 +489,54 @@ mod tests {
                 client_to_agent: 4_000_000,
                 agent_to_client: 3_000_000
             }
+        );
+    }
+
+    /// At the descriptor limit no pipe can be made; the streams go on through buffers, intact,
+    /// and take pipes again once there are descriptors.
+    #[tokio::test]
+    async fn out_of_descriptors_for_pipes_the_stream_goes_on_through_buffers() {
+        let cut = CancellationToken::new();
+        let (meters, a_to_b, b_to_a) = meters();
+        let Relay {
+            mut client,
+            mut server,
+            pump,
+        } = Relay::start(&cut, Some(meters)).await;
+        NO_PIPES.set(true);
+        let up = pattern(2_000_000, 7);
+        let down = pattern(1_000_000, 13);
+        let (_, got_up) = tokio::join!(client.write_all(&up), async {
+            let mut got = vec![0; up.len()];
+            server.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let (_, got_down) = tokio::join!(server.write_all(&down), async {
+            let mut got = vec![0; down.len()];
+            client.read_exact(&mut got).await.unwrap();
+            got
+        });
+        assert!(got_up == up && got_down == down, "payload corrupted");
+        assert_eq!((a_to_b.get(), b_to_a.get()), (2_000_000, 1_000_000));
+
+        NO_PIPES.set(false);
+        client.write_all(b"spliced again").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"spliced again");
+        drop(server);
+        let moved = pump.await.unwrap().unwrap();
+        assert_eq!(moved.client_to_agent, 2_000_013);
+        let mut least = usize::MAX;
+        for _ in 0..20 {
+            least = least.min(buffers_in_use()); // other tests pump briefly too
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(least, 0, "the buffers went back to the pool");
+        assert!(
+            !SPLICE_REFUSED.load(Ordering::Relaxed),
+            "not mistaken for a kernel without splice"
         );
     }
 
