@@ -161,18 +161,8 @@ impl Direction {
             if let Some(bounce) = &mut self.bounce {
                 if bounce.start < bounce.end {
                     ready!(to.poll_write_ready(cx))?;
-                    match to.try_write(&bounce.buffer[bounce.start..bounce.end]) {
-                        Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                        Ok(n) => {
-                            bounce.start += n;
-                            self.moved += n as u64;
-                            if let Some(meter) = meter {
-                                meter.inc_by(n as u64);
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Poll::Ready(Err(e)),
-                    }
+                    let out = to.try_write(&bounce.buffer[bounce.start..bounce.end]);
+                    bounce.start += written(out, &mut self.moved, meter)?;
                     continue;
                 }
                 self.bounce = None;
@@ -183,19 +173,7 @@ impl Direction {
                     let out = to.try_io(Interest::WRITABLE, || {
                         splice(lease.pipe().read.as_fd(), to.as_fd(), lease.held)
                     });
-                    match out {
-                        Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                        Ok(n) => {
-                            lease.held -= n;
-                            self.moved += n as u64;
-                            if let Some(meter) = meter {
-                                meter.inc_by(n as u64);
-                            }
-                        }
-                        // Readiness is cleared: the next poll_write_ready registers for a wakeup.
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Poll::Ready(Err(e)),
-                    }
+                    lease.held -= written(out, &mut self.moved, meter)?;
                     continue;
                 }
                 // Empty: back to the pool before waiting on the source again.
@@ -246,6 +224,28 @@ impl Direction {
     /// No byte has left the source socket yet.
     fn untouched(&self) -> bool {
         self.moved == 0 && self.lease.is_none() && self.bounce.is_none()
+    }
+}
+
+/// The bytes one write towards the destination moved, counted into `moved` and `meter`; 0 when
+/// the socket was not writable after all (its readiness is cleared then, so the next
+/// `poll_write_ready` registers for a wake-up).
+fn written(
+    out: io::Result<usize>,
+    moved: &mut u64,
+    meter: Option<&prometheus::IntCounter>,
+) -> io::Result<usize> {
+    match out {
+        Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+        Ok(n) => {
+            *moved += n as u64;
+            if let Some(meter) = meter {
+                meter.inc_by(n as u64);
+            }
+            Ok(n)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Err(e) => Err(e),
     }
 }
 
