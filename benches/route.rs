@@ -1,28 +1,25 @@
 //! Route lookup cost with 100k hostnames: exact hits, wildcard hits, and misses.
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sluice::route::pattern::HostPattern;
-use sluice::route::registry::{Registry, RouteAgent};
-use sluice::tunnel::message::HttpMode;
-use sluice::tunnel::session::AgentSession;
+use sluice::hostname::HostPattern;
+use sluice::relay::tunnel::{AgentPool, Routes};
+use sluice::route::Served;
+use sluice::wire::message::HttpMode;
 use tokio_util::sync::CancellationToken;
 
 const HOSTNAMES: usize = 100_000;
 
-fn registry() -> Registry {
+fn registry() -> Routes {
     let (tx, _rx) = tokio::sync::mpsc::channel(1);
-    let session = Arc::new(AgentSession::new(
+    let pool = Arc::new(AgentPool::new(
         "bench/agent/x".into(),
         "bench".into(),
-        "token".into(),
-        Duration::from_secs(3600),
         tx,
         &CancellationToken::new(),
     ));
-    let registry = Registry::new();
+    let registry = Routes::new();
     let tenant: Arc<str> = "bench".into();
     for i in 0..HOSTNAMES {
         // Half exact names, half wildcards, spread over many parent domains.
@@ -31,8 +28,8 @@ fn registry() -> Registry {
         } else {
             format!("*.zone{i}.example")
         };
-        let agent = RouteAgent {
-            session: Arc::clone(&session),
+        let agent = Served {
+            agent: Arc::clone(&pool),
             http: HttpMode::Redirect,
         };
         registry

@@ -11,7 +11,7 @@
 //! within one run because the machine is shared).
 use std::time::{Duration, Instant};
 
-use sluice::tunnel::tls::{RelayTrust, agent_client_config};
+use sluice::wire::tls::{RelayTrust, agent_client_config};
 use sluice_tests::client::round_trip;
 use sluice_tests::servers::tls_echo;
 use sluice_tests::world::{RelayOptions, World, passthrough_route};
@@ -86,7 +86,7 @@ async fn run(samples: usize) {
     }
 
     let tunnel_tls = agent_client_config(&RelayTrust::Ca(world.relay_pki.ca_pem.clone())).unwrap();
-    let dialer = sluice::agent::link::RelayDialer::new(
+    let dialer = sluice::agent::dial::RelayDialer::new(
         world.tunnel_addr().to_string(),
         "relay.sluice.test",
         tunnel_tls,

@@ -3,7 +3,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::peek::Peek;
-use sluice::tunnel::stream_header::{StreamHeader, StreamKind};
+use sluice::wire::stream_header::{StreamHeader, StreamKind};
 
 fn codec(c: &mut Criterion) {
     let header = StreamHeader {

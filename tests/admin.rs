@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use sluice::admin::client::AdminClient;
-use sluice::admin::relay_api::{TokenView, TunnelView};
 use sluice::agent::LinkState;
+use sluice::relay::api::{TokenView, TunnelView};
 use sluice_tests::client::round_trip;
 use sluice_tests::servers::tls_echo;
 use sluice_tests::world::{RelayOptions, World, passthrough_route, within};
@@ -150,7 +150,7 @@ async fn probes_metrics_and_tunnel_api_reflect_real_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bans_through_the_api_close_the_door_and_reopen_it() {
-    use sluice::admin::relay_api::BanView;
+    use sluice::relay::api::BanView;
     let world = World::start(RelayOptions::default()).await;
     let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
     let app = tls_echo("acme", acme.server_config()).await;

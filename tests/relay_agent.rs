@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice::agent::LinkState;
-use sluice::peek::tls::{AlertDescription, fatal_alert};
+use sluice::peek::refusal::{AlertDescription, fatal_alert};
 use sluice_tests::client::{ask, connect, round_trip};
 use sluice_tests::records::handshake_records;
 use sluice_tests::servers::{plain_echo, tls_echo};
@@ -138,8 +138,7 @@ async fn the_relay_takes_a_connection_only_once_its_first_bytes_are_in() {
     let accepted = || {
         world
             .relay()
-            .state()
-            .metrics
+            .metrics()
             .connections_accepted
             .with_label_values(&["tls"])
             .get()
@@ -412,7 +411,7 @@ async fn tunnel_port_refuses_garbage_and_credential_less_clients() {
 
     // A well-formed TLS client that trusts the relay but speaks HTTP instead of the tunnel
     // protocol: refused after the handshake.
-    let tls = sluice::tunnel::tls::agent_client_config(&sluice::tunnel::tls::RelayTrust::Ca(
+    let tls = sluice::wire::tls::agent_client_config(&sluice::wire::tls::RelayTrust::Ca(
         world.relay_pki.ca_pem.clone(),
     ))
     .unwrap();
@@ -502,7 +501,7 @@ async fn bad_expired_and_foreign_credentials_are_refused_with_a_reason() {
             accepted: vec![]
         }
     );
-    assert!(world.relay().state().registry.lookup("app.acme.test").is_none());
+    assert!(world.relay().routes().lookup("app.acme.test").is_none());
 }
 
 fn agent_id(agent: &sluice::agent::Agent) -> String {
@@ -707,7 +706,7 @@ async fn the_tenant_takes_a_hostname_offline_and_back_without_a_restart() {
         matches!(cut, Ok(0) | Err(_)),
         "the open stream was not cut: {cut:?} {rest:?}"
     );
-    let registry = &world.relay().state().registry;
+    let registry = world.relay().routes();
     eventually(WAIT, || registry.lookup("api.acme.test").is_none()).await;
     let hello = client_hello("api.acme.test", acme.client_config());
     assert_eq!(

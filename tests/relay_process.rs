@@ -7,7 +7,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use sluice::route::pattern::HostPattern;
+use sluice::hostname::HostPattern;
 use sluice::store::Store;
 use sluice_tests::client::{ask, connect};
 use sluice_tests::pki::CertSet;

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use sluice::agent::{Agent, LinkState};
-use sluice::tunnel::tcp_data::{Join, NONCE_LEN, TAG_LEN, new_nonce};
+use sluice::wire::tcp_data::{Join, NONCE_LEN, TAG_LEN, new_nonce};
 use sluice_tests::client::{ask, connect};
 use sluice_tests::servers::{plain_echo, tls_echo};
 use sluice_tests::world::{RelayOptions, World, eventually, passthrough_route, within};
@@ -18,8 +18,7 @@ const TCP: &str = "data_transport = \"tcp\"";
 fn transported(world: &World, transport: &str) -> u64 {
     world
         .relay()
-        .state()
-        .metrics
+        .metrics()
         .stream_transports
         .with_label_values(&[transport])
         .get()

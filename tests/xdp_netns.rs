@@ -152,8 +152,7 @@ fn connects(target: SocketAddr, limit: Duration) -> bool {
 fn counter(world: &World, reason: Reason) -> u64 {
     world
         .relay()
-        .state()
-        .shield
+        .shield()
         .with_maps(|maps| maps.counters().unwrap())
         .expect("XDP is on")
         .into_iter()
@@ -179,7 +178,7 @@ async fn xdp_bans_a_syn_flood_while_a_real_client_keeps_getting_through() {
         ..RelayOptions::default()
     })
     .await;
-    let shield = &world.relay().state().shield;
+    let shield = &world.relay().shield();
     assert_eq!(
         shield.mode(),
         &ShieldMode::Xdp {

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use proxy_common::{CidrOrigin, MAX_BANS, Reason, SOURCE_SET_BITS, SOURCE_WAYS};
-use sluice::shield::cidr::Cidr;
+use sluice::cidr::Cidr;
 use sluice::shield::{CidrList, KernelPolicy, Shield, ShieldMaps, action, pin};
 use sluice_tests::frames::{self, ACK, FIN, Frame, PSH, RST, SYN, TPID_8021AD, TPID_8021Q, URG};
 

@@ -55,7 +55,7 @@ impl CertSet {
     /// A rustls server config presenting the leaf certificate.
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
-        let mut config = rustls::ServerConfig::builder_with_provider(sluice::tunnel::tls::provider())
+        let mut config = rustls::ServerConfig::builder_with_provider(sluice::wire::tls::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
@@ -69,7 +69,7 @@ impl CertSet {
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_der.clone()).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(sluice::tunnel::tls::provider())
+        let mut config = rustls::ClientConfig::builder_with_provider(sluice::wire::tls::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)

@@ -8,8 +8,8 @@ use std::time::Duration;
 use sluice::agent::{Agent, LinkState};
 use sluice::config::agent::AgentConfig;
 use sluice::config::relay::RelayConfig;
+use sluice::hostname::HostPattern;
 use sluice::relay::Relay;
-use sluice::route::pattern::HostPattern;
 use sluice::store::Store;
 use tempfile::TempDir;
 

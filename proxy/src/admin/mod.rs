@@ -1,11 +1,11 @@
-//! The admin side of a Sluice process, for SREs and the CLI: Prometheus metrics, health and
-//! readiness probes, and (on the relay) a small JSON API over tenants, tokens and live tunnels.
+//! The admin side of a Sluice process, for SREs and the CLI: the HTTP listener that serves
+//! metrics, probes and (on the relay) the JSON API, the metric plumbing both processes use, and
+//! the client the CLI talks to a running relay with. The endpoints themselves live with what
+//! they show: `relay::api` and `agent::metrics`.
 //!
-//! - [`client`]: the blocking client the CLI uses
 //! - [`http`]: the listener (hyper), bearer-token check, request plumbing
-//! - [`metrics`]: the relay's metric families and the tenant-label cardinality cap
-//! - [`relay_api`]: the relay's endpoints
+//! - [`metrics`]: registration helpers, text exposition, gauge guard
+//! - [`client`]: the blocking client the CLI uses
 pub mod client;
 pub mod http;
 pub mod metrics;
-pub mod relay_api;

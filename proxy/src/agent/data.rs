@@ -4,7 +4,7 @@
 //! relay asking. Extra one-shot connections are dialed when the relay reports a dry pool.
 //!
 //! Connections are TLS, or plain TCP when the agent chose `data_transport = "tcp"`
-//! ([`crate::tunnel::tcp_data`]: join by challenge-response, stream header sealed by the relay).
+//! ([`crate::wire::tcp_data`]: join by challenge-response, stream header sealed by the relay).
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,22 +17,17 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::link::{RelayDialer, TunnelStream};
+use super::dial::{DataConn, RelayDialer};
+use super::pacing::replenish_delay;
 use super::target;
-use crate::config::agent::DataTransport;
 use crate::peek::Peek;
-use crate::tunnel::frame::write_frame;
-use crate::tunnel::message::AgentMessage;
-use crate::tunnel::stream_header::StreamHeader;
-use crate::tunnel::tcp_data::{self, Join, NONCE_LEN, Nonces, StreamKey};
+use crate::wire::DataTransport;
+use crate::wire::frame::write_frame;
+use crate::wire::message::AgentMessage;
+use crate::wire::stream_header::StreamHeader;
+use crate::wire::tcp_data::{self, Join, NONCE_LEN, Nonces, StreamKey};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
-
-/// A data connection the relay has handed a stream to.
-pub enum DataConn {
-    Tls(Box<TunnelStream>),
-    Tcp(TcpStream),
-}
 
 /// What data connections of one session share.
 pub struct DataContext {
@@ -52,26 +47,6 @@ pub struct DataContext {
     pub pool_size: usize,
     /// Connections (slots and one-shots) joined and waiting for a stream right now.
     pub idle: AtomicUsize,
-}
-
-/// Pause before a slot dials the replacement for a connection it just handed over, while at
-/// least half the pool is still waiting: the stream just handed over, and the next few, get
-/// through their setup before the replacement's handshake competes with them for the CPU.
-const CALM_REPLENISH: Duration = Duration::from_millis(60);
-/// The pause when the pool runs low (a burst): replace almost at once.
-const QUICK_REPLENISH: Duration = Duration::from_millis(6);
-
-/// How long to wait before replacing a connection just handed over, given how many of the
-/// pool's `size` still wait for a stream. Jittered (between half and all of the pause): a fixed
-/// pause would land every replacement on the same phase of a periodic load, e.g. exactly on
-/// the fifth next connection of a steady 100/s.
-pub fn replenish_delay(idle: usize, size: usize) -> Duration {
-    let pause = if idle * 2 >= size {
-        CALM_REPLENISH
-    } else {
-        QUICK_REPLENISH
-    };
-    super::link::jitter(pause)
 }
 
 /// Counts one connection as idle in the pool until dropped.

@@ -5,73 +5,19 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt as _;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 use tracing::{error, info, warn};
 
 use super::data::{self, DataContext};
+use super::dial::RelayDialer;
+use super::pacing::jitter;
 use super::{AgentShared, LinkState};
-use crate::config::agent::DataTransport;
-use crate::tunnel::PROTOCOL_VERSION;
-use crate::tunnel::frame::{FrameReader, write_frame};
-use crate::tunnel::heartbeat::{Beat, Heartbeat};
-use crate::tunnel::message::{AgentMessage, RelayMessage};
-
-/// A TLS connection from the agent to a relay.
-pub type TunnelStream = TlsStream<TcpStream>;
-
-/// Dials one relay's tunnel port and authenticates the relay.
-pub struct RelayDialer {
-    pub address: String,
-    server_name: ServerName<'static>,
-    connector: TlsConnector,
-}
-
-impl RelayDialer {
-    pub fn new(address: String, server_name: &str, tls: Arc<rustls::ClientConfig>) -> Result<Self, String> {
-        let server_name = ServerName::try_from(server_name.to_owned())
-            .map_err(|e| format!("invalid relay server name {server_name:?}: {e}"))?;
-        Ok(Self {
-            address,
-            server_name,
-            connector: TlsConnector::from(tls),
-        })
-    }
-
-    /// A TLS connection to the relay, the relay authenticated.
-    pub async fn dial(&self, timeout: Duration) -> std::io::Result<TunnelStream> {
-        let connect = async {
-            let tcp = Self::connect(&self.address).await?;
-            self.connector.connect(self.server_name.clone(), tcp).await
-        };
-        tokio::time::timeout(timeout, connect)
-            .await
-            .map_err(|_| timed_out())?
-    }
-
-    /// A plain TCP connection to the relay's tunnel port (for `tunnel::tcp_data`, which then
-    /// authenticates both ends with the session credential).
-    pub async fn dial_tcp(&self, timeout: Duration) -> std::io::Result<TcpStream> {
-        tokio::time::timeout(timeout, Self::connect(&self.address))
-            .await
-            .map_err(|_| timed_out())?
-    }
-
-    async fn connect(address: &str) -> std::io::Result<TcpStream> {
-        let tcp = TcpStream::connect(address).await?;
-        tcp.set_nodelay(true)?;
-        Ok(tcp)
-    }
-}
-
-fn timed_out() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the relay timed out")
-}
+use crate::wire::frame::{FrameReader, write_frame};
+use crate::wire::heartbeat::{Beat, Heartbeat};
+use crate::wire::message::{AgentMessage, RelayMessage};
+use crate::wire::{DataTransport, PROTOCOL_VERSION};
 
 /// Keeps a session with one relay until the agent stops.
 pub async fn run(shared: Arc<AgentShared>, dialer: Arc<RelayDialer>, state: watch::Sender<LinkState>) {
@@ -277,25 +223,9 @@ fn renewal_delay(ttl_secs: u64) -> Duration {
     Duration::from_millis(ttl_secs.max(1) * 1000 / 2)
 }
 
-/// Full jitter between half the backoff and the backoff, so agents do not reconnect in lockstep
-/// after a relay restart.
-pub(super) fn jitter(backoff: Duration) -> Duration {
-    let half = backoff / 2;
-    half + backoff.mul_f64(rand::random::<f64>() * 0.5)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn jitter_stays_within_half_and_full_backoff() {
-        let backoff = Duration::from_secs(4);
-        for _ in 0..1000 {
-            let d = jitter(backoff);
-            assert!(d >= Duration::from_secs(2) && d <= backoff, "{d:?}");
-        }
-    }
 
     #[test]
     fn renews_at_half_life() {

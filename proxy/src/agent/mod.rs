@@ -3,12 +3,18 @@
 //!
 //! - [`link`]: the control session with one relay (auth, heartbeats, renewal, reconnect)
 //! - [`data`]: the pool of pre-opened data connections for that relay
-//! - [`metrics`]: the agent's metrics and probes
 //! - [`target`]: the on-prem end of a stream (connect, PROXY v2, optional TLS termination)
 //! - [`warm`]: connections to a route's target opened ahead of streams (opt-in per route)
+//! - [`dial`], [`pacing`]: dialing a relay, and when to dial again
+//! - [`metrics`]: the agent's metrics and probes
+//!
+//! Dependencies point down that list: a link runs its data pool, a data connection serves its
+//! stream through a target, a target takes warm connections; all of them dial and pace.
 pub mod data;
+pub mod dial;
 pub mod link;
 pub mod metrics;
+pub mod pacing;
 pub mod target;
 pub mod warm;
 
@@ -21,9 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::agent::{AgentConfig, DataTransport, ReconnectConfig};
-use crate::tunnel::message::RouteAd;
-use crate::tunnel::tls::{TlsConfigError, agent_client_config};
+use crate::config::agent::{AgentConfig, ReconnectConfig};
+use crate::wire::DataTransport;
+use crate::wire::message::RouteAd;
+use crate::wire::tls::{TlsConfigError, agent_client_config};
 use target::Routes;
 
 #[derive(Debug, thiserror::Error)]
@@ -117,14 +124,14 @@ impl Agent {
             let trust = relay.trust().map_err(fail)?;
             let tls = agent_client_config(&trust)?;
             let dialer =
-                link::RelayDialer::new(relay.address.clone(), relay.server_name(), tls).map_err(fail)?;
+                dial::RelayDialer::new(relay.address.clone(), relay.server_name(), tls).map_err(fail)?;
             let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
             tasks.spawn(link::run(Arc::clone(&shared), Arc::new(dialer), state_tx));
             links.push(state_rx);
         }
         let mut admin_addr = None;
         if let Some(addr) = config.admin.as_ref().map(|a| a.listen) {
-            let listener = crate::edge::bind(addr).map_err(|source| AgentError::Admin { addr, source })?;
+            let listener = crate::net::bind(addr).map_err(|source| AgentError::Admin { addr, source })?;
             admin_addr = listener.local_addr().ok();
             let handler = Arc::new(metrics::AgentAdmin {
                 metrics: Arc::clone(&shared.metrics),

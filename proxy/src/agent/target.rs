@@ -14,17 +14,16 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::agent::RouteConfig;
 use tokio_util::either::Either;
 
-use super::data::DataConn;
-use super::link::TunnelStream;
+use super::dial::{DataConn, TunnelStream};
 use super::metrics::AgentMetrics;
 use super::warm::WarmPool;
+use crate::config::agent::RouteConfig;
+use crate::hostname::HostPattern;
 use crate::pump::{self, Counted, Meters, PumpError, Transferred, pump};
-use crate::route::pattern::HostPattern;
-use crate::tunnel::stream_header::{StreamHeader, StreamKind};
-use crate::tunnel::tls::{TlsConfigError, load_certs, load_key, provider};
+use crate::wire::stream_header::{StreamHeader, StreamKind};
+use crate::wire::tls::{TlsConfigError, load_certs, load_key, provider};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {

@@ -69,7 +69,7 @@ impl WarmPool {
     pub fn take(&self) -> Option<TcpStream> {
         let mut idle = self.shared.idle.lock().expect("warm pool lock");
         while let Some(Idle { conn, .. }) = idle.pop_front() {
-            if crate::tunnel::is_quiet(&conn) {
+            if crate::net::is_quiet(&conn) {
                 drop(idle);
                 self.shared.taken.notify_one();
                 return Some(conn);
@@ -136,7 +136,7 @@ async fn fill(shared: Arc<Shared>, stop: CancellationToken) {
                 // first; a pool running low is topped up sooner.
                 () = shared.taken.notified(), if !failed => {
                     let idle = shared.idle.lock().expect("warm pool lock").len();
-                    refill.taken(Instant::now(), super::data::replenish_delay(idle, shared.size));
+                    refill.taken(Instant::now(), super::pacing::replenish_delay(idle, shared.size));
                 }
                 () = tokio::time::sleep_until(refill.due_before(sweep_at)) => break,
                 () = stop.cancelled() => break 'fill,
@@ -169,7 +169,7 @@ impl Refill {
 /// Drops idle connections the application closed (or spoke on) and ones past [`MAX_IDLE`].
 fn sweep(shared: &Shared) {
     let mut idle = shared.idle.lock().expect("warm pool lock");
-    idle.retain(|warm| warm.opened.elapsed() < MAX_IDLE && crate::tunnel::is_quiet(&warm.conn));
+    idle.retain(|warm| warm.opened.elapsed() < MAX_IDLE && crate::net::is_quiet(&warm.conn));
 }
 
 #[cfg(test)]

@@ -6,8 +6,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{ConfigError, invalid, positive, read_toml, resolve};
-use crate::tunnel::message::HttpMode;
-use crate::tunnel::tls::RelayTrust;
+use crate::hostname::HostPattern;
+pub use crate::wire::DataTransport;
+use crate::wire::message::HttpMode;
+use crate::wire::tls::RelayTrust;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,25 +27,14 @@ pub struct AgentConfig {
     /// Serve `/metrics`, `/healthz` and `/readyz` here (loopback recommended); off when absent.
     pub admin: Option<AgentAdminConfig>,
     /// Dialing a relay or a target fails after this.
-    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    #[serde(default = "AgentConfig::default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// How browser TLS streams travel from the relay to this agent.
+    /// How browser TLS streams travel from the relay to this agent (plaintext HTTP forwarding
+    /// always uses TLS): `tls` (the default) or `tcp` (authenticated with the session credential;
+    /// the browser's TLS still protects every byte, the relay moves them with splice(2), and the
+    /// stream metadata, client address and hostname, is visible between relay and agent).
     #[serde(default)]
     pub data_transport: DataTransport,
-}
-
-/// The agent's choice of data connections for browser TLS streams (plaintext HTTP forwarding
-/// always uses TLS).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DataTransport {
-    /// Inside the tunnel's TLS as well (the default).
-    #[default]
-    Tls,
-    /// Plain TCP authenticated with the session credential (`tunnel::tcp_data`): the browser's
-    /// TLS still protects every byte, the relay moves them with splice(2), stream metadata
-    /// (client address, hostname) is visible between relay and agent.
-    Tcp,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -98,20 +89,23 @@ pub struct AgentAdminConfig {
     pub listen: std::net::SocketAddr,
 }
 
+/// How a lost tunnel is redialed: exponential backoff with jitter.
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ReconnectConfig {
-    #[serde(default = "defaults::backoff_initial", with = "humantime_serde")]
+    /// The first pause.
+    #[serde(with = "humantime_serde")]
     pub initial: Duration,
-    #[serde(default = "defaults::backoff_max", with = "humantime_serde")]
+    /// The longest pause.
+    #[serde(with = "humantime_serde")]
     pub max: Duration,
 }
 
 impl Default for ReconnectConfig {
     fn default() -> Self {
         Self {
-            initial: defaults::backoff_initial(),
-            max: defaults::backoff_max(),
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(30),
         }
     }
 }
@@ -119,20 +113,11 @@ impl Default for ReconnectConfig {
 /// Upper bound of a route's `warm_connections`.
 pub const MAX_WARM_CONNECTIONS: usize = 64;
 
-mod defaults {
-    use std::time::Duration;
-    pub(super) fn connect_timeout() -> Duration {
+impl AgentConfig {
+    fn default_connect_timeout() -> Duration {
         Duration::from_secs(5)
     }
-    pub(super) fn backoff_initial() -> Duration {
-        Duration::from_millis(200)
-    }
-    pub(super) fn backoff_max() -> Duration {
-        Duration::from_secs(30)
-    }
-}
 
-impl AgentConfig {
     /// Reads, validates, and resolves relative paths of an agent config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut config: Self = read_toml(path)?;
@@ -197,7 +182,7 @@ impl AgentConfig {
         }
         for (i, route) in self.routes.iter().enumerate() {
             let field = |name: &str| format!("routes[{i}].{name}");
-            crate::route::pattern::HostPattern::parse(&route.hostname)
+            HostPattern::parse(&route.hostname)
                 .map_err(|e| invalid(path, field("hostname"), e.to_string()))?;
             if !looks_like_host_port(&route.target) {
                 return Err(invalid(path, field("target"), "expected host:port"));

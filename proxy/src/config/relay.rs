@@ -18,10 +18,10 @@ pub struct RelayConfig {
     #[serde(default)]
     pub admin: AdminConfig,
     /// How often the store file is checked for changes (revocations take effect within this).
-    #[serde(default = "defaults::store_poll", with = "humantime_serde")]
+    #[serde(default = "RelayConfig::default_store_poll", with = "humantime_serde")]
     pub store_poll: Duration,
     /// How long active streams may drain on shutdown before they are cut.
-    #[serde(default = "defaults::shutdown_grace", with = "humantime_serde")]
+    #[serde(default = "RelayConfig::default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
     #[serde(default)]
     pub shield: super::shield::ShieldConfig,
@@ -29,38 +29,46 @@ pub struct RelayConfig {
 
 /// Where browsers connect.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct EdgeConfig {
     /// TLS listeners, routed by SNI.
-    #[serde(default = "defaults::tls_listen")]
     pub tls_listen: Vec<SocketAddr>,
     /// Plaintext HTTP listeners, routed by Host.
-    #[serde(default = "defaults::http_listen")]
     pub http_listen: Vec<SocketAddr>,
     /// A client must deliver its whole ClientHello / request head within this (slowloris guard).
-    #[serde(default = "defaults::client_hello_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub client_hello_timeout: Duration,
     /// Largest ClientHello accepted, in bytes.
-    #[serde(default = "defaults::max_client_hello")]
     pub max_client_hello: usize,
     /// Largest HTTP request head accepted, in bytes.
-    #[serde(default = "defaults::max_http_head")]
     pub max_http_head: usize,
     /// How long a client waits for a data connection when an agent's pool is empty.
-    #[serde(default = "defaults::agent_wait", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub agent_wait: Duration,
 }
 
 impl Default for EdgeConfig {
     fn default() -> Self {
         Self {
-            tls_listen: defaults::tls_listen(),
-            http_listen: defaults::http_listen(),
-            client_hello_timeout: defaults::client_hello_timeout(),
-            max_client_hello: defaults::max_client_hello(),
-            max_http_head: defaults::max_http_head(),
-            agent_wait: defaults::agent_wait(),
+            tls_listen: vec![SocketAddr::from(([0, 0, 0, 0], 443))],
+            http_listen: vec![SocketAddr::from(([0, 0, 0, 0], 80))],
+            client_hello_timeout: Duration::from_secs(10),
+            max_client_hello: 32 * 1024,
+            max_http_head: 16 * 1024,
+            agent_wait: Duration::from_secs(3),
         }
+    }
+}
+
+impl EdgeConfig {
+    /// The (non-zero) ports of every edge listener.
+    pub fn ports(&self) -> Vec<u16> {
+        self.tls_listen
+            .iter()
+            .chain(&self.http_listen)
+            .map(|a| a.port())
+            .filter(|&p| p != 0)
+            .collect()
     }
 }
 
@@ -74,39 +82,53 @@ pub struct TunnelConfig {
     /// PEM private key for `cert`.
     pub key: PathBuf,
     /// Lifetime of a session credential; agents re-authenticate at half of it.
-    #[serde(default = "defaults::credential_ttl", with = "humantime_serde")]
+    #[serde(default = "TunnelConfig::default_credential_ttl", with = "humantime_serde")]
     pub credential_ttl: Duration,
     /// Heartbeat interval on control connections; three missed beats end a session.
-    #[serde(default = "defaults::heartbeat", with = "humantime_serde")]
+    #[serde(default = "TunnelConfig::default_heartbeat", with = "humantime_serde")]
     pub heartbeat: Duration,
     /// Idle data connections each agent keeps open.
-    #[serde(default = "defaults::pool_size")]
+    #[serde(default = "TunnelConfig::default_pool_size")]
     pub pool_size: u32,
     /// An agent must complete TLS and its first frame within this.
-    #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
+    #[serde(default = "TunnelConfig::default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+}
+
+// `listen`, `cert` and `key` have no default, so the rest are defaulted field by field.
+impl TunnelConfig {
+    fn default_credential_ttl() -> Duration {
+        Duration::from_secs(300)
+    }
+    fn default_heartbeat() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_pool_size() -> u32 {
+        4
+    }
+    fn default_handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
 }
 
 /// Metrics, health and the admin API.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Loopback by default. Anywhere else requires `token_file`.
-    #[serde(default = "defaults::admin_listen")]
     pub listen: SocketAddr,
     /// File holding the bearer token for the admin API and `/metrics`.
     pub token_file: Option<PathBuf>,
     /// Tenants that get their own metric label value; the rest share `_other`.
-    #[serde(default = "defaults::max_tenant_labels")]
     pub max_tenant_labels: usize,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
-            listen: defaults::admin_listen(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             token_file: None,
-            max_tenant_labels: defaults::max_tenant_labels(),
+            max_tenant_labels: 1000,
         }
     }
 }
@@ -121,50 +143,12 @@ impl AdminConfig {
     }
 }
 
-mod defaults {
-    use std::net::SocketAddr;
-    use std::time::Duration;
-
-    pub(super) fn tls_listen() -> Vec<SocketAddr> {
-        vec![SocketAddr::from(([0, 0, 0, 0], 443))]
-    }
-    pub(super) fn http_listen() -> Vec<SocketAddr> {
-        vec![SocketAddr::from(([0, 0, 0, 0], 80))]
-    }
-    pub(super) fn client_hello_timeout() -> Duration {
-        Duration::from_secs(10)
-    }
-    pub(super) fn max_client_hello() -> usize {
-        32 * 1024
-    }
-    pub(super) fn max_http_head() -> usize {
-        16 * 1024
-    }
-    pub(super) fn agent_wait() -> Duration {
-        Duration::from_secs(3)
-    }
-    pub(super) fn credential_ttl() -> Duration {
-        Duration::from_secs(300)
-    }
-    pub(super) fn heartbeat() -> Duration {
-        Duration::from_secs(10)
-    }
-    pub(super) fn pool_size() -> u32 {
-        4
-    }
-    pub(super) fn handshake_timeout() -> Duration {
-        Duration::from_secs(10)
-    }
-    pub(super) fn store_poll() -> Duration {
+// `state_dir` and `tunnel` have no default, so the rest are defaulted field by field.
+impl RelayConfig {
+    fn default_store_poll() -> Duration {
         Duration::from_secs(1)
     }
-    pub(super) fn admin_listen() -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], 9090))
-    }
-    pub(super) fn max_tenant_labels() -> usize {
-        1000
-    }
-    pub(super) fn shutdown_grace() -> Duration {
+    fn default_shutdown_grace() -> Duration {
         Duration::from_secs(30)
     }
 }

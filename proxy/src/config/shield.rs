@@ -24,55 +24,50 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::relay::EdgeConfig;
 use super::{ConfigError, invalid, positive};
-use crate::shield::cidr::Cidr;
+use crate::cidr::Cidr;
 
 /// Largest burst accepted: the kernel counts in billionths of a token in 64 bits.
 const MAX_BURST: u32 = 10_000_000;
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const MAX_INTERFACE_NAME: usize = 15;
 
+/// `[shield]` of relay.toml.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ShieldConfig {
     /// Interfaces to attach the XDP program to; empty disables XDP.
-    #[serde(default)]
     pub interfaces: Vec<String>,
-    #[serde(default)]
+    /// How to attach it.
     pub mode: AttachMode,
     /// Destination TCP ports the kernel polices; empty means the edge listeners' ports.
-    #[serde(default)]
     pub protected_ports: Vec<u16>,
     /// Sources that bypass every limit and ban.
-    #[serde(default)]
     pub allow: Vec<Cidr>,
     /// Sources whose packets to protected ports are always dropped.
-    #[serde(default)]
     pub deny: Vec<Cidr>,
-    #[serde(default = "defaults::syn_rate")]
+    /// New connections (SYNs) per second per source.
     pub syn_rate: u32,
-    #[serde(default = "defaults::syn_burst")]
+    /// Burst of new connections per source.
     pub syn_burst: u32,
-    #[serde(default = "defaults::packet_rate")]
+    /// Packets per second per source to protected ports.
     pub packet_rate: u32,
-    #[serde(default = "defaults::packet_burst")]
+    /// Burst of packets per source.
     pub packet_burst: u32,
     /// Over-limit drops a source may accumulate before it is banned.
-    #[serde(default = "defaults::ban_threshold")]
     pub ban_threshold: u32,
-    #[serde(default = "defaults::ban_duration", with = "humantime_serde")]
+    /// How long a ban lasts.
+    #[serde(with = "humantime_serde")]
     pub ban_duration: Duration,
     /// Userspace fallback: new connections accepted per second per source IP.
-    #[serde(default = "defaults::connection_rate")]
     pub connection_rate: u32,
-    #[serde(default = "defaults::connection_burst")]
+    /// Userspace fallback: burst of new connections per source IP.
     pub connection_burst: u32,
     /// Rejected connections (bad ClientHello, unknown SNI, bad HTTP) per `abuse_window` that
     /// get a source banned for `ban_duration`.
-    #[serde(default = "defaults::abuse_threshold")]
     pub abuse_threshold: u32,
-    #[serde(default = "defaults::abuse_window", with = "humantime_serde")]
+    /// The window `abuse_threshold` counts in.
+    #[serde(with = "humantime_serde")]
     pub abuse_window: Duration,
 }
 
@@ -97,65 +92,26 @@ impl Default for ShieldConfig {
             protected_ports: Vec::new(),
             allow: Vec::new(),
             deny: Vec::new(),
-            syn_rate: defaults::syn_rate(),
-            syn_burst: defaults::syn_burst(),
-            packet_rate: defaults::packet_rate(),
-            packet_burst: defaults::packet_burst(),
-            ban_threshold: defaults::ban_threshold(),
-            ban_duration: defaults::ban_duration(),
-            connection_rate: defaults::connection_rate(),
-            connection_burst: defaults::connection_burst(),
-            abuse_threshold: defaults::abuse_threshold(),
-            abuse_window: defaults::abuse_window(),
+            syn_rate: 50,
+            syn_burst: 100,
+            packet_rate: 5_000,
+            packet_burst: 10_000,
+            ban_threshold: 200,
+            ban_duration: Duration::from_secs(600),
+            connection_rate: 50,
+            connection_burst: 200,
+            abuse_threshold: 20,
+            abuse_window: Duration::from_secs(60),
         }
     }
 }
 
-mod defaults {
-    use std::time::Duration;
-
-    pub(super) fn syn_rate() -> u32 {
-        50
-    }
-    pub(super) fn syn_burst() -> u32 {
-        100
-    }
-    pub(super) fn packet_rate() -> u32 {
-        5_000
-    }
-    pub(super) fn packet_burst() -> u32 {
-        10_000
-    }
-    pub(super) fn ban_threshold() -> u32 {
-        200
-    }
-    pub(super) fn ban_duration() -> Duration {
-        Duration::from_secs(600)
-    }
-    pub(super) fn connection_rate() -> u32 {
-        50
-    }
-    pub(super) fn connection_burst() -> u32 {
-        200
-    }
-    pub(super) fn abuse_threshold() -> u32 {
-        20
-    }
-    pub(super) fn abuse_window() -> Duration {
-        Duration::from_secs(60)
-    }
-}
-
 impl ShieldConfig {
-    /// The ports to police: `protected_ports`, or else every edge listener's (non-zero) port.
-    pub fn effective_ports(&self, edge: &EdgeConfig) -> Vec<u16> {
+    /// The ports to police: `protected_ports`, or else `edge_ports` (those of the edge
+    /// listeners).
+    pub fn effective_ports(&self, edge_ports: &[u16]) -> Vec<u16> {
         let mut ports = if self.protected_ports.is_empty() {
-            edge.tls_listen
-                .iter()
-                .chain(&edge.http_listen)
-                .map(|a| a.port())
-                .filter(|&p| p != 0)
-                .collect()
+            edge_ports.to_vec()
         } else {
             self.protected_ports.clone()
         };
@@ -217,6 +173,7 @@ impl ShieldConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::relay::EdgeConfig;
 
     fn parse(toml_text: &str) -> Result<ShieldConfig, String> {
         let config: ShieldConfig = toml::from_str(toml_text).map_err(|e| e.to_string())?;
@@ -233,7 +190,7 @@ mod tests {
         assert!(config.interfaces.is_empty());
         assert_eq!(config.mode, AttachMode::Auto);
         let edge = EdgeConfig::default();
-        assert_eq!(config.effective_ports(&edge), vec![80, 443]);
+        assert_eq!(config.effective_ports(&edge.ports()), vec![80, 443]);
     }
 
     #[test]
@@ -260,7 +217,10 @@ abuse_window = "30s"
         .unwrap();
         assert_eq!(config.interfaces, ["eth0", "eth1"]);
         assert_eq!(config.mode, AttachMode::Skb);
-        assert_eq!(config.effective_ports(&EdgeConfig::default()), vec![443, 8443]);
+        assert_eq!(
+            config.effective_ports(&EdgeConfig::default().ports()),
+            vec![443, 8443]
+        );
         assert_eq!(config.allow.len(), 2);
         assert_eq!(config.deny[0].to_string(), "198.51.100.7/32");
         assert_eq!(config.ban_duration, Duration::from_secs(90));

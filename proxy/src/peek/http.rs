@@ -8,7 +8,8 @@
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use super::{Peek, normalize_dns_name};
+use super::Peek;
+use super::refusal::{Abuse, Refusal, Refused, Rejection, Reply};
 
 /// Most header fields we parse in a request head; more is `Malformed`.
 pub const MAX_HEADERS: usize = 64;
@@ -105,6 +106,65 @@ fn malformed(why: impl ToString) -> HttpPeekError {
     HttpPeekError::Malformed(why.to_string())
 }
 
+impl Refused for HttpPeekError {
+    /// How the HTTP edge refuses a connection whose request head is this: `parse_error`, held
+    /// against the source, answered 431 for a head too large and 400 otherwise.
+    fn refusal(&self) -> Refusal {
+        let reply = match self {
+            HttpPeekError::TooLarge { .. } => Reply::Http {
+                status: 431,
+                reason: "Request Header Fields Too Large",
+                body: "request head too large\n",
+            },
+            _ => Reply::Http {
+                status: 400,
+                reason: "Bad Request",
+                body: "bad request\n",
+            },
+        };
+        Refusal {
+            rejection: Rejection::ParseError,
+            abuse: Some(Abuse::BadHttpRequest),
+            reply,
+        }
+    }
+}
+
+/// How the HTTP edge refuses a connection for `rejection` once its head was read (or for lack
+/// of one): the status the browser gets, and whether the source is held to account.
+pub fn refusal(rejection: Rejection) -> Refusal {
+    const BAD_GATEWAY: Reply = Reply::Http {
+        status: 502,
+        reason: "Bad Gateway",
+        body: "the site's agent is unavailable\n",
+    };
+    let (abuse, reply) = match rejection {
+        Rejection::UnknownHost => (
+            Some(Abuse::UnknownHost),
+            Reply::Http {
+                status: 404,
+                reason: "Not Found",
+                body: "unknown host\n",
+            },
+        ),
+        Rejection::NoAgent | Rejection::AgentBusy | Rejection::AgentUnreachable => (None, BAD_GATEWAY),
+        Rejection::ParseError | Rejection::NotTls | Rejection::NoSni => (
+            Some(Abuse::BadHttpRequest),
+            Reply::Http {
+                status: 400,
+                reason: "Bad Request",
+                body: "bad request\n",
+            },
+        ),
+        Rejection::Timeout | Rejection::RateLimited => (None, Reply::Close),
+    };
+    Refusal {
+        rejection,
+        abuse,
+        reply,
+    }
+}
+
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2) to the host we route on: a DNS name as for SNI, an
 /// IPv4 address, or a bracketed IPv6 address, without the port.
 fn normalize_host(value: &[u8]) -> Option<String> {
@@ -125,7 +185,7 @@ fn normalize_host(value: &[u8]) -> Option<String> {
     if let Ok(address) = std::str::from_utf8(name).ok()?.parse::<Ipv4Addr>() {
         return Some(address.to_string());
     }
-    normalize_dns_name(name)
+    crate::hostname::normalize(name).ok()
 }
 
 /// Nothing, or `":" *DIGIT` with a value that fits a port (RFC 3986 allows an empty port).
@@ -187,28 +247,6 @@ fn push_visible(out: &mut String, s: &str) {
             let _ = write!(out, "%{b:02X}");
         }
     }
-}
-
-/// A complete small plain-text error response (e.g. 400, 404, 502, 503) with Connection: close.
-///
-/// A `status` outside 100..=599 becomes 500, and characters of `reason` that may not appear in a
-/// reason phrase (controls, non-ASCII) are dropped, so the status line cannot be split either.
-pub fn error_response(status: u16, reason: &str, body: &str) -> Vec<u8> {
-    let status = if (100..=599).contains(&status) {
-        status
-    } else {
-        500
-    };
-    let reason: String = reason
-        .chars()
-        .filter(|&c| c == ' ' || c == '\t' || c.is_ascii_graphic())
-        .collect();
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
 }
 
 #[cfg(test)]
@@ -508,19 +546,28 @@ mod tests {
     }
 
     #[test]
-    fn error_responses() {
-        assert_eq!(
-            error_response(404, "Not Found", "no route for a.example\n"),
-            b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 23\r\n\
-              Connection: close\r\n\r\nno route for a.example\n"
-        );
-        let response = String::from_utf8(error_response(1000, "Bad\r\nX: y", "\u{e9}")).unwrap();
-        assert!(response.starts_with("HTTP/1.1 500 BadX: y\r\n"), "{response}");
-        assert!(response.contains("Content-Length: 2\r\n"));
-        for status in [400, 502, 503] {
+    fn refusals() {
+        let too_large = HttpPeekError::TooLarge { limit: 1 }.refusal();
+        assert!(matches!(too_large.reply, Reply::Http { status: 431, .. }));
+        assert_eq!(too_large.abuse, Some(Abuse::BadHttpRequest));
+        let bad = HttpPeekError::NotHttp.refusal();
+        assert!(matches!(bad.reply, Reply::Http { status: 400, .. }));
+        assert_eq!(bad.rejection, Rejection::ParseError);
+        let unknown = refusal(Rejection::UnknownHost);
+        assert!(matches!(unknown.reply, Reply::Http { status: 404, .. }));
+        assert_eq!(unknown.abuse, Some(Abuse::UnknownHost));
+        for failed in [
+            Rejection::NoAgent,
+            Rejection::AgentBusy,
+            Rejection::AgentUnreachable,
+        ] {
+            let refusal = refusal(failed);
             assert!(
-                error_response(status, "x", "").starts_with(format!("HTTP/1.1 {status} x\r\n").as_bytes())
+                matches!(refusal.reply, Reply::Http { status: 502, .. }),
+                "{failed:?}"
             );
+            assert_eq!(refusal.abuse, None);
         }
+        assert_eq!(refusal(Rejection::Timeout).reply, Reply::Close);
     }
 }

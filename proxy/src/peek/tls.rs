@@ -16,12 +16,11 @@ use tls_parser::{
     parse_tls_extension_sni_content, parse_tls_extension_unknown, parse_tls_handshake_client_hello,
 };
 
-use super::{Peek, normalize_dns_name};
+use super::Peek;
+use super::refusal::{Abuse, AlertDescription, CONTENT_TYPE_ALERT, Refusal, Refused, Rejection, Reply};
 
 /// `ContentType.handshake`.
 const CONTENT_TYPE_HANDSHAKE: u8 = 22;
-/// `ContentType.alert`.
-const CONTENT_TYPE_ALERT: u8 = 21;
 /// `HandshakeType.client_hello`.
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 /// content type (1) + legacy_record_version (2) + length (2).
@@ -70,17 +69,47 @@ pub enum ClientHelloError {
     InvalidServerName,
 }
 
-impl ClientHelloError {
-    /// The fatal alert to send before closing, or `None` when the peer does not speak TLS and
-    /// should just be disconnected (an alert would be noise to it).
-    pub fn alert(&self) -> Option<AlertDescription> {
-        match self {
-            Self::NotTls => None,
-            Self::NotClientHello | Self::TooLarge { .. } | Self::Malformed(_) => {
-                Some(AlertDescription::DecodeError)
-            }
-            Self::InvalidServerName => Some(AlertDescription::UnrecognizedName),
+impl Refused for ClientHelloError {
+    /// How the TLS edge refuses a connection whose hello is this: counted as `not_tls` or
+    /// `parse_error`, held against the source, answered with a fatal alert unless the peer does
+    /// not speak TLS (an alert would be noise to it).
+    fn refusal(&self) -> Refusal {
+        let (rejection, reply) = match self {
+            Self::NotTls => (Rejection::NotTls, Reply::Close),
+            Self::NotClientHello | Self::TooLarge { .. } | Self::Malformed(_) => (
+                Rejection::ParseError,
+                Reply::TlsAlert(AlertDescription::DecodeError),
+            ),
+            Self::InvalidServerName => (
+                Rejection::ParseError,
+                Reply::TlsAlert(AlertDescription::UnrecognizedName),
+            ),
+        };
+        Refusal {
+            rejection,
+            abuse: Some(Abuse::BadClientHello),
+            reply,
         }
+    }
+}
+
+/// How the TLS edge refuses a connection for `rejection` once its hello was read (or for lack
+/// of one): which alert the browser gets, and whether the source is held to account.
+pub fn refusal(rejection: Rejection) -> Refusal {
+    use AlertDescription::{DecodeError, InternalError, UnrecognizedName};
+    let (abuse, reply) = match rejection {
+        Rejection::NoSni => (Some(Abuse::MissingSni), Reply::TlsAlert(UnrecognizedName)),
+        Rejection::UnknownHost => (Some(Abuse::UnknownHost), Reply::TlsAlert(UnrecognizedName)),
+        Rejection::NoAgent => (None, Reply::TlsAlert(UnrecognizedName)),
+        Rejection::AgentBusy | Rejection::AgentUnreachable => (None, Reply::TlsAlert(InternalError)),
+        Rejection::ParseError => (Some(Abuse::BadClientHello), Reply::TlsAlert(DecodeError)),
+        Rejection::NotTls => (Some(Abuse::BadClientHello), Reply::Close),
+        Rejection::Timeout | Rejection::RateLimited => (None, Reply::Close),
+    };
+    Refusal {
+        rejection,
+        abuse,
+        reply,
     }
 }
 
@@ -285,9 +314,9 @@ fn parse_server_name(data: &[u8]) -> Result<Option<String>, ClientHelloError> {
             "two host_name entries in server_name",
         ));
     }
-    normalize_dns_name(host_name)
+    crate::hostname::normalize(host_name)
         .map(Some)
-        .ok_or(ClientHelloError::InvalidServerName)
+        .map_err(|_| ClientHelloError::InvalidServerName)
 }
 
 /// `ProtocolNameList` (RFC 7301 §3.1): non-empty list of non-empty names.
@@ -305,26 +334,6 @@ fn parse_alpn(data: &[u8]) -> Result<Vec<Vec<u8>>, ClientHelloError> {
         return Err(BAD);
     }
     Ok(protocols.into_iter().map(<[u8]>::to_vec).collect())
-}
-
-/// TLS alert descriptions we send (unrecognized_name = 112, decode_error = 50, internal_error = 80,
-/// protocol_version = 70, handshake_failure = 40).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum AlertDescription {
-    HandshakeFailure = 40,
-    DecodeError = 50,
-    ProtocolVersion = 70,
-    InternalError = 80,
-    UnrecognizedName = 112,
-}
-
-/// A complete fatal alert record (7 bytes: 0x15, version 0x0303, length 2, level 2 = fatal, description).
-///
-/// Sent in the clear, which is correct before the server has answered the ClientHello.
-pub const fn fatal_alert(description: AlertDescription) -> [u8; 7] {
-    const FATAL: u8 = 2;
-    [CONTENT_TYPE_ALERT, 3, 3, 0, 2, FATAL, description as u8]
 }
 
 #[cfg(test)]
@@ -669,7 +678,7 @@ mod tests {
             // SSLv2-compatible CLIENT-HELLO (2-byte header with the high bit set, msg type 1).
             b"\x80\x2e\x01\x03\x01\x00\x15\x00\x00\x00\x10",
             // A TLS record of another content type first: alert, application data.
-            &fatal_alert(AlertDescription::InternalError),
+            &crate::peek::refusal::fatal_alert(AlertDescription::InternalError),
             b"\x17\x03\x03\x00\x01\x00",
             // Handshake content type with a version that is not 3.x.
             b"\x16\x02\x00",
@@ -764,29 +773,58 @@ mod tests {
     }
 
     #[test]
-    fn fatal_alert_bytes() {
+    fn refusals_for_bad_hellos() {
+        let reply = |e: ClientHelloError| e.refusal().reply;
+        assert_eq!(reply(ClientHelloError::NotTls), Reply::Close);
+        assert_eq!(ClientHelloError::NotTls.refusal().rejection, Rejection::NotTls);
         assert_eq!(
-            fatal_alert(AlertDescription::UnrecognizedName),
-            [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112]
-        );
-        assert_eq!(fatal_alert(AlertDescription::HandshakeFailure)[6], 40);
-        assert_eq!(fatal_alert(AlertDescription::DecodeError)[6], 50);
-        assert_eq!(fatal_alert(AlertDescription::ProtocolVersion)[6], 70);
-        assert_eq!(fatal_alert(AlertDescription::InternalError)[6], 80);
-        assert_eq!(ClientHelloError::NotTls.alert(), None);
-        assert_eq!(
-            ClientHelloError::InvalidServerName.alert(),
-            Some(AlertDescription::UnrecognizedName)
+            reply(ClientHelloError::InvalidServerName),
+            Reply::TlsAlert(AlertDescription::UnrecognizedName)
         );
         for undecodable in [
             ClientHelloError::NotClientHello,
             ClientHelloError::TooLarge { limit: 512 },
             ClientHelloError::Malformed("x"),
         ] {
+            let refusal = undecodable.refusal();
             assert_eq!(
-                undecodable.alert(),
-                Some(AlertDescription::DecodeError),
+                refusal.reply,
+                Reply::TlsAlert(AlertDescription::DecodeError),
                 "{undecodable:?}"
+            );
+            assert_eq!(refusal.rejection, Rejection::ParseError);
+            assert_eq!(refusal.abuse, Some(Abuse::BadClientHello));
+        }
+    }
+
+    #[test]
+    fn refusals_after_the_hello() {
+        use AlertDescription::{InternalError, UnrecognizedName};
+        for (rejection, abuse, reply) in [
+            (
+                Rejection::NoSni,
+                Some(Abuse::MissingSni),
+                Reply::TlsAlert(UnrecognizedName),
+            ),
+            (
+                Rejection::UnknownHost,
+                Some(Abuse::UnknownHost),
+                Reply::TlsAlert(UnrecognizedName),
+            ),
+            (Rejection::NoAgent, None, Reply::TlsAlert(UnrecognizedName)),
+            (Rejection::AgentBusy, None, Reply::TlsAlert(InternalError)),
+            (Rejection::AgentUnreachable, None, Reply::TlsAlert(InternalError)),
+            (Rejection::Timeout, None, Reply::Close),
+            (Rejection::RateLimited, None, Reply::Close),
+        ] {
+            assert_eq!(
+                refusal(rejection),
+                Refusal {
+                    rejection,
+                    abuse,
+                    reply
+                },
+                "{rejection:?}"
             );
         }
     }

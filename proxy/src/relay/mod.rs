@@ -1,42 +1,65 @@
-//! The relay process: binds the edge and tunnel listeners, watches the store, and shuts down
-//! gracefully.
+//! The relay process: composes the edge (browsers), the tunnel (agents), the store watch, the
+//! shield and the admin API, binds their listeners, and shuts them down gracefully.
+//!
+//! - [`edge`]: browser connections, from accept to the pump
+//! - [`tunnel`]: agent connections and sessions
+//! - [`tenants`], [`store_watch`]: the store as the relay sees it, and revocation
+//! - [`metrics`], [`api`]: what SREs see and do through the admin listener; [`cli`]: the
+//!   commands that talk to a running relay through it
+//!
+//! Each part gets the narrow things it uses (its config section, the routes, the sessions, the
+//! metrics, the shield), never the whole relay.
 //!
 //! Shutdown: stop accepting (listeners close, agents are told goodbye so they move to another
 //! relay), let active streams drain for `shutdown_grace`, then cut what is left. Listeners use
 //! SO_REUSEPORT, so a new relay process can take over the ports while the old one drains.
-mod store_watch;
+pub mod api;
+pub mod cli;
+pub mod edge;
+pub mod metrics;
+pub mod store_watch;
+pub mod tenants;
+pub mod tunnel;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
-use dashmap::DashMap;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::admin::metrics::RelayMetrics;
 use crate::config::relay::RelayConfig;
-use crate::edge::{self, EdgeKind};
-use crate::route::registry::Registry;
+use crate::net;
 use crate::shield::RelayShield;
-use crate::store::{Snapshot, Store, StoreError};
-use crate::tunnel::session::AgentSession;
-use crate::tunnel::tls::{TlsConfigError, relay_server_config};
+use crate::store::{Store, StoreError};
+use crate::wire::tls::{TlsConfigError, relay_server_config};
+use edge::{Edge, EdgeKind};
+use metrics::RelayMetrics;
+use tenants::Tenants;
+use tunnel::{Routes, SessionEnd, Sessions, Tunnel};
 
+/// Why a relay could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
+    /// A listener address is taken or not ours.
     #[error("binding {addr}: {source}")]
     Bind {
+        /// The configured address.
         addr: SocketAddr,
+        /// What the kernel said.
         source: std::io::Error,
     },
+    /// The tunnel certificate or key.
     #[error("tunnel TLS: {0}")]
     Tls(#[from] TlsConfigError),
+    /// The tenant store.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The admin token file.
     #[error("admin token file: {0}")]
     AdminToken(std::io::Error),
 }
@@ -44,60 +67,33 @@ pub enum RelayError {
 /// What `/readyz` reports.
 #[derive(Default)]
 pub struct Readiness {
+    /// Every listener is bound.
     pub listeners: AtomicBool,
+    /// The store loaded.
     pub store: AtomicBool,
+    /// The shield is attached or has fallen back to userspace.
     pub shield: AtomicBool,
-}
-
-/// State shared by every task of one relay.
-pub struct RelayState {
-    pub config: RelayConfig,
-    pub registry: Registry,
-    /// Live agent sessions by id.
-    pub sessions: DashMap<Arc<str>, Arc<AgentSession>>,
-    store: Store,
-    snapshot: RwLock<Arc<Snapshot>>,
-    https_port: OnceLock<u16>,
-    /// Cancelled when shutdown starts: listeners stop accepting, sessions say goodbye.
-    pub stopping: CancellationToken,
-    /// Cancelled when the drain deadline passes: every stream still open is cut.
-    pub hard_stop: CancellationToken,
-    /// Every client connection task, so shutdown can wait for them.
-    pub streams: TaskTracker,
-    pub metrics: RelayMetrics,
-    pub readiness: Readiness,
-    /// XDP shield (or its userspace fallback): accept-time gate and abuse bans.
-    pub shield: RelayShield,
-}
-
-impl RelayState {
-    /// The store as last loaded.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        Arc::clone(&self.snapshot.read().expect("snapshot lock"))
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// Re-reads the store now and enforces it on live sessions (after an admin API change).
-    pub fn refresh_store(&self) {
-        store_watch::refresh_now(self);
-    }
-
-    /// The port browsers reach the TLS edge on (for https redirects).
-    pub fn https_port(&self) -> Option<u16> {
-        self.https_port.get().copied()
-    }
 }
 
 /// A running relay.
 pub struct Relay {
-    state: Arc<RelayState>,
+    metrics: Arc<RelayMetrics>,
+    routes: Arc<Routes>,
+    sessions: Arc<Sessions>,
+    shield: Arc<RelayShield>,
+    readiness: Arc<Readiness>,
+    shutdown_grace: Duration,
+    stopping: CancellationToken,
+    hard_stop: CancellationToken,
+    streams: TaskTracker,
     tasks: JoinSet<()>,
+    /// Where the TLS edge listeners are bound.
     pub tls_addrs: Vec<SocketAddr>,
+    /// Where the plaintext HTTP edge listeners are bound.
     pub http_addrs: Vec<SocketAddr>,
+    /// Where the tunnel listener is bound.
     pub tunnel_addr: SocketAddr,
+    /// Where the admin listener is bound.
     pub admin_addr: SocketAddr,
 }
 
@@ -107,82 +103,100 @@ impl Relay {
         let acceptor = TlsAcceptor::from(relay_server_config(&config.tunnel.cert, &config.tunnel.key)?);
         let store = Store::open(&config.state_dir)?;
         let fingerprint = store.fingerprint()?;
-        let snapshot = store.load()?;
-        info!(
-            store = %store.path().display(),
-            tenants = snapshot.tenants.len(),
-            tokens = snapshot.tokens.len(),
-            "store loaded"
-        );
+        let tenants = Arc::new(Tenants::load(store)?);
         let admin_token = config.admin.token().map_err(RelayError::AdminToken)?;
-        let stopping = CancellationToken::new();
-        let state = Arc::new(RelayState {
-            registry: Registry::new(),
-            sessions: DashMap::new(),
-            store,
-            snapshot: RwLock::new(Arc::new(snapshot)),
-            https_port: OnceLock::new(),
-            hard_stop: CancellationToken::new(),
-            stopping,
-            streams: TaskTracker::new(),
-            metrics: RelayMetrics::new(config.admin.max_tenant_labels),
-            readiness: Readiness::default(),
-            shield: RelayShield::start(&config),
-            config,
-        });
-        state.readiness.store.store(true, Ordering::Release);
+        let readiness = Arc::new(Readiness::default());
+        readiness.store.store(true, Ordering::Release);
+        let metrics = Arc::new(RelayMetrics::new(config.admin.max_tenant_labels));
+        let shield = Arc::new(RelayShield::start(&config));
         // The shield is up (XDP) or has fallen back to userspace: either way its state is known.
-        state.readiness.shield.store(true, Ordering::Release);
-        register_shield_metrics(&state);
+        readiness.shield.store(true, Ordering::Release);
+        metrics::register_shield_collectors(&metrics, &shield);
+        let routes = Arc::new(Routes::new());
+        let sessions = Arc::new(Sessions::default());
+        let stopping = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        let streams = TaskTracker::new();
 
-        let mut tasks = JoinSet::new();
-        let bound = |addr: SocketAddr| edge::bind(addr).map_err(|source| RelayError::Bind { addr, source });
-        let admin_listener = bound(state.config.admin.listen)?;
-        let admin_addr = local_addr(&admin_listener, state.config.admin.listen);
+        let bind = |addr: SocketAddr| net::bind(addr).map_err(|source| RelayError::Bind { addr, source });
         // Browsers and agents speak first on every other port.
-        let client_first = |addr: SocketAddr| {
-            edge::bind_client_speaks_first(addr).map_err(|source| RelayError::Bind { addr, source })
+        let bind_client_first = |addr: SocketAddr| {
+            net::bind_client_speaks_first(addr).map_err(|source| RelayError::Bind { addr, source })
         };
-        let tunnel_listener = client_first(state.config.tunnel.listen)?;
-        let tunnel_addr = local_addr(&tunnel_listener, state.config.tunnel.listen);
+        let admin_listener = bind(config.admin.listen)?;
+        let admin_addr = local_addr(&admin_listener, config.admin.listen);
+        let tunnel_listener = bind_client_first(config.tunnel.listen)?;
+        let tunnel_addr = local_addr(&tunnel_listener, config.tunnel.listen);
         let mut tls_addrs = Vec::new();
         let mut http_addrs = Vec::new();
         let mut edge_listeners = Vec::new();
-        for &addr in &state.config.edge.tls_listen {
-            let listener = client_first(addr)?;
+        for &addr in &config.edge.tls_listen {
+            let listener = bind_client_first(addr)?;
             tls_addrs.push(local_addr(&listener, addr));
             edge_listeners.push((listener, EdgeKind::Tls));
         }
-        for &addr in &state.config.edge.http_listen {
-            let listener = client_first(addr)?;
+        for &addr in &config.edge.http_listen {
+            let listener = bind_client_first(addr)?;
             http_addrs.push(local_addr(&listener, addr));
             edge_listeners.push((listener, EdgeKind::Http));
         }
-        if let Some(first) = tls_addrs.first() {
-            let _ = state.https_port.set(first.port());
-        }
+
+        let mut tasks = JoinSet::new();
+        let edge = Arc::new(Edge {
+            config: config.edge.clone(),
+            https_port: tls_addrs.first().map(SocketAddr::port),
+            routes: Arc::clone(&routes),
+            shield: Arc::clone(&shield),
+            metrics: Arc::clone(&metrics),
+            streams: streams.clone(),
+            stopping: stopping.clone(),
+        });
         for (listener, kind) in edge_listeners {
-            tasks.spawn(edge::accept_loop(listener, kind, Arc::clone(&state)));
+            tasks.spawn(Arc::clone(&edge).accept_loop(listener, kind));
         }
-        tasks.spawn(crate::tunnel::listener::accept_loop(
-            tunnel_listener,
-            acceptor,
-            Arc::clone(&state),
-        ));
-        tasks.spawn(store_watch::run(Arc::clone(&state), fingerprint));
-        let admin = Arc::new(crate::admin::relay_api::RelayAdmin {
-            state: Arc::clone(&state),
+        let tunnel = Arc::new(Tunnel {
+            config: config.tunnel.clone(),
+            sessions: Arc::clone(&sessions),
+            routes: Arc::clone(&routes),
+            tenants: Arc::clone(&tenants),
+            metrics: Arc::clone(&metrics),
+            stopping: stopping.clone(),
+            hard_stop: hard_stop.clone(),
+        });
+        tasks.spawn(tunnel.accept_loop(tunnel_listener, acceptor));
+        {
+            let (tenants, sessions, stopping) =
+                (Arc::clone(&tenants), Arc::clone(&sessions), stopping.clone());
+            let every = config.store_poll;
+            tasks.spawn(
+                async move { store_watch::run(&tenants, &sessions, every, fingerprint, stopping).await },
+            );
+        }
+        let admin = Arc::new(api::RelayAdmin {
+            metrics: Arc::clone(&metrics),
+            readiness: Arc::clone(&readiness),
+            tenants,
+            sessions: Arc::clone(&sessions),
+            shield: Arc::clone(&shield),
         });
         tasks.spawn(crate::admin::http::serve(
             admin_listener,
             admin,
             admin_token,
-            state.hard_stop.clone(),
+            hard_stop.clone(),
         ));
-        state.readiness.listeners.store(true, Ordering::Release);
+        readiness.listeners.store(true, Ordering::Release);
         info!(tls = ?tls_addrs, http = ?http_addrs, tunnel = %tunnel_addr, admin = %admin_addr, "relay listening");
         Ok(Self {
-            state,
+            metrics,
+            routes,
+            sessions,
+            shield,
+            readiness,
+            shutdown_grace: config.shutdown_grace,
+            stopping,
+            hard_stop,
+            streams,
             tasks,
             tls_addrs,
             http_addrs,
@@ -191,81 +205,52 @@ impl Relay {
         })
     }
 
-    pub fn state(&self) -> &Arc<RelayState> {
-        &self.state
+    /// The relay's metrics.
+    pub fn metrics(&self) -> &RelayMetrics {
+        &self.metrics
+    }
+
+    /// The routing table.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+
+    /// The live agent sessions.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// The shield.
+    pub fn shield(&self) -> &RelayShield {
+        &self.shield
     }
 
     /// Graceful shutdown: stop accepting, tell agents, drain streams for `shutdown_grace`,
     /// then cut the rest.
     pub async fn shutdown(mut self) {
-        let grace = self.state.config.shutdown_grace;
+        let grace = self.shutdown_grace;
         info!(
-            active = self.state.streams.len(),
+            active = self.streams.len(),
             ?grace,
             "relay stopping: draining streams"
         );
-        self.state.stopping.cancel();
-        self.state.readiness.listeners.store(false, Ordering::Release);
-        for session in self.state.sessions.iter() {
-            session.end("relay shutting down", false);
+        self.stopping.cancel();
+        self.readiness.listeners.store(false, Ordering::Release);
+        for session in self.sessions.all() {
+            session.end(SessionEnd::RelayShutdown);
         }
-        self.state.streams.close();
-        if tokio::time::timeout(grace, self.state.streams.wait())
-            .await
-            .is_err()
-        {
+        self.streams.close();
+        if tokio::time::timeout(grace, self.streams.wait()).await.is_err() {
             warn!(
-                cut = self.state.streams.len(),
+                cut = self.streams.len(),
                 "drain deadline passed: cutting remaining streams"
             );
         }
-        self.state.hard_stop.cancel();
-        self.state.streams.wait().await;
+        self.hard_stop.cancel();
+        self.streams.wait().await;
         self.tasks.shutdown().await;
-        self.state.shield.shutdown();
+        self.shield.shutdown();
         info!("relay stopped");
-    }
-}
-
-/// Exposes the shield's kernel counters and ban figures in `/metrics`.
-fn register_shield_metrics(state: &Arc<RelayState>) {
-    use crate::admin::metrics::XdpCollector;
-    let weak = Arc::downgrade(state);
-    let collector = XdpCollector::new(move || {
-        let Some(state) = weak.upgrade() else {
-            return Vec::new();
-        };
-        state
-            .shield
-            .with_maps(|maps| maps.counters().unwrap_or_default())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(reason, counter)| (reason.label(), counter.packets, counter.bytes))
-            .collect()
-    });
-    if let Err(e) = state.metrics.register(Box::new(collector)) {
-        warn!(error = %e, "cannot register the XDP metrics");
-    }
-    let weak = Arc::downgrade(state);
-    let bans = crate::admin::metrics::ShieldCollector::new(move || {
-        let state = weak.upgrade()?;
-        let stats = state.shield.stats();
-        let active = state
-            .shield
-            .with_maps(|maps| maps.bans().map(|b| b.len()).unwrap_or_default());
-        Some(crate::admin::metrics::ShieldFigures {
-            xdp: matches!(
-                state.shield.mode(),
-                crate::shield::runtime::ShieldMode::Xdp { .. }
-            ),
-            active_bans: active.unwrap_or_default() as u64,
-            kernel_bans: stats.kernel_bans.load(Ordering::Relaxed),
-            abuse_bans: stats.abuse_bans.load(Ordering::Relaxed),
-            refused: stats.refused.load(Ordering::Relaxed),
-        })
-    });
-    if let Err(e) = state.metrics.register(Box::new(bans)) {
-        warn!(error = %e, "cannot register the shield metrics");
     }
 }
 

@@ -1,78 +1,70 @@
 //! Keeps the relay's view of the store current and enforces it on live sessions: when a token
 //! is revoked or expires, or a tenant is removed or loses a hostname, the affected sessions end
 //! and their active streams are cut — within one poll interval.
-use std::sync::Arc;
+use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::RelayState;
+use super::tenants::Tenants;
+use super::tunnel::{SessionEnd, Sessions};
 use crate::store::{StoreFingerprint, unix_now};
 
-/// `last` is the fingerprint taken *before* the snapshot the relay started with was loaded, so a
-/// change racing with that load is picked up on the first poll.
-pub(super) async fn run(state: Arc<RelayState>, mut last: Option<StoreFingerprint>) {
-    let mut ticker = tokio::time::interval(state.config.store_poll);
+/// Polls the store every `every` until `stopping`. `last` is the fingerprint taken *before* the
+/// snapshot the relay started with was loaded, so a change racing with that load is picked up
+/// on the first poll.
+pub async fn run(
+    tenants: &Tenants,
+    sessions: &Sessions,
+    every: Duration,
+    mut last: Option<StoreFingerprint>,
+    stopping: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            () = state.stopping.cancelled() => return,
+            () = stopping.cancelled() => return,
         }
-        match state.store.fingerprint() {
+        match tenants.store().fingerprint() {
             Ok(now) if now != last => {
-                if reload(&state) {
+                if tenants.reload() {
                     last = now;
                 }
             }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "cannot check the store"),
         }
-        enforce(&state);
+        enforce(tenants, sessions);
     }
 }
 
-/// Reloads the store unconditionally and enforces it (after an admin API change).
-pub(super) fn refresh_now(state: &RelayState) {
-    reload(state);
-    enforce(state);
-}
-
-/// Replaces the relay's snapshot with the store as it is now; false when it cannot be loaded.
-/// Then the last good snapshot stays: a half-edited file is not a reason to drop every tenant.
-fn reload(state: &RelayState) -> bool {
-    match state.store.load() {
-        Ok(snapshot) => {
-            info!(
-                tenants = snapshot.tenants.len(),
-                tokens = snapshot.tokens.len(),
-                "store reloaded"
-            );
-            *state.snapshot.write().expect("snapshot lock") = Arc::new(snapshot);
-            true
-        }
-        Err(e) => {
-            warn!(error = %e, "cannot load the store; keeping the previous one");
-            false
-        }
-    }
+/// Reloads the store now and enforces it (after an admin API change).
+pub fn refresh_now(tenants: &Tenants, sessions: &Sessions) {
+    tenants.reload();
+    enforce(tenants, sessions);
 }
 
 /// Ends sessions whose authorization no longer holds (also catches plain token expiry).
-fn enforce(state: &RelayState) {
-    let snapshot = state.snapshot();
+fn enforce(tenants: &Tenants, sessions: &Sessions) {
+    let snapshot = tenants.snapshot();
     let now = unix_now();
-    for session in state.sessions.iter() {
-        let reason = match snapshot.check_token(&session.token_id(), now) {
-            Err(e) => Some(format!("access revoked: {e}")),
+    for session in sessions.all() {
+        let end = match snapshot.check_token(&session.token_id(), now) {
+            Err(e) => Some(SessionEnd::AccessRevoked(e)),
             Ok(auth) => session
                 .routes()
-                .iter()
+                .into_iter()
                 .find(|route| !auth.tenant.owns(route))
-                .map(|route| format!("tenant {} no longer owns {route}", auth.tenant.name)),
+                .map(|route| SessionEnd::HostnameLost {
+                    tenant: auth.tenant.name.clone(),
+                    route,
+                }),
         };
-        if let Some(reason) = reason {
-            info!(agent = %session.id, reason, "cutting agent session");
-            session.end(&reason, true);
+        if let Some(end) = end {
+            info!(agent = %session.id(), reason = %end, "cutting agent session");
+            session.end(end);
         }
     }
 }

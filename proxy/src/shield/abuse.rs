@@ -9,33 +9,10 @@ use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::shield::ShieldConfig;
+pub use crate::peek::Abuse;
 
 /// Sources tracked before those with expired windows are forgotten.
 const MAX_TRACKED: usize = 100_000;
-
-/// Why the edge rejected a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Abuse {
-    /// Not TLS, or a ClientHello that does not parse.
-    BadClientHello,
-    /// A ClientHello without a server name.
-    MissingSni,
-    /// A server name (or Host) no tenant owns: typical of SNI scanning.
-    UnknownHost,
-    /// A request head that does not parse or is too large.
-    BadHttpRequest,
-}
-
-impl Abuse {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::BadClientHello => "bad_client_hello",
-            Self::MissingSni => "missing_sni",
-            Self::UnknownHost => "unknown_host",
-            Self::BadHttpRequest => "bad_http_request",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Window {

@@ -8,9 +8,9 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use proxy_common::CidrOrigin;
 
-use super::cidr::Cidr;
 use super::maps::{CidrList, ShieldMaps};
 use super::{ShieldError, pin};
+use crate::cidr::Cidr;
 
 #[derive(Debug, Args)]
 pub struct ShieldArgs {
@@ -88,6 +88,12 @@ pub enum CliError {
     Ambiguous { pinned: String },
     #[error(transparent)]
     Shield(#[from] ShieldError),
+    /// `sluice shield-probe`: the program answered a test frame wrongly.
+    #[error("the shield returned XDP action {action} for an ARP frame; expected XDP_PASS")]
+    ProbeFailed {
+        /// What it returned.
+        action: u32,
+    },
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
 }
@@ -156,6 +162,27 @@ pub fn run(args: &ShieldArgs, out: &mut dyn Write) -> Result<(), CliError> {
             }
         }
     }
+    Ok(())
+}
+
+/// `sluice shield-probe`: loads the shield into the running kernel (the verifier checks it) and
+/// runs it on a test frame with `BPF_PROG_TEST_RUN`: a quick check that this host can run it.
+pub fn probe(out: &mut dyn Write) -> Result<(), CliError> {
+    let mut shield = super::Shield::load()?;
+    // An Ethernet frame carrying ARP: not IP, so the shield must pass it untouched.
+    let mut frame = [0u8; 42];
+    frame[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let outcome = shield.test_run(&frame, 1000)?;
+    if outcome.action != super::action::PASS {
+        return Err(CliError::ProbeFailed {
+            action: outcome.action,
+        });
+    }
+    writeln!(
+        out,
+        "XDP shield loaded and verified by the kernel; test frame passed in {:?}",
+        outcome.per_packet
+    )?;
     Ok(())
 }
 

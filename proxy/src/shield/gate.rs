@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::shield::ShieldConfig;
 
-use super::cidr::Cidr;
+use crate::cidr::Cidr;
 
 /// Sources tracked before idle ones are forgotten.
 const MAX_TRACKED: usize = 100_000;

@@ -23,9 +23,9 @@ use proxy_common::{
 };
 
 use super::ShieldError;
-use super::cidr::Cidr;
 use super::clock::monotonic_now_ns;
 use super::sources::SourceTable;
+use crate::cidr::Cidr;
 
 /// Which list a CIDR is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,9 +9,8 @@
 //! - [`runtime`]: what a relay runs: XDP when it can attach, else the userspace [`gate`];
 //!   plus the [`abuse`] tracker that turns repeated L7 rejections into bans.
 //! - [`cli`]: `sluice shield ...`, editing a running relay's shield through its pins.
-//! - [`cidr`], [`pin`], [`clock`]: CIDR parsing, pin paths, the kernel's clock.
+//! - [`pin`], [`clock`]: pin paths, the kernel's clock.
 pub mod abuse;
-pub mod cidr;
 pub mod cli;
 pub mod clock;
 pub mod events;

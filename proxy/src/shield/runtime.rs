@@ -234,7 +234,7 @@ impl Drop for RelayShield {
 /// The policy the kernel enforces for `config`.
 pub fn kernel_policy(config: &ShieldConfig, edge: &EdgeConfig) -> KernelPolicy {
     KernelPolicy::new(
-        &config.effective_ports(edge),
+        &config.effective_ports(&edge.ports()),
         (config.syn_rate, config.syn_burst),
         (config.packet_rate, config.packet_burst),
         config.ban_threshold,

@@ -21,8 +21,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ring::rand::SystemRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::route::pattern::{HostPattern, wildcard_key};
+use crate::hostname::{HostPattern, wildcard_key};
 
+pub mod cli;
 mod file;
 mod token;
 

@@ -117,6 +117,14 @@ pub fn spki_sha256(cert: &CertificateDer<'_>) -> Result<[u8; 32], rustls::Error>
     Ok(out)
 }
 
+/// The pin of the first certificate in a PEM file (`sluice relay-pin`): lowercase hex SHA-256 of
+/// its public key, what an agent's `pin_sha256` takes.
+pub fn pin_of_file(cert: &Path) -> Result<String, TlsConfigError> {
+    let certs = load_certs(cert)?;
+    let pin = spki_sha256(&certs[0])?;
+    Ok(data_encoding::HEXLOWER.encode(&pin))
+}
+
 /// Accepts the one relay key it was configured with; signatures are checked the standard way.
 #[derive(Debug)]
 struct PinnedKeyVerifier {

@@ -19,12 +19,27 @@ use std::sync::atomic::Ordering;
 use hyper::{Method, Response, StatusCode};
 use serde::Serialize;
 
-use super::http::{AdminHandler, AdminRequest, Body, error, json, text};
-use crate::relay::RelayState;
+use super::Readiness;
+use super::metrics::RelayMetrics;
+use super::store_watch;
+use super::tenants::Tenants;
+use super::tunnel::{SessionEnd, Sessions};
+use crate::admin::http::{AdminHandler, AdminRequest, Body, error, json, text};
+use crate::shield::RelayShield;
 use crate::store::unix_now;
 
+/// The relay's admin endpoints, over the parts of the relay they show and change.
 pub struct RelayAdmin {
-    pub state: Arc<RelayState>,
+    /// Served at `/metrics`.
+    pub metrics: Arc<RelayMetrics>,
+    /// Served at `/readyz`.
+    pub readiness: Arc<Readiness>,
+    /// Tenants and tokens (revocations write to the store).
+    pub tenants: Arc<Tenants>,
+    /// Live tunnels.
+    pub sessions: Arc<Sessions>,
+    /// Bans.
+    pub shield: Arc<RelayShield>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -58,7 +73,7 @@ pub struct BanView {
 }
 
 #[derive(Serialize)]
-struct Readiness {
+struct ReadinessView {
     ready: bool,
     listeners_bound: bool,
     store_loaded: bool,
@@ -67,20 +82,19 @@ struct Readiness {
 
 impl AdminHandler for RelayAdmin {
     fn handle(&self, request: &AdminRequest) -> Response<Body> {
-        let state = &self.state;
         let segments: Vec<&str> = request.segments.iter().map(String::as_str).collect();
         match (&request.method, segments.as_slice()) {
             (&Method::GET, ["metrics"]) => text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                state.metrics.encode(),
+                self.metrics.encode(),
             ),
             (&Method::GET, ["healthz"]) => json(StatusCode::OK, &serde_json::json!({ "status": "alive" })),
             (&Method::GET, ["readyz"]) => {
-                let readiness = Readiness {
-                    listeners_bound: state.readiness.listeners.load(Ordering::Acquire),
-                    store_loaded: state.readiness.store.load(Ordering::Acquire),
-                    shield_state_known: state.readiness.shield.load(Ordering::Acquire),
+                let readiness = ReadinessView {
+                    listeners_bound: self.readiness.listeners.load(Ordering::Acquire),
+                    store_loaded: self.readiness.store.load(Ordering::Acquire),
+                    shield_state_known: self.readiness.shield.load(Ordering::Acquire),
                     ready: false,
                 };
                 let ready =
@@ -90,10 +104,10 @@ impl AdminHandler for RelayAdmin {
                 } else {
                     StatusCode::SERVICE_UNAVAILABLE
                 };
-                json(status, &Readiness { ready, ..readiness })
+                json(status, &ReadinessView { ready, ..readiness })
             }
             (&Method::GET, ["api", "tenants"]) => {
-                let snapshot = state.snapshot();
+                let snapshot = self.tenants.snapshot();
                 let tenants: Vec<TenantView> = snapshot
                     .tenants
                     .values()
@@ -105,7 +119,7 @@ impl AdminHandler for RelayAdmin {
                 json(StatusCode::OK, &tenants)
             }
             (&Method::GET, ["api", "tokens"]) => {
-                let snapshot = state.snapshot();
+                let snapshot = self.tenants.snapshot();
                 let now = unix_now();
                 let tokens: Vec<TokenView> = snapshot
                     .tokens
@@ -119,9 +133,9 @@ impl AdminHandler for RelayAdmin {
                     .collect();
                 json(StatusCode::OK, &tokens)
             }
-            (&Method::POST, ["api", "tokens", id, "revoke"]) => match state.store().revoke_token(id) {
+            (&Method::POST, ["api", "tokens", id, "revoke"]) => match self.tenants.store().revoke_token(id) {
                 Ok(record) => {
-                    state.refresh_store();
+                    store_watch::refresh_now(&self.tenants, &self.sessions);
                     json(
                         StatusCode::OK,
                         &serde_json::json!({ "revoked": record.id, "tenant": record.tenant }),
@@ -133,15 +147,16 @@ impl AdminHandler for RelayAdmin {
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
             },
             (&Method::GET, ["api", "tunnels"]) => {
-                let mut tunnels: Vec<TunnelView> = state
+                let mut tunnels: Vec<TunnelView> = self
                     .sessions
+                    .all()
                     .iter()
                     .map(|s| TunnelView {
-                        agent_id: s.id.to_string(),
-                        tenant: s.tenant.to_string(),
+                        agent_id: s.id().to_string(),
+                        tenant: s.tenant().to_string(),
                         routes: s.routes().iter().map(ToString::to_string).collect(),
-                        active_streams: s.active_streams(),
-                        idle_data_connections: s.idle_count(),
+                        active_streams: s.pool.active_streams(),
+                        idle_data_connections: s.pool.idle_count(),
                     })
                     .collect();
                 tunnels.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
@@ -149,15 +164,15 @@ impl AdminHandler for RelayAdmin {
             }
             (&Method::DELETE, ["api", "tunnels", id @ ..]) if !id.is_empty() => {
                 let id = id.join("/");
-                match state.sessions.get(id.as_str()) {
+                match self.sessions.get(id.as_str()) {
                     Some(session) => {
-                        session.end("cut by the relay operator", true);
+                        session.end(SessionEnd::CutByOperator);
                         json(StatusCode::OK, &serde_json::json!({ "cut": id }))
                     }
                     None => error(StatusCode::NOT_FOUND, &format!("no live tunnel {id}")),
                 }
             }
-            (&Method::GET, ["api", "bans"]) => match state.shield.bans() {
+            (&Method::GET, ["api", "bans"]) => match self.shield.bans() {
                 Ok(bans) => {
                     let bans: Vec<BanView> = bans
                         .into_iter()
@@ -181,7 +196,7 @@ impl AdminHandler for RelayAdmin {
                         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("`for`: {e}")),
                     },
                 };
-                match state.shield.ban(source, duration) {
+                match self.shield.ban(source, duration) {
                     Ok(()) => json(
                         StatusCode::OK,
                         &serde_json::json!({ "banned": source.to_string() }),
@@ -193,7 +208,7 @@ impl AdminHandler for RelayAdmin {
                 let Ok(source) = source.parse::<std::net::IpAddr>() else {
                     return error(StatusCode::BAD_REQUEST, "not an IP address");
                 };
-                match state.shield.unban(source) {
+                match self.shield.unban(source) {
                     Ok(true) => json(
                         StatusCode::OK,
                         &serde_json::json!({ "unbanned": source.to_string() }),

@@ -106,7 +106,7 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tunnel::message::AgentMessage;
+    use crate::wire::message::AgentMessage;
 
     #[test]
     fn round_trips_and_reports_length() {

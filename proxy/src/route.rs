@@ -1,32 +1,53 @@
-//! The routing table: which agent sessions serve which hostname, and for which tenant.
+//! The routing table: which agents serve which hostname, and for which tenant.
 //!
 //! Lookups are two hash probes — the exact name, then the wildcard for its parent domain — so
 //! cost does not grow with the number of hostnames. A hostname belongs to one tenant at a time:
 //! while one tenant's agents serve it, another tenant's claim is refused.
+//!
+//! The table holds narrow handles (`A`, in the relay the agent session's data pool): all it
+//! asks of one is whether it is still live, so routes of a session that ended are never
+//! handed out even before it unregisters.
 use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
-use super::pattern::{HostPattern, wildcard_key};
-use crate::tunnel::message::HttpMode;
-use crate::tunnel::session::AgentSession;
+use crate::hostname::{HostPattern, wildcard_key};
+use crate::wire::message::HttpMode;
+
+/// What the registry asks of the handles it holds.
+pub trait Liveness {
+    /// False once the agent behind it is gone; its registrations are then ignored.
+    fn is_live(&self) -> bool;
+}
 
 /// One agent's registration of a hostname.
-#[derive(Clone)]
-pub struct RouteAgent {
-    pub session: Arc<AgentSession>,
+pub struct Served<A> {
+    /// The agent serving it.
+    pub agent: Arc<A>,
+    /// How plaintext HTTP for it is treated.
     pub http: HttpMode,
 }
 
-/// A hostname pattern with the tenant that owns it and the agents serving it.
-pub struct Route {
-    pub tenant: Arc<str>,
-    pub pattern: HostPattern,
-    agents: RwLock<Vec<RouteAgent>>,
+impl<A> Clone for Served<A> {
+    fn clone(&self) -> Self {
+        Self {
+            agent: Arc::clone(&self.agent),
+            http: self.http,
+        }
+    }
 }
 
-impl Route {
+/// A hostname pattern with the tenant that owns it and the agents serving it.
+pub struct Route<A> {
+    /// The tenant that owns the pattern.
+    pub tenant: Arc<str>,
+    /// The pattern.
+    pub pattern: HostPattern,
+    agents: RwLock<Vec<Served<A>>>,
+}
+
+impl<A: Liveness> Route<A> {
     fn empty(tenant: &Arc<str>, pattern: &HostPattern) -> Arc<Self> {
         Arc::new(Self {
             tenant: Arc::clone(tenant),
@@ -36,47 +57,62 @@ impl Route {
     }
 
     /// The live agents serving this route.
-    pub fn agents(&self) -> Vec<RouteAgent> {
+    pub fn agents(&self) -> Vec<Served<A>> {
         self.agents
             .read()
             .expect("route lock")
             .iter()
-            .filter(|a| a.session.is_live())
+            .filter(|a| a.agent.is_live())
             .cloned()
             .collect()
     }
 }
 
+/// Why a registration was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegisterError {
+    /// A live agent of another tenant serves it.
     #[error("{hostname} is served by another tenant")]
-    OwnedByAnotherTenant { hostname: String },
+    OwnedByAnotherTenant {
+        /// The pattern asked for.
+        hostname: String,
+    },
 }
 
-#[derive(Default)]
-pub struct Registry {
-    exact: DashMap<String, Arc<Route>>,
-    wildcard: DashMap<String, Arc<Route>>,
+/// Hostname patterns -> routes.
+pub struct Registry<A> {
+    exact: DashMap<String, Arc<Route<A>>>,
+    wildcard: DashMap<String, Arc<Route<A>>>,
 }
 
-impl Registry {
+impl<A> Default for Registry<A> {
+    fn default() -> Self {
+        Self {
+            exact: DashMap::new(),
+            wildcard: DashMap::new(),
+        }
+    }
+}
+
+impl<A: Liveness> Registry<A> {
+    /// An empty table.
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn table(&self, pattern: &HostPattern) -> (&DashMap<String, Arc<Route>>, String) {
+    fn table(&self, pattern: &HostPattern) -> (&DashMap<String, Arc<Route<A>>>, String) {
         match pattern {
             HostPattern::Exact(host) => (&self.exact, host.clone()),
             HostPattern::Wildcard { suffix } => (&self.wildcard, suffix.clone()),
         }
     }
 
-    /// Adds `agent` as a server of `pattern` for `tenant` (replacing its earlier registration).
+    /// Adds `served` as a server of `pattern` for `tenant` (replacing its earlier registration).
     pub fn register(
         &self,
         tenant: &Arc<str>,
         pattern: &HostPattern,
-        agent: RouteAgent,
+        served: Served<A>,
     ) -> Result<(), RegisterError> {
         let (table, key) = self.table(pattern);
         let route = match table.entry(key) {
@@ -99,23 +135,23 @@ impl Registry {
             Entry::Vacant(entry) => Arc::clone(entry.insert(Route::empty(tenant, pattern)).value()),
         };
         let mut agents = route.agents.write().expect("route lock");
-        agents.retain(|a| a.session.is_live() && !Arc::ptr_eq(&a.session, &agent.session));
-        agents.push(agent);
+        agents.retain(|a| a.agent.is_live() && !Arc::ptr_eq(&a.agent, &served.agent));
+        agents.push(served);
         Ok(())
     }
 
-    /// Removes `session` from `pattern`; drops the route when nobody serves it any more.
-    pub fn unregister(&self, pattern: &HostPattern, session: &AgentSession) {
+    /// Removes `agent` from `pattern`; drops the route when nobody serves it any more.
+    pub fn unregister(&self, pattern: &HostPattern, agent: &A) {
         let (table, key) = self.table(pattern);
         table.remove_if(&key, |_, route| {
             let mut agents = route.agents.write().expect("route lock");
-            agents.retain(|a| a.session.is_live() && !std::ptr::eq(Arc::as_ptr(&a.session), session));
+            agents.retain(|a| a.agent.is_live() && !std::ptr::eq(Arc::as_ptr(&a.agent), agent));
             agents.is_empty()
         });
     }
 
     /// The route for `host` (lowercase): exact match first, then a wildcard on its parent.
-    pub fn lookup(&self, host: &str) -> Option<Arc<Route>> {
+    pub fn lookup(&self, host: &str) -> Option<Arc<Route<A>>> {
         if let Some(route) = self.exact.get(host) {
             return Some(Arc::clone(&route));
         }
@@ -128,6 +164,7 @@ impl Registry {
         self.exact.len() + self.wildcard.len()
     }
 
+    /// Whether no pattern has a route.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -135,27 +172,29 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use tokio_util::sync::CancellationToken;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
 
-    fn session(tenant: &str) -> Arc<AgentSession> {
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        Arc::new(AgentSession::new(
-            format!("{tenant}/agent/x").into(),
-            tenant.into(),
-            "token".into(),
-            Duration::from_secs(60),
-            tx,
-            &CancellationToken::new(),
-        ))
+    /// An agent that is live until it leaves.
+    #[derive(Default)]
+    struct Agent {
+        gone: AtomicBool,
     }
 
-    fn agent(session: &Arc<AgentSession>) -> RouteAgent {
-        RouteAgent {
-            session: Arc::clone(session),
+    impl Liveness for Agent {
+        fn is_live(&self) -> bool {
+            !self.gone.load(Ordering::Relaxed)
+        }
+    }
+
+    fn agent() -> Arc<Agent> {
+        Arc::new(Agent::default())
+    }
+
+    fn served(agent: &Arc<Agent>) -> Served<Agent> {
+        Served {
+            agent: Arc::clone(agent),
             http: HttpMode::Redirect,
         }
     }
@@ -167,17 +206,17 @@ mod tests {
     #[test]
     fn exact_names_win_over_wildcards_and_wildcards_cover_one_label() {
         let registry = Registry::new();
-        let (acme, web) = (session("acme"), session("web"));
+        let (acme, web) = (agent(), agent());
         registry
-            .register(&"acme".into(), &pattern("*.acme.test"), agent(&acme))
+            .register(&"acme".into(), &pattern("*.acme.test"), served(&acme))
             .unwrap();
         registry
-            .register(&"acme".into(), &pattern("www.acme.test"), agent(&web))
+            .register(&"acme".into(), &pattern("www.acme.test"), served(&web))
             .unwrap();
         let exact = registry.lookup("www.acme.test").unwrap();
-        assert!(Arc::ptr_eq(&exact.agents()[0].session, &web));
+        assert!(Arc::ptr_eq(&exact.agents()[0].agent, &web));
         let wild = registry.lookup("shop.acme.test").unwrap();
-        assert!(Arc::ptr_eq(&wild.agents()[0].session, &acme));
+        assert!(Arc::ptr_eq(&wild.agents()[0].agent, &acme));
         assert!(registry.lookup("a.shop.acme.test").is_none());
         assert!(registry.lookup("acme.test").is_none());
     }
@@ -185,20 +224,20 @@ mod tests {
     #[test]
     fn another_tenant_is_refused_until_the_holder_is_gone() {
         let registry = Registry::new();
-        let holder = session("acme");
+        let holder = agent();
         registry
-            .register(&"acme".into(), &pattern("app.test"), agent(&holder))
+            .register(&"acme".into(), &pattern("app.test"), served(&holder))
             .unwrap();
-        let intruder = session("globex");
+        let intruder = agent();
         assert_eq!(
-            registry.register(&"globex".into(), &pattern("app.test"), agent(&intruder)),
+            registry.register(&"globex".into(), &pattern("app.test"), served(&intruder)),
             Err(RegisterError::OwnedByAnotherTenant {
                 hostname: "app.test".into()
             })
         );
-        holder.end("gone", false);
+        holder.gone.store(true, Ordering::Relaxed);
         registry
-            .register(&"globex".into(), &pattern("app.test"), agent(&intruder))
+            .register(&"globex".into(), &pattern("app.test"), served(&intruder))
             .unwrap();
         assert_eq!(&*registry.lookup("app.test").unwrap().tenant, "globex");
     }
@@ -206,16 +245,16 @@ mod tests {
     #[test]
     fn a_route_lives_while_any_agent_serves_it() {
         let registry = Registry::new();
-        let (one, two) = (session("acme"), session("acme"));
+        let (one, two) = (agent(), agent());
         let tenant: Arc<str> = "acme".into();
         registry
-            .register(&tenant, &pattern("app.test"), agent(&one))
+            .register(&tenant, &pattern("app.test"), served(&one))
             .unwrap();
         registry
-            .register(&tenant, &pattern("app.test"), agent(&two))
+            .register(&tenant, &pattern("app.test"), served(&two))
             .unwrap();
         registry
-            .register(&tenant, &pattern("app.test"), agent(&two))
+            .register(&tenant, &pattern("app.test"), served(&two))
             .unwrap();
         assert_eq!(
             registry.lookup("app.test").unwrap().agents().len(),
@@ -227,5 +266,22 @@ mod tests {
         registry.unregister(&pattern("app.test"), &two);
         assert!(registry.lookup("app.test").is_none());
         assert!(registry.is_empty());
+    }
+
+    #[test]
+    fn agents_that_left_are_not_handed_out_before_they_unregister() {
+        let registry = Registry::new();
+        let (gone, live) = (agent(), agent());
+        let tenant: Arc<str> = "acme".into();
+        registry
+            .register(&tenant, &pattern("app.test"), served(&gone))
+            .unwrap();
+        registry
+            .register(&tenant, &pattern("app.test"), served(&live))
+            .unwrap();
+        gone.gone.store(true, Ordering::Relaxed);
+        let agents = registry.lookup("app.test").unwrap().agents();
+        assert_eq!(agents.len(), 1);
+        assert!(Arc::ptr_eq(&agents[0].agent, &live));
     }
 }

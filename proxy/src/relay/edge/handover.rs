@@ -13,26 +13,44 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::time::Instant;
 
+use super::Edge;
+use crate::peek::Rejection;
 use crate::pump::{Counted, Meters, PumpError, Transferred, pump, pump_tcp};
-use crate::relay::RelayState;
-use crate::route::registry::{Route, RouteAgent};
-use crate::tunnel::message::RelayMessage;
-use crate::tunnel::session::{ActiveStream, AgentSession, Carrier, DataConn};
-use crate::tunnel::stream_header::{StreamHeader, StreamKind};
+use crate::relay::metrics::RelayMetrics;
+use crate::relay::tunnel::{ActiveStream, AgentPool, Carrier, DataConn};
+use crate::route::{Route, Served};
+use crate::wire::stream_header::{StreamHeader, StreamKind};
 
+/// Why a routed stream could not be handed over.
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
+    /// No live agent of the tenant serves the hostname (for this kind of stream).
     #[error("no agent is serving this hostname")]
     NoAgent,
+    /// Every eligible agent's pool stayed empty.
     #[error("no data connection from the tenant's agents within {0:?}")]
     PoolExhausted(Duration),
+    /// The claimed data connection failed under the first write.
     #[error("writing to the tunnel: {0}")]
     Io(#[from] std::io::Error),
 }
 
+impl HandoverError {
+    /// What the refusal is counted as.
+    pub fn rejection(&self) -> Rejection {
+        match self {
+            Self::NoAgent => Rejection::NoAgent,
+            Self::PoolExhausted(_) => Rejection::AgentBusy,
+            Self::Io(_) => Rejection::AgentUnreachable,
+        }
+    }
+}
+
 /// A client stream now attached to an agent's data connection.
 pub struct Handover {
-    pub session: Arc<AgentSession>,
+    /// The agent carrying it.
+    pub agent: Arc<AgentPool>,
+    /// The data connection carrying it.
     pub tunnel: DataConn,
     /// Keeps the stream counted in the agent's load until dropped.
     pub active: ActiveStream,
@@ -45,14 +63,13 @@ impl Handover {
     /// lifetime.
     pub async fn pump_stream(
         mut self,
-        state: &RelayState,
+        metrics: &RelayMetrics,
         listener: &str,
         tenant: &str,
         mut client: tokio::net::TcpStream,
         peeked: BytesMut,
         accepted_at: Instant,
     ) -> Result<Transferred, PumpError> {
-        let metrics = &state.metrics;
         metrics
             .setup_seconds
             .with_label_values(&[listener])
@@ -62,12 +79,13 @@ impl Handover {
         drop(peeked);
         metrics
             .stream_transports
-            .with_label_values(&[self.tunnel.transport()])
+            .with_label_values(&[self.tunnel.transport().label()])
             .inc();
+        let cut = self.agent.cut();
         match &mut self.tunnel {
             DataConn::Tls(tunnel) => {
                 let mut client = Counted::new(client, to_agent, to_client);
-                pump(&mut client, tunnel, &self.session.cut).await
+                pump(&mut client, tunnel, cut).await
             }
             DataConn::Tcp { stream, .. } => {
                 // Both ends plain TCP: splice(2), the payload never enters our memory.
@@ -75,7 +93,7 @@ impl Handover {
                     a_to_b: to_agent,
                     b_to_a: to_client,
                 };
-                pump_tcp(&mut client, stream, &self.session.cut, Some(&meters)).await
+                pump_tcp(&mut client, stream, cut, Some(&meters)).await
             }
         }
     }
@@ -87,37 +105,39 @@ fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error 
 
 /// What to tell the agent about the stream.
 pub struct StreamInfo<'a> {
+    /// TLS or plaintext HTTP.
     pub kind: StreamKind,
+    /// The browser's address.
     pub client: SocketAddr,
+    /// The relay port it connected to.
     pub relay_port: u16,
+    /// The hostname it was routed by.
     pub host: &'a str,
 }
 
-/// Claims a data connection from the least-loaded eligible agent and sends it the stream
-/// header followed by `initial` (the bytes peeked from the client).
+/// Claims a data connection (of a kind `carrier` allows) from the least-loaded agent of
+/// `route` that is `eligible`, and sends it the stream header followed by `initial` (the bytes
+/// peeked from the client).
 pub async fn to_agent(
-    state: &RelayState,
-    route: &Route,
-    eligible: impl Fn(&RouteAgent) -> bool,
+    edge: &Edge,
+    route: &Route<AgentPool>,
+    eligible: impl Fn(&Served<AgentPool>) -> bool,
+    carrier: Carrier,
     info: StreamInfo<'_>,
     initial: &[u8],
 ) -> Result<Handover, HandoverError> {
-    let wait = state.config.edge.agent_wait;
+    let wait = edge.config.agent_wait;
     let deadline = Instant::now() + wait;
     let mut asked_for_more = false;
-    let carrier = match info.kind {
-        StreamKind::Tls => Carrier::Any,
-        StreamKind::Http => Carrier::TlsOnly,
-    };
     loop {
-        let mut agents: Vec<RouteAgent> = route.agents().into_iter().filter(&eligible).collect();
+        let mut agents: Vec<Served<AgentPool>> = route.agents().into_iter().filter(&eligible).collect();
         if agents.is_empty() {
             return Err(HandoverError::NoAgent);
         }
-        agents.sort_by_key(|a| a.session.active_streams());
-        for agent in &agents {
-            if let Some(mut tunnel) = agent.session.claim_idle(carrier) {
-                let active = agent.session.stream_guard();
+        agents.sort_by_key(|a| a.agent.active_streams());
+        for served in &agents {
+            if let Some(mut tunnel) = served.agent.claim_idle(carrier) {
+                let active = served.agent.stream_guard();
                 let header = StreamHeader {
                     kind: info.kind,
                     client: info.client,
@@ -132,20 +152,17 @@ pub async fn to_agent(
                 first.extend_from_slice(initial);
                 tunnel.send(&first).await?;
                 return Ok(Handover {
-                    session: Arc::clone(&agent.session),
+                    agent: Arc::clone(&served.agent),
                     tunnel,
                     active,
                 });
             }
         }
-        let least_loaded = &agents[0].session;
+        let least_loaded = &agents[0].agent;
         if !asked_for_more {
             // One more for this stream: each waiting stream asks for exactly what it needs, so
             // a burst cannot make the agent open (and the relay hold) far more than it uses.
-            least_loaded.send_control(RelayMessage::OpenData {
-                count: 1,
-                require_tls: carrier == Carrier::TlsOnly,
-            });
+            least_loaded.request_data(1, carrier == Carrier::TlsOnly);
             asked_for_more = true;
         }
         let now = Instant::now();

@@ -4,6 +4,7 @@
 //! TLS data connections present the credential in a `Data` frame inside the tunnel's TLS; plain
 //! TCP ones prove they hold it with the [`tcp_data`] challenge-response instead.
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -11,22 +12,22 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::frame::FrameReader;
-use super::listener::reject;
-use super::session::{DataConn, TunnelTls};
-use super::tcp_data::{self, Join, NONCE_LEN, Nonces, TAG_LEN};
+use super::pool::{DataConn, TunnelTls};
+use super::reject;
+use super::session::{AgentSession, Sessions};
 use crate::peek::Peek;
-use crate::relay::RelayState;
+use crate::wire::frame::FrameReader;
+use crate::wire::tcp_data::{self, Join, NONCE_LEN, Nonces, TAG_LEN};
 
 /// A TLS data connection whose first frame was `Data`.
 pub async fn serve(
-    state: &RelayState,
+    sessions: &Sessions,
     reader: FrameReader<TunnelTls>,
     peer: SocketAddr,
     agent_id: &str,
     credential: &str,
 ) {
-    let Some(session) = state.sessions.get(agent_id).map(|s| s.clone()) else {
+    let Some(session) = sessions.get(agent_id) else {
         info!(%peer, agent = agent_id, "data connection for an unknown or ended session");
         reject(reader, "unknown or ended session").await;
         return;
@@ -42,7 +43,7 @@ pub async fn serve(
         return;
     }
     debug!(agent = agent_id, "data connection parked");
-    session.park(DataConn::Tls(Box::new(stream)));
+    session.pool.park(DataConn::Tls(Box::new(stream)));
 }
 
 /// Why a plain-TCP data connection was refused (logged; the agent gets the text).
@@ -66,11 +67,11 @@ enum TcpJoinError {
 
 /// A plain-TCP data connection (it started with [`tcp_data::MAGIC`]): challenge, check the
 /// proof, park. `deadline` bounds the whole join, so a silent or slow peer costs nothing long.
-pub async fn serve_tcp(state: &RelayState, mut tcp: TcpStream, peer: SocketAddr, deadline: Instant) {
-    match tokio::time::timeout_at(deadline, join(state, &mut tcp)).await {
+pub async fn serve_tcp(sessions: &Sessions, mut tcp: TcpStream, peer: SocketAddr, deadline: Instant) {
+    match tokio::time::timeout_at(deadline, join(sessions, &mut tcp)).await {
         Ok(Ok((session, key))) => {
-            debug!(agent = &*session.id, "plain-TCP data connection parked");
-            session.park(DataConn::Tcp { stream: tcp, key });
+            debug!(agent = &**session.id(), "plain-TCP data connection parked");
+            session.pool.park(DataConn::Tcp { stream: tcp, key });
         }
         outcome => {
             let error = outcome
@@ -91,15 +92,9 @@ pub async fn serve_tcp(state: &RelayState, mut tcp: TcpStream, peer: SocketAddr,
 }
 
 async fn join(
-    state: &RelayState,
+    sessions: &Sessions,
     tcp: &mut TcpStream,
-) -> Result<
-    (
-        std::sync::Arc<crate::tunnel::session::AgentSession>,
-        tcp_data::StreamKey,
-    ),
-    TcpJoinError,
-> {
+) -> Result<(Arc<AgentSession>, tcp_data::StreamKey), TcpJoinError> {
     let mut buf = BytesMut::with_capacity(256);
     let (join, used) = loop {
         if let Peek::Done(done) = Join::decode(&buf)? {
@@ -110,10 +105,8 @@ async fn join(
         }
     };
     let _ = buf.split_to(used);
-    let session = state
-        .sessions
+    let session = sessions
         .get(join.agent_id.as_str())
-        .map(|s| s.clone())
         .ok_or(TcpJoinError::UnknownSession)?;
     let nonces = Nonces {
         agent: join.agent_nonce,

@@ -1,7 +1,7 @@
 //! Plain-TCP data connections (agent option `data_transport = "tcp"`): how an agent joins the
 //! relay's pool without a TLS handshake, and how the relay then hands it a stream. Sans-IO: the
 //! wire format and the HMAC-SHA256 computations (ring); the sockets live in the relay's
-//! [`super::data`] and the agent's data module.
+//! `relay::tunnel::data` and the agent's `agent::data`.
 //!
 //! They carry browser TLS streams only, whose every byte is already encrypted and authenticated
 //! end to end, so the relay can move them with splice(2) instead of a second layer of crypto.
@@ -189,7 +189,7 @@ impl StreamKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tunnel::stream_header::StreamKind;
+    use crate::wire::stream_header::StreamKind;
 
     const ID: &str = "acme/agent-1/abcd1234";
 

@@ -3,7 +3,7 @@
 //!
 //! A session ends when the agent leaves, misses heartbeats, fails to re-authenticate before its
 //! credential expires, or when the store revokes its token or tenant (then its active streams are
-//! cut too). Either way its routes and idle data connections go with it.
+//! cut too); see [`SessionEnd`]. Either way its routes and idle data connections go with it.
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -11,51 +11,55 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::frame::{FrameReader, write_frame};
-use super::heartbeat::{Beat, Heartbeat};
-use super::listener::reject;
-use super::message::{AgentMessage, RefusedRoute, RelayMessage, RouteAd};
-use super::session::{AgentSession, TunnelTls, new_secret};
-use crate::relay::RelayState;
-use crate::route::pattern::HostPattern;
-use crate::route::registry::RouteAgent;
+use super::pool::{AgentPool, TunnelTls};
+use super::session::{AgentSession, SessionEnd, new_secret};
+use super::{Tunnel, reject};
+use crate::hostname::HostPattern;
+use crate::route::Served;
 use crate::store::{Tenant, unix_now};
+use crate::wire::PROTOCOL_VERSION;
+use crate::wire::frame::{FrameReader, write_frame};
+use crate::wire::heartbeat::{Beat, Heartbeat};
+use crate::wire::message::{AgentMessage, RefusedRoute, RelayMessage, RouteAd};
 
-pub async fn serve(
-    state: Arc<RelayState>,
-    reader: FrameReader<TunnelTls>,
-    peer: SocketAddr,
-    protocol: u16,
-    token: &str,
-    agent_name: String,
-    routes: Vec<RouteAd>,
-) {
-    if protocol != super::PROTOCOL_VERSION {
-        info!(%peer, protocol, "agent speaks another protocol version");
-        reject(
-            reader,
-            &format!(
-                "unsupported protocol version {protocol}; relay speaks {}",
-                super::PROTOCOL_VERSION
-            ),
-        )
-        .await;
+/// The fields of the `Hello` that opened a control connection.
+pub struct Hello<'a> {
+    /// The protocol version the agent speaks.
+    pub protocol: u16,
+    /// The tenant token it authenticates with.
+    pub token: &'a str,
+    /// Its name, part of the session id.
+    pub agent_name: String,
+    /// The hostnames it offers to serve.
+    pub routes: Vec<RouteAd>,
+}
+
+/// Serves a control connection whose first frame was `hello` until its session ends.
+pub async fn serve(tunnel: &Tunnel, reader: FrameReader<TunnelTls>, peer: SocketAddr, hello: Hello<'_>) {
+    if hello.protocol != PROTOCOL_VERSION {
+        info!(%peer, protocol = hello.protocol, "agent speaks another protocol version");
+        let reason = format!(
+            "unsupported protocol version {}; relay speaks {PROTOCOL_VERSION}",
+            hello.protocol
+        );
+        reject(reader, &reason).await;
         return;
     }
-    let snapshot = state.snapshot();
-    let (tenant, token_id) = match snapshot.authenticate(token, unix_now()) {
+    let metrics = &tunnel.metrics;
+    let snapshot = tunnel.tenants.snapshot();
+    let (tenant, token_id) = match snapshot.authenticate(hello.token, unix_now()) {
         Ok(auth) => {
-            state.metrics.agent_auth.with_label_values(&["success"]).inc();
+            metrics.agent_auth.with_label_values(&["success"]).inc();
             (auth.tenant.clone(), auth.token.id.clone())
         }
         Err(e) => {
-            state.metrics.agent_auth.with_label_values(&["failure"]).inc();
-            warn!(%peer, agent_name, error = %e, "agent authentication failed");
+            metrics.agent_auth.with_label_values(&["failure"]).inc();
+            warn!(%peer, agent_name = hello.agent_name, error = %e, "agent authentication failed");
             reject(reader, &e.to_string()).await;
             return;
         }
     };
-    let agent_name = sanitize_name(&agent_name);
+    let agent_name = sanitize_name(&hello.agent_name);
     let suffix: String = new_secret()
         .chars()
         .filter(char::is_ascii_alphanumeric)
@@ -63,22 +67,20 @@ pub async fn serve(
         .collect();
     let id: Arc<str> = format!("{}/{}/{}", tenant.name, agent_name, suffix).into();
     let (control_tx, mut control_rx) = mpsc::channel(16);
-    let config = &state.config.tunnel;
-    let session = Arc::new(AgentSession::new(
+    let config = &tunnel.config;
+    let pool = AgentPool::new(
         Arc::clone(&id),
         tenant.name.as_str().into(),
-        token_id,
-        config.credential_ttl,
         control_tx,
-        &state.hard_stop,
-    ));
-    state.sessions.insert(Arc::clone(&id), Arc::clone(&session));
-    let connected = state
-        .metrics
+        &tunnel.hard_stop,
+    );
+    let session = Arc::new(AgentSession::new(Arc::new(pool), token_id, config.credential_ttl));
+    tunnel.sessions.insert(Arc::clone(&session));
+    let connected = metrics
         .agents_connected
-        .with_label_values(&[state.metrics.tenant(&tenant.name)]);
+        .with_label_values(&[metrics.tenant(&tenant.name)]);
     connected.inc();
-    let (accepted, refused) = apply_routes(&state, &session, &tenant, &routes);
+    let (accepted, refused) = apply_routes(tunnel, &session, &tenant, &hello.routes);
     info!(agent = %id, %peer, routes = ?accepted, refused = refused.len(), "agent session started");
     for r in &refused {
         warn!(agent = %id, hostname = r.hostname, reason = r.reason, "route refused");
@@ -94,132 +96,140 @@ pub async fn serve(
         accepted,
         refused,
     };
-    let reason = match write_frame(&mut writer, &welcome).await {
+    let end = match write_frame(&mut writer, &welcome).await {
         Ok(()) => {
             let mut reader = FrameReader::new(read_half);
-            session_loop(&state, &session, &mut reader, &mut writer, &mut control_rx).await
+            session_loop(tunnel, &session, &mut reader, &mut writer, &mut control_rx).await
         }
-        Err(e) => format!("writing Welcome: {e}"),
+        Err(e) => SessionEnd::ControlError(format!("writing Welcome: {e}")),
     };
 
-    session.end(&reason, false);
+    session.end(end);
+    let end = session.end_reason().expect("just ended");
     for pattern in session.routes() {
-        state.registry.unregister(&pattern, &session);
+        tunnel.routes.unregister(&pattern, &session.pool);
     }
-    state.sessions.remove(&id);
+    tunnel.sessions.remove(&id);
     connected.dec();
+    metrics.sessions_ended.with_label_values(&[end.label()]).inc();
     let _ = writer.shutdown().await;
-    info!(agent = %id, reason, "agent session ended");
+    info!(agent = %id, reason = %end, label = end.label(), "agent session ended");
 }
 
-/// Runs the session until it ends; returns why.
+/// Runs the session until it ends; returns why. The agent is told in a `Goodbye` whenever the
+/// relay is the one ending it.
 async fn session_loop<R, W>(
-    state: &RelayState,
+    tunnel: &Tunnel,
     session: &Arc<AgentSession>,
     reader: &mut FrameReader<R>,
     writer: &mut W,
     control_rx: &mut mpsc::Receiver<RelayMessage>,
-) -> String
+) -> SessionEnd
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
-    let mut heartbeat = Heartbeat::new(state.config.tunnel.heartbeat);
+    let mut heartbeat = Heartbeat::new(tunnel.config.heartbeat);
     loop {
         let reply = tokio::select! {
             message = reader.next::<AgentMessage>() => match message {
                 Ok(Some(message)) => {
                     heartbeat.heard();
-                    match handle(state, session, message) {
+                    match handle(tunnel, session, message) {
                         Ok(reply) => reply,
-                        Err(reason) => {
-                            let _ = write_frame(writer, &RelayMessage::Goodbye { reason: reason.clone() }).await;
-                            return reason;
-                        }
+                        Err(end) => return goodbye(writer, end).await,
                     }
                 }
-                Ok(None) => return "agent closed the control connection".into(),
-                Err(e) => return format!("control connection: {e}"),
+                Ok(None) => return SessionEnd::AgentLeft,
+                Err(e) => return SessionEnd::ControlError(e.to_string()),
             },
             Some(message) = control_rx.recv() => Some(message),
             beat = heartbeat.beat() => match beat {
-                Beat::Silent(silent) => return format!("no heartbeat for {silent:?}"),
+                Beat::Silent(silent) => return SessionEnd::HeartbeatLost(silent),
                 Beat::Ping(seq) => {
                     if session.credential_expires() <= std::time::Instant::now() {
-                        let reason = "session credential expired without re-authentication".to_string();
-                        session.end(&reason, true);
-                        let _ = write_frame(writer, &RelayMessage::Goodbye { reason: reason.clone() }).await;
-                        return reason;
+                        return goodbye(writer, SessionEnd::CredentialExpired).await;
                     }
                     Some(RelayMessage::Ping { seq })
                 }
             },
-            () = session.ended.cancelled() => {
-                let reason = session.end_reason().unwrap_or_else(|| "relay shutting down".into());
-                let _ = write_frame(writer, &RelayMessage::Goodbye { reason: reason.clone() }).await;
-                return reason;
+            () = session.pool.ended().cancelled() => {
+                let end = session.end_reason().unwrap_or(SessionEnd::RelayShutdown);
+                return goodbye(writer, end).await;
             }
         };
         if let Some(reply) = reply
             && let Err(e) = write_frame(writer, &reply).await
         {
-            return format!("control connection: {e}");
+            return SessionEnd::ControlError(e.to_string());
         }
     }
 }
 
-/// Handles one agent message; `Err` ends the session with that reason.
+/// Tells the agent why the relay ends its session (best effort); returns `end`.
+async fn goodbye<W: tokio::io::AsyncWrite + Unpin>(writer: &mut W, end: SessionEnd) -> SessionEnd {
+    let _ = write_frame(
+        writer,
+        &RelayMessage::Goodbye {
+            reason: end.to_string(),
+        },
+    )
+    .await;
+    end
+}
+
+/// Handles one agent message; `Err` ends the session that way.
 fn handle(
-    state: &RelayState,
+    tunnel: &Tunnel,
     session: &Arc<AgentSession>,
     message: AgentMessage,
-) -> Result<Option<RelayMessage>, String> {
+) -> Result<Option<RelayMessage>, SessionEnd> {
+    let metrics = &tunnel.metrics;
     match message {
         AgentMessage::Ping { seq } => Ok(Some(RelayMessage::Pong { seq })),
         AgentMessage::Pong { .. } => Ok(None),
         AgentMessage::Renew { token } => {
-            let snapshot = state.snapshot();
+            let snapshot = tunnel.tenants.snapshot();
             match snapshot.authenticate(&token, unix_now()) {
-                Ok(auth) if auth.tenant.name.as_str() == &*session.tenant => {
+                Ok(auth) if auth.tenant.name.as_str() == &**session.tenant() => {
                     session.set_token_id(auth.token.id.clone());
-                    let ttl = state.config.tunnel.credential_ttl;
+                    let ttl = tunnel.config.credential_ttl;
                     let credential = session.renew_credential(ttl);
-                    state.metrics.agent_auth.with_label_values(&["success"]).inc();
-                    state.metrics.credential_renewals.inc();
-                    info!(agent = %session.id, "session credential renewed");
+                    metrics.agent_auth.with_label_values(&["success"]).inc();
+                    metrics.credential_renewals.inc();
+                    info!(agent = %session.id(), "session credential renewed");
                     Ok(Some(RelayMessage::Renewed {
                         credential,
                         credential_ttl_secs: ttl.as_secs(),
                     }))
                 }
-                Ok(_) => Err("re-authentication with another tenant's token".into()),
+                Ok(_) => Err(SessionEnd::ForeignToken),
                 Err(e) => {
-                    state.metrics.agent_auth.with_label_values(&["failure"]).inc();
-                    session.end(&format!("re-authentication failed: {e}"), true);
-                    Err(format!("re-authentication failed: {e}"))
+                    metrics.agent_auth.with_label_values(&["failure"]).inc();
+                    Err(SessionEnd::ReauthFailed(e))
                 }
             }
         }
         AgentMessage::Routes { routes } => {
-            let snapshot = state.snapshot();
-            let Some(tenant) = snapshot.tenant(&session.tenant) else {
-                return Err(format!("tenant {} no longer exists", session.tenant));
+            let snapshot = tunnel.tenants.snapshot();
+            let Some(tenant) = snapshot.tenant(session.tenant()) else {
+                return Err(SessionEnd::TenantGone(session.tenant().to_string()));
             };
             let tenant = tenant.clone();
-            let (accepted, refused) = apply_routes(state, session, &tenant, &routes);
-            info!(agent = %session.id, routes = ?accepted, refused = refused.len(), "routes updated");
+            let (accepted, refused) = apply_routes(tunnel, session, &tenant, &routes);
+            info!(agent = %session.id(), routes = ?accepted, refused = refused.len(), "routes updated");
             Ok(Some(RelayMessage::RoutesUpdated { accepted, refused }))
         }
-        AgentMessage::Hello { .. } | AgentMessage::Data { .. } => {
-            Err("Hello/Data are only valid as a connection's first frame".into())
-        }
+        AgentMessage::Hello { .. } | AgentMessage::Data { .. } => Err(SessionEnd::ProtocolViolation(
+            "Hello/Data are only valid as a connection's first frame",
+        )),
     }
 }
 
 /// Makes the registry match `routes` for this session: registers the new ones the tenant owns,
 /// unregisters the ones no longer offered. Returns accepted hostnames and refusals.
 fn apply_routes(
-    state: &RelayState,
+    tunnel: &Tunnel,
     session: &Arc<AgentSession>,
     tenant: &Tenant,
     routes: &[RouteAd],
@@ -244,11 +254,11 @@ fn apply_routes(
             refused.push(refuse(format!("not among tenant {}'s hostnames", tenant.name)));
             continue;
         }
-        let agent = RouteAgent {
-            session: Arc::clone(session),
+        let served = Served {
+            agent: Arc::clone(&session.pool),
             http: ad.http,
         };
-        match state.registry.register(&tenant_name, &pattern, agent) {
+        match tunnel.routes.register(&tenant_name, &pattern, served) {
             Ok(()) => {
                 accepted.push(pattern.to_string());
                 patterns.push(pattern);
@@ -258,7 +268,7 @@ fn apply_routes(
     }
     for old in session.routes() {
         if !patterns.contains(&old) {
-            state.registry.unregister(&old, session);
+            tunnel.routes.unregister(&old, &session.pool);
         }
     }
     session.set_routes(patterns);

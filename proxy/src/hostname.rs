@@ -1,10 +1,19 @@
-//! Hostname patterns: the names a tenant owns and an agent registers.
+//! Hostnames: the one set of rules for every name Sluice routes on, wherever it comes from — an
+//! SNI `host_name`, an HTTP `Host` header, a tenant's hostnames in the store, an agent's routes.
 //!
-//! A pattern is either an exact hostname (`app.acme.test`) or a TLS-style wildcard
-//! (`*.acme.test`) that matches exactly one extra leftmost label. This module owns parsing
-//! and validation (DNS LDH labels, lengths, wildcard placement), matching a hostname from an
-//! SNI against a pattern, and the set relations between patterns ([`HostPattern::covers`],
-//! [`HostPattern::overlaps`]) used to check ownership. It does no I/O.
+//! A name is DNS letters-digits-hyphen labels (1..=63 bytes each, not starting or ending with a
+//! hyphen, 253 bytes in all), compared lowercase, with one trailing dot ignored. Its last label
+//! must not read as an IPv4 number part (all decimal digits, or `0x` and hex digits, as the
+//! WHATWG URL host parser and `inet_aton` read them), so that `10.1`, `127.0.0.1` or `a.0x7f`
+//! can never be taken for a name. Internationalized names are given in their ASCII (`xn--`)
+//! form.
+//!
+//! A [`HostPattern`] is such a name (`app.acme.test`) or a TLS-style wildcard (`*.acme.test`)
+//! that matches exactly one extra leftmost label, with a parent of at least two labels. Because
+//! [`normalize`] and [`HostPattern::parse`] share the rules, every stored or registered exact
+//! pattern is a name a client can route to, and every routable name is a valid pattern.
+//!
+//! Pure code: no I/O.
 use std::fmt;
 use std::str::FromStr;
 
@@ -14,6 +23,116 @@ pub const MAX_HOSTNAME_LEN: usize = 253;
 pub const MAX_LABEL_LEN: usize = 63;
 /// How much of a rejected input an error message quotes.
 const QUOTE_LIMIT: usize = 80;
+
+/// Why a string is not a valid hostname or [`HostPattern`]. Messages quote the input (cut
+/// short), so they are safe to log and to show an operator.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum HostnameError {
+    /// Nothing (or only a dot).
+    #[error("hostname is empty")]
+    Empty,
+    /// Over [`MAX_HOSTNAME_LEN`] bytes.
+    #[error("hostname {name:?} is {len} characters long; the limit is {MAX_HOSTNAME_LEN}")]
+    TooLong {
+        /// The input, quoted.
+        name: String,
+        /// Its length without the trailing dot.
+        len: usize,
+    },
+    /// A label that is not a DNS LDH label.
+    #[error("hostname {name:?} has an invalid label {label:?}: {reason}")]
+    InvalidLabel {
+        /// The input, quoted.
+        name: String,
+        /// The offending label, quoted.
+        label: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The last label reads as a number: an IP address, not a hostname.
+    #[error("hostname {name:?} ends in a numeric label; IP addresses are not hostnames")]
+    NumericFinalLabel {
+        /// The input, quoted.
+        name: String,
+    },
+    /// A `*` somewhere other than as the whole leftmost label.
+    #[error("hostname pattern {name:?}: a wildcard `*` may only be the whole leftmost label")]
+    WildcardNotLeftmost {
+        /// The input, quoted.
+        name: String,
+    },
+    /// `*`, `*.com`: a wildcard needs a parent of at least two labels.
+    #[error(
+        "hostname pattern {name:?} is too broad: a wildcard needs a parent domain of at least two labels"
+    )]
+    WildcardTooBroad {
+        /// The input, quoted.
+        name: String,
+    },
+}
+
+/// Normalizes a hostname a client asks to be routed to (an SNI `host_name`, the name part of a
+/// `Host` header): strips one trailing dot, checks the rules of this module and lowercases it.
+pub fn normalize(raw: &[u8]) -> Result<String, HostnameError> {
+    let name = raw.strip_suffix(b".").unwrap_or(raw);
+    check_name(name, || quote_bytes(raw))?;
+    // Only ASCII letters, digits, hyphens and dots are left.
+    Ok(String::from_utf8_lossy(name).to_ascii_lowercase())
+}
+
+/// Checks `name` (no trailing dot) against the rules; `quoted` renders the input for an error.
+fn check_name(name: &[u8], quoted: impl Fn() -> String) -> Result<(), HostnameError> {
+    if name.is_empty() {
+        return Err(HostnameError::Empty);
+    }
+    if name.len() > MAX_HOSTNAME_LEN {
+        return Err(HostnameError::TooLong {
+            name: quoted(),
+            len: name.len(),
+        });
+    }
+    let mut last: &[u8] = &[];
+    for label in name.split(|&b| b == b'.') {
+        if label.contains(&b'*') {
+            return Err(HostnameError::WildcardNotLeftmost { name: quoted() });
+        }
+        check_label(label).map_err(|reason| HostnameError::InvalidLabel {
+            name: quoted(),
+            label: quote_bytes(label),
+            reason,
+        })?;
+        last = label;
+    }
+    if is_numeric_label(last) {
+        return Err(HostnameError::NumericFinalLabel { name: quoted() });
+    }
+    Ok(())
+}
+
+/// Checks one DNS LDH label; the error is the reason shown to the user.
+fn check_label(label: &[u8]) -> Result<(), &'static str> {
+    if label.is_empty() {
+        return Err("labels must not be empty");
+    }
+    if label.len() > MAX_LABEL_LEN {
+        return Err("labels are at most 63 characters");
+    }
+    if !label.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err("only letters, digits and hyphens are allowed (use the xn-- form for IDNs)");
+    }
+    if label.first() == Some(&b'-') || label.last() == Some(&b'-') {
+        return Err("labels must not start or end with a hyphen");
+    }
+    Ok(())
+}
+
+/// Whether a label reads as an IPv4 number part: decimal digits, or `0x`/`0X` then hex digits.
+fn is_numeric_label(label: &[u8]) -> bool {
+    if let Some(hex) = label.strip_prefix(b"0x").or_else(|| label.strip_prefix(b"0X")) {
+        return hex.iter().all(u8::is_ascii_hexdigit);
+    }
+    !label.is_empty() && label.iter().all(u8::is_ascii_digit)
+}
 
 /// A hostname pattern: an exact name or a single-label wildcard.
 ///
@@ -31,94 +150,52 @@ pub enum HostPattern {
     },
 }
 
-/// Why a string is not a valid [`HostPattern`].
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum PatternError {
-    #[error("hostname pattern is empty")]
-    Empty,
-    #[error("hostname pattern {pattern:?} is {len} characters long; the limit is {MAX_HOSTNAME_LEN}")]
-    TooLong { pattern: String, len: usize },
-    #[error("hostname pattern {pattern:?} has an invalid label {label:?}: {reason}")]
-    InvalidLabel {
-        pattern: String,
-        label: String,
-        reason: &'static str,
-    },
-    #[error("hostname pattern {pattern:?}: a wildcard `*` may only be the whole leftmost label")]
-    WildcardNotLeftmost { pattern: String },
-    #[error(
-        "hostname pattern {pattern:?} is too broad: a wildcard needs a parent domain of at least two labels"
-    )]
-    WildcardTooBroad { pattern: String },
-    #[error("hostname pattern {pattern:?} ends in an all-numeric label; IP addresses are not hostnames")]
-    NumericTld { pattern: String },
-}
-
 impl HostPattern {
-    /// Parses and normalizes a pattern: lowercases it, strips one trailing dot, and checks
-    /// every label is a DNS LDH label (1..=63 letters, digits or hyphens, not starting or
-    /// ending with a hyphen), the whole name is at most 253 characters, a `*` appears only as
-    /// the entire leftmost label, a wildcard's parent has at least two labels, and the last
-    /// label is not all digits (SNI never carries IP addresses). Internationalized names must
-    /// be given in their ASCII (`xn--`) form.
-    pub fn parse(s: &str) -> Result<Self, PatternError> {
-        let trimmed = s.strip_suffix('.').unwrap_or(s);
-        if trimmed.is_empty() {
-            return Err(PatternError::Empty);
-        }
+    /// Parses and normalizes a pattern: an exact name under the rules of [`normalize`], or
+    /// `*.` followed by such a name of at least two labels.
+    pub fn parse(s: &str) -> Result<Self, HostnameError> {
         let quoted = || quote(s);
+        let trimmed = s.strip_suffix('.').unwrap_or(s);
         if trimmed.len() > MAX_HOSTNAME_LEN {
-            return Err(PatternError::TooLong {
-                pattern: quoted(),
+            return Err(HostnameError::TooLong {
+                name: quoted(),
                 len: trimmed.len(),
             });
         }
-        let lower = trimmed.to_ascii_lowercase();
-        let (wildcard, name) = match lower.split_once('.') {
-            Some(("*", rest)) => (true, rest),
-            _ if lower == "*" => return Err(PatternError::WildcardTooBroad { pattern: quoted() }),
-            _ => (false, lower.as_str()),
-        };
-        let mut labels = 0usize;
-        let mut last = "";
-        for label in name.split('.') {
-            if label.contains('*') {
-                return Err(if labels == 0 && !wildcard {
-                    PatternError::InvalidLabel {
-                        pattern: quoted(),
-                        label: quote(label),
+        if trimmed == "*" {
+            return Err(HostnameError::WildcardTooBroad { name: quoted() });
+        }
+        match trimmed.strip_prefix("*.") {
+            Some(suffix) => {
+                if suffix.is_empty() {
+                    return Err(HostnameError::WildcardTooBroad { name: quoted() });
+                }
+                check_name(suffix.as_bytes(), quoted)?;
+                if !suffix.contains('.') {
+                    return Err(HostnameError::WildcardTooBroad { name: quoted() });
+                }
+                Ok(HostPattern::Wildcard {
+                    suffix: suffix.to_ascii_lowercase(),
+                })
+            }
+            None => {
+                if let Some(first) = trimmed.split('.').next()
+                    && first.contains('*')
+                    && first != "*"
+                {
+                    return Err(HostnameError::InvalidLabel {
+                        name: quoted(),
+                        label: quote(first),
                         reason: "a wildcard must be the whole label `*`",
-                    }
-                } else {
-                    PatternError::WildcardNotLeftmost { pattern: quoted() }
-                });
+                    });
+                }
+                check_name(trimmed.as_bytes(), quoted)?;
+                Ok(HostPattern::Exact(trimmed.to_ascii_lowercase()))
             }
-            if let Err(reason) = check_label(label) {
-                return Err(PatternError::InvalidLabel {
-                    pattern: quoted(),
-                    label: quote(label),
-                    reason,
-                });
-            }
-            labels += 1;
-            last = label;
-        }
-        if last.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(PatternError::NumericTld { pattern: quoted() });
-        }
-        if wildcard {
-            if labels < 2 {
-                return Err(PatternError::WildcardTooBroad { pattern: quoted() });
-            }
-            Ok(HostPattern::Wildcard {
-                suffix: name.to_owned(),
-            })
-        } else {
-            Ok(HostPattern::Exact(lower))
         }
     }
 
-    /// Whether `host` (an SNI hostname, already lowercase) matches this pattern.
+    /// Whether `host` (a normalized hostname) matches this pattern.
     ///
     /// TLS-style wildcard: `*.acme.test` matches exactly one extra label (`a.acme.test`), not
     /// `acme.test` nor `a.b.acme.test`. `Exact` matches itself. The comparison ignores ASCII
@@ -176,29 +253,16 @@ pub fn wildcard_key(host: &str) -> Option<&str> {
     }
 }
 
-/// Checks one DNS LDH label; the error is the reason shown to the user.
-fn check_label(label: &str) -> Result<(), &'static str> {
-    if label.is_empty() {
-        return Err("labels must not be empty");
-    }
-    if label.len() > MAX_LABEL_LEN {
-        return Err("labels are at most 63 characters");
-    }
-    if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err("only letters, digits and hyphens are allowed (use the xn-- form for IDNs)");
-    }
-    if label.starts_with('-') || label.ends_with('-') {
-        return Err("labels must not start or end with a hyphen");
-    }
-    Ok(())
-}
-
 /// The rejected input for an error message, cut short so a huge input cannot flood logs.
 fn quote(s: &str) -> String {
     match s.char_indices().nth(QUOTE_LIMIT) {
         Some((cut, _)) => format!("{}...", &s[..cut]),
         None => s.to_owned(),
     }
+}
+
+fn quote_bytes(raw: &[u8]) -> String {
+    quote(&String::from_utf8_lossy(raw))
 }
 
 impl fmt::Display for HostPattern {
@@ -211,7 +275,7 @@ impl fmt::Display for HostPattern {
 }
 
 impl FromStr for HostPattern {
-    type Err = PatternError;
+    type Err = HostnameError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         HostPattern::parse(s)
@@ -219,7 +283,7 @@ impl FromStr for HostPattern {
 }
 
 impl TryFrom<String> for HostPattern {
-    type Error = PatternError;
+    type Error = HostnameError;
 
     fn try_from(s: String) -> Result<Self, Self::Error> {
         HostPattern::parse(&s)
@@ -227,7 +291,7 @@ impl TryFrom<String> for HostPattern {
 }
 
 impl TryFrom<&str> for HostPattern {
-    type Error = PatternError;
+    type Error = HostnameError;
 
     fn try_from(s: &str) -> Result<Self, Self::Error> {
         HostPattern::parse(s)
@@ -251,8 +315,115 @@ mod tests {
         HostPattern::parse(s).unwrap_or_else(|e| panic!("{s:?} should parse: {e}"))
     }
 
+    fn n(raw: &[u8]) -> Option<String> {
+        normalize(raw).ok()
+    }
+
     #[test]
-    fn parses_and_normalizes() {
+    fn names_are_lowercased_and_lose_one_trailing_dot() {
+        assert_eq!(n(b"Example.COM").as_deref(), Some("example.com"));
+        assert_eq!(n(b"example.com.").as_deref(), Some("example.com"));
+        assert_eq!(n(b"localhost").as_deref(), Some("localhost"));
+        assert_eq!(
+            n(b"xn--bcher-kva.example").as_deref(),
+            Some("xn--bcher-kva.example")
+        );
+        assert_eq!(n(b"a-1.b2.c").as_deref(), Some("a-1.b2.c"));
+        assert_eq!(n(b"1password.com").as_deref(), Some("1password.com"));
+        assert_eq!(n(b"1.2.3.example").as_deref(), Some("1.2.3.example"));
+    }
+
+    #[test]
+    fn name_limits() {
+        let label63 = "a".repeat(63);
+        assert!(n(format!("{label63}.com").as_bytes()).is_some());
+        assert!(n(format!("{label63}a.com").as_bytes()).is_none());
+        // 4 x 63 + 3 dots = 255 bytes: too long; trimmed to 253 it passes.
+        let long = [label63.as_str(); 4].join(".");
+        assert!(matches!(
+            normalize(long.as_bytes()),
+            Err(HostnameError::TooLong { len: 255, .. })
+        ));
+        let max = long.get(..253).unwrap();
+        assert!(n(max.as_bytes()).is_some());
+        assert!(n(format!("{max}.").as_bytes()).is_some());
+        // A huge input is rejected without quoting all of it.
+        let huge = "a".repeat(1 << 20);
+        let msg = normalize(huge.as_bytes()).unwrap_err().to_string();
+        assert!(msg.len() < 300, "{}", msg.len());
+    }
+
+    #[test]
+    fn names_refused() {
+        for bad in [
+            &b""[..],
+            b".",
+            b"..",
+            b"example..com",
+            b".example.com",
+            b"example.com..",
+            b"-example.com",
+            b"example-.com",
+            b"exa mple.com",
+            b"exa_mple.com",
+            b"example.com:443",
+            b"b\xc3\xbccher.example",
+            b"bad\0.example",
+            b"127.0.0.1",
+            b"10.1",
+            b"0x7f.0x1",
+            b"a.0x7f",
+            b"a.0X1F",
+            b"example.123",
+            b"[::1]",
+            b"::1",
+            b"*.example.com",
+            b"a.*.com",
+        ] {
+            assert_eq!(n(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn an_exact_pattern_is_exactly_a_routable_name() {
+        // One set of rules: whatever the input, the pattern parser and the name normalizer
+        // accept the same exact names and agree on their form. (Once, `a.0x7f` was a valid
+        // pattern that no client could ever be routed to.)
+        let mut inputs: Vec<String> = [
+            "a.0x7f",
+            "a.0x",
+            "a.0xg",
+            "x.123",
+            "x.12a",
+            "1.example",
+            "App.Test.",
+            "a..b",
+            "-a.b",
+            "a_b.c",
+            "localhost",
+            "a.b.c.d",
+            "*.a.b",
+            "a*.b.c",
+            "a.*",
+            "xn--p1ai",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        inputs.push(format!("{}.test", "a".repeat(63)));
+        inputs.push(format!("{}.test", "a".repeat(64)));
+        for input in inputs {
+            let as_name = normalize(input.as_bytes()).ok();
+            let as_exact = match HostPattern::parse(&input) {
+                Ok(HostPattern::Exact(name)) => Some(name),
+                _ => None,
+            };
+            assert_eq!(as_name, as_exact, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn parses_and_normalizes_patterns() {
         assert_eq!(p("app.acme.test"), HostPattern::Exact("app.acme.test".into()));
         assert_eq!(p("App.ACME.Test."), HostPattern::Exact("app.acme.test".into()));
         assert_eq!(
@@ -273,7 +444,6 @@ mod tests {
             HostPattern::Exact("xn--bcher-kva.example".into())
         );
         assert_eq!(p("a-b.c0.test"), HostPattern::Exact("a-b.c0.test".into()));
-        assert_eq!(p("1.2.3.example"), HostPattern::Exact("1.2.3.example".into()));
     }
 
     #[test]
@@ -298,13 +468,13 @@ mod tests {
     }
 
     #[test]
-    fn rejects_empty() {
-        assert_eq!(HostPattern::parse(""), Err(PatternError::Empty));
-        assert_eq!(HostPattern::parse("."), Err(PatternError::Empty));
+    fn refuses_empty_patterns() {
+        assert_eq!(HostPattern::parse(""), Err(HostnameError::Empty));
+        assert_eq!(HostPattern::parse("."), Err(HostnameError::Empty));
     }
 
     #[test]
-    fn rejects_bad_labels() {
+    fn refuses_bad_labels() {
         let cases = [
             ("a..b", ""),
             (".a.b", ""),
@@ -315,24 +485,20 @@ mod tests {
             ("a b.test", "a b"),
             ("app.acme.test/x", "test/x"),
             ("bücher.test", "bücher"),
-            ("a.*b.test", "*b"),
         ];
         for (input, label) in cases {
             match HostPattern::parse(input) {
-                Err(PatternError::InvalidLabel {
-                    pattern, label: got, ..
-                }) if label != "*b" => {
-                    assert_eq!(pattern, input);
+                Err(HostnameError::InvalidLabel { name, label: got, .. }) => {
+                    assert_eq!(name, input);
                     assert_eq!(got, label, "{input}");
                 }
-                Err(PatternError::WildcardNotLeftmost { .. }) if label == "*b" => {}
                 other => panic!("{input:?}: unexpected {other:?}"),
             }
         }
         let long_label = format!("{}.test", "a".repeat(64));
         assert!(matches!(
             HostPattern::parse(&long_label),
-            Err(PatternError::InvalidLabel { .. })
+            Err(HostnameError::InvalidLabel { .. })
         ));
         let ok_label = format!("{}.test", "a".repeat(63));
         assert!(HostPattern::parse(&ok_label).is_ok());
@@ -346,14 +512,14 @@ mod tests {
     }
 
     #[test]
-    fn rejects_too_long() {
+    fn refuses_too_long_patterns() {
         // 4 labels of 63 + 3 dots = 255.
         let label = "a".repeat(63);
         let long = [label.as_str(); 4].join(".");
         match HostPattern::parse(&long) {
-            Err(PatternError::TooLong { len, pattern }) => {
+            Err(HostnameError::TooLong { len, name }) => {
                 assert_eq!(len, 255);
-                assert!(pattern.len() < 100, "error quotes a shortened pattern");
+                assert!(name.len() < 100, "error quotes a shortened pattern");
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -362,26 +528,25 @@ mod tests {
         assert_eq!(ok.len(), 253);
         assert!(HostPattern::parse(&ok).is_ok());
         assert!(HostPattern::parse(&format!("{ok}.")).is_ok());
-        // A huge input is rejected without quoting all of it.
         let huge = "a".repeat(1 << 20);
         let msg = HostPattern::parse(&huge).unwrap_err().to_string();
         assert!(msg.len() < 300, "{}", msg.len());
     }
 
     #[test]
-    fn rejects_misplaced_or_broad_wildcards() {
+    fn refuses_misplaced_or_broad_wildcards() {
         for s in ["*", "*.", "*.com", "*.com."] {
             assert!(
-                matches!(HostPattern::parse(s), Err(PatternError::WildcardTooBroad { .. })),
+                matches!(HostPattern::parse(s), Err(HostnameError::WildcardTooBroad { .. })),
                 "{s}: {:?}",
                 HostPattern::parse(s)
             );
         }
-        for s in ["a.*.test", "app.*", "*.*.test", "a.b.*"] {
+        for s in ["a.*.test", "app.*", "*.*.test", "a.b.*", "a.*b.test"] {
             assert!(
                 matches!(
                     HostPattern::parse(s),
-                    Err(PatternError::WildcardNotLeftmost { .. })
+                    Err(HostnameError::WildcardNotLeftmost { .. })
                 ),
                 "{s}: {:?}",
                 HostPattern::parse(s)
@@ -389,22 +554,32 @@ mod tests {
         }
         for s in ["a*.test.x", "**.test.x", "*a.test.x"] {
             assert!(
-                matches!(HostPattern::parse(s), Err(PatternError::InvalidLabel { .. })),
+                matches!(HostPattern::parse(s), Err(HostnameError::InvalidLabel { .. })),
                 "{s}: {:?}",
                 HostPattern::parse(s)
             );
         }
         assert!(matches!(
             HostPattern::parse("*..test"),
-            Err(PatternError::InvalidLabel { .. })
+            Err(HostnameError::InvalidLabel { .. })
         ));
     }
 
     #[test]
-    fn rejects_ip_addresses() {
-        for s in ["10.0.0.1", "127.0.0.1.", "*.0.1", "example.123"] {
+    fn refuses_ip_addresses_in_any_spelling() {
+        for s in [
+            "10.0.0.1",
+            "127.0.0.1.",
+            "*.0.1",
+            "example.123",
+            "a.0x7f",
+            "*.a.0xff",
+        ] {
             assert!(
-                matches!(HostPattern::parse(s), Err(PatternError::NumericTld { .. })),
+                matches!(
+                    HostPattern::parse(s),
+                    Err(HostnameError::NumericFinalLabel { .. })
+                ),
                 "{s}: {:?}",
                 HostPattern::parse(s)
             );

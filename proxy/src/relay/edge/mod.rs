@@ -1,0 +1,218 @@
+//! Where browsers connect. Each accepted connection goes through the same short path:
+//!
+//! accept -> read until the peeker has what routing needs ([`peek_until`]: the ClientHello's
+//! SNI on [`tls`] listeners, the Host header on [`http`] ones) -> route (registry lookup) ->
+//! [`handover`] to one of the tenant's agents -> [`crate::pump`] bytes both ways.
+//!
+//! The peek reads (never decrypts) only as many bytes as the routing metadata needs, under a
+//! deadline and a size cap, and those bytes are forwarded first, unchanged. A connection that
+//! cannot be served is turned away in one place, [`Edge::refuse`], the way the sans-IO peekers
+//! decided ([`crate::peek::refusal`]): counted, held against its source when it is abuse,
+//! answered with an alert or an HTTP error, closed.
+pub mod handover;
+pub mod http;
+pub mod tls;
+
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::metrics::RelayMetrics;
+use super::tunnel::Routes;
+use crate::config::relay::EdgeConfig;
+use crate::peek::{Peek, Refusal, Refused, Rejection, Reply};
+use crate::shield::RelayShield;
+
+/// Which protocol an edge listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeKind {
+    /// TLS, routed by the ClientHello's SNI.
+    Tls,
+    /// Plaintext HTTP/1.x, routed by the Host header.
+    Http,
+}
+
+impl EdgeKind {
+    /// The `listener` metric label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Tls => "tls",
+            Self::Http => "http",
+        }
+    }
+
+    /// How this protocol turns a connection away for `rejection`.
+    pub fn refusal(self, rejection: Rejection) -> Refusal {
+        match self {
+            Self::Tls => crate::peek::tls::refusal(rejection),
+            Self::Http => crate::peek::http::refusal(rejection),
+        }
+    }
+}
+
+/// What the connections of every edge listener share: their config section, the routes, the
+/// shield, the metrics, and the relay's shutdown signals.
+pub struct Edge {
+    /// `[edge]` of relay.toml.
+    pub config: EdgeConfig,
+    /// The port browsers reach the TLS edge on (for https redirects), if there is one.
+    pub https_port: Option<u16>,
+    /// Hostname -> the agents serving it.
+    pub routes: Arc<Routes>,
+    /// Accept-time gate and abuse bans.
+    pub shield: Arc<RelayShield>,
+    /// The relay's metrics.
+    pub metrics: Arc<RelayMetrics>,
+    /// Every connection task, so shutdown can drain them.
+    pub streams: TaskTracker,
+    /// Cancelled when shutdown starts: listeners stop accepting.
+    pub stopping: CancellationToken,
+}
+
+impl Edge {
+    /// Accepts browser connections until the relay starts stopping; each is handled in a task
+    /// the relay drains on shutdown.
+    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, kind: EdgeKind) {
+        let local_port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        let mut last_warning: Option<Instant> = None;
+        loop {
+            let (client, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // EMFILE and friends: the connection waits in the kernel's queue. Say so
+                        // (at most once a second) and back off briefly instead of spinning.
+                        self.metrics.accept_errors.with_label_values(&[kind.label()]).inc();
+                        if last_warning.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1)) {
+                            warn!(error = %e, listener = kind.label(), "edge accept failed (out of file descriptors?)");
+                            last_warning = Some(Instant::now());
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                () = self.stopping.cancelled() => return,
+            };
+            if !self.shield.admit(peer.ip()) {
+                // Dropping `client` closes it before a byte is read.
+                self.count(kind, peer, &kind.refusal(Rejection::RateLimited));
+                continue;
+            }
+            let accepted_at = Instant::now();
+            let listener = kind.label();
+            self.metrics
+                .connections_accepted
+                .with_label_values(&[listener])
+                .inc();
+            let active = self.metrics.active_connection(listener);
+            let edge = Arc::clone(&self);
+            self.streams.spawn(async move {
+                let _active = active;
+                match kind {
+                    EdgeKind::Tls => tls::serve(&edge, client, peer, local_port, accepted_at).await,
+                    EdgeKind::Http => http::serve(&edge, client, peer, local_port, accepted_at).await,
+                }
+            });
+            // The connection's first bytes are already in (TCP_DEFER_ACCEPT): let its task read
+            // and route them before this loop asks the kernel for the next connection.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Turns `client` away as `refusal` says: counts it, reports abuse, sends the reply, closes.
+    /// `why` goes into the log line.
+    pub async fn refuse(
+        &self,
+        kind: EdgeKind,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        refusal: Refusal,
+        why: &(dyn Display + Sync),
+    ) {
+        self.count(kind, peer, &refusal);
+        info!(%peer, listener = kind.label(), reason = refusal.rejection.label(), "connection refused: {why}");
+        if refusal.reply != Reply::Close {
+            let _ = client.write_all(&refusal.reply.bytes()).await;
+        }
+        let _ = client.shutdown().await;
+    }
+
+    /// Turns `client` away after a failed [`peek_until`], as the peeker decided; a client that
+    /// left is only logged (nobody to answer, nothing to count).
+    pub async fn refuse_peek<E: Refused + Display + Sync>(
+        &self,
+        kind: EdgeKind,
+        client: TcpStream,
+        peer: SocketAddr,
+        failure: PeekFailure<E>,
+    ) {
+        let refusal = match &failure {
+            PeekFailure::Invalid(e) => e.refusal(),
+            PeekFailure::Timeout { .. } => kind.refusal(Rejection::Timeout),
+            PeekFailure::Gone(e) => {
+                debug!(%peer, listener = kind.label(), error = %e, "client left before its routing metadata");
+                return;
+            }
+        };
+        self.refuse(kind, client, peer, refusal, &failure).await;
+    }
+
+    /// The bookkeeping of a refusal: the rejection counter and, for abuse, the shield.
+    fn count(&self, kind: EdgeKind, peer: SocketAddr, refusal: &Refusal) {
+        self.metrics.rejected(kind.label(), refusal.rejection);
+        if let Some(abuse) = refusal.abuse {
+            self.shield.report_abuse(peer.ip(), abuse);
+        }
+    }
+}
+
+/// Why reading routing metadata stopped without a result.
+#[derive(Debug, thiserror::Error)]
+pub enum PeekFailure<E> {
+    /// The bytes are not what the listener expects; the peeker says how to refuse.
+    #[error(transparent)]
+    Invalid(E),
+    /// Too little arrived before the deadline.
+    #[error("client sent too little before the deadline ({received} bytes)")]
+    Timeout {
+        /// Bytes received by then.
+        received: usize,
+    },
+    /// The client closed (or reset) the connection first: nobody to answer.
+    #[error("client left before sending routing metadata: {0}")]
+    Gone(std::io::Error),
+}
+
+/// Reads from `client` into `buf` until `parse` (a sans-IO peeker, called with everything
+/// received so far) has what it needs, refuses the bytes, or `deadline` passes.
+pub async fn peek_until<T, E>(
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+    deadline: Instant,
+    mut parse: impl FnMut(&[u8]) -> Result<Peek<T>, E>,
+) -> Result<T, PeekFailure<E>> {
+    loop {
+        match parse(buf) {
+            Ok(Peek::Done(value)) => return Ok(value),
+            Ok(Peek::NeedMore) => {}
+            Err(e) => return Err(PeekFailure::Invalid(e)),
+        }
+        match tokio::time::timeout_at(deadline, client.read_buf(buf)).await {
+            Err(_) => return Err(PeekFailure::Timeout { received: buf.len() }),
+            Ok(Ok(0)) => {
+                return Err(PeekFailure::Gone(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(PeekFailure::Gone(e)),
+        }
+    }
+}

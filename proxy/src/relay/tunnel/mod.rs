@@ -1,0 +1,163 @@
+//! The relay's agent-facing side: the tunnel port and the sessions agents hold on it.
+//!
+//! The first byte of a connection tells plain-TCP data connections
+//! ([`crate::wire::tcp_data::MAGIC`]) from TLS; after the TLS handshake with the agent, the first
+//! frame decides what the connection is — a control connection (`Hello`, [`control`]) or a data
+//! connection (`Data`, [`data`]). Anything else (garbage, a browser, a scanner) gets a short
+//! error and is closed; nothing blocks for long.
+//!
+//! - [`control`]: authenticate an agent, register its routes, keep its session until it ends
+//! - [`data`]: authenticate a data connection and park it in its session's pool
+//! - [`pool`]: a session's idle data connections and load, the handle the edge uses
+//! - [`session`]: a session's credentials and routes, why sessions end, the live sessions
+pub mod control;
+pub mod data;
+pub mod pool;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+pub use pool::{ActiveStream, AgentPool, Carrier, DataConn, TunnelTls};
+pub use session::{AgentSession, SessionEnd, Sessions};
+
+use super::metrics::RelayMetrics;
+use super::tenants::Tenants;
+use crate::config::relay::TunnelConfig;
+use crate::wire::frame::{FrameReader, write_frame};
+use crate::wire::message::{AgentMessage, RelayMessage};
+use crate::wire::tcp_data;
+
+/// The relay's routing table: hostnames -> the agent sessions serving them.
+pub type Routes = crate::route::Registry<AgentPool>;
+
+/// What the tunnel port's connections share: the `[tunnel]` config, the live sessions and the
+/// routes they register, the tenants they authenticate against, the metrics, and the relay's
+/// shutdown signals.
+pub struct Tunnel {
+    /// `[tunnel]` of relay.toml.
+    pub config: TunnelConfig,
+    /// Live agent sessions by id.
+    pub sessions: Arc<Sessions>,
+    /// Where sessions register their hostnames.
+    pub routes: Arc<Routes>,
+    /// Tenants and tokens, as last loaded from the store.
+    pub tenants: Arc<Tenants>,
+    /// The relay's metrics.
+    pub metrics: Arc<RelayMetrics>,
+    /// Cancelled when shutdown starts: the listener stops accepting.
+    pub stopping: CancellationToken,
+    /// Cancelled when the drain deadline passes: every stream still open is cut.
+    pub hard_stop: CancellationToken,
+}
+
+impl Tunnel {
+    /// Accepts agent connections until the relay starts stopping.
+    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor) {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        debug!(error = %e, "tunnel accept failed");
+                        continue;
+                    }
+                },
+                () = self.stopping.cancelled() => return,
+            };
+            let tunnel = Arc::clone(&self);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move { tunnel.handle(tcp, peer, acceptor).await });
+        }
+    }
+
+    async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor) {
+        let deadline = tokio::time::Instant::now() + self.config.handshake_timeout;
+        let mut first = [0u8; 1];
+        match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] == tcp_data::MAGIC[0] => {
+                data::serve_tcp(&self.sessions, tcp, peer, deadline).await;
+                return;
+            }
+            Ok(Ok(1)) => {}
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "tunnel: connection failed before its first byte");
+                return;
+            }
+            Err(_) => {
+                info!(%peer, "tunnel: no first byte in time");
+                return;
+            }
+        }
+        let stream = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                info!(%peer, error = %e, "tunnel: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                info!(%peer, "tunnel: TLS handshake timed out");
+                return;
+            }
+        };
+        let mut reader = FrameReader::new(stream);
+        let first = match tokio::time::timeout_at(deadline, reader.next::<AgentMessage>()).await {
+            Ok(Ok(Some(message))) => message,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                info!(%peer, error = %e, "tunnel: bad first frame");
+                reject(reader, "expected a Hello or Data frame").await;
+                return;
+            }
+            Err(_) => {
+                info!(%peer, "tunnel: no first frame in time");
+                return;
+            }
+        };
+        match first {
+            AgentMessage::Hello {
+                protocol,
+                token,
+                agent_name,
+                routes,
+            } => {
+                let hello = control::Hello {
+                    protocol,
+                    token: &token,
+                    agent_name,
+                    routes,
+                };
+                control::serve(&self, reader, peer, hello).await;
+            }
+            AgentMessage::Data { agent_id, credential } => {
+                data::serve(&self.sessions, reader, peer, &agent_id, &credential).await;
+            }
+            other => {
+                info!(%peer, message = ?std::mem::discriminant(&other), "tunnel: unexpected first frame");
+                reject(reader, "expected a Hello or Data frame").await;
+            }
+        }
+    }
+}
+
+/// Tells the peer why it is refused (best effort) and closes.
+async fn reject<S>(reader: FrameReader<S>, reason: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut stream, _) = reader.into_parts();
+    let _ = write_frame(
+        &mut stream,
+        &RelayMessage::Rejected {
+            reason: reason.into(),
+        },
+    )
+    .await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+}

@@ -1,0 +1,203 @@
+//! `sluice tenant ...` and `sluice token ...`: edit the store directly (no running relay
+//! needed). A running relay sees the change within `store_poll` and enforces it: a revoked
+//! token or a removed tenant cuts its live tunnels.
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use super::{Store, StoreError, unix_now};
+use crate::config::ConfigError;
+use crate::config::relay::RelayConfig;
+use crate::hostname::{HostPattern, HostnameError};
+
+/// Which store to edit.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The relay config, whose `state_dir` holds the store.
+    #[arg(long, short, global = true, conflicts_with = "state_dir")]
+    pub config: Option<PathBuf>,
+    /// The store directory itself.
+    #[arg(long, global = true)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `sluice tenant`.
+#[derive(Debug, Args)]
+pub struct TenantArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(subcommand)]
+    action: TenantAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantAction {
+    /// Add a tenant that owns the given hostnames (exact or `*.suffix`).
+    Add {
+        /// Tenant name: lowercase letters, digits and hyphens.
+        name: String,
+        /// A hostname it owns; repeat for more.
+        #[arg(long = "hostname", required = true)]
+        hostnames: Vec<String>,
+    },
+    /// List tenants and their hostnames.
+    List,
+    /// Remove a tenant; its tokens stop working and its live tunnels are cut.
+    Remove {
+        /// Tenant name.
+        name: String,
+    },
+}
+
+/// `sluice token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(subcommand)]
+    action: TokenAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenAction {
+    /// Create a token for one agent of a tenant; printed once, stored only hashed.
+    Create {
+        /// The tenant it acts for.
+        #[arg(long)]
+        tenant: String,
+        /// What the token is for (e.g. the agent's host), to tell agents apart.
+        #[arg(long)]
+        label: String,
+        /// Lifetime, e.g. `90d`; none by default.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Revoke a token by id; live tunnels using it are cut within `store_poll`.
+    Revoke {
+        /// Token id (the 16 hex characters after `sluice_`).
+        id: String,
+    },
+    /// List tokens: id, tenant, label, status.
+    List,
+}
+
+/// Why a store command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreCliError {
+    /// Neither or both of `--config` and `--state-dir`.
+    #[error("pass --config <relay.toml> or --state-dir <dir>")]
+    NoStore,
+    /// The relay config named by `--config`.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A `--hostname` that is not a valid pattern.
+    #[error("--hostname {given:?}: {error}")]
+    Hostname {
+        /// As given.
+        given: String,
+        /// Why it is refused.
+        error: HostnameError,
+    },
+    /// Writing the output failed.
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl StoreArgs {
+    /// Opens the store these arguments name.
+    pub fn open(&self) -> Result<Store, StoreCliError> {
+        let dir = match (&self.config, &self.state_dir) {
+            (Some(config), None) => RelayConfig::load(config)?.state_dir,
+            (None, Some(dir)) => dir.clone(),
+            _ => return Err(StoreCliError::NoStore),
+        };
+        Ok(Store::open(&dir)?)
+    }
+}
+
+/// Runs `sluice tenant ...`, writing its report to `out`.
+pub fn tenant(args: &TenantArgs, out: &mut dyn Write) -> Result<(), StoreCliError> {
+    let store = args.store.open()?;
+    match &args.action {
+        TenantAction::Add { name, hostnames } => {
+            let patterns = hostnames
+                .iter()
+                .map(|h| {
+                    HostPattern::parse(h).map_err(|error| StoreCliError::Hostname {
+                        given: h.clone(),
+                        error,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let tenant = store.add_tenant(name, &patterns)?;
+            writeln!(
+                out,
+                "added tenant {} owning {}",
+                tenant.name,
+                join(&tenant.hostnames)
+            )?;
+        }
+        TenantAction::List => {
+            for tenant in store.load()?.tenants.values() {
+                writeln!(out, "{}\t{}", tenant.name, join(&tenant.hostnames))?;
+            }
+        }
+        TenantAction::Remove { name } => {
+            store.remove_tenant(name)?;
+            writeln!(out, "removed tenant {name}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `sluice token ...`, writing its report to `out` and, for a new token, the one-time
+/// notice to `notice` (the token itself goes to `out`, alone on its line, for scripts).
+pub fn token(args: &TokenArgs, out: &mut dyn Write, notice: &mut dyn Write) -> Result<(), StoreCliError> {
+    let store = args.store.open()?;
+    match &args.action {
+        TokenAction::Create { tenant, label, ttl } => {
+            let issued = store.create_token(tenant, label, *ttl)?;
+            writeln!(
+                notice,
+                "token {} for tenant {tenant} ({label}); shown only once:",
+                issued.record.id
+            )?;
+            writeln!(out, "{}", issued.token)?;
+        }
+        TokenAction::Revoke { id } => {
+            let record = store.revoke_token(id)?;
+            writeln!(
+                out,
+                "revoked token {} of tenant {} ({})",
+                record.id, record.tenant, record.label
+            )?;
+        }
+        TokenAction::List => {
+            let now = unix_now();
+            for t in store.load()?.tokens.values() {
+                writeln!(
+                    out,
+                    "{}\t{}\t{}\t{}",
+                    t.id,
+                    t.tenant,
+                    t.label,
+                    t.status(now).label()
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn join(patterns: &[HostPattern]) -> String {
+    patterns
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
