@@ -3,6 +3,7 @@
 //! Every command other than `setup` first checks the eBPF toolchain and installs what is missing,
 //! so a fresh machine needs nothing done by hand.
 mod demo;
+mod layers;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +42,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The layering lint alone: no import cycle among the modules of a crate's `src/`.
+    Layers {
+        /// The `src/` directory to check (default: `proxy/src`).
+        dir: Option<PathBuf>,
+    },
     /// Format check, clippy -D warnings (userspace and eBPF), every unit and integration test.
     /// (Workspace default members; `proxy-ebpf` is linted for its own BPF target.)
     Test,
@@ -71,6 +77,11 @@ fn main() -> Result<()> {
                 .arg(root.join("target/load-test"))
                 .args(args))
         }
+        Task::Layers { dir } => {
+            let dir = dir.unwrap_or_else(|| workspace_root().join("proxy/src"));
+            println!("xtask: layers: {}", layers::check(&dir)?);
+            Ok(())
+        }
         Task::Test => {
             setup::ensure()?;
             test()
@@ -91,6 +102,11 @@ fn build(release: bool) -> Result<()> {
 
 fn test() -> Result<()> {
     run(cmd("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    // Dependencies inside the proxy crate point one way; say so before spending a build.
+    println!(
+        "xtask: layers: {}",
+        layers::check(&workspace_root().join("proxy/src"))?
+    );
     build(false)?;
     // The README's other command must keep working: bring the demo up and check it end to end.
     demo::run(true)?;

@@ -279,7 +279,7 @@ async fn serve(ctx: Arc<DataContext>, handed: Handed) {
     if let Err(e) = &served
         && !matches!(e, target::TargetError::Pump(_))
     {
-        metrics.target_error(e);
+        metrics.target_errors.with_label_values(&[e.label()]).inc();
     }
     match served {
         Ok(moved) => debug!(

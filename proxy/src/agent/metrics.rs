@@ -8,7 +8,6 @@ use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use tokio::sync::watch;
 
 use super::LinkState;
-use super::target::TargetError;
 use crate::admin::http::{AdminHandler, AdminRequest, Body, error, json, text};
 use crate::admin::metrics::{counter_vec, gauge, gauge_vec};
 
@@ -76,18 +75,6 @@ impl AgentMetrics {
             ),
             registry,
         }
-    }
-
-    /// Counts a failed stream under a bounded reason label.
-    pub fn target_error(&self, error: &TargetError) {
-        let reason = match error {
-            TargetError::NoRoute(_) | TargetError::NoHttpTarget(_) => "no_route",
-            TargetError::Connect { .. } => "connect",
-            TargetError::ConnectTimeout { .. } => "connect_timeout",
-            TargetError::Handshake(_) => "tls_handshake",
-            TargetError::Pump(_) | TargetError::Io(_) => "io",
-        };
-        self.target_errors.with_label_values(&[reason]).inc();
     }
 
     pub fn encode(&self) -> Vec<u8> {

@@ -43,6 +43,19 @@ pub enum TargetError {
     Io(#[from] io::Error),
 }
 
+impl TargetError {
+    /// The bounded `reason` label of `sluice_agent_target_errors_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TargetError::NoRoute(_) | TargetError::NoHttpTarget(_) => "no_route",
+            TargetError::Connect { .. } => "connect",
+            TargetError::ConnectTimeout { .. } => "connect_timeout",
+            TargetError::Handshake(_) => "tls_handshake",
+            TargetError::Pump(_) | TargetError::Io(_) => "io",
+        }
+    }
+}
+
 /// A configured route, ready to serve.
 pub struct Route {
     pub pattern: HostPattern,
