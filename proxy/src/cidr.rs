@@ -11,14 +11,25 @@ pub struct Cidr {
     prefix: u8,
 }
 
+/// Why a network did not parse. Each message quotes the input, so a config error points at it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CidrError {
+    /// The part before `/` (or the whole text) is not an IPv4 or IPv6 address.
     #[error("{0:?} is not an IP address")]
     Address(String),
+    /// The part after `/` is not a number from 0 to 255.
     #[error("{0:?} is not a prefix length")]
     Prefix(String),
+    /// The prefix is longer than the address: over 32 for IPv4, over 128 for IPv6.
     #[error("prefix length {prefix} is longer than the {max} bits of the address")]
-    TooLong { prefix: u8, max: u8 },
+    TooLong {
+        /// The prefix length given.
+        prefix: u8,
+        /// The address family's bits: 32 or 128.
+        max: u8,
+    },
+    /// `192.0.2.1/24`: bits below the prefix are set, which is usually a typo; carries the
+    /// input and the network it would have meant.
     #[error("{0} has host bits set; did you mean {1}?")]
     HostBits(String, Cidr),
 }
@@ -44,14 +55,19 @@ impl Cidr {
         }
     }
 
+    /// The network address, host bits all zero.
     pub fn network(&self) -> IpAddr {
         self.network
     }
 
+    /// The prefix length in bits: 0 to 32 for IPv4, 0 to 128 for IPv6.
     pub fn prefix(&self) -> u8 {
         self.prefix
     }
 
+    /// Whether `address` is in this network. Never across families: an IPv4-mapped IPv6
+    /// address is not in an IPv4 network unless the caller canonicalizes it first
+    /// ([`IpAddr::to_canonical`]).
     pub fn contains(&self, address: IpAddr) -> bool {
         match (self.network, address) {
             (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {

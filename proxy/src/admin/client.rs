@@ -1,16 +1,40 @@
 //! A blocking client for the admin API, used by the `sluice` CLI (and tests).
 use serde::de::DeserializeOwned;
 
+/// Why a call to the admin API failed. Every variant names the URL that was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// No answer to read: the request could not be built, the connection failed, or the body
+    /// could not be read. A non-2xx status is not this error.
     #[error("admin API at {url}: {source}")]
-    Http { url: String, source: Box<ureq::Error> },
+    Http {
+        /// The URL requested (base and path).
+        url: String,
+        /// What ureq reported.
+        source: Box<ureq::Error>,
+    },
+    /// [`AdminClient::json`] got an answer outside 200..300.
     #[error("admin API at {url} answered {status}: {body}")]
-    Status { url: String, status: u16, body: String },
+    Status {
+        /// The URL requested (base and path).
+        url: String,
+        /// The HTTP status code.
+        status: u16,
+        /// The body as sent, usually the API's error message.
+        body: String,
+    },
+    /// [`AdminClient::json`] got a 2xx answer whose body is not the JSON it expected.
     #[error("admin API at {url}: unexpected answer: {source}")]
-    Decode { url: String, source: serde_json::Error },
+    Decode {
+        /// The URL requested (base and path).
+        url: String,
+        /// Where and why the body failed to decode.
+        source: serde_json::Error,
+    },
 }
 
+/// A blocking HTTP client for one admin listener, sending the bearer token (if any) with every
+/// request.
 pub struct AdminClient {
     base: String,
     token: Option<String>,
@@ -19,7 +43,9 @@ pub struct AdminClient {
 
 /// A raw answer: status and body.
 pub struct Answer {
+    /// The HTTP status code, whatever it is.
     pub status: u16,
+    /// The whole body, read as UTF-8.
     pub body: String,
 }
 

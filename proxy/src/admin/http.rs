@@ -19,19 +19,27 @@ use tracing::debug;
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
 
+/// The body of every admin response: complete in memory, never streamed.
 pub type Body = Full<Bytes>;
 
 /// A request as handlers see it: fully read, path split into segments.
 pub struct AdminRequest {
+    /// The HTTP method, for handlers to match on.
     pub method: Method,
+    /// The path's non-empty `/`-separated segments, not percent-decoded: `/api/tenants/` is
+    /// `["api", "tenants"]`.
     pub segments: Vec<String>,
+    /// The raw query string after `?`, if there is one.
     pub query: Option<String>,
+    /// The whole request body, at most 64 KiB (larger ones are refused with 413 before this).
     pub body: Bytes,
 }
 
 /// What serves the admin endpoints of one process. Handlers are synchronous (they touch files
 /// and in-memory state only) and run on the blocking pool.
 pub trait AdminHandler: Send + Sync + 'static {
+    /// Answers one request. The bearer token has already been checked; any status, including
+    /// errors, is the handler's to choose.
     fn handle(&self, request: &AdminRequest) -> Response<Body>;
 }
 

@@ -21,14 +21,17 @@ pub fn encode(registry: &Registry) -> Vec<u8> {
     out
 }
 
+/// A new counter `name` (with `help` as its `# HELP` line), registered in `registry`.
 pub fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     registered(registry, IntCounter::new(name, help).expect("valid metric"))
 }
 
+/// A new gauge `name` (with `help` as its `# HELP` line), registered in `registry`.
 pub fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     registered(registry, IntGauge::new(name, help).expect("valid metric"))
 }
 
+/// A new counter family `name`, one series per value of `labels`, registered in `registry`.
 pub fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     registered(
         registry,
@@ -36,6 +39,7 @@ pub fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str])
     )
 }
 
+/// A new gauge family `name`, one series per value of `labels`, registered in `registry`.
 pub fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     registered(
         registry,
@@ -47,6 +51,7 @@ pub fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -
 pub struct GaugeGuard(IntGauge);
 
 impl GaugeGuard {
+    /// Raises `gauge` by one until the guard is dropped.
     pub fn up(gauge: IntGauge) -> Self {
         gauge.inc();
         Self(gauge)

@@ -31,15 +31,21 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// What data connections of one session share.
 pub struct DataContext {
+    /// Dials the relay this session is with.
     pub dialer: Arc<RelayDialer>,
+    /// The id the relay gave the session in `Welcome`; every data connection names it.
     pub agent_id: String,
+    /// The session credential data connections prove; replaced on each renewal.
     pub credential: RwLock<String>,
+    /// What every link of the agent shares (routes, metrics).
     pub shared: Arc<super::AgentShared>,
     /// Ends idle connections when the session ends (streams in flight continue).
     pub session_ended: CancellationToken,
     /// Cuts everything when the agent stops for good.
     pub agent_stopped: CancellationToken,
+    /// The agent's tracker of streams being served (shutdown waits on it).
     pub streams: tokio_util::task::TaskTracker,
+    /// Limit on each dial and on the relay's challenge, and on each connect to a target.
     pub connect_timeout: Duration,
     /// What the pool slots dial (one-shots may be told to use TLS).
     pub transport: DataTransport,

@@ -13,12 +13,15 @@ pub type TunnelStream = TlsStream<TcpStream>;
 
 /// Dials one relay's tunnel port and authenticates the relay.
 pub struct RelayDialer {
+    /// The relay's tunnel address as configured (`host:port`); also the `relay` metric label.
     pub address: String,
     server_name: ServerName<'static>,
     connector: TlsConnector,
 }
 
 impl RelayDialer {
+    /// A dialer for `address` that expects the relay's certificate to name `server_name` and
+    /// verifies it with `tls`. Fails if `server_name` is not a valid DNS name or IP address.
     pub fn new(address: String, server_name: &str, tls: Arc<rustls::ClientConfig>) -> Result<Self, String> {
         let server_name = ServerName::try_from(server_name.to_owned())
             .map_err(|e| format!("invalid relay server name {server_name:?}: {e}"))?;

@@ -11,14 +11,26 @@ use super::LinkState;
 use crate::admin::http::{AdminHandler, AdminRequest, Body, error, json, text};
 use crate::admin::metrics::{counter_vec, gauge, gauge_vec};
 
+/// The agent's metrics, in a registry of their own.
 pub struct AgentMetrics {
     registry: Registry,
+    /// `sluice_agent_tunnel_up{relay}`: 1 while the control session with that relay is up.
     pub tunnel_up: IntGaugeVec,
+    /// `sluice_agent_reconnects_total{relay}`: attempts at a session with that relay (established
+    /// or not: a failed dial counts) that ended while the agent was running, to be retried.
     pub reconnects: IntCounterVec,
+    /// `sluice_agent_streams_total{route}`: streams received, by route pattern (`none` when no
+    /// route serves the hostname).
     pub streams: IntCounterVec,
+    /// `sluice_agent_active_streams`: streams being served now.
     pub active_streams: IntGauge,
+    /// `sluice_agent_stream_bytes_total{direction}`: bytes moved, `to_target` or `to_relay`.
     pub stream_bytes: IntCounterVec,
+    /// `sluice_agent_target_errors_total{reason}`: streams that failed on the on-prem side, by
+    /// [`TargetError::label`](super::target::TargetError::label); pump errors are not counted.
     pub target_errors: IntCounterVec,
+    /// `sluice_agent_target_connections_total{kind}`: target connections streams took, `warm`
+    /// or `fresh`.
     pub target_connections: IntCounterVec,
 }
 
@@ -29,6 +41,7 @@ impl Default for AgentMetrics {
 }
 
 impl AgentMetrics {
+    /// Creates every metric at zero in a fresh registry.
     pub fn new() -> Self {
         let registry = Registry::new();
         Self {
@@ -77,6 +90,7 @@ impl AgentMetrics {
         }
     }
 
+    /// The Prometheus text exposition of every agent metric, for `/metrics`.
     pub fn encode(&self) -> Vec<u8> {
         crate::admin::metrics::encode(&self.registry)
     }
@@ -84,7 +98,9 @@ impl AgentMetrics {
 
 /// The agent's admin endpoints.
 pub struct AgentAdmin {
+    /// What `/metrics` exposes.
     pub metrics: Arc<AgentMetrics>,
+    /// The state of each relay link: `/readyz` is ready while at least one is connected.
     pub links: Vec<watch::Receiver<LinkState>>,
 }
 

@@ -33,15 +33,29 @@ use crate::wire::message::RouteAd;
 use crate::wire::tls::{TlsConfigError, agent_client_config};
 use target::Routes;
 
+/// Why the agent could not start or reload. Only configuration and local resources fail here:
+/// an unreachable relay is not an error, its link just keeps retrying.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// A `[[relays]]` entry is unusable: it does not set exactly one of `ca` and `pin_sha256`,
+    /// or its server name is not a valid DNS name or IP address.
     #[error("relay {address}: {message}")]
-    Relay { address: String, message: String },
+    Relay {
+        /// The relay's `address` as configured.
+        address: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Building a TLS config failed: the client config for a relay, or a route's certificate
+    /// and key for TLS ending at the agent.
     #[error("TLS: {0}")]
     Tls(#[from] TlsConfigError),
+    /// The `[admin]` listener could not be bound.
     #[error("admin listener on {addr}: {source}")]
     Admin {
+        /// The configured `[admin] listen` address.
         addr: std::net::SocketAddr,
+        /// Why binding failed.
         source: std::io::Error,
     },
 }
@@ -49,31 +63,44 @@ pub enum AgentError {
 /// Where one relay link stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkState {
+    /// Dialing or authenticating: at start, and again after a session was lost.
     Connecting,
+    /// The relay welcomed us; streams for the accepted hostnames can arrive.
     Connected {
+        /// The id the relay gave this session.
         agent_id: String,
+        /// Hostnames the relay accepted from our routes, as of the last `Welcome` or
+        /// `RoutesUpdated`.
         accepted: Vec<String>,
     },
     /// The relay refused this agent (the reason is the relay's); retried with backoff.
     Rejected(String),
+    /// The agent is shutting down; the link will not dial again.
     Stopped,
 }
 
 /// What every link of this agent shares.
 pub struct AgentShared {
+    /// The agent's `name` from the config, sent in `Hello`.
     pub name: String,
+    /// The tenant token, presented in `Hello` and on every credential renewal.
     pub token: String,
     routes: RwLock<(Vec<RouteAd>, Arc<Routes>)>,
     /// Bumped whenever the routes change, so every link re-registers them.
     pub routes_version: watch::Sender<u64>,
+    /// Backoff bounds for re-dialing a relay after a lost session.
     pub reconnect: ReconnectConfig,
+    /// Limit on each dial (to a relay or a target) and on waiting for the relay's `Welcome`.
     pub connect_timeout: Duration,
+    /// What the data connections' pool slots dial: TLS, or plain TCP joined by challenge.
     pub data_transport: DataTransport,
     /// Cancelled on shutdown: links close, idle data connections close.
     pub stopped: CancellationToken,
     /// Cancelled when the drain deadline passes: streams in flight are cut.
     pub hard_stop: CancellationToken,
+    /// Every stream being served, over all links: what shutdown waits for.
     pub streams: TaskTracker,
+    /// The agent's metrics, served by the admin listener.
     pub metrics: Arc<metrics::AgentMetrics>,
 }
 
@@ -89,6 +116,8 @@ impl AgentShared {
     }
 }
 
+/// A running agent: one link task per configured relay, plus the admin listener if there is
+/// one. Stop it with [`Agent::shutdown`].
 pub struct Agent {
     shared: Arc<AgentShared>,
     /// Where the admin listener is bound, if configured.

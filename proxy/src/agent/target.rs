@@ -25,20 +25,37 @@ use crate::pump::{self, Counted, Meters, PumpError, Transferred, pump};
 use crate::wire::stream_header::{StreamHeader, StreamKind};
 use crate::wire::tls::{TlsConfigError, load_certs, load_key, provider};
 
+/// Why a stream could not be served on the on-prem side.
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
+    /// No route of this agent serves the stream's hostname (it went offline, or the relay and
+    /// the agent disagree on the routes).
     #[error("no route for {0}")]
     NoRoute(String),
+    /// A plaintext HTTP stream arrived for a route that has no HTTP target.
     #[error("route {0} does not forward plaintext HTTP")]
     NoHttpTarget(String),
+    /// Connecting to the target failed.
     #[error("connecting to {target}: {source}")]
-    Connect { target: String, source: io::Error },
+    Connect {
+        /// The target address as configured.
+        target: String,
+        /// Why the connect failed.
+        source: io::Error,
+    },
+    /// The target did not accept the connection within the connect timeout.
     #[error("connecting to {target}: timed out")]
-    ConnectTimeout { target: String },
+    ConnectTimeout {
+        /// The target address as configured.
+        target: String,
+    },
+    /// The browser's TLS handshake failed, on a route where TLS ends at the agent.
     #[error("TLS handshake with the browser: {0}")]
     Handshake(io::Error),
+    /// Moving the bytes failed once both ends were connected.
     #[error(transparent)]
     Pump(#[from] PumpError),
+    /// Building the PROXY v2 header or writing the stream's first bytes to the target failed.
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -58,7 +75,9 @@ impl TargetError {
 
 /// A configured route, ready to serve.
 pub struct Route {
+    /// The hostname or wildcard this route serves, parsed from `config.hostname`.
     pub pattern: HostPattern,
+    /// The route as configured.
     pub config: RouteConfig,
     /// Present when TLS ends at the agent.
     tls: Option<TlsAcceptor>,
@@ -107,10 +126,13 @@ impl Routes {
         Ok(Self { routes })
     }
 
+    /// The route serving `host`: an exact name if one matches, else the wildcard over its
+    /// parent domain (`*.acme.test` covers exactly one more label).
     pub fn lookup(&self, host: &str) -> Option<&Route> {
         self.routes.iter().find(|r| r.pattern.matches(host))
     }
 
+    /// Every route, exact names before wildcards.
     pub fn iter(&self) -> impl Iterator<Item = &Route> {
         self.routes.iter()
     }

@@ -11,6 +11,7 @@ pub use crate::wire::DataTransport;
 use crate::wire::message::HttpMode;
 use crate::wire::tls::RelayTrust;
 
+/// The whole of `agent.toml`, paths resolved and values checked by [`AgentConfig::load`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
@@ -21,7 +22,11 @@ pub struct AgentConfig {
     pub token_file: Option<PathBuf>,
     /// Relays to keep a tunnel to, all at once (more than one for availability).
     pub relays: Vec<RelayEndpoint>,
+    /// The hostnames this agent serves and where each goes (at least one); advertised to every
+    /// relay.
     pub routes: Vec<RouteConfig>,
+    /// Backoff between attempts to re-establish a lost tunnel (200 ms doubling up to 30 s by
+    /// default).
     #[serde(default)]
     pub reconnect: ReconnectConfig,
     /// Serve `/metrics`, `/healthz` and `/readyz` here (loopback recommended); off when absent.
@@ -37,6 +42,8 @@ pub struct AgentConfig {
     pub data_transport: DataTransport,
 }
 
+/// One `[[relays]]` entry: a relay to dial and how to authenticate it (exactly one of `ca` and
+/// `pin_sha256`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayEndpoint {
@@ -50,6 +57,7 @@ pub struct RelayEndpoint {
     pub pin_sha256: Option<String>,
 }
 
+/// One `[[routes]]` entry: a hostname this agent serves and where its streams go on-prem.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
@@ -76,16 +84,22 @@ pub struct RouteConfig {
     pub warm_connections: usize,
 }
 
+/// A route's `tls` section: the tenant's own certificate, for TLS ending at the agent.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsTermination {
+    /// PEM certificate chain presented to browsers, leaf first.
     pub cert: PathBuf,
+    /// PEM private key of that certificate.
     pub key: PathBuf,
 }
 
+/// The agent's `[admin]` section. The agent's admin listener has no bearer token: it serves
+/// metrics and probes only.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentAdminConfig {
+    /// Address of the admin listener, e.g. `127.0.0.1:9091`.
     pub listen: std::net::SocketAddr,
 }
 

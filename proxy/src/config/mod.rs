@@ -11,19 +11,35 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
+/// Why a config file was refused. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read (missing, unreadable, not UTF-8).
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why reading it failed.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for its type: a syntax error, an unknown field, a value of
+    /// the wrong type, a required field left out.
     #[error("config file {path}: {source}")]
     Parse {
+        /// The config file.
         path: PathBuf,
+        /// The TOML error, with its line and column.
         source: Box<toml::de::Error>,
     },
+    /// The file parsed, but a value breaks a rule checked at load time.
     #[error("config file {path}: `{field}`: {message}")]
     Invalid {
+        /// The config file.
         path: PathBuf,
+        /// The offending field as a path into the file, e.g. `tunnel.pool_size` or
+        /// `routes[0].hostname`.
         field: String,
+        /// What is wrong with its value.
         message: String,
     },
 }

@@ -7,14 +7,18 @@ use serde::Deserialize;
 
 use super::{ConfigError, invalid, positive, read_toml, resolve};
 
+/// The whole of `relay.toml`, paths resolved and values checked by [`RelayConfig::load`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
     /// Directory of the tenant and token store (`store.json`).
     pub state_dir: PathBuf,
+    /// `[edge]`: the browser-facing listeners and their limits.
     #[serde(default)]
     pub edge: EdgeConfig,
+    /// `[tunnel]`: the agent-facing listener, its identity and the session rules (required).
     pub tunnel: TunnelConfig,
+    /// `[admin]`: the admin listener (metrics, probes, the JSON API).
     #[serde(default)]
     pub admin: AdminConfig,
     /// How often the store file is checked for changes (revocations take effect within this).
@@ -23,6 +27,7 @@ pub struct RelayConfig {
     /// How long active streams may drain on shutdown before they are cut.
     #[serde(default = "RelayConfig::default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// `[shield]`: the XDP program's attachment and limits, and the userspace fallback's.
     #[serde(default)]
     pub shield: super::shield::ShieldConfig,
 }
@@ -76,6 +81,7 @@ impl EdgeConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelConfig {
+    /// Address of the tunnel listener agents dial (control and data connections alike).
     pub listen: SocketAddr,
     /// PEM certificate chain the relay presents to agents.
     pub cert: PathBuf,

@@ -56,8 +56,11 @@ pub(crate) fn return_buffer(buffer: Box<[u8]>) {
 /// Why a pump stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum PumpError {
+    /// `cut` fired before both directions finished: the tenant's access was revoked, the
+    /// hostname went offline, or the process is past its drain deadline.
     #[error("stream cut: access revoked or relay stopping")]
     Cut,
+    /// Reading, writing or shutting down one of the two streams failed.
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -65,7 +68,11 @@ pub enum PumpError {
 /// Bytes moved in each direction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Transferred {
+    /// Bytes written to the second stream (`tunnel` of [`pump`], `b` of [`pump_tcp`]) from the
+    /// first.
     pub client_to_agent: u64,
+    /// Bytes written to the first stream (`client` of [`pump`], `a` of [`pump_tcp`]) from the
+    /// second.
     pub agent_to_client: u64,
 }
 
@@ -105,7 +112,9 @@ where
 
 /// Counters for the bytes a pump moves, incremented as they move.
 pub struct Meters {
+    /// Counts the bytes moved from `a` to `b` of [`pump_tcp`].
     pub a_to_b: prometheus::IntCounter,
+    /// Counts the bytes moved from `b` to `a` of [`pump_tcp`].
     pub b_to_a: prometheus::IntCounter,
 }
 
@@ -247,6 +256,7 @@ pub struct Counted<S> {
 }
 
 impl<S> Counted<S> {
+    /// Wraps `inner`: bytes read from it go to `read`, bytes written to it go to `written`.
     pub fn new(inner: S, read: prometheus::IntCounter, written: prometheus::IntCounter) -> Self {
         Self { inner, read, written }
     }

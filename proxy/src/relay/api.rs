@@ -42,31 +42,47 @@ pub struct RelayAdmin {
     pub shield: Arc<RelayShield>,
 }
 
+/// One tenant in `GET /api/tenants`.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct TenantView {
+    /// The tenant's name.
     pub name: String,
+    /// The hostnames and wildcards (`*.acme.test`) it owns.
     pub hostnames: Vec<String>,
 }
 
+/// One token in `GET /api/tokens`: never its secret, nor the secret's hash.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct TokenView {
+    /// The token id (16 hex characters).
     pub id: String,
+    /// The tenant it acts for.
     pub tenant: String,
+    /// Who it was issued to, as given at creation.
     pub label: String,
+    /// `active`, `revoked` or `expired`, as of the request.
     pub status: String,
 }
 
+/// One live agent session in `GET /api/tunnels`, sorted by `agent_id`.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct TunnelView {
+    /// The session id, `tenant/agent-name/random`: what `DELETE /api/tunnels/{agent-id}` takes.
     pub agent_id: String,
+    /// The tenant the agent's token acts for.
     pub tenant: String,
+    /// The hostnames the agent has registered in this session.
     pub routes: Vec<String>,
+    /// Streams this session is carrying now.
     pub active_streams: usize,
+    /// Data connections joined and waiting for a stream.
     pub idle_data_connections: usize,
 }
 
+/// One ban in `GET /api/bans`.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct BanView {
+    /// The banned address.
     pub source: String,
     /// Seconds left; absent for a ban without expiry.
     pub remaining_secs: Option<u64>,

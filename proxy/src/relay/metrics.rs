@@ -182,6 +182,8 @@ impl RelayMetrics {
         self.tenant_labels.label(tenant)
     }
 
+    /// Counts one connection on `listener` refused for `reason` in
+    /// `sluice_connections_rejected_total`.
     pub fn rejected(&self, listener: &str, reason: Rejection) {
         self.connections_rejected
             .with_label_values(&[listener, reason.label()])
@@ -335,8 +337,12 @@ where
 pub struct ShieldFigures {
     /// XDP attached (true) or userspace fallback (false).
     pub xdp: bool,
+    /// Bans in force now in the kernel maps (0 without XDP), for `sluice_bans_active`.
     pub active_bans: u64,
+    /// Bans the kernel decided since start, for `sluice_bans_total{source="kernel"}`.
     pub kernel_bans: u64,
+    /// Bans decided from repeated L7 rejections since start, for
+    /// `sluice_bans_total{source="l7"}`.
     pub abuse_bans: u64,
     /// Connections the userspace gate closed at accept.
     pub refused: u64,
@@ -356,6 +362,8 @@ impl<F> ShieldCollector<F>
 where
     F: Fn() -> Option<ShieldFigures> + Send + Sync,
 {
+    /// `read` returns the figures at scrape time; `None` (the shield is gone) leaves the series
+    /// as they were.
     pub fn new(read: F) -> Self {
         Self {
             read,

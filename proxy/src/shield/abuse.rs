@@ -27,6 +27,7 @@ pub struct AbuseTracker {
 }
 
 impl AbuseTracker {
+    /// A tracker with `abuse_threshold` and `abuse_window` from `config`, tracking no source yet.
     pub fn new(config: &ShieldConfig) -> Self {
         Self {
             limits: RwLock::new((config.abuse_threshold, config.abuse_window)),
@@ -34,6 +35,8 @@ impl AbuseTracker {
         }
     }
 
+    /// Takes new limits from `config` (on reload); counts already gathered are kept and judged
+    /// by the new limits from the next rejection on.
     pub fn reconfigure(&self, config: &ShieldConfig) {
         *self.limits.write().expect("abuse limits lock") = (config.abuse_threshold, config.abuse_window);
     }

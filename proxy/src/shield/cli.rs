@@ -12,25 +12,30 @@ use super::maps::{CidrList, ShieldMaps};
 use super::{ShieldError, pin};
 use crate::cidr::Cidr;
 
+/// Arguments of `sluice shield`.
 #[derive(Debug, Args)]
 pub struct ShieldArgs {
     /// Which relay, when several run on this host: the name of its pin directory (its first
     /// edge port, e.g. `443`).
     #[arg(long, global = true)]
     pub instance: Option<String>,
+    /// What to show or change.
     #[command(subcommand)]
     pub command: ShieldCommand,
 }
 
+/// The `sluice shield` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ShieldCommand {
     /// Sources banned in the kernel.
     Bans {
+        /// List, add or remove.
         #[command(subcommand)]
         action: BanAction,
     },
     /// Networks that bypass every limit (allow) or are always dropped (deny).
     Cidr {
+        /// List, allow, deny or remove.
         #[command(subcommand)]
         action: CidrAction,
     },
@@ -38,11 +43,14 @@ pub enum ShieldCommand {
     Counters,
 }
 
+/// `sluice shield bans ...`.
 #[derive(Debug, Subcommand)]
 pub enum BanAction {
+    /// List every ban in force and its time left (operator, abuse and kernel-decided bans).
     List,
     /// Ban a source address.
     Add {
+        /// The address to ban (IPv4 or IPv6).
         ip: IpAddr,
         /// How long, e.g. `10m`; without it the ban lasts until removed.
         #[arg(long = "for", value_parser = humantime::parse_duration)]
@@ -50,42 +58,62 @@ pub enum BanAction {
     },
     /// Lift a ban.
     Remove {
+        /// The banned address.
         ip: IpAddr,
     },
 }
 
+/// `sluice shield cidr ...`.
 #[derive(Debug, Subcommand)]
 pub enum CidrAction {
+    /// List both lists, with who put each network there (config or CLI).
     List,
     /// Never limit or ban this network (wins over deny).
     Allow {
+        /// A network like `10.0.0.0/8`, or a single address.
         cidr: Cidr,
     },
     /// Drop this network's traffic to protected ports.
     Deny {
+        /// A network like `198.51.100.0/24`, or a single address.
         cidr: Cidr,
     },
     /// Take a network off the allow or deny list.
     Remove {
+        /// The network exactly as listed.
         cidr: Cidr,
     },
 }
 
+/// Why a `sluice shield` command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// No relay on this host has pinned shield maps: none is running, or it runs without XDP.
     #[error(
         "no relay's shield maps are pinned under {root}: is a relay running with XDP enabled \
          (`[shield] interfaces` in relay.toml)?"
     )]
-    NothingPinned { root: &'static str },
+    NothingPinned {
+        /// Where pins are looked for ([`pin::PIN_ROOT`]).
+        root: &'static str,
+    },
+    /// `--instance` names no pinned relay.
     #[error("no relay instance {instance:?} is pinned under {root} (pinned: {pinned})")]
     UnknownInstance {
+        /// The instance asked for.
         instance: String,
+        /// Where pins are looked for ([`pin::PIN_ROOT`]).
         root: &'static str,
+        /// The instances that are pinned, comma-separated.
         pinned: String,
     },
+    /// Several relays are pinned and no `--instance` chose one.
     #[error("several relays are running ({pinned}); choose one with --instance")]
-    Ambiguous { pinned: String },
+    Ambiguous {
+        /// The instances that are pinned, comma-separated.
+        pinned: String,
+    },
+    /// Opening or editing the maps failed.
     #[error(transparent)]
     Shield(#[from] ShieldError),
     /// `sluice shield-probe`: the program answered a test frame wrongly.
@@ -94,6 +122,7 @@ pub enum CliError {
         /// What it returned.
         action: u32,
     },
+    /// Writing the report to `out` failed.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::ShieldError;
 
+/// Now on CLOCK_MONOTONIC, in nanoseconds since boot; the kernel's ban expiries use this clock.
 pub fn monotonic_now_ns() -> Result<u64, ShieldError> {
     let mut ts = libc::timespec {
         tv_sec: 0,

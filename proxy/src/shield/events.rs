@@ -15,6 +15,7 @@ use super::clock;
 /// One ban the kernel decided, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BanNotice {
+    /// The banned address, IPv4 or IPv6 as the packet carried it.
     pub source: IpAddr,
     /// The over-limit drop that crossed the threshold.
     pub reason: Option<Reason>,

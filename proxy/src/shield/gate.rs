@@ -21,18 +21,25 @@ const MAX_TRACKED: usize = 100_000;
 /// What the gate decided for one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
+    /// Within its rate: a token was taken from the source's bucket.
     Admit,
+    /// On the allowlist: admitted without limits, bans or the denylist.
     Allowlisted,
+    /// On the denylist (and not on the allowlist): refused.
     Denylisted,
+    /// Under a ban, set by the gate itself, by the abuse tracker or by an operator: refused.
     Banned,
+    /// The source's bucket is empty: refused, and counted as a strike towards a ban.
     RateLimited,
 }
 
 impl Admission {
+    /// Whether the connection may go on: [`Admission::Admit`] or [`Admission::Allowlisted`].
     pub fn admitted(self) -> bool {
         matches!(self, Self::Admit | Self::Allowlisted)
     }
 
+    /// How logs name this decision (`admit`, `rate_limited`, ...).
     pub fn label(self) -> &'static str {
         match self {
             Self::Admit => "admit",
@@ -88,6 +95,7 @@ pub struct ConnectionGate {
 }
 
 impl ConnectionGate {
+    /// A gate with the userspace limits and lists of `config`, no source seen and no ban yet.
     pub fn new(config: &ShieldConfig) -> Self {
         Self {
             policy: RwLock::new(Policy::new(config)),
@@ -185,6 +193,7 @@ impl ConnectionGate {
             .collect()
     }
 
+    /// Whether a ban on `source` is in force at `now` (an expired one no longer counts).
     pub fn is_banned(&self, source: IpAddr, now: Instant) -> bool {
         let state = self.state.lock().expect("gate state lock");
         match state.bans.get(&source.to_canonical()) {

@@ -30,11 +30,14 @@ use crate::cidr::Cidr;
 /// Which list a CIDR is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CidrList {
+    /// `ALLOW_*`: sources that bypass every limit and ban.
     Allow,
+    /// `DENY_*`: sources whose packets to protected ports are dropped.
     Deny,
 }
 
 impl CidrList {
+    /// How the CLI names the list: `allow` or `deny`.
     pub fn label(self) -> &'static str {
         match self {
             Self::Allow => "allow",
@@ -46,7 +49,9 @@ impl CidrList {
 /// One entry of an allow/deny list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CidrEntry {
+    /// The list it is on.
     pub list: CidrList,
+    /// The network (the trie's key).
     pub cidr: Cidr,
     /// Whether the config file or a runtime edit (CLI) put it there.
     pub origin: CidrOrigin,
@@ -55,6 +60,7 @@ pub struct CidrEntry {
 /// One ban, as listed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BanRecord {
+    /// The banned address.
     pub source: IpAddr,
     /// Time left; `None` for a ban without expiry.
     pub remaining: Option<Duration>,
@@ -63,11 +69,16 @@ pub struct BanRecord {
 /// The limits and ports the kernel enforces, in the kernel's units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelPolicy {
+    /// The token buckets and ban rule, written to `LIMITS` slot 0.
     pub limits: Limits,
+    /// The destination ports the program polices, written to `PORTS` slot 0.
     pub ports: PortSet,
 }
 
 impl KernelPolicy {
+    /// The policy for `ports`, with `syn` and `packet` given as (per-second rate, burst) per
+    /// source (0 counts as 1), and a ban of `ban_duration` once a source's over-limit drops
+    /// exceed `ban_threshold`.
     pub fn new(
         ports: &[u16],
         syn: (u32, u32),

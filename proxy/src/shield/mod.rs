@@ -41,33 +41,74 @@ pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// Everything that can go wrong between us and the kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum ShieldError {
+    /// The embedded object could not be parsed, or the kernel refused to create its maps (no
+    /// BTF support, missing privileges).
     #[error("loading the XDP object into the kernel: {0}")]
     Load(#[from] EbpfError),
+    /// The kernel refused the program (the verifier rejected it, or we lack the privileges), or
+    /// detaching or test-running it failed.
     #[error("XDP program: {0}")]
     Program(#[from] ProgramError),
+    /// The program could not be attached to an interface (no such interface, or the driver
+    /// refuses this mode).
     #[error("attaching XDP to {interface} ({mode} mode): {source}")]
     Attach {
+        /// The interface name.
         interface: String,
+        /// The mode tried, as [`mode_name`] names it.
         mode: &'static str,
+        /// What the kernel said.
         source: ProgramError,
     },
+    /// Reading or writing a map failed.
     #[error("BPF map: {0}")]
     Map(#[from] MapError),
+    /// The object lacks a program or map this code expects: it was built from another
+    /// version of `proxy-ebpf`.
     #[error("the XDP object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
-    #[error("pinning {path}: {source}")]
-    Pin { path: PathBuf, source: PinError },
-    #[error("{path}: {source}")]
-    PinDir { path: PathBuf, source: std::io::Error },
-    #[error("opening the pinned map {path} (is a relay with XDP running?): {source}")]
-    OpenPinned { path: PathBuf, source: MapError },
-    #[error("mapping the source table {name} into memory: {source}")]
-    SourceTable {
+    Missing {
+        /// `"program"` or `"map"`.
+        kind: &'static str,
+        /// The name looked for.
         name: &'static str,
+    },
+    /// Pinning a map under the relay's pin directory failed.
+    #[error("pinning {path}: {source}")]
+    Pin {
+        /// The pin's path.
+        path: PathBuf,
+        /// What aya reported.
+        source: PinError,
+    },
+    /// The pin directory could not be created, or the BPF filesystem could not be mounted.
+    #[error("{path}: {source}")]
+    PinDir {
+        /// The directory, or `/sys/fs/bpf` for the mount.
+        path: PathBuf,
+        /// What the kernel said.
         source: std::io::Error,
     },
+    /// The CLI could not open a map a running relay pinned: no relay with XDP is running
+    /// there, or we may not read it.
+    #[error("opening the pinned map {path} (is a relay with XDP running?): {source}")]
+    OpenPinned {
+        /// The pin's path.
+        path: PathBuf,
+        /// What aya reported.
+        source: MapError,
+    },
+    /// A per-source table is not the mmapable array this code expects, or `mmap` failed.
+    #[error("mapping the source table {name} into memory: {source}")]
+    SourceTable {
+        /// The map's name (`SOURCES_V4` or `SOURCES_V6`).
+        name: &'static str,
+        /// Why it could not be mapped.
+        source: std::io::Error,
+    },
+    /// `getrandom(2)` failed while seeding the source tables' hash.
     #[error("drawing random seeds: {0}")]
     Random(std::io::Error),
+    /// `clock_gettime(CLOCK_MONOTONIC)` failed.
     #[error("reading CLOCK_MONOTONIC: {0}")]
     Clock(std::io::Error),
 }
@@ -83,8 +124,11 @@ pub struct TestRunOutcome {
 
 /// XDP action codes from `linux/bpf.h`.
 pub mod action {
+    /// `XDP_ABORTED`: the program failed; the frame is dropped and a trace event raised.
     pub const ABORTED: u32 = 0;
+    /// `XDP_DROP`: the frame is dropped before the kernel's network stack sees it.
     pub const DROP: u32 = 1;
+    /// `XDP_PASS`: the frame goes on to the kernel's network stack.
     pub const PASS: u32 = 2;
 }
 
@@ -159,10 +203,12 @@ impl Shield {
         self.links.iter().map(|(name, _)| name.as_str())
     }
 
+    /// Typed access to the program's maps, for reading them.
     pub fn maps(&self) -> &ShieldMaps {
         &self.maps
     }
 
+    /// Typed access to the program's maps, for changing policy, lists and bans.
     pub fn maps_mut(&mut self) -> &mut ShieldMaps {
         &mut self.maps
     }

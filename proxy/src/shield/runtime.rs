@@ -29,9 +29,15 @@ pub type Attachments = Vec<(String, &'static str)>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ShieldMode {
     /// The XDP program is attached.
-    Xdp { interfaces: Attachments },
+    Xdp {
+        /// Every configured interface, with the mode it took.
+        interfaces: Attachments,
+    },
     /// XDP is off; the userspace gate enforces limits, for this reason.
-    Fallback { reason: String },
+    Fallback {
+        /// Why XDP is off, for logs and the CLI: none configured, or the error that stopped it.
+        reason: String,
+    },
 }
 
 /// Counts a relay keeps about its shield.
@@ -96,10 +102,12 @@ impl RelayShield {
         }
     }
 
+    /// Which enforcement is active: decided at start, not changed by a reload.
     pub fn mode(&self) -> &ShieldMode {
         &self.mode
     }
 
+    /// The shield's counts since start, for the relay's metrics.
     pub fn stats(&self) -> &ShieldStats {
         &self.stats
     }

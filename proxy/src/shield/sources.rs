@@ -74,12 +74,17 @@ impl<A: Copy + PartialEq> SourceTable<A> {
     /// writing it right now.
     fn banned(&self, now: u64) -> impl Iterator<Item = (usize, A, u64)> + '_ {
         (0..self.len).filter_map(move |index| {
-            // SAFETY: in bounds of the mapping; every bit pattern is a valid SourceState.
+            // SAFETY: `index < self.len` and the mapping holds `len` slots: the offset stays in it.
             let slot = unsafe { self.slots.as_ptr().add(index) };
+            // SAFETY: `slot` is in bounds and 8-byte aligned (the mapping is page aligned and slots
+            // are multiples of 8 bytes), and any bits are a valid u64. Volatile, since the kernel
+            // writes the slot concurrently.
             let until = unsafe { (&raw const (*slot).banned_until_ns).read_volatile() };
             if until <= now {
                 return None;
             }
+            // SAFETY: in bounds and aligned as above; every bit pattern is a valid SourceState
+            // (integers only).
             let copy = unsafe { slot.read_volatile() };
             (copy.generation != 0).then_some((index, copy.addr, until))
         })
@@ -109,6 +114,9 @@ impl<A: Copy + PartialEq> SourceTable<A> {
             // SAFETY: in bounds; the field is 8-byte aligned (the mapping is page aligned and
             // slots are multiples of 8 bytes), so it can be stored atomically.
             let field = unsafe { &raw mut (*self.slots.as_ptr().add(index)).banned_until_ns };
+            // SAFETY: `field` is valid and aligned for as long as the mapping lives, which outlives
+            // this borrow; nothing else in this process can access it meanwhile (`SourceTable` is
+            // not `Sync`), and the kernel's own writes are outside Rust's memory model.
             unsafe { AtomicU64::from_ptr(field) }.store(0, Ordering::Relaxed);
         }
         !slots.is_empty()

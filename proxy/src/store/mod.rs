@@ -45,6 +45,8 @@ pub const MAX_TOKEN_LABEL_LEN: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tenant {
+    /// 1 to 63 of `a-z`, `0-9` and `-`, not starting with `-`; also the map key in
+    /// [`Snapshot::tenants`].
     pub name: String,
     /// Sorted, without duplicates; never empty.
     pub hostnames: Vec<HostPattern>,
@@ -61,6 +63,7 @@ pub struct Tenant {
 pub struct TokenRecord {
     /// 16 lowercase hex characters; also the map key in [`Snapshot::tokens`].
     pub id: String,
+    /// Name of the tenant the token acts for.
     pub tenant: String,
     /// Who the token is for, e.g. the agent's name, so every agent is individually identifiable.
     pub label: String,
@@ -70,20 +73,23 @@ pub struct TokenRecord {
     pub created_at: u64,
     /// Unix seconds; the token is refused from this second on.
     pub expires_at: Option<u64>,
-    /// Unix seconds.
+    /// Unix seconds when it was revoked; set once, never cleared.
     pub revoked_at: Option<u64>,
 }
 
 /// Where a token stands at a given time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenStatus {
+    /// Neither revoked nor expired: the token authenticates.
     Active,
     /// Revoked; reported even when it has also expired.
     Revoked,
+    /// Past its `expires_at`.
     Expired,
 }
 
 impl TokenStatus {
+    /// How the CLI and the admin API name the status: `active`, `revoked` or `expired`.
     pub const fn label(self) -> &'static str {
         match self {
             Self::Active => "active",
@@ -124,6 +130,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The tenant named `name`, if there is one.
     pub fn tenant(&self, name: &str) -> Option<&Tenant> {
         self.tenants.get(name)
     }
@@ -164,44 +171,112 @@ struct FileVersion {
 /// error, with its line and column), so the inner errors are fields rather than `source()`s.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A file system operation on the state directory, the store file, its temp file or the
+    /// lock file failed.
     #[error("{action} {}: {error}", path.display())]
     Io {
+        /// What was being done, e.g. `cannot rename temp file over`.
         action: &'static str,
+        /// The file or directory it was done to.
         path: PathBuf,
+        /// What the OS said.
         error: io::Error,
     },
+    /// `store.json` is not valid JSON, or not the shape of a store (an unknown field included).
     #[error("store file {} is corrupt: {error}", path.display())]
-    Corrupt { path: PathBuf, error: serde_json::Error },
+    Corrupt {
+        /// The store file.
+        path: PathBuf,
+        /// The JSON error, with its line and column.
+        error: serde_json::Error,
+    },
+    /// `store.json` has a `version` other than [`FORMAT_VERSION`] (written by another release).
     #[error(
         "store file {} has format version {found}; this sluice understands version {FORMAT_VERSION}",
         path.display()
     )]
-    UnsupportedVersion { path: PathBuf, found: u64 },
+    UnsupportedVersion {
+        /// The store file.
+        path: PathBuf,
+        /// The version it declares.
+        found: u64,
+    },
+    /// `store.json` parsed but breaks an invariant (a hand edit): a key that differs from the
+    /// name or id it holds, an invalid tenant name, a tenant without hostnames, overlapping
+    /// hostnames, a malformed token id or hash.
     #[error("store file {} is inconsistent: {problem}", path.display())]
-    Inconsistent { path: PathBuf, problem: String },
+    Inconsistent {
+        /// The store file.
+        path: PathBuf,
+        /// The first broken invariant found.
+        problem: String,
+    },
+    /// Serializing the snapshot to write it failed.
     #[error("cannot encode the store: {error}")]
-    Encode { error: serde_json::Error },
+    Encode {
+        /// What serde_json reported.
+        error: serde_json::Error,
+    },
+    /// A new tenant's name breaks the naming rules.
     #[error("invalid tenant name {name:?}: {reason}")]
-    InvalidTenantName { name: String, reason: &'static str },
+    InvalidTenantName {
+        /// The name given.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// A tenant with this name exists already.
     #[error("tenant {name:?} already exists")]
-    TenantExists { name: String },
+    TenantExists {
+        /// The name given.
+        name: String,
+    },
+    /// No tenant has this name (removing it, or creating a token for it).
     #[error("no tenant named {name:?}")]
-    UnknownTenant { name: String },
+    UnknownTenant {
+        /// The name given.
+        name: String,
+    },
+    /// A tenant was to be added without hostnames.
     #[error("tenant {tenant:?} needs at least one hostname")]
-    NoHostnames { tenant: String },
+    NoHostnames {
+        /// The tenant's name.
+        tenant: String,
+    },
+    /// A new tenant's hostname overlaps one another tenant owns: the same name, a name under
+    /// the other's wildcard, or a wildcard over the other's name.
     #[error("hostname {hostname} for tenant {tenant:?} overlaps {owned}, owned by tenant {owner:?}")]
     HostnameTaken {
+        /// The tenant being added.
         tenant: String,
+        /// Its hostname that overlaps.
         hostname: HostPattern,
+        /// The tenant that owns the overlapping hostname.
         owner: String,
+        /// The overlapping hostname, as `owner` holds it.
         owned: HostPattern,
     },
+    /// No token has this id (revoking it).
     #[error("no token with id {id:?}")]
-    UnknownToken { id: String },
+    UnknownToken {
+        /// The id given.
+        id: String,
+    },
+    /// A new token's label is empty, too long or has a character outside `A-Z a-z 0-9 - _ . : @`.
     #[error("invalid token label {label:?}: {reason}")]
-    InvalidTokenLabel { label: String, reason: &'static str },
+    InvalidTokenLabel {
+        /// The label given.
+        label: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// A new token's lifetime is zero.
     #[error("token lifetime {ttl:?} is too short: the minimum is one second")]
-    InvalidTtl { ttl: Duration },
+    InvalidTtl {
+        /// The lifetime given.
+        ttl: Duration,
+    },
+    /// The system CSPRNG failed while minting a token.
     #[error("the system random number generator failed")]
     Random,
 }

@@ -18,7 +18,7 @@ pub const TOKEN_PREFIX: &str = "sluice_";
 /// Random bytes in a token id (shown as 16 lowercase hex characters).
 const ID_BYTES: usize = 8;
 /// Hex characters in a token id.
-pub const ID_LEN: usize = ID_BYTES * 2;
+const ID_LEN: usize = ID_BYTES * 2;
 /// Random bytes in a token secret (256 bits).
 const SECRET_BYTES: usize = 32;
 /// Characters in the secret: 32 bytes in unpadded base32.
@@ -29,7 +29,9 @@ const TOKEN_LEN: usize = TOKEN_PREFIX.len() + ID_LEN + 1 + SECRET_LEN;
 /// A token that passed verification, with the tenant it acts for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Authenticated<'a> {
+    /// The token's stored record (active at the time of the check).
     pub token: &'a TokenRecord,
+    /// The tenant the token belongs to.
     pub tenant: &'a Tenant,
 }
 
@@ -37,23 +39,49 @@ pub struct Authenticated<'a> {
 /// log and to send back to the agent.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
+    /// The presented string is not exactly `sluice_`, 16 lowercase hex, `_`, 52 lowercase
+    /// base32 (no trimming: a stray newline is malformed too).
     #[error("malformed token: expected `sluice_<16 hex id>_<52 base32 secret>`")]
     Malformed,
+    /// No token has this id: it never existed, or was deleted with its tenant.
     #[error("token {id} is unknown")]
-    UnknownToken { id: String },
+    UnknownToken {
+        /// The token id.
+        id: String,
+    },
+    /// The id is known but the secret does not hash to the stored one.
     #[error("wrong secret for token {id}")]
-    WrongSecret { id: String },
+    WrongSecret {
+        /// The token id.
+        id: String,
+    },
+    /// The token was revoked (reported even when it has also expired).
     #[error("token {id} has been revoked")]
-    Revoked { id: String },
+    Revoked {
+        /// The token id.
+        id: String,
+    },
+    /// The token is past its `expires_at`.
     #[error("token {id} has expired")]
-    Expired { id: String },
+    Expired {
+        /// The token id.
+        id: String,
+    },
+    /// The token's tenant is not in the store (only a hand-edited file gets here: removing a
+    /// tenant deletes its tokens).
     #[error("token {id} belongs to tenant {tenant:?}, which no longer exists")]
-    TenantGone { id: String, tenant: String },
+    TenantGone {
+        /// The token id.
+        id: String,
+        /// The tenant the token names.
+        tenant: String,
+    },
 }
 
 /// A freshly created token: the only time the plaintext exists. Show it to the operator once;
 /// `Debug` redacts it.
 pub struct IssuedToken {
+    /// What the store keeps of it (the secret only as a hash).
     pub record: TokenRecord,
     /// The full `sluice_<id>_<secret>` string the agent presents.
     pub token: String,

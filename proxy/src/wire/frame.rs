@@ -12,14 +12,23 @@ use crate::peek::Peek;
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
 const LEN_PREFIX: usize = 4;
 
+/// Why a control frame could not be read or written. Any of these ends the control connection.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
+    /// A length prefix, or a message to send, is over [`MAX_FRAME_LEN`]; refused before the
+    /// body is read.
     #[error("frame of {len} bytes exceeds the {MAX_FRAME_LEN}-byte limit")]
-    TooLarge { len: usize },
+    TooLarge {
+        /// The frame's body length in bytes.
+        len: usize,
+    },
+    /// The body is not JSON of the expected message type (or the message failed to serialize).
     #[error("invalid control message: {0}")]
     Json(#[from] serde_json::Error),
+    /// The peer closed the connection after part of a frame.
     #[error("connection closed in the middle of a frame")]
     Truncated,
+    /// Reading or writing the connection failed.
     #[error("tunnel I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -58,6 +67,7 @@ pub struct FrameReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// A reader of the frames `inner` carries, with nothing buffered yet.
     pub fn new(inner: R) -> Self {
         Self {
             inner,
@@ -88,6 +98,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         (self.inner, self.buf)
     }
 
+    /// The underlying stream, e.g. to write on it; bytes already buffered stay here.
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
     }

@@ -17,6 +17,7 @@ pub enum Beat {
     Silent(Duration),
 }
 
+/// One end's heartbeat state: when to ping next, and when the peer was last heard.
 pub struct Heartbeat {
     every: Duration,
     ticker: Interval,
@@ -25,6 +26,8 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
+    /// A heartbeat every `every`, counting the peer as heard from now. The first beat comes at
+    /// once (a tokio interval's first tick).
     pub fn new(every: Duration) -> Self {
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -36,6 +39,7 @@ impl Heartbeat {
         }
     }
 
+    /// The interval between beats.
     pub fn every(&self) -> Duration {
         self.every
     }

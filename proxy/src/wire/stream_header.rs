@@ -24,8 +24,11 @@ pub enum StreamKind {
     Http = 2,
 }
 
+/// What the agent learns about a stream before its first byte: how it arrived, from whom, and
+/// for which hostname.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamHeader {
+    /// The listener it arrived on, which says what the bytes after the header are.
     pub kind: StreamKind,
     /// The browser's address as the relay saw it (for PROXY protocol on the agent side).
     pub client: SocketAddr,
@@ -35,16 +38,22 @@ pub struct StreamHeader {
     pub host: String,
 }
 
+/// Why a stream header could not be encoded or decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StreamHeaderError {
+    /// The first four bytes are not `SLS1`.
     #[error("data connection did not start with a stream header")]
     BadMagic,
+    /// The kind byte is neither 1 (TLS) nor 2 (HTTP).
     #[error("unknown stream kind {0}")]
     UnknownKind(u8),
+    /// The family byte is neither 4 nor 6.
     #[error("unknown address family {0}")]
     UnknownFamily(u8),
+    /// The hostname bytes are not ASCII.
     #[error("hostname is not ASCII")]
     BadHost,
+    /// Encoding: the hostname is over 255 bytes, more than its length byte can say.
     #[error("hostname of {0} bytes does not fit the header")]
     HostTooLong(usize),
 }

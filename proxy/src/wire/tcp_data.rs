@@ -30,7 +30,9 @@ use crate::peek::Peek;
 
 /// First bytes of a plain-TCP data connection; a TLS connection starts with 0x16 instead.
 pub const MAGIC: &[u8; 4] = b"SLT1";
+/// Bytes in each side's nonce (256 bits).
 pub const NONCE_LEN: usize = 32;
+/// Bytes in an HMAC-SHA256 tag: the join proof, and the stream header's tag.
 pub const TAG_LEN: usize = 32;
 /// Longest agent id accepted in a join (ids are `tenant/agent/suffix`, far shorter).
 pub const MAX_AGENT_ID_LEN: usize = 512;
@@ -38,17 +40,25 @@ pub const MAX_AGENT_ID_LEN: usize = 512;
 const JOIN_LABEL: &[u8] = b"sluice tcp-data v1 join";
 const STREAM_LABEL: &[u8] = b"sluice tcp-data v1 stream";
 
+/// One side's fresh random contribution to a connection's tags.
 pub type Nonce = [u8; NONCE_LEN];
+/// An HMAC-SHA256 output.
 pub type Tag = [u8; TAG_LEN];
 
+/// Why a join or a sealed header was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TcpDataError {
+    /// The connection does not start with `SLT1` (checked from the first byte on).
     #[error("not a data connection (bad magic)")]
     BadMagic,
+    /// The join's agent id is empty, over [`MAX_AGENT_ID_LEN`] bytes, or not UTF-8; carries its
+    /// length.
     #[error("agent id of {0} bytes is empty or too long")]
     BadAgentId(usize),
+    /// The stream header itself does not encode (sealing) or decode (opening).
     #[error("stream header: {0}")]
     Header(#[from] StreamHeaderError),
+    /// The header's tag does not match: it was not sealed with this connection's stream key.
     #[error("stream header not authenticated by the session credential")]
     BadHeaderTag,
 }
@@ -56,11 +66,14 @@ pub enum TcpDataError {
 /// The agent's opening message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Join {
+    /// The session id from `Welcome`, naming the session whose pool to join.
     pub agent_id: String,
+    /// The agent's fresh nonce for this connection ([`new_nonce`]).
     pub agent_nonce: Nonce,
 }
 
 impl Join {
+    /// The join's bytes: magic, id length, id, nonce. Fails if the id is empty or too long.
     pub fn encode(&self) -> Result<Vec<u8>, TcpDataError> {
         let id = self.agent_id.as_bytes();
         if id.is_empty() || id.len() > MAX_AGENT_ID_LEN {
@@ -109,7 +122,9 @@ impl Join {
 /// Both nonces of one connection, which bind every tag to it.
 #[derive(Debug, Clone, Copy)]
 pub struct Nonces {
+    /// Sent by the agent in its [`Join`].
     pub agent: Nonce,
+    /// Sent by the relay in its challenge.
     pub relay: Nonce,
 }
 
@@ -156,6 +171,8 @@ pub fn join_proof_valid(credential: &str, agent_id: &str, nonces: &Nonces, proof
 pub struct StreamKey([u8; TAG_LEN]);
 
 impl StreamKey {
+    /// The stream key both ends derive from the credential the join proved, the session id
+    /// and this connection's nonces.
     pub fn derive(credential: &str, agent_id: &str, nonces: &Nonces) -> Self {
         Self(tag_of(keyed(credential, STREAM_LABEL, agent_id, nonces)))
     }

@@ -18,24 +18,44 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Why a TLS configuration could not be built. Every file-related variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
+    /// A certificate file could not be read, or holds a malformed PEM section.
     #[error("reading certificates from {path}: {source}")]
     Certs {
+        /// The PEM file.
         path: PathBuf,
+        /// What the PEM parser reported.
         source: rustls::pki_types::pem::Error,
     },
+    /// A certificate file holds no `CERTIFICATE` section.
     #[error("{path} contains no certificate")]
-    NoCerts { path: PathBuf },
+    NoCerts {
+        /// The PEM file.
+        path: PathBuf,
+    },
+    /// A key file could not be read, or holds no PKCS#8, PKCS#1 or SEC1 private key.
     #[error("reading the private key from {path}: {source}")]
     Key {
+        /// The PEM file.
         path: PathBuf,
+        /// What the PEM parser reported.
         source: rustls::pki_types::pem::Error,
     },
+    /// rustls refused the configuration: a key that does not match its certificate or is of an
+    /// unsupported type, or a certificate it cannot parse.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// A certificate in an agent's CA file is not usable as a trust anchor.
     #[error("CA file {path}: {source}")]
-    Roots { path: PathBuf, source: rustls::Error },
+    Roots {
+        /// The CA file.
+        path: PathBuf,
+        /// Why rustls refused the certificate.
+        source: rustls::Error,
+    },
+    /// Building a WebPKI certificate verifier failed.
     #[error("building the certificate verifier: {0}")]
     Verifier(#[from] rustls::client::VerifierBuilderError),
 }
