@@ -587,6 +587,94 @@ async fn revoking_the_token_cuts_the_live_tunnel_within_seconds() {
         raw_hello_answer(world.tls_addr(), &hello).await,
         fatal_alert(AlertDescription::UnrecognizedName)
     );
+    // The session's end is counted under its reason.
+    let ended = |reason: &str| {
+        world
+            .relay()
+            .metrics()
+            .sessions_ended
+            .with_label_values(&[reason])
+            .get()
+    };
+    eventually(WAIT, || ended("access_revoked") == 1).await;
+}
+
+/// A tenant agent that authenticates but never opens a data connection: the relay asks it for
+/// one, waits `agent_wait`, then tells the browser internal_error and counts `agent_busy`.
+#[tokio::test]
+async fn a_browser_waits_for_an_agent_with_no_data_connection_then_is_refused_as_agent_busy() {
+    use sluice::wire::frame::{FrameReader, write_frame};
+    use sluice::wire::message::{AgentMessage, RelayMessage, RouteAd};
+
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let tls = sluice::wire::tls::agent_client_config(&sluice::wire::tls::RelayTrust::Ca(
+        world.relay_pki.ca_pem.clone(),
+    ))
+    .unwrap();
+    let tcp = TcpStream::connect(world.tunnel_addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("relay.sluice.test").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (read_half, mut writer) = tokio::io::split(stream);
+    let hello = AgentMessage::Hello {
+        protocol: sluice::wire::PROTOCOL_VERSION,
+        token,
+        agent_name: "lazy".into(),
+        routes: vec![RouteAd {
+            hostname: "app.acme.test".into(),
+            http: Default::default(),
+        }],
+    };
+    write_frame(&mut writer, &hello).await.unwrap();
+    let mut reader = FrameReader::new(read_half);
+    let welcome = within(WAIT, reader.next::<RelayMessage>()).await.unwrap();
+    assert!(
+        matches!(welcome, Some(RelayMessage::Welcome { .. })),
+        "{welcome:?}"
+    );
+    // Answer heartbeats; note the relay asking for data connections; open none.
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let control = tokio::spawn({
+        let asked = Arc::clone(&asked);
+        async move {
+            while let Ok(Some(message)) = reader.next::<RelayMessage>().await {
+                match message {
+                    RelayMessage::Ping { seq } => {
+                        let _ = write_frame(&mut writer, &AgentMessage::Pong { seq }).await;
+                    }
+                    RelayMessage::OpenData { .. } => asked.store(true, std::sync::atomic::Ordering::Relaxed),
+                    _ => {}
+                }
+            }
+        }
+    });
+    let hello = client_hello("app.acme.test", acme.client_config());
+    assert_eq!(
+        raw_hello_answer(world.tls_addr(), &hello).await,
+        fatal_alert(AlertDescription::InternalError)
+    );
+    assert!(
+        asked.load(std::sync::atomic::Ordering::Relaxed),
+        "the relay asked for a data connection"
+    );
+    let rejected = |reason: &str| {
+        world
+            .relay()
+            .metrics()
+            .connections_rejected
+            .with_label_values(&["tls", reason])
+            .get()
+    };
+    assert_eq!(rejected("agent_busy"), 1);
+    assert_eq!(
+        rejected("no_agent"),
+        0,
+        "an agent was there, just without a connection to spare"
+    );
+    control.abort();
 }
 
 #[tokio::test]

@@ -43,7 +43,7 @@ impl RelayDialer {
             .map_err(|_| timed_out())?
     }
 
-    /// A plain TCP connection to the relay's tunnel port (for `tunnel::tcp_data`, which then
+    /// A plain TCP connection to the relay's tunnel port (for `wire::tcp_data`, which then
     /// authenticates both ends with the session credential).
     pub async fn dial_tcp(&self, timeout: Duration) -> std::io::Result<TcpStream> {
         tokio::time::timeout(timeout, Self::connect(&self.address))

@@ -11,7 +11,8 @@
 //!
 //! ```text
 //! agent -> relay  "SLT1" | agent id len u16 | agent id | agent nonce [32]
-//! relay -> agent  relay nonce [32]
+//! relay -> agent  '+' | relay nonce [32]
+//!                 (or '-' | reason | '\n' when it refuses the join, then closes)
 //! agent -> relay  HMAC(credential, "sluice tcp-data v1 join" | id | nonces)      [32]
 //!                 (the relay checks it against the live credentials, then parks the connection)
 //! relay -> agent  stream header | HMAC(stream key, header)                         [32]

@@ -55,9 +55,6 @@ pub enum TlsConfigError {
         /// Why rustls refused the certificate.
         source: rustls::Error,
     },
-    /// Building a WebPKI certificate verifier failed.
-    #[error("building the certificate verifier: {0}")]
-    Verifier(#[from] rustls::client::VerifierBuilderError),
 }
 
 /// Reads a PEM certificate chain (leaf first).

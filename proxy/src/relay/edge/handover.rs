@@ -174,3 +174,20 @@ pub async fn to_agent(
             .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_hand_over_failure_has_its_own_rejection() {
+        assert_eq!(HandoverError::NoAgent.rejection(), Rejection::NoAgent);
+        assert_eq!(
+            HandoverError::PoolExhausted(Duration::from_secs(3)).rejection(),
+            Rejection::AgentBusy
+        );
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(HandoverError::Io(reset).rejection(), Rejection::AgentUnreachable);
+    }
+}
+
