@@ -1,13 +1,17 @@
 //! Cost of routing a connection from its first bytes: `sluice::peek` on a real rustls ClientHello
 //! (one record, padded to 2 KiB, split into 3 records) and on a typical browser request head.
 //!
-//! Each input is parsed whole, as the relay does once the last segment has arrived.
+//! Each input is parsed whole, as the relay does once the last segment has arrived; and a large
+//! hello is delivered the hard way, in one-byte records arriving one per read, to show that
+//! reassembly costs about the same per byte however the client splits it (`ClientHelloPeeker`
+//! resumes where it stopped; the stateless `peek_client_hello` re-walks every record on every
+//! read, which is what a hostile client made quadratic).
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sluice::peek::Peek;
 use sluice::peek::http::peek_request_head;
-use sluice::peek::tls::peek_client_hello;
+use sluice::peek::tls::{ClientHelloPeeker, peek_client_hello};
 use sluice_tests::records::handshake_records;
 
 /// The first flight rustls 0.23 (ring provider, TLS 1.3 + 1.2) sends for `api.example.com` with
@@ -112,5 +116,64 @@ fn bench_request_head(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_client_hello, bench_request_head);
+/// Handshake bytes of the large hello: in one-byte records (6 wire bytes each) it fills most of
+/// the relay's 32 KiB `max_client_hello`.
+const LARGE_MESSAGE: usize = 5400;
+const LIMIT: usize = 32 * 1024;
+
+/// Feeds `wire` to `peek` as the edge would: the buffer grows by one `step` per read and the
+/// peeker sees all of it each time.
+fn deliver(wire: &[u8], step: usize, mut peek: impl FnMut(&[u8]) -> bool) {
+    let mut end = 0;
+    while end < wire.len() {
+        end = (end + step).min(wire.len());
+        if peek(&wire[..end]) {
+            return;
+        }
+    }
+    panic!("the hello never completed");
+}
+
+fn bench_client_hello_delivery(c: &mut Criterion) {
+    let hello = from_hex(RUSTLS_HELLO_HEX);
+    let one_record = padded(&hello, LARGE_MESSAGE + 5);
+    let message = &one_record[5..];
+    let one_byte_records = handshake_records(message, &vec![1; message.len()]);
+    assert!(one_byte_records.len() <= LIMIT, "{}", one_byte_records.len());
+    let done = |r: Result<Peek<_>, _>| match r {
+        Ok(Peek::Done(_)) => true,
+        Ok(Peek::NeedMore) => false,
+        Err(e) => panic!("{e}"),
+    };
+    let mut group = c.benchmark_group("client_hello_delivery");
+    group.sample_size(20);
+    for (name, wire, step) in [
+        ("one_record_one_read", &one_record, one_record.len()),
+        ("one_byte_records_one_per_read", &one_byte_records, 6),
+    ] {
+        group.throughput(Throughput::Bytes(wire.len() as u64));
+        group.bench_function(format!("incremental/{name}"), |b| {
+            b.iter(|| {
+                let mut peeker = ClientHelloPeeker::new(LIMIT);
+                deliver(wire, step, |buf| done(peeker.peek(black_box(buf))));
+            })
+        });
+    }
+    group.throughput(Throughput::Bytes(one_byte_records.len() as u64));
+    group.bench_function("stateless/one_byte_records_one_per_read", |b| {
+        b.iter(|| {
+            deliver(&one_byte_records, 6, |buf| {
+                done(peek_client_hello(black_box(buf), LIMIT))
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_client_hello,
+    bench_request_head,
+    bench_client_hello_delivery
+);
 criterion_main!(benches);

@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use sluice::pump::pump;
 use sluice::pump::splice::splice_pump;
+use sluice::pump::{Timeouts, pump};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -62,8 +62,8 @@ async fn relay_once(kind: Pump, cost: Cost) -> Duration {
     let pump = tokio::spawn(async move {
         let cut = CancellationToken::new();
         match kind {
-            Pump::Buffered => pump(&mut a, &mut b, &cut).await,
-            Pump::Splice => splice_pump(&a, &b, &cut, None).await,
+            Pump::Buffered => pump(&mut a, &mut b, &cut, Timeouts::NEVER).await,
+            Pump::Splice => splice_pump(&a, &b, &cut, Timeouts::NEVER, None).await,
         }
     });
     let (start, cpu_start) = (Instant::now(), cpu_time());

@@ -16,6 +16,7 @@ fn registry() -> Routes {
     let pool = Arc::new(AgentPool::new(
         "bench/agent/x".into(),
         "bench".into(),
+        4,
         tx,
         &CancellationToken::new(),
     ));

@@ -1,6 +1,12 @@
-//! The admin HTTP listener. Loopback by default; when bound elsewhere a bearer token is
-//! required (enforced at config load). `/healthz` and `/readyz` answer without a token so probes
-//! stay simple; they reveal nothing but up/down.
+//! The admin HTTP listener. Loopback by default; bound anywhere else it needs a bearer token
+//! (the config loader refuses to start without one). With a token, every request but the probes
+//! must present it; `/healthz` and `/readyz` answer without one so probes stay simple, and they
+//! reveal nothing but up/down. Without a token (loopback only), a request must name a loopback
+//! host in `Host`: a page in a browser on the same machine can make the browser send requests to
+//! 127.0.0.1 under a name of the page's choosing (DNS rebinding), and this refuses them.
+//!
+//! Nothing about a connection is unbounded: at most [`MAX_CONNECTIONS`] at once, a request head
+//! must arrive within [`HEADER_TIMEOUT`], a body is at most 64 KiB.
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -16,8 +22,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::config::AdminToken;
+
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 64 * 1024;
+/// Admin connections served at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request head must arrive within this.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The body of every admin response: complete in memory, never streamed.
 pub type Body = Full<Bytes>;
@@ -43,32 +55,44 @@ pub trait AdminHandler: Send + Sync + 'static {
     fn handle(&self, request: &AdminRequest) -> Response<Body>;
 }
 
-/// Serves admin requests until `stop` fires.
+/// Serves admin requests until `stop` fires. `token`: the bearer token requests must present
+/// (`None`: the listener is on loopback and checks `Host` instead).
 pub async fn serve(
     listener: TcpListener,
     handler: Arc<dyn AdminHandler>,
-    token: Option<String>,
+    token: Option<AdminToken>,
     stop: CancellationToken,
 ) {
-    let token: Option<Arc<str>> = token.map(Into::into);
+    let token: Option<Arc<AdminToken>> = token.map(Arc::new);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = crate::net::AcceptBackoff::new("admin");
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    debug!(error = %e, "admin accept failed");
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
             () = stop.cancelled() => return,
         };
+        backoff.succeeded();
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(%peer, "admin listener at its connection cap: closing");
+            continue;
+        };
         let (handler, token, stop) = (Arc::clone(&handler), token.clone(), stop.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |request| {
                 let (handler, token) = (Arc::clone(&handler), token.clone());
                 async move { Ok::<_, Infallible>(respond(request, handler, token.as_deref()).await) }
             });
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
+            let connection = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service);
             tokio::select! {
                 result = connection => if let Err(e) = result { debug!(%peer, error = %e, "admin connection") },
                 () = stop.cancelled() => {}
@@ -80,8 +104,16 @@ pub async fn serve(
 async fn respond(
     request: Request<Incoming>,
     handler: Arc<dyn AdminHandler>,
-    token: Option<&str>,
+    token: Option<&AdminToken>,
 ) -> Response<Body> {
+    if token.is_none() && !names_loopback(&request) {
+        return json(
+            StatusCode::FORBIDDEN,
+            &Message {
+                error: "Host must be localhost, 127.0.0.1 or [::1] on an admin listener without a token",
+            },
+        );
+    }
     let path = request.uri().path().to_owned();
     let segments: Vec<String> = path
         .split('/')
@@ -91,7 +123,7 @@ async fn respond(
     let probe = matches!(segments.as_slice(), [p] if p == "healthz" || p == "readyz");
     if let Some(expected) = token
         && !probe
-        && !authorized(&request, expected)
+        && !authorized(&request, expected.secret())
     {
         let mut response = json(
             StatusCode::UNAUTHORIZED,
@@ -134,6 +166,21 @@ async fn respond(
                 },
             )
         })
+}
+
+/// Whether the request's `Host` (port aside) is a loopback name.
+fn names_loopback(request: &Request<Incoming>) -> bool {
+    let Some(host) = request.headers().get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().map(|v6| format!("[{v6}]")),
+        None => host.split(':').next().map(str::to_owned),
+    };
+    matches!(
+        name.map(|n| n.to_ascii_lowercase()).as_deref(),
+        Some("localhost" | "127.0.0.1" | "[::1]")
+    )
 }
 
 fn authorized(request: &Request<Incoming>, expected: &str) -> bool {

@@ -279,7 +279,7 @@ async fn serve(ctx: Arc<DataContext>, handed: Handed) {
         std::future::pending::<()>().await;
     };
     let served = tokio::select! {
-        served = target::serve(route, &header, tunnel, early, metrics, ctx.connect_timeout, &cut) => served,
+        served = target::serve(route, &header, tunnel, early, metrics, &ctx.shared.stream_limits, &cut) => served,
         () = offline => unreachable!("`offline` never completes"),
     };
     if let Err(e) = &served
@@ -297,7 +297,7 @@ async fn serve(ctx: Arc<DataContext>, handed: Handed) {
         Err(e @ target::TargetError::Pump(_)) => {
             debug!(agent = ctx.agent_id, host = header.host, error = %e, "stream ended")
         }
-        Err(e @ target::TargetError::Handshake(_)) => {
+        Err(e @ (target::TargetError::Handshake(_) | target::TargetError::HandshakeTimeout(_))) => {
             info!(agent = ctx.agent_id, host = header.host, client = %header.client, error = %e, "browser TLS handshake failed")
         }
         Err(e) => {

@@ -52,9 +52,7 @@ impl RelayDialer {
     }
 
     async fn connect(address: &str) -> std::io::Result<TcpStream> {
-        let tcp = TcpStream::connect(address).await?;
-        tcp.set_nodelay(true)?;
-        Ok(tcp)
+        crate::net::connect(address).await
     }
 }
 

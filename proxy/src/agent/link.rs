@@ -120,6 +120,17 @@ async fn session(
             other => SessionEnd::Lost(format!("expected Welcome, got {other:?}")),
         };
     };
+    // What a relay sends is bounded before it is used: nonsense gets a sane value and a warning,
+    // never a panic or a flood of tasks.
+    let relay = dialer.address.as_str();
+    let pool_size = clamp(relay, "pool_size", u64::from(pool_size), POOL_SIZE) as u32;
+    let heartbeat_secs = clamp(relay, "heartbeat_secs", heartbeat_secs, HEARTBEAT_SECS);
+    let credential_ttl_secs = clamp(
+        relay,
+        "credential_ttl_secs",
+        credential_ttl_secs,
+        CREDENTIAL_TTL_SECS,
+    );
     for r in &refused {
         error!(
             relay = dialer.address,
@@ -158,7 +169,7 @@ async fn session(
         tokio::spawn(data::pool_slot(Arc::clone(&ctx)));
     }
 
-    let mut heartbeat = Heartbeat::new(Duration::from_secs(heartbeat_secs.max(1)));
+    let mut heartbeat = Heartbeat::new(Duration::from_secs(heartbeat_secs));
     let mut renew_at = Instant::now() + renewal_delay(credential_ttl_secs);
     let end = loop {
         let outgoing = tokio::select! {
@@ -169,6 +180,7 @@ async fn session(
                         RelayMessage::Ping { seq } => Some(AgentMessage::Pong { seq }),
                         RelayMessage::Pong { .. } => None,
                         RelayMessage::Renewed { credential, credential_ttl_secs } => {
+                            let credential_ttl_secs = clamp(relay, "credential_ttl_secs", credential_ttl_secs, CREDENTIAL_TTL_SECS);
                             *ctx.credential.write().expect("credential lock") = credential;
                             renew_at = Instant::now() + renewal_delay(credential_ttl_secs);
                             info!(relay = dialer.address, agent_id, "session credential renewed");
@@ -176,7 +188,7 @@ async fn session(
                         }
                         RelayMessage::OpenData { count, require_tls } => {
                             let transport = if require_tls { DataTransport::Tls } else { ctx.transport };
-                            for _ in 0..count.min(1024) {
+                            for _ in 0..clamp(relay, "OpenData count", u64::from(count), OPEN_DATA) {
                                 tokio::spawn(data::one_shot(Arc::clone(&ctx), transport));
                             }
                             None
@@ -218,9 +230,33 @@ async fn session(
     end
 }
 
+/// Data connections a relay may ask to keep (what its own config allows).
+const POOL_SIZE: std::ops::RangeInclusive<u64> = 1..=1024;
+/// Extra data connections one `OpenData` may ask for.
+const OPEN_DATA: std::ops::RangeInclusive<u64> = 0..=1024;
+/// Heartbeat interval, seconds.
+const HEARTBEAT_SECS: std::ops::RangeInclusive<u64> = 1..=300;
+/// Session credential lifetime, seconds.
+const CREDENTIAL_TTL_SECS: std::ops::RangeInclusive<u64> = 1..=86_400;
+
+/// `value` within `range`, with a warning naming the relay when it was not.
+fn clamp(relay: &str, what: &str, value: u64, range: std::ops::RangeInclusive<u64>) -> u64 {
+    let clamped = value.clamp(*range.start(), *range.end());
+    if clamped != value {
+        warn!(
+            relay,
+            what,
+            sent = value,
+            used = clamped,
+            "the relay sent a value out of bounds"
+        );
+    }
+    clamped
+}
+
 /// Renew at half the credential's lifetime: one failed attempt still leaves time for another.
 fn renewal_delay(ttl_secs: u64) -> Duration {
-    Duration::from_millis(ttl_secs.max(1) * 1000 / 2)
+    Duration::from_millis(ttl_secs.max(1).saturating_mul(1000) / 2)
 }
 
 #[cfg(test)]
@@ -231,5 +267,18 @@ mod tests {
     fn renews_at_half_life() {
         assert_eq!(renewal_delay(300), Duration::from_secs(150));
         assert_eq!(renewal_delay(0), Duration::from_millis(500));
+        assert!(
+            renewal_delay(u64::MAX) > Duration::from_secs(1 << 40),
+            "no overflow"
+        );
+    }
+
+    #[test]
+    fn values_from_the_relay_are_bounded() {
+        assert_eq!(clamp("r", "pool_size", u64::from(u32::MAX), POOL_SIZE), 1024);
+        assert_eq!(clamp("r", "pool_size", 0, POOL_SIZE), 1);
+        assert_eq!(clamp("r", "heartbeat_secs", u64::MAX, HEARTBEAT_SECS), 300);
+        assert_eq!(clamp("r", "credential_ttl_secs", 0, CREDENTIAL_TTL_SECS), 1);
+        assert_eq!(clamp("r", "pool_size", 4, POOL_SIZE), 4);
     }
 }

@@ -92,6 +92,8 @@ pub struct AgentShared {
     pub reconnect: ReconnectConfig,
     /// Limit on each dial (to a relay or a target) and on waiting for the relay's `Welcome`.
     pub connect_timeout: Duration,
+    /// Time limits of each stream.
+    pub stream_limits: target::StreamLimits,
     /// What the data connections' pool slots dial: TLS, or plain TCP joined by challenge.
     pub data_transport: DataTransport,
     /// Cancelled on shutdown: links close, idle data connections close.
@@ -137,6 +139,14 @@ impl Agent {
             routes_version: watch::Sender::new(0),
             reconnect: config.reconnect,
             connect_timeout: config.connect_timeout,
+            stream_limits: target::StreamLimits {
+                connect: config.connect_timeout,
+                tls_handshake: config.tls_handshake_timeout,
+                pump: crate::pump::Timeouts {
+                    idle: config.idle_timeout,
+                    half_close: config.half_close_timeout,
+                },
+            },
             data_transport: config.data_transport,
             stopped,
             hard_stop: CancellationToken::new(),
@@ -159,7 +169,8 @@ impl Agent {
             links.push(state_rx);
         }
         let mut admin_addr = None;
-        if let Some(addr) = config.admin.as_ref().map(|a| a.listen) {
+        if let Some(admin) = &config.admin {
+            let addr = admin.listen;
             let listener = crate::net::bind(addr).map_err(|source| AgentError::Admin { addr, source })?;
             admin_addr = listener.local_addr().ok();
             let handler = Arc::new(metrics::AgentAdmin {
@@ -169,7 +180,7 @@ impl Agent {
             tasks.spawn(crate::admin::http::serve(
                 listener,
                 handler,
-                None,
+                admin.token.clone(),
                 shared.hard_stop.clone(),
             ));
             info!(%addr, "agent admin listening");

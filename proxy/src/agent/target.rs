@@ -21,7 +21,7 @@ use super::metrics::AgentMetrics;
 use super::warm::WarmPool;
 use crate::config::agent::RouteConfig;
 use crate::hostname::HostPattern;
-use crate::pump::{self, Counted, Meters, PumpError, Transferred, pump};
+use crate::pump::{self, Counted, Meters, PumpError, Timeouts, Transferred, pump};
 use crate::wire::stream_header::{StreamHeader, StreamKind};
 use crate::wire::tls::{TlsConfigError, load_certs, load_key, provider};
 
@@ -52,6 +52,9 @@ pub enum TargetError {
     /// The browser's TLS handshake failed, on a route where TLS ends at the agent.
     #[error("TLS handshake with the browser: {0}")]
     Handshake(io::Error),
+    /// The browser did not complete its TLS handshake in time.
+    #[error("TLS handshake with the browser: no handshake within {0:?}")]
+    HandshakeTimeout(Duration),
     /// Moving the bytes failed once both ends were connected.
     #[error(transparent)]
     Pump(#[from] PumpError),
@@ -67,7 +70,7 @@ impl TargetError {
             TargetError::NoRoute(_) | TargetError::NoHttpTarget(_) => "no_route",
             TargetError::Connect { .. } => "connect",
             TargetError::ConnectTimeout { .. } => "connect_timeout",
-            TargetError::Handshake(_) => "tls_handshake",
+            TargetError::Handshake(_) | TargetError::HandshakeTimeout(_) => "tls_handshake",
             TargetError::Pump(_) | TargetError::Io(_) => "io",
         }
     }
@@ -138,6 +141,17 @@ impl Routes {
     }
 }
 
+/// The agent's time limits for one stream.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Dialing the target.
+    pub connect: Duration,
+    /// The browser's TLS handshake, where TLS ends at the agent.
+    pub tls_handshake: Duration,
+    /// Inactivity, while the bytes flow.
+    pub pump: Timeouts,
+}
+
 /// Serves one stream that arrived on a data connection for `route` (`None`: no route serves its
 /// hostname); `early` holds the client bytes that came with the stream header. Bytes are
 /// counted in `metrics` as they move.
@@ -147,9 +161,10 @@ pub async fn serve(
     tunnel: DataConn,
     early: BytesMut,
     metrics: &AgentMetrics,
-    connect_timeout: Duration,
+    limits: &StreamLimits,
     cut: &CancellationToken,
 ) -> Result<Transferred, TargetError> {
+    let connect_timeout = limits.connect;
     let route = route.ok_or_else(|| TargetError::NoRoute(header.host.clone()))?;
     let meters = Meters {
         a_to_b: metrics.stream_bytes.with_label_values(&["to_target"]),
@@ -161,9 +176,12 @@ pub async fn serve(
             prefix: early,
             inner: Counted::new(either(tunnel), meters.a_to_b, meters.b_to_a),
         };
-        let mut browser = acceptor.accept(tunnel).await.map_err(TargetError::Handshake)?;
+        let mut browser = tokio::time::timeout(limits.tls_handshake, acceptor.accept(tunnel))
+            .await
+            .map_err(|_| TargetError::HandshakeTimeout(limits.tls_handshake))?
+            .map_err(TargetError::Handshake)?;
         let mut target = route.open(header, &[], metrics, connect_timeout).await?;
-        return Ok(pump(&mut browser, &mut target, cut).await?);
+        return Ok(pump(&mut browser, &mut target, cut, limits.pump).await?);
     }
     // The bytes go on unchanged.
     let mut target = match header.kind {
@@ -182,10 +200,12 @@ pub async fn serve(
     drop(early);
     match tunnel {
         // Plain TCP on both sides: splice(2), the payload never enters our memory.
-        DataConn::Tcp(mut tcp) => Ok(pump::pump_tcp(&mut tcp, &mut target, cut, Some(&meters)).await?),
+        DataConn::Tcp(mut tcp) => {
+            Ok(pump::pump_tcp(&mut tcp, &mut target, cut, limits.pump, Some(&meters)).await?)
+        }
         tunnel => {
             let mut tunnel = Counted::new(either(tunnel), meters.a_to_b, meters.b_to_a);
-            Ok(pump(&mut tunnel, &mut target, cut).await?)
+            Ok(pump(&mut tunnel, &mut target, cut, limits.pump).await?)
         }
     }
 }
@@ -223,11 +243,8 @@ impl Route {
 }
 
 async fn connect(target: &str, timeout: Duration) -> Result<TcpStream, TargetError> {
-    match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
+    match tokio::time::timeout(timeout, crate::net::connect(target)).await {
+        Ok(Ok(stream)) => Ok(stream),
         Ok(Err(source)) => Err(TargetError::Connect {
             target: target.to_owned(),
             source,

@@ -94,14 +94,13 @@ async fn fill(shared: Arc<Shared>, stop: CancellationToken) {
             .saturating_sub(shared.idle.lock().expect("warm pool lock").len());
         let mut failed = false;
         for _ in 0..missing {
-            let dial = tokio::time::timeout(shared.connect_timeout, TcpStream::connect(&shared.target));
+            let dial = tokio::time::timeout(shared.connect_timeout, crate::net::connect(&shared.target));
             let conn = tokio::select! {
                 conn = dial => conn,
                 () = stop.cancelled() => break,
             };
             match conn {
                 Ok(Ok(conn)) => {
-                    let _ = conn.set_nodelay(true);
                     let mut idle = shared.idle.lock().expect("warm pool lock");
                     idle.push_back(Idle {
                         conn,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, invalid, positive, read_toml, resolve};
+use super::{AdminToken, ConfigError, invalid, positive, read_toml, resolve};
 use crate::hostname::HostPattern;
 pub use crate::wire::DataTransport;
 use crate::wire::message::HttpMode;
@@ -34,6 +34,18 @@ pub struct AgentConfig {
     /// Dialing a relay or a target fails after this.
     #[serde(default = "AgentConfig::default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// A browser must complete its TLS handshake within this where TLS ends at the agent.
+    #[serde(
+        default = "AgentConfig::default_tls_handshake_timeout",
+        with = "humantime_serde"
+    )]
+    pub tls_handshake_timeout: Duration,
+    /// A stream that moves no byte in either direction for this long is closed.
+    #[serde(default = "AgentConfig::default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Once one side of a stream has finished sending, the other may stay silent this long.
+    #[serde(default = "AgentConfig::default_half_close_timeout", with = "humantime_serde")]
+    pub half_close_timeout: Duration,
     /// How browser TLS streams travel from the relay to this agent (plaintext HTTP forwarding
     /// always uses TLS): `tls` (the default) or `tcp` (authenticated with the session credential;
     /// the browser's TLS still protects every byte, the relay moves them with splice(2), and the
@@ -94,13 +106,19 @@ pub struct TlsTermination {
     pub key: PathBuf,
 }
 
-/// The agent's `[admin]` section. The agent's admin listener has no bearer token: it serves
-/// metrics and probes only.
-#[derive(Debug, Clone, Copy, Deserialize)]
+/// The agent's `[admin]` section: metrics and probes. Under the same rules as the relay's: a
+/// token is needed anywhere but loopback, and without one only loopback `Host`s are answered.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentAdminConfig {
-    /// Address of the admin listener, e.g. `127.0.0.1:9091`.
+    /// Address of the admin listener, e.g. `127.0.0.1:9091`; anywhere but loopback requires
+    /// `token_file`.
     pub listen: std::net::SocketAddr,
+    /// File holding the bearer token every request but the probes must present.
+    pub token_file: Option<PathBuf>,
+    /// The token `token_file` holds, read by [`AgentConfig::load`].
+    #[serde(skip)]
+    pub token: Option<AdminToken>,
 }
 
 /// How a lost tunnel is redialed: exponential backoff with jitter.
@@ -131,6 +149,15 @@ impl AgentConfig {
     fn default_connect_timeout() -> Duration {
         Duration::from_secs(5)
     }
+    fn default_tls_handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_idle_timeout() -> Duration {
+        Duration::from_secs(3600)
+    }
+    fn default_half_close_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
 
     /// Reads, validates, and resolves relative paths of an agent config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -145,7 +172,13 @@ impl AgentConfig {
                 tls.key = resolve(path, &tls.key);
             }
         }
+        if let Some(admin) = &mut config.admin {
+            admin.token_file = admin.token_file.as_ref().map(|f| resolve(path, f));
+        }
         config.validate(path)?;
+        if let Some(admin) = &mut config.admin {
+            admin.token = super::admin_token(path, admin.listen, admin.token_file.as_deref())?;
+        }
         Ok(config)
     }
 
@@ -233,6 +266,9 @@ impl AgentConfig {
             }
         }
         positive(path, "connect_timeout", self.connect_timeout)?;
+        positive(path, "tls_handshake_timeout", self.tls_handshake_timeout)?;
+        positive(path, "idle_timeout", self.idle_timeout)?;
+        positive(path, "half_close_timeout", self.half_close_timeout)?;
         positive(path, "reconnect.initial", self.reconnect.initial)?;
         if self.reconnect.max < self.reconnect.initial {
             return Err(invalid(

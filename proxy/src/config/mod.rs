@@ -73,6 +73,96 @@ pub(crate) fn invalid(path: &Path, field: impl Into<String>, message: impl Into<
     }
 }
 
+/// The bearer token of an admin listener, whose secret never shows in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// The secret, to compare with what a request presents.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+/// The rules of an `[admin]` section, for the relay and the agent alike: a listener anywhere but
+/// loopback needs a token (the API changes what the relay enforces), and a token file must hold
+/// one (an empty token would match an empty `Authorization` header). Reads the token.
+pub(crate) fn admin_token(
+    path: &Path,
+    listen: std::net::SocketAddr,
+    token_file: Option<&Path>,
+) -> Result<Option<AdminToken>, ConfigError> {
+    let Some(file) = token_file else {
+        if !listen.ip().is_loopback() {
+            return Err(invalid(
+                path,
+                "admin.token_file",
+                format!(
+                    "required: admin.listen ({listen}) is not a loopback address, and the admin API \
+                     must not be open to the network without a token"
+                ),
+            ));
+        }
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        invalid(
+            path,
+            "admin.token_file",
+            format!("cannot read {}: {e}", file.display()),
+        )
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(invalid(
+            path,
+            "admin.token_file",
+            format!(
+                "{} is empty: a blank token would let every request through",
+                file.display()
+            ),
+        ));
+    }
+    Ok(Some(AdminToken(token.to_owned())))
+}
+
+/// Longest ban the CLI and the admin API accept (a ban without a duration lasts until lifted).
+pub const MAX_BAN: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Longest token lifetime `sluice token create --ttl` accepts.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
+/// A clap value parser for a ban duration ([`bounded_duration`] up to [`MAX_BAN`]).
+pub fn ban_duration(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, MAX_BAN)
+}
+
+/// A clap value parser for a token lifetime ([`bounded_duration`] up to [`MAX_TOKEN_TTL`]).
+pub fn token_ttl(text: &str) -> Result<Duration, String> {
+    bounded_duration(text, MAX_TOKEN_TTL)
+}
+
+/// Parses a duration given on the command line or to the admin API, refusing zero and anything
+/// beyond `max` (so nothing downstream has to fear an overflow).
+pub fn bounded_duration(text: &str, max: Duration) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    if duration.is_zero() {
+        return Err(format!("{text:?}: must be more than zero"));
+    }
+    if duration > max {
+        return Err(format!(
+            "{text:?}: must be at most {}",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(duration)
+}
+
 /// A duration field must be positive.
 pub(crate) fn positive(path: &Path, field: &str, value: Duration) -> Result<(), ConfigError> {
     if value.is_zero() {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, invalid, positive, read_toml, resolve};
+use super::{AdminToken, ConfigError, invalid, positive, read_toml, resolve};
 
 /// The whole of `relay.toml`, paths resolved and values checked by [`RelayConfig::load`].
 #[derive(Debug, Clone, Deserialize)]
@@ -50,6 +50,18 @@ pub struct EdgeConfig {
     /// How long a client waits for a data connection when an agent's pool is empty.
     #[serde(with = "humantime_serde")]
     pub agent_wait: Duration,
+    /// A stream that moves no byte in either direction for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Once one side of a stream has finished sending, the other may stay silent this long.
+    #[serde(with = "humantime_serde")]
+    pub half_close_timeout: Duration,
+    /// Browser connections open at once, all listeners together; more are refused at accept.
+    /// Default: what the descriptor limit allows (two descriptors per proxied connection, less
+    /// a reserve for listeners, tunnels and pools).
+    pub max_connections: Option<usize>,
+    /// Browser connections open at once from one source address.
+    pub max_connections_per_source: usize,
 }
 
 impl Default for EdgeConfig {
@@ -61,6 +73,10 @@ impl Default for EdgeConfig {
             max_client_hello: 32 * 1024,
             max_http_head: 16 * 1024,
             agent_wait: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(3600),
+            half_close_timeout: Duration::from_secs(60),
+            max_connections: None,
+            max_connections_per_source: 256,
         }
     }
 }
@@ -99,10 +115,41 @@ pub struct TunnelConfig {
     /// An agent must complete TLS and its first frame within this.
     #[serde(default = "TunnelConfig::default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Connections on the tunnel port still in their handshake at once; more are closed at
+    /// accept.
+    #[serde(default = "TunnelConfig::default_max_pending_handshakes")]
+    pub max_pending_handshakes: usize,
+    /// Live sessions one token may hold (an agent holds one per relay; a few more cover a
+    /// reconnect racing the old session's end).
+    #[serde(default = "TunnelConfig::default_max_sessions_per_token")]
+    pub max_sessions_per_token: usize,
+    /// Live sessions one tenant may hold, all its tokens together.
+    #[serde(default = "TunnelConfig::default_max_sessions_per_tenant")]
+    pub max_sessions_per_tenant: usize,
+    /// Idle data connections one session may park; more are refused. Default: four times
+    /// `pool_size`, room for the pool and the extra connections a burst asks for.
+    pub max_idle_data_connections: Option<usize>,
+}
+
+impl TunnelConfig {
+    /// The cap on a session's parked data connections.
+    pub fn idle_data_connection_cap(&self) -> usize {
+        self.max_idle_data_connections
+            .unwrap_or(4 * self.pool_size as usize)
+    }
 }
 
 // `listen`, `cert` and `key` have no default, so the rest are defaulted field by field.
 impl TunnelConfig {
+    fn default_max_pending_handshakes() -> usize {
+        256
+    }
+    fn default_max_sessions_per_token() -> usize {
+        8
+    }
+    fn default_max_sessions_per_tenant() -> usize {
+        256
+    }
     fn default_credential_ttl() -> Duration {
         Duration::from_secs(300)
     }
@@ -123,10 +170,14 @@ impl TunnelConfig {
 pub struct AdminConfig {
     /// Loopback by default. Anywhere else requires `token_file`.
     pub listen: SocketAddr,
-    /// File holding the bearer token for the admin API and `/metrics`.
+    /// File holding the bearer token for the admin API and `/metrics` (every request but the
+    /// probes must present it).
     pub token_file: Option<PathBuf>,
     /// Tenants that get their own metric label value; the rest share `_other`.
     pub max_tenant_labels: usize,
+    /// The token `token_file` holds, read by [`RelayConfig::load`].
+    #[serde(skip)]
+    pub token: Option<AdminToken>,
 }
 
 impl Default for AdminConfig {
@@ -135,17 +186,18 @@ impl Default for AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             token_file: None,
             max_tenant_labels: 1000,
+            token: None,
         }
     }
 }
 
-impl AdminConfig {
-    /// The bearer token, if one is configured.
-    pub fn token(&self) -> Result<Option<String>, std::io::Error> {
-        self.token_file
-            .as_ref()
-            .map(|f| std::fs::read_to_string(f).map(|t| t.trim().to_owned()))
-            .transpose()
+impl RelayConfig {
+    /// The (non-zero) ports of every listener browsers and agents reach: the edge's and the
+    /// tunnel's, what the shield polices unless `shield.protected_ports` says otherwise.
+    pub fn listener_ports(&self) -> Vec<u16> {
+        let mut ports = self.edge.ports();
+        ports.extend(Some(self.tunnel.listen.port()).filter(|&p| p != 0));
+        ports
     }
 }
 
@@ -168,6 +220,8 @@ impl RelayConfig {
         config.tunnel.key = resolve(path, &config.tunnel.key);
         config.admin.token_file = config.admin.token_file.map(|f| resolve(path, &f));
         config.validate(path)?;
+        config.admin.token =
+            super::admin_token(path, config.admin.listen, config.admin.token_file.as_deref())?;
         Ok(config)
     }
 
@@ -181,6 +235,18 @@ impl RelayConfig {
         }
         positive(path, "edge.client_hello_timeout", self.edge.client_hello_timeout)?;
         positive(path, "edge.agent_wait", self.edge.agent_wait)?;
+        positive(path, "edge.idle_timeout", self.edge.idle_timeout)?;
+        positive(path, "edge.half_close_timeout", self.edge.half_close_timeout)?;
+        if self.edge.max_connections == Some(0) {
+            return Err(invalid(path, "edge.max_connections", "must be at least 1"));
+        }
+        if self.edge.max_connections_per_source == 0 {
+            return Err(invalid(
+                path,
+                "edge.max_connections_per_source",
+                "must be at least 1",
+            ));
+        }
         positive(path, "tunnel.heartbeat", self.tunnel.heartbeat)?;
         positive(path, "tunnel.handshake_timeout", self.tunnel.handshake_timeout)?;
         positive(path, "store_poll", self.store_poll)?;
@@ -191,6 +257,36 @@ impl RelayConfig {
         if !(1..=1024).contains(&self.tunnel.pool_size) {
             return Err(invalid(path, "tunnel.pool_size", "must be between 1 and 1024"));
         }
+        for (field, value) in [
+            (
+                "tunnel.max_pending_handshakes",
+                self.tunnel.max_pending_handshakes,
+            ),
+            (
+                "tunnel.max_sessions_per_token",
+                self.tunnel.max_sessions_per_token,
+            ),
+            (
+                "tunnel.max_sessions_per_tenant",
+                self.tunnel.max_sessions_per_tenant,
+            ),
+            (
+                "tunnel.max_idle_data_connections",
+                self.tunnel.idle_data_connection_cap(),
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(path, field, "must be at least 1"));
+            }
+        }
+        if self.tunnel.idle_data_connection_cap() < self.tunnel.pool_size as usize {
+            return Err(invalid(
+                path,
+                "tunnel.max_idle_data_connections",
+                "must be at least tunnel.pool_size",
+            ));
+        }
+
         if self.edge.max_client_hello < 512 {
             return Err(invalid(
                 path,

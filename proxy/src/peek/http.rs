@@ -26,10 +26,26 @@ pub struct RequestHead {
     pub target: String,
     /// Length of the head including the final CRLFCRLF.
     pub len: usize,
+    /// How the request's body is framed.
+    pub body: BodyLength,
+    /// It carries an `Upgrade` header (e.g. a WebSocket handshake).
+    pub upgrade: bool,
+}
+
+/// How a request's body is delimited (RFC 9112 §6.3): the head says, unambiguously, or the
+/// request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    /// Neither Content-Length nor Transfer-Encoding: no body.
+    None,
+    /// `Content-Length`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
 }
 
 /// Why the start of a stream is not an HTTP/1.x request head we can route.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum HttpPeekError {
     /// The stream does not start with an HTTP request line (e.g. a TLS record, binary garbage).
     #[error("not an HTTP request")]
@@ -52,8 +68,10 @@ pub enum HttpPeekError {
 /// buffer after NeedMore.
 ///
 /// Accepts HTTP/1.0 and HTTP/1.1 with at most [`MAX_HEADERS`] header fields and exactly one
-/// `Host` header, which is required even for HTTP/1.0 and used even when the target is in
-/// absolute form. Bytes after the head (a body, a pipelined request) are left alone.
+/// `Host` header, which is required even for HTTP/1.0; a target in absolute form must name the
+/// same host. The body must be framed unambiguously: one Content-Length (repeats must agree),
+/// or `Transfer-Encoding: chunked`, never both. Bytes after the head (a body, a pipelined
+/// request) are left alone.
 pub fn peek_request_head(buf: &[u8], max_len: usize) -> Result<Peek<RequestHead>, HttpPeekError> {
     let window = buf.get(..max_len).unwrap_or(buf);
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -94,12 +112,118 @@ pub fn peek_request_head(buf: &[u8], max_len: usize) -> Result<Peek<RequestHead>
         None | Some([]) => return Err(HttpPeekError::MissingHost),
         Some(value) => normalize_host(value).ok_or_else(|| malformed("invalid Host header"))?,
     };
+    if let Some(authority) = absolute_form_authority(target) {
+        let named = normalize_host(authority.as_bytes())
+            .ok_or_else(|| malformed("invalid host in an absolute-form target"))?;
+        if named != host {
+            return Err(malformed("absolute-form target names another host than Host"));
+        }
+    }
+    let body = body_length(request.headers)?;
+    let upgrade = request
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
     Ok(Peek::Done(RequestHead {
         host,
         method: method.to_owned(),
         target: target.to_owned(),
         len,
+        body,
+        upgrade,
     }))
+}
+
+/// [`peek_request_head`] for a buffer that grows between calls, at a cost linear in the bytes
+/// received: the head is parsed again only once it may have ended (an empty line arrived), the
+/// buffer doubled since the last parse, or the limit was reached — so a head trickled in a byte
+/// at a time is not parsed from its start on every read. Garbage is still refused at once: the
+/// first call always parses.
+#[derive(Debug, Clone)]
+pub struct RequestHeadPeeker {
+    max_len: usize,
+    /// Buffer length at the last parse (0: none yet).
+    parsed_at: usize,
+    /// Bytes already searched for an empty line.
+    scanned: usize,
+}
+
+impl RequestHeadPeeker {
+    /// A peeker that refuses a head longer than `max_len`.
+    pub fn new(max_len: usize) -> Self {
+        Self {
+            max_len,
+            parsed_at: 0,
+            scanned: 0,
+        }
+    }
+
+    /// Peeks at `buf`, everything received so far (the bytes already seen must not change);
+    /// see [`peek_request_head`] for the result.
+    pub fn peek(&mut self, buf: &[u8]) -> Result<Peek<RequestHead>, HttpPeekError> {
+        let window = buf.get(..self.max_len).unwrap_or(buf);
+        // An empty line is "\n\n" or "\n\r\n": look at each byte once, two back for one that
+        // spans two reads.
+        let from = self.scanned.saturating_sub(2).min(window.len());
+        let ended = window[from..].windows(2).enumerate().any(|(i, w)| {
+            w[0] == b'\n' && (w[1] == b'\n' || (w[1] == b'\r' && window.get(from + i + 2) == Some(&b'\n')))
+        });
+        self.scanned = window.len();
+        let due = self.parsed_at == 0
+            || ended
+            || window.len() >= self.parsed_at.saturating_mul(2)
+            || window.len() >= self.max_len;
+        if !due {
+            return Ok(Peek::NeedMore);
+        }
+        self.parsed_at = window.len().max(1);
+        peek_request_head(buf, self.max_len)
+    }
+}
+
+/// The authority of an absolute-form target (`http://a.example:80/x` -> `a.example:80`).
+fn absolute_form_authority(target: &str) -> Option<&str> {
+    let (scheme, rest) = target.split_once("://")?;
+    if scheme.is_empty()
+        || !scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    {
+        return None;
+    }
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+/// The body framing the headers declare, or why it is ambiguous.
+fn body_length(headers: &[httparse::Header<'_>]) -> Result<BodyLength, HttpPeekError> {
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    for header in headers {
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let value = std::str::from_utf8(header.value)
+                .ok()
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| malformed("invalid Content-Length"))?;
+            if length.replace(value).is_some_and(|earlier| earlier != value) {
+                return Err(malformed("Content-Length headers that disagree"));
+            }
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            let value = std::str::from_utf8(header.value).unwrap_or_default().trim();
+            if chunked || !value.eq_ignore_ascii_case("chunked") {
+                return Err(malformed("a transfer coding other than one `chunked`"));
+            }
+            chunked = true;
+        }
+    }
+    match (length, chunked) {
+        (Some(_), true) => Err(malformed("both Content-Length and Transfer-Encoding")),
+        (Some(length), false) => Ok(BodyLength::Length(length)),
+        (None, true) => Ok(BodyLength::Chunked),
+        (None, false) => Ok(BodyLength::None),
+    }
 }
 
 fn malformed(why: impl ToString) -> HttpPeekError {
@@ -154,6 +278,22 @@ pub fn refusal(rejection: Rejection) -> Refusal {
                 status: 400,
                 reason: "Bad Request",
                 body: "bad request\n",
+            },
+        ),
+        Rejection::ForwardRefused => (
+            None,
+            Reply::Http {
+                status: 400,
+                reason: "Bad Request",
+                body: "this request is not forwarded in plaintext\n",
+            },
+        ),
+        Rejection::ConnectionLimit | Rejection::SourceConnectionLimit | Rejection::TenantStreamLimit => (
+            None,
+            Reply::Http {
+                status: 503,
+                reason: "Service Unavailable",
+                body: "too many connections; try again later\n",
             },
         ),
         Rejection::Timeout | Rejection::RateLimited => (None, Reply::Close),
@@ -293,8 +433,83 @@ mod tests {
                 method: "GET".into(),
                 target: "/search?q=sluice&lang=en".into(),
                 len: BROWSER_GET.len(),
+                body: BodyLength::None,
+                upgrade: false,
             }
         );
+    }
+
+    #[test]
+    fn a_resumed_peek_ends_where_a_fresh_one_does_and_parses_rarely() {
+        for step in [1, 2, 7, BROWSER_GET.len()] {
+            let mut peeker = RequestHeadPeeker::new(NO_LIMIT);
+            let mut result = Ok(Peek::NeedMore);
+            let mut end = 0;
+            while result == Ok(Peek::NeedMore) && end < BROWSER_GET.len() {
+                end = (end + step).min(BROWSER_GET.len());
+                result = peeker.peek(&BROWSER_GET[..end]);
+            }
+            assert_eq!(end, BROWSER_GET.len(), "done only once the head is complete");
+            assert_eq!(result, peek_request_head(BROWSER_GET, NO_LIMIT), "step {step}");
+        }
+        // One byte at a time: a parse per doubling plus the final one, not one per byte.
+        let mut peeker = RequestHeadPeeker::new(NO_LIMIT);
+        let mut count = 0;
+        for end in 1..=BROWSER_GET.len() {
+            let before = peeker.parsed_at;
+            let _ = peeker.peek(&BROWSER_GET[..end]);
+            count += usize::from(peeker.parsed_at != before);
+        }
+        assert!(count <= 12, "{count} parses for {} bytes", BROWSER_GET.len());
+        // Garbage is refused at the first call, and a head with bare LFs still completes.
+        assert_eq!(
+            RequestHeadPeeker::new(NO_LIMIT).peek(b"\x16\x03\x01"),
+            Err(HttpPeekError::NotHttp)
+        );
+        let bare = b"GET / HTTP/1.1\nHost: a.example\n\n";
+        let mut peeker = RequestHeadPeeker::new(NO_LIMIT);
+        let mut result = Ok(Peek::NeedMore);
+        for end in 1..=bare.len() {
+            result = peeker.peek(&bare[..end]);
+        }
+        assert_eq!(result, peek_request_head(bare, NO_LIMIT));
+    }
+
+    #[test]
+    fn body_framing_must_be_unambiguous() {
+        let framing = |headers: &str| {
+            peek_request_head(
+                format!("POST / HTTP/1.1\r\nHost: a.example\r\n{headers}\r\n").as_bytes(),
+                NO_LIMIT,
+            )
+            .map(|p| match p {
+                Peek::Done(head) => head.body,
+                Peek::NeedMore => panic!("complete head"),
+            })
+        };
+        assert_eq!(framing(""), Ok(BodyLength::None));
+        assert_eq!(framing("Content-Length: 12\r\n"), Ok(BodyLength::Length(12)));
+        assert_eq!(
+            framing("Content-Length: 12\r\ncontent-length: 12\r\n"),
+            Ok(BodyLength::Length(12))
+        );
+        assert_eq!(framing("Transfer-Encoding: Chunked\r\n"), Ok(BodyLength::Chunked));
+        for ambiguous in [
+            "Content-Length: 12\r\nContent-Length: 13\r\n",
+            "Content-Length: 12\r\nTransfer-Encoding: chunked\r\n",
+            "Content-Length: -1\r\n",
+            "Content-Length: 1,1\r\n",
+            "Content-Length: 99999999999999999999\r\n",
+            "Transfer-Encoding: gzip, chunked\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        ] {
+            assert!(
+                matches!(framing(ambiguous), Err(HttpPeekError::Malformed(_))),
+                "{ambiguous:?}"
+            );
+        }
+        let upgrade = done(b"GET / HTTP/1.1\r\nHost: a.example\r\nUpgrade: websocket\r\n\r\n");
+        assert!(upgrade.upgrade);
     }
 
     #[test]
@@ -394,12 +609,23 @@ mod tests {
     }
 
     #[test]
-    fn absolute_form_still_routes_by_host_header() {
-        let head = done(b"GET http://other.example/x?y=1 HTTP/1.1\r\nHost: a.example\r\n\r\n");
+    fn an_absolute_form_target_must_name_the_host_header() {
+        let head = done(b"GET http://A.example:80/x?y=1 HTTP/1.1\r\nHost: a.example\r\n\r\n");
         assert_eq!(
             (head.host.as_str(), head.target.as_str()),
-            ("a.example", "http://other.example/x?y=1")
+            ("a.example", "http://A.example:80/x?y=1")
         );
+        for other in [
+            &b"GET http://other.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n"[..],
+            b"GET http://user@a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            b"GET https://other.example HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        ] {
+            assert!(
+                is_malformed(peek_request_head(other, NO_LIMIT)),
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
+        }
         assert_eq!(
             peek_request_head(b"GET http://a.example/ HTTP/1.1\r\n\r\n", NO_LIMIT),
             Err(HttpPeekError::MissingHost)

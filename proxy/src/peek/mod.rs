@@ -11,6 +11,7 @@
 //! not depend on how the network split the bytes.
 
 pub mod http;
+pub mod http_stream;
 pub mod refusal;
 pub mod tls;
 

@@ -28,11 +28,20 @@ pub enum Rejection {
     AgentBusy,
     /// A data connection was claimed, but writing the stream to it failed.
     AgentUnreachable,
+    /// Forwarded plaintext HTTP carried a request the relay does not forward: for another host
+    /// than the one the connection was routed by, CONNECT, an Upgrade, or ambiguous framing.
+    ForwardRefused,
+    /// The relay holds `edge.max_connections` browser connections already.
+    ConnectionLimit,
+    /// The source holds `edge.max_connections_per_source` connections already.
+    SourceConnectionLimit,
+    /// The tenant carries its `max_streams` streams already.
+    TenantStreamLimit,
 }
 
 impl Rejection {
     /// Every rejection, for tests and documentation.
-    pub const ALL: [Rejection; 9] = [
+    pub const ALL: [Rejection; 13] = [
         Self::NoSni,
         Self::UnknownHost,
         Self::ParseError,
@@ -42,6 +51,10 @@ impl Rejection {
         Self::NoAgent,
         Self::AgentBusy,
         Self::AgentUnreachable,
+        Self::ForwardRefused,
+        Self::ConnectionLimit,
+        Self::SourceConnectionLimit,
+        Self::TenantStreamLimit,
     ];
 
     /// The metric label.
@@ -56,6 +69,10 @@ impl Rejection {
             Self::NoAgent => "no_agent",
             Self::AgentBusy => "agent_busy",
             Self::AgentUnreachable => "agent_unreachable",
+            Self::ForwardRefused => "forward_refused",
+            Self::ConnectionLimit => "connection_limit",
+            Self::SourceConnectionLimit => "source_connection_limit",
+            Self::TenantStreamLimit => "tenant_stream_limit",
         }
     }
 }
@@ -71,6 +88,8 @@ pub enum Abuse {
     UnknownHost,
     /// A request head that does not parse or is too large.
     BadHttpRequest,
+    /// A failed TLS handshake on the tunnel port (agents that dial in complete theirs).
+    BadTunnelHandshake,
 }
 
 impl Abuse {
@@ -81,6 +100,7 @@ impl Abuse {
             Self::MissingSni => "missing_sni",
             Self::UnknownHost => "unknown_host",
             Self::BadHttpRequest => "bad_http_request",
+            Self::BadTunnelHandshake => "bad_tunnel_handshake",
         }
     }
 }

@@ -101,10 +101,17 @@ pub fn refusal(rejection: Rejection) -> Refusal {
         Rejection::NoSni => (Some(Abuse::MissingSni), Reply::TlsAlert(UnrecognizedName)),
         Rejection::UnknownHost => (Some(Abuse::UnknownHost), Reply::TlsAlert(UnrecognizedName)),
         Rejection::NoAgent => (None, Reply::TlsAlert(UnrecognizedName)),
-        Rejection::AgentBusy | Rejection::AgentUnreachable => (None, Reply::TlsAlert(InternalError)),
+        Rejection::AgentBusy | Rejection::AgentUnreachable | Rejection::TenantStreamLimit => {
+            (None, Reply::TlsAlert(InternalError))
+        }
         Rejection::ParseError => (Some(Abuse::BadClientHello), Reply::TlsAlert(DecodeError)),
         Rejection::NotTls => (Some(Abuse::BadClientHello), Reply::Close),
-        Rejection::Timeout | Rejection::RateLimited => (None, Reply::Close),
+        // Refused at accept, before the client said anything: nothing to answer in TLS yet.
+        Rejection::Timeout
+        | Rejection::RateLimited
+        | Rejection::ForwardRefused
+        | Rejection::ConnectionLimit
+        | Rejection::SourceConnectionLimit => (None, Reply::Close),
     };
     Refusal {
         rejection,
@@ -125,15 +132,23 @@ pub fn refusal(rejection: Rejection) -> Refusal {
 /// bytes that show it, and [`ClientHelloError::TooLarge`] as soon as the declared record and
 /// handshake lengths imply more than `max_len` bytes on the wire.
 pub fn peek_client_hello(buf: &[u8], max_len: usize) -> Result<Peek<ClientHelloInfo>, ClientHelloError> {
-    let Peek::Done(Reassembled { body, len }) = reassemble(buf, max_len)? else {
-        return Ok(Peek::NeedMore);
-    };
-    let (server_name, alpn) = parse_client_hello_body(&body)?;
-    Ok(Peek::Done(ClientHelloInfo {
-        server_name,
-        alpn,
-        len,
-    }))
+    ClientHelloPeeker::new(max_len).peek(buf)
+}
+
+/// [`peek_client_hello`] for a buffer that grows between calls: it resumes where the last call
+/// stopped, so the records already complete are never walked again and the work is linear in
+/// the bytes received, however the client splits its hello into records and segments (a 32 KiB
+/// hello in one-byte records would otherwise be walked from byte 0 on every read). Call
+/// [`ClientHelloPeeker::peek`] with the whole buffer after every read; the bytes already seen
+/// must not change.
+#[derive(Debug, Clone)]
+pub struct ClientHelloPeeker {
+    max_len: usize,
+    /// Start of the first record not yet complete.
+    record_start: usize,
+    /// The handshake bytes of the complete records before `record_start`; empty while the hello
+    /// has not left its first record (the common case, parsed in place without a copy).
+    payload: Vec<u8>,
 }
 
 /// A ClientHello taken out of its records.
@@ -145,68 +160,102 @@ struct Reassembled<'a> {
     len: usize,
 }
 
-/// Walks the handshake records at the start of `buf` and reassembles the ClientHello they carry.
-fn reassemble(buf: &[u8], max_len: usize) -> Result<Peek<Reassembled<'_>>, ClientHelloError> {
-    let too_large = ClientHelloError::TooLarge { limit: max_len };
-    // Handshake bytes from all records seen so far (the last one possibly partial).
-    let mut payload: Cow<'_, [u8]> = Cow::Borrowed(&[]);
-    // Handshake bytes declared by the records before the current one (all complete).
-    let mut payload_before = 0usize;
-    let mut record_start = 0usize;
-    loop {
-        let record = buf.get(record_start..).unwrap_or_default();
-        check_record_header(record, record_start == 0)?;
-        let Some(&[_, _, _, len_hi, len_lo]) = record.first_chunk::<RECORD_HEADER_LEN>() else {
+impl ClientHelloPeeker {
+    /// A peeker that refuses a hello spanning more than `max_len` bytes of records.
+    pub fn new(max_len: usize) -> Self {
+        Self {
+            max_len,
+            record_start: 0,
+            payload: Vec::new(),
+        }
+    }
+
+    /// Peeks at `buf`, everything received so far; see [`peek_client_hello`] for the result.
+    pub fn peek(&mut self, buf: &[u8]) -> Result<Peek<ClientHelloInfo>, ClientHelloError> {
+        let Peek::Done(Reassembled { body, len }) = self.reassemble(buf)? else {
             return Ok(Peek::NeedMore);
         };
-        let fragment_len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
-        // The hello ends on a record boundary, so it spans at least this whole record.
-        let record_end = record_start + RECORD_HEADER_LEN + fragment_len;
-        if record_end > max_len {
-            return Err(too_large);
-        }
-        let received = record.get(RECORD_HEADER_LEN..).unwrap_or_default();
-        let fragment = received.get(..fragment_len).unwrap_or(received);
-        if payload.is_empty() {
-            payload = Cow::Borrowed(fragment);
-        } else if !fragment.is_empty() {
-            payload.to_mut().extend_from_slice(fragment);
-        }
-        let payload_through_record = payload_before + fragment_len;
+        let (server_name, alpn) = parse_client_hello_body(&body)?;
+        Ok(Peek::Done(ClientHelloInfo {
+            server_name,
+            alpn,
+            len,
+        }))
+    }
 
-        if let Some(&msg_type) = payload.first()
-            && msg_type != HANDSHAKE_CLIENT_HELLO
-        {
-            return Err(ClientHelloError::NotClientHello);
-        }
-        if let Some(&[_, len0, len1, len2]) = payload.first_chunk::<HANDSHAKE_HEADER_LEN>() {
-            let message_len =
-                HANDSHAKE_HEADER_LEN + (usize::from(len0) << 16 | usize::from(len1) << 8 | usize::from(len2));
-            if message_len < payload_through_record {
-                return Err(ClientHelloError::Malformed(
-                    "ClientHello does not end on a record boundary",
-                ));
-            }
-            // Fewest wire bytes the rest of the message can take: full-size records.
-            let missing = message_len - payload_through_record;
-            let min_len = record_end + missing + RECORD_HEADER_LEN * missing.div_ceil(MAX_FRAGMENT_LEN);
-            if min_len > max_len {
+    /// Walks the handshake records of `buf` from the first one not yet complete and
+    /// reassembles the ClientHello they carry.
+    fn reassemble<'a>(&mut self, buf: &'a [u8]) -> Result<Peek<Reassembled<'a>>, ClientHelloError> {
+        let too_large = ClientHelloError::TooLarge { limit: self.max_len };
+        loop {
+            let record = buf.get(self.record_start..).unwrap_or_default();
+            check_record_header(record, self.record_start == 0)?;
+            let Some(&[_, _, _, len_hi, len_lo]) = record.first_chunk::<RECORD_HEADER_LEN>() else {
+                return Ok(Peek::NeedMore);
+            };
+            let fragment_len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
+            // The hello ends on a record boundary, so it spans at least this whole record.
+            let record_end = self.record_start + RECORD_HEADER_LEN + fragment_len;
+            if record_end > self.max_len {
                 return Err(too_large);
             }
-            if missing == 0 && fragment.len() == fragment_len {
-                let body = slice_cow(payload, HANDSHAKE_HEADER_LEN);
-                return Ok(Peek::Done(Reassembled {
-                    body,
-                    len: record_end,
-                }));
+            let received = record.get(RECORD_HEADER_LEN..).unwrap_or_default();
+            let fragment = received.get(..fragment_len).unwrap_or(received);
+            // Handshake bytes declared by the complete records and this one.
+            let through_record = self.payload.len() + fragment_len;
+            let (head, head_len) = first_bytes(&self.payload, fragment);
+            if head_len > 0 && head[0] != HANDSHAKE_CLIENT_HELLO {
+                return Err(ClientHelloError::NotClientHello);
             }
+            if head_len == HANDSHAKE_HEADER_LEN {
+                let [_, len0, len1, len2] = head;
+                let message_len = HANDSHAKE_HEADER_LEN
+                    + (usize::from(len0) << 16 | usize::from(len1) << 8 | usize::from(len2));
+                if message_len < through_record {
+                    return Err(ClientHelloError::Malformed(
+                        "ClientHello does not end on a record boundary",
+                    ));
+                }
+                // Fewest wire bytes the rest of the message can take: full-size records.
+                let missing = message_len - through_record;
+                let min_len = record_end + missing + RECORD_HEADER_LEN * missing.div_ceil(MAX_FRAGMENT_LEN);
+                if min_len > self.max_len {
+                    return Err(too_large);
+                }
+                if missing == 0 && fragment.len() == fragment_len {
+                    let body = if self.payload.is_empty() {
+                        Cow::Borrowed(&fragment[HANDSHAKE_HEADER_LEN..])
+                    } else {
+                        let mut message = std::mem::take(&mut self.payload);
+                        message.extend_from_slice(fragment);
+                        message.drain(..HANDSHAKE_HEADER_LEN);
+                        Cow::Owned(message)
+                    };
+                    return Ok(Peek::Done(Reassembled {
+                        body,
+                        len: record_end,
+                    }));
+                }
+            }
+            if fragment.len() < fragment_len {
+                return Ok(Peek::NeedMore);
+            }
+            self.payload.extend_from_slice(fragment);
+            self.record_start = record_end;
         }
-        if fragment.len() < fragment_len {
-            return Ok(Peek::NeedMore);
-        }
-        payload_before = payload_through_record;
-        record_start = record_end;
     }
+}
+
+/// The first bytes (up to a handshake header's worth) of `payload` followed by `fragment`, and
+/// how many there are.
+fn first_bytes(payload: &[u8], fragment: &[u8]) -> ([u8; HANDSHAKE_HEADER_LEN], usize) {
+    let mut head = [0u8; HANDSHAKE_HEADER_LEN];
+    let mut n = 0;
+    for &b in payload.iter().chain(fragment).take(HANDSHAKE_HEADER_LEN) {
+        head[n] = b;
+        n += 1;
+    }
+    (head, n)
 }
 
 /// Validates as much of a record header as `header` holds, so that a stream fails on the first
@@ -243,17 +292,6 @@ fn check_record_header(header: &[u8], first_record: bool) -> Result<(), ClientHe
         }
     }
     Ok(())
-}
-
-/// `&cow[from..]`, keeping a borrow a borrow.
-fn slice_cow(cow: Cow<'_, [u8]>, from: usize) -> Cow<'_, [u8]> {
-    match cow {
-        Cow::Borrowed(b) => Cow::Borrowed(b.get(from..).unwrap_or_default()),
-        Cow::Owned(mut v) => {
-            v.drain(..from.min(v.len()));
-            Cow::Owned(v)
-        }
-    }
 }
 
 /// Parses a ClientHello body (after the handshake header) and pulls out SNI and ALPN.
@@ -507,6 +545,45 @@ mod tests {
                     Ok(Peek::NeedMore),
                     "{sizes:?} {end}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn resuming_gives_what_a_fresh_peek_gives_on_every_prefix() {
+        let hello = rustls_hello();
+        let big = rustls_flight("fragmented.example.net", &[b"h2"], |c| {
+            c.max_fragment_size = Some(64)
+        });
+        let mut inputs = vec![
+            hello.clone(),
+            records(message(&hello), &[1, 2]),
+            records(message(&hello), &vec![1; message(&hello).len()]),
+            records(message(&hello), &[3, 1, 50]),
+            big,
+        ];
+        let mut rng = StdRng::seed_from_u64(0x7e5u64);
+        for _ in 0..200 {
+            let mut mutated = records(
+                message(&hello),
+                &[rng.random_range(1..40), rng.random_range(1..40)],
+            );
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..mutated.len());
+                mutated[at] = rng.random();
+            }
+            inputs.push(mutated);
+        }
+        for input in &inputs {
+            for max_len in [NO_LIMIT, input.len(), input.len() / 2] {
+                let mut peeker = ClientHelloPeeker::new(max_len);
+                for end in 0..=input.len() {
+                    let resumed = peeker.peek(&input[..end]);
+                    assert_eq!(resumed, peek_client_hello(&input[..end], max_len), "prefix {end}");
+                    if resumed != Ok(Peek::NeedMore) {
+                        break; // done or refused: the edge stops reading
+                    }
+                }
             }
         }
     }

@@ -15,10 +15,9 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::Mutex;
-#[cfg(target_os = "linux")]
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -63,6 +62,101 @@ pub enum PumpError {
     /// Reading, writing or shutting down one of the two streams failed.
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// No byte moved either way for the idle timeout.
+    #[error("no bytes either way for {0:?}")]
+    Idle(Duration),
+    /// One side had finished and the other moved nothing for the half-close timeout.
+    #[error("half-closed and silent for {0:?}")]
+    HalfClosedIdle(Duration),
+}
+
+/// How long a stream may go without moving a byte before the pump closes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// While both directions are open.
+    pub idle: Duration,
+    /// Once one direction has finished (its reader saw end of stream and the other side was
+    /// shut down for writing): the other may go this long without a byte.
+    pub half_close: Duration,
+}
+
+impl Timeouts {
+    /// No limit (for tests and benchmarks of the byte moving itself).
+    pub const NEVER: Timeouts = Timeouts {
+        idle: Duration::MAX,
+        half_close: Duration::MAX,
+    };
+}
+
+/// When a pump last moved a byte, and whether one direction has finished; shared between the
+/// copy (which notes progress each time it is polled) and the timer (which reads it when it
+/// fires, so an active stream costs no timer resets).
+struct Activity {
+    started: tokio::time::Instant,
+    /// Nanoseconds after `started` of the last progress.
+    last: AtomicU64,
+    half_closed: AtomicBool,
+    /// Wakes the timer when the stream becomes half-closed (its limit may get shorter).
+    half_close_seen: tokio::sync::Notify,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+            half_closed: AtomicBool::new(false),
+            half_close_seen: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// After a poll of both directions: `moved` bytes in all so far (`before` before the poll).
+    fn note(&self, before: u64, moved: u64, up_done: bool, down_done: bool) {
+        if moved != before {
+            let now = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.last.store(now, Ordering::Relaxed);
+        }
+        if up_done != down_done && !self.half_closed.swap(true, Ordering::Relaxed) {
+            self.half_close_seen.notify_one();
+        }
+    }
+
+    /// Completes with the timeout that ran out, if one ever does.
+    async fn expired(&self, timeouts: Timeouts) -> PumpError {
+        loop {
+            let half_closed = self.half_closed.load(Ordering::Relaxed);
+            let limit = if half_closed {
+                timeouts.half_close.min(timeouts.idle)
+            } else {
+                timeouts.idle
+            };
+            let last = self.started + Duration::from_nanos(self.last.load(Ordering::Relaxed));
+            let deadline = last.checked_add(limit);
+            if let Some(deadline) = deadline
+                && tokio::time::Instant::now() >= deadline
+            {
+                return if half_closed {
+                    PumpError::HalfClosedIdle(limit)
+                } else {
+                    PumpError::Idle(limit)
+                };
+            }
+            let sleep = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
+            if half_closed {
+                sleep.await;
+            } else {
+                tokio::select! {
+                    () = sleep => {}
+                    () = self.half_close_seen.notified() => {}
+                }
+            }
+        }
+    }
 }
 
 /// Bytes moved in each direction.
@@ -76,11 +170,13 @@ pub struct Transferred {
     pub agent_to_client: u64,
 }
 
-/// Copies both ways until both sides finish, or `cut` fires.
+/// Copies both ways until both sides finish, `cut` fires, or the stream stays silent past
+/// `timeouts`.
 pub async fn pump<C, T>(
     client: &mut C,
     tunnel: &mut T,
     cut: &CancellationToken,
+    timeouts: Timeouts,
 ) -> Result<Transferred, PumpError>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -88,9 +184,12 @@ where
 {
     let mut up = Direction::default();
     let mut down = Direction::default();
+    let activity = Activity::new();
     let copy = poll_fn(|cx| {
+        let before = up.moved + down.moved;
         let up_done = up.poll(cx, &mut *client, &mut *tunnel)?.is_ready();
         let down_done = down.poll(cx, &mut *tunnel, &mut *client)?.is_ready();
+        activity.note(before, up.moved + down.moved, up_done, down_done);
         if up_done && down_done {
             Poll::Ready(Ok::<_, io::Error>(()))
         } else {
@@ -100,6 +199,7 @@ where
     let result = tokio::select! {
         result = copy => result.map_err(PumpError::from),
         () = cut.cancelled() => Err(PumpError::Cut),
+        expired = activity.expired(timeouts) => Err(expired),
     };
     let moved = Transferred {
         client_to_agent: up.moved,
@@ -129,11 +229,12 @@ pub async fn pump_tcp(
     a: &mut TcpStream,
     b: &mut TcpStream,
     cut: &CancellationToken,
+    timeouts: Timeouts,
     meters: Option<&Meters>,
 ) -> Result<Transferred, PumpError> {
     #[cfg(target_os = "linux")]
     if !SPLICE_REFUSED.load(Ordering::Relaxed) {
-        match splice::try_splice_pump(a, b, cut, meters).await {
+        match splice::try_splice_pump(a, b, cut, timeouts, meters).await {
             Err(splice::SpliceError::Unsupported(e)) => {
                 if !SPLICE_REFUSED.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "splice(2) refused on TCP sockets: pumping with buffered copies");
@@ -142,7 +243,7 @@ pub async fn pump_tcp(
             result => return result.map_err(PumpError::from),
         }
     }
-    pump_metered(a, b, cut, meters).await
+    pump_metered(a, b, cut, timeouts, meters).await
 }
 
 /// The buffered [`pump`], counting into `meters` (if any) through [`Counted`] on `a`.
@@ -150,6 +251,7 @@ async fn pump_metered<A, B>(
     a: &mut A,
     b: &mut B,
     cut: &CancellationToken,
+    timeouts: Timeouts,
     meters: Option<&Meters>,
 ) -> Result<Transferred, PumpError>
 where
@@ -159,9 +261,9 @@ where
     match meters {
         Some(meters) => {
             let mut a = Counted::new(&mut *a, meters.a_to_b.clone(), meters.b_to_a.clone());
-            pump(&mut a, b, cut).await
+            pump(&mut a, b, cut, timeouts).await
         }
-        None => pump(a, b, cut).await,
+        None => pump(a, b, cut, timeouts).await,
     }
 }
 
@@ -318,12 +420,58 @@ mod tests {
         (meters, a_to_b, b_to_a)
     }
 
+    const TIMEOUTS: Timeouts = Timeouts {
+        idle: Duration::from_secs(3600),
+        half_close: Duration::from_secs(60),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_silent_for_the_idle_timeout_is_closed_and_activity_keeps_it_open() {
+        let (mut client, mut client_far) = tokio::io::duplex(64);
+        let (mut tunnel, mut tunnel_far) = tokio::io::duplex(64);
+        let cut = CancellationToken::new();
+        let pump = tokio::spawn(async move { pump(&mut client_far, &mut tunnel_far, &cut, TIMEOUTS).await });
+        tokio::time::sleep(Duration::from_secs(50 * 60)).await;
+        // A byte at 50 minutes starts the hour again.
+        client.write_all(b"x").await.unwrap();
+        let mut byte = [0u8];
+        tunnel.read_exact(&mut byte).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(59 * 60)).await;
+        assert!(!pump.is_finished(), "closed before an hour of silence");
+        tokio::time::sleep(Duration::from_secs(2 * 60)).await;
+        assert!(matches!(pump.await.unwrap(), Err(PumpError::Idle(d)) if d == TIMEOUTS.idle));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_closed_stream_gets_the_shorter_timeout_while_its_other_side_is_silent() {
+        let (mut client, mut client_far) = tokio::io::duplex(64);
+        let (mut tunnel, mut tunnel_far) = tokio::io::duplex(64);
+        let cut = CancellationToken::new();
+        let pump = tokio::spawn(async move { pump(&mut client_far, &mut tunnel_far, &cut, TIMEOUTS).await });
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tunnel.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"request", "the half-close reached the agent");
+        // The answer keeps coming, slowly: each byte restarts the half-close timeout.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            tunnel.write_all(b"y").await.unwrap();
+            let mut byte = [0u8];
+            client.read_exact(&mut byte).await.unwrap();
+        }
+        assert!(!pump.is_finished(), "an answer still flowing is not cut");
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert!(matches!(pump.await.unwrap(), Err(PumpError::HalfClosedIdle(d)) if d == TIMEOUTS.half_close));
+    }
+
     #[tokio::test]
     async fn moves_bytes_both_ways_and_keeps_half_close() {
         let (mut client, mut client_far) = tokio::io::duplex(64);
         let (mut tunnel, mut tunnel_far) = tokio::io::duplex(64);
         let cut = CancellationToken::new();
-        let pump = tokio::spawn(async move { pump(&mut client_far, &mut tunnel_far, &cut).await });
+        let pump =
+            tokio::spawn(async move { pump(&mut client_far, &mut tunnel_far, &cut, Timeouts::NEVER).await });
 
         client.write_all(b"hello agent").await.unwrap();
         client.shutdown().await.unwrap(); // half-close: the reply must still arrive
@@ -351,7 +499,8 @@ mod tests {
         let (mut client, mut client_far) = tokio::io::duplex(1 << 16);
         let (mut tunnel, mut tunnel_far) = tokio::io::duplex(1 << 16);
         let cut = CancellationToken::new();
-        let pump = tokio::spawn(async move { pump(&mut client_far, &mut tunnel_far, &cut).await });
+        let pump =
+            tokio::spawn(async move { pump(&mut client_far, &mut tunnel_far, &cut, Timeouts::NEVER).await });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         // Other tests in this binary pump briefly; sampled over 100 ms, the minimum is what
         // this idle pump holds.
@@ -384,10 +533,16 @@ mod tests {
         let (mut tunnel, mut tunnel_far) = tokio::io::duplex(64);
         let (meters, a_to_b, b_to_a) = meters();
         let cut = CancellationToken::new();
-        let pump =
-            tokio::spawn(
-                async move { pump_metered(&mut client_far, &mut tunnel_far, &cut, Some(&meters)).await },
-            );
+        let pump = tokio::spawn(async move {
+            pump_metered(
+                &mut client_far,
+                &mut tunnel_far,
+                &cut,
+                Timeouts::NEVER,
+                Some(&meters),
+            )
+            .await
+        });
 
         client.write_all(b"hello agent").await.unwrap();
         client.shutdown().await.unwrap();
@@ -407,7 +562,8 @@ mod tests {
         let (mut client, mut client_far) = tokio::io::duplex(1 << 16);
         let (_tunnel, mut tunnel_far) = tokio::io::duplex(64);
         let cut = CancellationToken::new();
-        let pump = tokio::spawn(async move { pump(&mut client_far, &mut tunnel_far, &cut).await });
+        let pump =
+            tokio::spawn(async move { pump(&mut client_far, &mut tunnel_far, &cut, Timeouts::NEVER).await });
         client.write_all(&[7u8; 4096]).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         pump.abort();
@@ -428,7 +584,7 @@ mod tests {
         let cut = CancellationToken::new();
         cut.cancel();
         assert!(matches!(
-            pump(&mut client_far, &mut tunnel_far, &cut).await,
+            pump(&mut client_far, &mut tunnel_far, &cut, Timeouts::NEVER).await,
             Err(PumpError::Cut)
         ));
     }

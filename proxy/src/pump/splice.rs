@@ -39,7 +39,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{Meters, PumpError, Transferred, return_buffer, take_buffer};
+use super::{Activity, Meters, PumpError, Timeouts, Transferred, return_buffer, take_buffer};
 
 /// Capacity asked for each pipe, and so the most bytes one splice moves from a socket. Over
 /// loopback (`benches/pump.rs`, a noisy shared 2-CPU machine) 256 KiB pipes had more throughput
@@ -67,9 +67,12 @@ pub async fn splice_pump(
     a: &TcpStream,
     b: &TcpStream,
     cut: &CancellationToken,
+    timeouts: Timeouts,
     meters: Option<&Meters>,
 ) -> Result<Transferred, PumpError> {
-    try_splice_pump(a, b, cut, meters).await.map_err(PumpError::from)
+    try_splice_pump(a, b, cut, timeouts, meters)
+        .await
+        .map_err(PumpError::from)
 }
 
 /// Why the splice pump stopped early, telling apart a kernel that cannot splice these sockets.
@@ -95,13 +98,17 @@ pub(super) async fn try_splice_pump(
     a: &TcpStream,
     b: &TcpStream,
     cut: &CancellationToken,
+    timeouts: Timeouts,
     meters: Option<&Meters>,
 ) -> Result<Transferred, SpliceError> {
     let mut up = Direction::default();
     let mut down = Direction::default();
+    let activity = Activity::new();
     let copy = poll_fn(|cx| {
+        let before = up.moved + down.moved;
         let up_done = up.poll(cx, a, b, meters.map(|m| &m.a_to_b))?.is_ready();
         let down_done = down.poll(cx, b, a, meters.map(|m| &m.b_to_a))?.is_ready();
+        activity.note(before, up.moved + down.moved, up_done, down_done);
         if up_done && down_done {
             Poll::Ready(Ok::<_, io::Error>(()))
         } else {
@@ -111,6 +118,7 @@ pub(super) async fn try_splice_pump(
     let result = tokio::select! {
         result = copy => result,
         () = cut.cancelled() => return Err(SpliceError::Pump(PumpError::Cut)),
+        expired = activity.expired(timeouts) => return Err(SpliceError::Pump(expired)),
     };
     match result {
         Ok(()) => Ok(Transferred {
@@ -398,7 +406,10 @@ mod tests {
             let (client, a) = connected().await;
             let (b, server) = connected().await;
             let cut = cut.clone();
-            let pump = tokio::spawn(async move { splice_pump(&a, &b, &cut, meters.as_ref()).await });
+            let pump =
+                tokio::spawn(
+                    async move { splice_pump(&a, &b, &cut, Timeouts::NEVER, meters.as_ref()).await },
+                );
             Self { client, server, pump }
         }
     }
@@ -672,7 +683,8 @@ mod tests {
         let (meters, a_to_b, b_to_a) = meters();
         let (mut client, mut a) = connected().await;
         let (mut b, mut server) = connected().await;
-        let pump = tokio::spawn(async move { pump_tcp(&mut a, &mut b, &cut, Some(&meters)).await });
+        let pump =
+            tokio::spawn(async move { pump_tcp(&mut a, &mut b, &cut, Timeouts::NEVER, Some(&meters)).await });
 
         let up = pattern(300_000, 5);
         client.write_all(&up).await.unwrap();

@@ -207,7 +207,7 @@ impl AdminHandler for RelayAdmin {
                 };
                 let duration = match query_value(request.query.as_deref(), "for") {
                     None => None,
-                    Some(text) => match humantime::parse_duration(text) {
+                    Some(text) => match crate::config::ban_duration(text) {
                         Ok(d) => Some(d),
                         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("`for`: {e}")),
                     },

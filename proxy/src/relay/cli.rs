@@ -67,7 +67,7 @@ enum BanAction {
         /// The source address.
         source: IpAddr,
         /// How long; without it the ban lasts until lifted.
-        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        #[arg(long = "for", value_parser = crate::config::ban_duration)]
         duration: Option<Duration>,
     },
     /// Lift a ban.

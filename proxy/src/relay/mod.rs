@@ -37,6 +37,7 @@ use crate::net;
 use crate::shield::RelayShield;
 use crate::store::{Store, StoreError};
 use crate::wire::tls::{TlsConfigError, relay_server_config};
+use edge::caps::ConnectionCaps;
 use edge::{Edge, EdgeKind};
 use metrics::RelayMetrics;
 use tenants::Tenants;
@@ -59,9 +60,6 @@ pub enum RelayError {
     /// The tenant store.
     #[error("store: {0}")]
     Store(#[from] StoreError),
-    /// The admin token file.
-    #[error("admin token file: {0}")]
-    AdminToken(std::io::Error),
 }
 
 /// What `/readyz` reports.
@@ -104,7 +102,7 @@ impl Relay {
         let store = Store::open(&config.state_dir)?;
         let fingerprint = store.fingerprint()?;
         let tenants = Arc::new(Tenants::load(store)?);
-        let admin_token = config.admin.token().map_err(RelayError::AdminToken)?;
+        let admin_token = config.admin.token.clone();
         let readiness = Arc::new(Readiness::default());
         readiness.store.store(true, Ordering::Release);
         let metrics = Arc::new(RelayMetrics::new(config.admin.max_tenant_labels));
@@ -142,12 +140,27 @@ impl Relay {
         }
 
         let mut tasks = JoinSet::new();
+        let max_connections = config
+            .edge
+            .max_connections
+            .unwrap_or_else(default_max_connections);
+        info!(
+            max_connections,
+            per_source = config.edge.max_connections_per_source,
+            "edge connection caps"
+        );
         let edge = Arc::new(Edge {
             config: config.edge.clone(),
             https_port: tls_addrs.first().map(SocketAddr::port),
             routes: Arc::clone(&routes),
             shield: Arc::clone(&shield),
             metrics: Arc::clone(&metrics),
+            caps: Arc::new(ConnectionCaps::new(
+                max_connections,
+                config.edge.max_connections_per_source,
+            )),
+            tenants: Arc::clone(&tenants),
+            tenant_streams: Arc::default(),
             streams: streams.clone(),
             stopping: stopping.clone(),
         });
@@ -162,6 +175,8 @@ impl Relay {
             metrics: Arc::clone(&metrics),
             stopping: stopping.clone(),
             hard_stop: hard_stop.clone(),
+            shield: Arc::clone(&shield),
+            pending: Arc::default(),
         });
         tasks.spawn(tunnel.accept_loop(tunnel_listener, acceptor));
         {
@@ -252,6 +267,16 @@ impl Relay {
         self.shield.shutdown();
         info!("relay stopped");
     }
+}
+
+/// `edge.max_connections` when the config leaves it out: what the descriptor limit allows, two
+/// descriptors per proxied connection (browser, data connection), less a reserve of 1024 for
+/// listeners, tunnels, idle data connections and the store.
+fn default_max_connections() -> usize {
+    let soft = net::open_file_limit().unwrap_or(1024);
+    usize::try_from(soft.saturating_sub(1024) / 2)
+        .unwrap_or(usize::MAX)
+        .max(64)
 }
 
 fn local_addr(listener: &tokio::net::TcpListener, configured: SocketAddr) -> SocketAddr {

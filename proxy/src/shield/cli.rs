@@ -53,7 +53,7 @@ pub enum BanAction {
         /// The address to ban (IPv4 or IPv6).
         ip: IpAddr,
         /// How long, e.g. `10m`; without it the ban lasts until removed.
-        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        #[arg(long = "for", value_parser = crate::config::ban_duration)]
         duration: Option<Duration>,
     },
     /// Lift a ban.

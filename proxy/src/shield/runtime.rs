@@ -15,7 +15,7 @@ use aya::programs::XdpMode;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::relay::{EdgeConfig, RelayConfig};
+use crate::config::relay::RelayConfig;
 use crate::config::shield::{AttachMode, ShieldConfig};
 
 use super::abuse::{Abuse, AbuseTracker};
@@ -74,7 +74,7 @@ impl RelayShield {
             info!(%reason, "shield: userspace fallback ({reason})");
             (ShieldMode::Fallback { reason }, None)
         } else {
-            match start_xdp(&shield_config, &config.edge, &instance_name(config)) {
+            match start_xdp(&shield_config, &config.listener_ports(), &instance_name(config)) {
                 Ok((mut shield, interfaces)) => {
                     for (interface, mode) in &interfaces {
                         info!(interface, mode, "shield: xdp on {interface} ({mode})");
@@ -148,10 +148,10 @@ impl RelayShield {
             Some(shield) => {
                 if let Err(e) = shield.ban(peer.to_canonical(), Some(duration)) {
                     warn!(source = %peer, error = %e, "shield: kernel ban failed; banning in userspace");
-                    self.gate.ban(peer, Some(Instant::now() + duration));
+                    self.gate.ban(peer, Instant::now().checked_add(duration));
                 }
             }
-            None => self.gate.ban(peer, Some(Instant::now() + duration)),
+            None => self.gate.ban(peer, Instant::now().checked_add(duration)),
         }
     }
 
@@ -184,7 +184,8 @@ impl RelayShield {
         match xdp.as_mut() {
             Some(shield) => shield.ban(source.to_canonical(), duration),
             None => {
-                self.gate.ban(source, duration.map(|d| Instant::now() + d));
+                self.gate
+                    .ban(source, duration.and_then(|d| Instant::now().checked_add(d)));
                 Ok(())
             }
         }
@@ -207,7 +208,7 @@ impl RelayShield {
 
     /// Applies a new `[shield]` section: limits, ports and lists take effect at once;
     /// `interfaces` and `mode` only at the next start.
-    pub fn reload(&self, config: &ShieldConfig, edge: &EdgeConfig) -> Result<(), ShieldError> {
+    pub fn reload(&self, config: &ShieldConfig, listener_ports: &[u16]) -> Result<(), ShieldError> {
         let mut current = self.config.lock().expect("shield config lock");
         if current.interfaces != config.interfaces || current.mode != config.mode {
             warn!("shield: `interfaces` and `mode` changes take effect at the next restart");
@@ -215,7 +216,7 @@ impl RelayShield {
         self.gate.reconfigure(config);
         self.abuse.reconfigure(config);
         if let Some(shield) = self.xdp.lock().expect("shield lock").as_mut() {
-            sync(shield.maps_mut(), config, edge)?;
+            sync(shield.maps_mut(), config, listener_ports)?;
         }
         *current = config.clone();
         info!("shield: configuration reloaded");
@@ -239,10 +240,11 @@ impl Drop for RelayShield {
     }
 }
 
-/// The policy the kernel enforces for `config`.
-pub fn kernel_policy(config: &ShieldConfig, edge: &EdgeConfig) -> KernelPolicy {
+/// The policy the kernel enforces for `config`, on `listener_ports` (the relay's edge and tunnel
+/// ports) unless `protected_ports` names others.
+pub fn kernel_policy(config: &ShieldConfig, listener_ports: &[u16]) -> KernelPolicy {
     KernelPolicy::new(
-        &config.effective_ports(&edge.ports()),
+        &config.effective_ports(listener_ports),
         (config.syn_rate, config.syn_burst),
         (config.packet_rate, config.packet_burst),
         config.ban_threshold,
@@ -251,8 +253,8 @@ pub fn kernel_policy(config: &ShieldConfig, edge: &EdgeConfig) -> KernelPolicy {
 }
 
 /// Writes `config` into the kernel maps.
-pub fn sync(maps: &mut ShieldMaps, config: &ShieldConfig, edge: &EdgeConfig) -> Result<(), ShieldError> {
-    maps.set_policy(&kernel_policy(config, edge))?;
+pub fn sync(maps: &mut ShieldMaps, config: &ShieldConfig, listener_ports: &[u16]) -> Result<(), ShieldError> {
+    maps.set_policy(&kernel_policy(config, listener_ports))?;
     maps.sync_cidrs(&config.allow, &config.deny)
 }
 
@@ -272,11 +274,11 @@ pub fn instance_name(config: &RelayConfig) -> String {
 
 fn start_xdp(
     config: &ShieldConfig,
-    edge: &EdgeConfig,
+    listener_ports: &[u16],
     instance: &str,
 ) -> Result<(Shield, Attachments), ShieldError> {
     let mut shield = Shield::load_pinned(&pin::instance_dir(instance))?;
-    sync(shield.maps_mut(), config, edge)?;
+    sync(shield.maps_mut(), config, listener_ports)?;
     let mut attached = Vec::new();
     for interface in &config.interfaces {
         let mode = match config.mode {
@@ -360,7 +362,7 @@ mod tests {
 
         // Reload: the scanner's network is now allowlisted, which beats its ban.
         config.shield.allow = vec!["192.0.2.0/24".parse().unwrap()];
-        shield.reload(&config.shield, &config.edge).unwrap();
+        shield.reload(&config.shield, &config.listener_ports()).unwrap();
         assert!(shield.admit(scanner));
         assert!(shield.with_maps(|_| ()).is_none());
     }

@@ -41,6 +41,17 @@ enum TenantAction {
         /// A hostname it owns; repeat for more.
         #[arg(long = "hostname", required = true)]
         hostnames: Vec<String>,
+        /// Streams its agents may carry at once on each relay (default: unlimited).
+        #[arg(long, value_parser = parse_stream_limit)]
+        max_streams: Option<StreamLimit>,
+    },
+    /// Change a tenant's limits.
+    Set {
+        /// Tenant name.
+        name: String,
+        /// Streams its agents may carry at once on each relay: a number, or `unlimited`.
+        #[arg(long, value_parser = parse_stream_limit)]
+        max_streams: StreamLimit,
     },
     /// List tenants and their hostnames.
     List,
@@ -49,6 +60,20 @@ enum TenantAction {
         /// Tenant name.
         name: String,
     },
+}
+
+/// A `--max-streams` value.
+#[derive(Debug, Clone, Copy)]
+struct StreamLimit(Option<u32>);
+
+fn parse_stream_limit(text: &str) -> Result<StreamLimit, String> {
+    if text == "unlimited" {
+        return Ok(StreamLimit(None));
+    }
+    match text.parse::<u32>() {
+        Ok(0) | Err(_) => Err(format!("{text:?}: a number of streams from 1, or `unlimited`")),
+        Ok(n) => Ok(StreamLimit(Some(n))),
+    }
 }
 
 /// `sluice token`.
@@ -71,7 +96,7 @@ enum TokenAction {
         #[arg(long)]
         label: String,
         /// Lifetime, e.g. `90d`; none by default.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = crate::config::token_ttl)]
         ttl: Option<Duration>,
     },
     /// Revoke a token by id; live tunnels using it are cut within `store_poll`.
@@ -124,7 +149,11 @@ impl StoreArgs {
 pub fn tenant(args: &TenantArgs, out: &mut dyn Write) -> Result<(), StoreCliError> {
     let store = args.store.open()?;
     match &args.action {
-        TenantAction::Add { name, hostnames } => {
+        TenantAction::Add {
+            name,
+            hostnames,
+            max_streams,
+        } => {
             let patterns = hostnames
                 .iter()
                 .map(|h| {
@@ -134,7 +163,10 @@ pub fn tenant(args: &TenantArgs, out: &mut dyn Write) -> Result<(), StoreCliErro
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let tenant = store.add_tenant(name, &patterns)?;
+            let mut tenant = store.add_tenant(name, &patterns)?;
+            if let Some(StreamLimit(limit)) = max_streams {
+                tenant = store.set_max_streams(name, *limit)?;
+            }
             writeln!(
                 out,
                 "added tenant {} owning {}",
@@ -142,9 +174,24 @@ pub fn tenant(args: &TenantArgs, out: &mut dyn Write) -> Result<(), StoreCliErro
                 join(&tenant.hostnames)
             )?;
         }
+        TenantAction::Set { name, max_streams } => {
+            let tenant = store.set_max_streams(name, max_streams.0)?;
+            writeln!(
+                out,
+                "tenant {}: max streams {}",
+                tenant.name,
+                limit(tenant.max_streams)
+            )?;
+        }
         TenantAction::List => {
             for tenant in store.load()?.tenants.values() {
-                writeln!(out, "{}\t{}", tenant.name, join(&tenant.hostnames))?;
+                writeln!(
+                    out,
+                    "{}\t{}\tmax_streams={}",
+                    tenant.name,
+                    join(&tenant.hostnames),
+                    limit(tenant.max_streams)
+                )?;
             }
         }
         TenantAction::Remove { name } => {
@@ -192,6 +239,10 @@ pub fn token(args: &TokenArgs, out: &mut dyn Write, notice: &mut dyn Write) -> R
         }
     }
     Ok(())
+}
+
+fn limit(max_streams: Option<u32>) -> String {
+    max_streams.map_or_else(|| "unlimited".to_owned(), |n| n.to_string())
 }
 
 fn join(patterns: &[HostPattern]) -> String {

@@ -52,6 +52,9 @@ pub struct Tenant {
     pub hostnames: Vec<HostPattern>,
     /// Unix seconds.
     pub created_at: u64,
+    /// Streams the tenant's agents may carry at once on each relay; no limit when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_streams: Option<u32>,
 }
 
 /// A stored token: everything but the secret, which exists only in the agent's configuration.
@@ -279,6 +282,9 @@ pub enum StoreError {
     /// The system CSPRNG failed while minting a token.
     #[error("the system random number generator failed")]
     Random,
+    /// A stream limit of zero (use no limit, or at least one).
+    #[error("a tenant's stream limit must be at least 1 (or unlimited)")]
+    InvalidStreamLimit,
 }
 
 impl StoreError {
@@ -393,9 +399,29 @@ impl Store {
                 name: name.to_owned(),
                 hostnames,
                 created_at: unix_now(),
+                max_streams: None,
             };
             snap.tenants.insert(name.to_owned(), tenant.clone());
             Ok((tenant, true))
+        })
+    }
+
+    /// Sets how many streams the tenant's agents may carry at once on each relay (`None`: no
+    /// limit); running relays apply it within `store_poll`.
+    pub fn set_max_streams(&self, name: &str, max_streams: Option<u32>) -> Result<Tenant, StoreError> {
+        if max_streams == Some(0) {
+            return Err(StoreError::InvalidStreamLimit);
+        }
+        self.update(|snap| {
+            let tenant = snap
+                .tenants
+                .get_mut(name)
+                .ok_or_else(|| StoreError::UnknownTenant {
+                    name: name.to_owned(),
+                })?;
+            let changed = tenant.max_streams != max_streams;
+            tenant.max_streams = max_streams;
+            Ok((tenant.clone(), changed))
         })
     }
 

@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use tokio::time::Instant;
 
 use super::Edge;
@@ -57,35 +56,48 @@ pub struct Handover {
 }
 
 impl Handover {
-    /// Counts the stream in the metrics, then pumps bytes between `client` and the agent until
-    /// both sides are done (or access is cut). `peeked` (the bytes read to route the stream)
-    /// already went out with the header: it is counted and freed here, not kept for the stream's
-    /// lifetime.
-    pub async fn pump_stream(
-        mut self,
+    /// Counts the stream in the metrics (its setup time, the `peeked` bytes that went out with
+    /// the header) and returns the counters for its bytes: (to the agent, to the client).
+    fn begin(
+        &self,
         metrics: &RelayMetrics,
         listener: &str,
         tenant: &str,
-        mut client: tokio::net::TcpStream,
-        peeked: BytesMut,
+        peeked: usize,
         accepted_at: Instant,
-    ) -> Result<Transferred, PumpError> {
+    ) -> (prometheus::IntCounter, prometheus::IntCounter) {
         metrics
             .setup_seconds
             .with_label_values(&[listener])
             .observe(accepted_at.elapsed().as_secs_f64());
         let (to_agent, to_client) = metrics.stream_started(tenant);
-        to_agent.inc_by(peeked.len() as u64);
-        drop(peeked);
+        to_agent.inc_by(peeked as u64);
         metrics
             .stream_transports
             .with_label_values(&[self.tunnel.transport().label()])
             .inc();
+        (to_agent, to_client)
+    }
+
+    /// Pumps bytes between `client` and the agent until both sides are done, access is cut,
+    /// or the stream stays silent past the edge's timeouts: with splice(2) when the data
+    /// connection is plain TCP. `peeked` bytes (read to route the stream) already went out with
+    /// the header.
+    pub async fn pump_stream(
+        mut self,
+        edge: &Edge,
+        listener: &str,
+        tenant: &str,
+        mut client: tokio::net::TcpStream,
+        peeked: usize,
+        accepted_at: Instant,
+    ) -> Result<Transferred, PumpError> {
+        let (to_agent, to_client) = self.begin(&edge.metrics, listener, tenant, peeked, accepted_at);
         let cut = self.agent.cut();
         match &mut self.tunnel {
             DataConn::Tls(tunnel) => {
                 let mut client = Counted::new(client, to_agent, to_client);
-                pump(&mut client, tunnel, cut).await
+                pump(&mut client, tunnel, cut, edge.timeouts()).await
             }
             DataConn::Tcp { stream, .. } => {
                 // Both ends plain TCP: splice(2), the payload never enters our memory.
@@ -93,8 +105,31 @@ impl Handover {
                     a_to_b: to_agent,
                     b_to_a: to_client,
                 };
-                pump_tcp(&mut client, stream, cut, Some(&meters)).await
+                pump_tcp(&mut client, stream, cut, edge.timeouts(), Some(&meters)).await
             }
+        }
+    }
+
+    /// [`Handover::pump_stream`] for a client that is not a bare socket (plaintext HTTP, whose
+    /// requests are checked on their way): always the buffered pump.
+    pub async fn pump_buffered<C>(
+        mut self,
+        edge: &Edge,
+        listener: &str,
+        tenant: &str,
+        client: C,
+        peeked: usize,
+        accepted_at: Instant,
+    ) -> Result<Transferred, PumpError>
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let (to_agent, to_client) = self.begin(&edge.metrics, listener, tenant, peeked, accepted_at);
+        let cut = self.agent.cut();
+        let mut client = Counted::new(client, to_agent, to_client);
+        match &mut self.tunnel {
+            DataConn::Tls(tunnel) => pump(&mut client, tunnel, cut, edge.timeouts()).await,
+            DataConn::Tcp { stream, .. } => pump(&mut client, stream, cut, edge.timeouts()).await,
         }
     }
 }
@@ -190,4 +225,3 @@ mod tests {
         assert_eq!(HandoverError::Io(reset).rejection(), Rejection::AgentUnreachable);
     }
 }
-

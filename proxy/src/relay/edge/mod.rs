@@ -9,6 +9,7 @@
 //! cannot be served is turned away in one place, [`Edge::refuse`], the way the sans-IO peekers
 //! decided ([`crate::peek::refusal`]): counted, held against its source when it is abuse,
 //! answered with an alert or an HTTP error, closed.
+pub mod caps;
 pub mod handover;
 pub mod http;
 pub mod tls;
@@ -16,7 +17,6 @@ pub mod tls;
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -24,13 +24,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::metrics::RelayMetrics;
+use super::tenants::Tenants;
 use super::tunnel::Routes;
 use crate::config::relay::EdgeConfig;
+use crate::net::AcceptBackoff;
 use crate::peek::{Peek, Refusal, Refused, Rejection, Reply};
+use crate::pump::Timeouts;
 use crate::shield::RelayShield;
+use caps::{ConnectionCaps, Counts, Slot};
 
 /// Which protocol an edge listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +76,13 @@ pub struct Edge {
     pub shield: Arc<RelayShield>,
     /// The relay's metrics.
     pub metrics: Arc<RelayMetrics>,
+    /// Connections open now, against `edge.max_connections` and
+    /// `edge.max_connections_per_source`.
+    pub caps: Arc<ConnectionCaps>,
+    /// Tenants and their limits, as last loaded from the store.
+    pub tenants: Arc<Tenants>,
+    /// Streams each tenant carries now, against its `max_streams`.
+    pub tenant_streams: Arc<Counts<Arc<str>>>,
     /// Every connection task, so shutdown can drain them.
     pub streams: TaskTracker,
     /// Cancelled when shutdown starts: listeners stop accepting.
@@ -79,34 +90,45 @@ pub struct Edge {
 }
 
 impl Edge {
+    /// How long a stream may stay silent.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            idle: self.config.idle_timeout,
+            half_close: self.config.half_close_timeout,
+        }
+    }
+
     /// Accepts browser connections until the relay starts stopping; each is handled in a task
     /// the relay drains on shutdown.
     pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, kind: EdgeKind) {
         let local_port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
-        let mut last_warning: Option<Instant> = None;
+        let mut backoff = AcceptBackoff::new(kind.label());
         loop {
             let (client, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
-                        // EMFILE and friends: the connection waits in the kernel's queue. Say so
-                        // (at most once a second) and back off briefly instead of spinning.
+                        // EMFILE and friends: the connection waits in the kernel's queue.
                         self.metrics.accept_errors.with_label_values(&[kind.label()]).inc();
-                        if last_warning.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1)) {
-                            warn!(error = %e, listener = kind.label(), "edge accept failed (out of file descriptors?)");
-                            last_warning = Some(Instant::now());
-                        }
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        backoff.failed(&e).await;
                         continue;
                     }
                 },
                 () = self.stopping.cancelled() => return,
             };
+            backoff.succeeded();
             if !self.shield.admit(peer.ip()) {
                 // Dropping `client` closes it before a byte is read.
                 self.count(kind, peer, &kind.refusal(Rejection::RateLimited));
                 continue;
             }
+            let slot = match self.caps.admit(peer.ip()) {
+                Ok(slot) => slot,
+                Err(rejection) => {
+                    self.refuse_now(kind, client, peer, kind.refusal(rejection));
+                    continue;
+                }
+            };
             let accepted_at = Instant::now();
             let listener = kind.label();
             self.metrics
@@ -116,7 +138,7 @@ impl Edge {
             let active = self.metrics.active_connection(listener);
             let edge = Arc::clone(&self);
             self.streams.spawn(async move {
-                let _active = active;
+                let _counted = (active, slot);
                 match kind {
                     EdgeKind::Tls => tls::serve(&edge, client, peer, local_port, accepted_at).await,
                     EdgeKind::Http => http::serve(&edge, client, peer, local_port, accepted_at).await,
@@ -144,6 +166,29 @@ impl Edge {
             let _ = client.write_all(&refusal.reply.bytes()).await;
         }
         let _ = client.shutdown().await;
+    }
+
+    /// [`Edge::refuse`] at accept time, without waiting: the reply (if any) goes into the empty
+    /// send buffer of the fresh socket in one non-blocking write, then the socket closes.
+    fn refuse_now(&self, kind: EdgeKind, client: TcpStream, peer: SocketAddr, refusal: Refusal) {
+        self.count(kind, peer, &refusal);
+        debug!(%peer, listener = kind.label(), reason = refusal.rejection.label(), "connection refused at accept");
+        if refusal.reply != Reply::Close {
+            let _ = client.try_write(&refusal.reply.bytes());
+        }
+    }
+
+    /// Counts a stream of `tenant` against its `max_streams` (`Ok(None)`: no limit, nothing
+    /// counted), or refuses it.
+    pub fn tenant_stream(&self, tenant: &Arc<str>) -> Result<Option<Slot<Arc<str>>>, Rejection> {
+        let snapshot = self.tenants.snapshot();
+        let Some(cap) = snapshot.tenant(tenant).and_then(|t| t.max_streams) else {
+            return Ok(None);
+        };
+        self.tenant_streams
+            .take(Arc::clone(tenant), cap as usize)
+            .map(Some)
+            .ok_or(Rejection::TenantStreamLimit)
     }
 
     /// Turns `client` away after a failed [`peek_until`], as the peeker decided; a client that

@@ -11,7 +11,7 @@ use tracing::debug;
 use super::handover::{self, StreamInfo};
 use super::{Edge, EdgeKind, peek_until};
 use crate::peek::Rejection;
-use crate::peek::tls::peek_client_hello;
+use crate::peek::tls::ClientHelloPeeker;
 use crate::relay::tunnel::Carrier;
 use crate::wire::stream_header::StreamKind;
 
@@ -29,9 +29,10 @@ pub async fn serve(
     let deadline = accepted_at + config.client_hello_timeout;
     let mut buf = BytesMut::with_capacity(2048);
     let mut parse_time = Duration::ZERO;
+    let mut peeker = ClientHelloPeeker::new(config.max_client_hello);
     let peeked = peek_until(&mut client, &mut buf, deadline, |bytes| {
         let started = std::time::Instant::now();
-        let result = peek_client_hello(bytes, config.max_client_hello);
+        let result = peeker.peek(bytes);
         parse_time += started.elapsed();
         result
     })
@@ -55,6 +56,18 @@ pub async fn serve(
             .refuse(KIND, client, peer, KIND.refusal(Rejection::UnknownHost), &why)
             .await;
     };
+    let _tenant_stream = match edge.tenant_stream(&route.tenant) {
+        Ok(slot) => slot,
+        Err(rejection) => {
+            let why = format!(
+                "{} (tenant {}): the tenant carries its most streams",
+                host, route.tenant
+            );
+            return edge
+                .refuse(KIND, client, peer, KIND.refusal(rejection), &why)
+                .await;
+        }
+    };
     let info = StreamInfo {
         kind: StreamKind::Tls,
         client: peer,
@@ -72,15 +85,10 @@ pub async fn serve(
     };
     let agent = std::sync::Arc::clone(&handover.agent.id);
     debug!(%peer, host, %agent, "stream handed over");
+    let peeked = buf.len();
+    drop(buf); // forwarded with the header: not kept for the stream's lifetime
     let result = handover
-        .pump_stream(
-            &edge.metrics,
-            KIND.label(),
-            &route.tenant,
-            client,
-            buf,
-            accepted_at,
-        )
+        .pump_stream(edge, KIND.label(), &route.tenant, client, peeked, accepted_at)
         .await;
     debug!(%peer, host, %agent, ?result, "stream finished");
 }

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::pool::{AgentPool, TunnelTls};
 use super::session::{AgentSession, SessionEnd, new_secret};
-use super::{Tunnel, reject};
+use super::{Tunnel, TunnelRejection, reject};
 use crate::hostname::HostPattern;
 use crate::route::Served;
 use crate::store::{Tenant, unix_now};
@@ -71,11 +71,21 @@ pub async fn serve(tunnel: &Tunnel, reader: FrameReader<TunnelTls>, peer: Socket
     let pool = AgentPool::new(
         Arc::clone(&id),
         tenant.name.as_str().into(),
+        config.idle_data_connection_cap(),
         control_tx,
         &tunnel.hard_stop,
     );
     let session = Arc::new(AgentSession::new(Arc::new(pool), token_id, config.credential_ttl));
-    tunnel.sessions.insert(Arc::clone(&session));
+    if let Err(limit) = tunnel.sessions.insert_within(
+        Arc::clone(&session),
+        config.max_sessions_per_token,
+        config.max_sessions_per_tenant,
+    ) {
+        tunnel.rejected(TunnelRejection::SessionLimit);
+        warn!(%peer, agent = %id, error = %limit, "agent session refused");
+        reject(reader, &limit.to_string()).await;
+        return;
+    }
     let connected = metrics
         .agents_connected
         .with_label_values(&[metrics.tenant(&tenant.name)]);

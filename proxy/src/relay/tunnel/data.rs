@@ -13,21 +13,22 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::pool::{DataConn, TunnelTls};
-use super::reject;
 use super::session::{AgentSession, Sessions};
+use super::{Pending, Tunnel, TunnelRejection, reject};
 use crate::peek::Peek;
-use crate::wire::frame::FrameReader;
+use crate::wire::frame::{FrameReader, write_frame};
+use crate::wire::message::RelayMessage;
 use crate::wire::tcp_data::{self, Join, NONCE_LEN, Nonces, TAG_LEN};
 
 /// A TLS data connection whose first frame was `Data`.
 pub async fn serve(
-    sessions: &Sessions,
+    tunnel: &Tunnel,
     reader: FrameReader<TunnelTls>,
     peer: SocketAddr,
     agent_id: &str,
     credential: &str,
 ) {
-    let Some(session) = sessions.get(agent_id) else {
+    let Some(session) = tunnel.sessions.get(agent_id) else {
         info!(%peer, agent = agent_id, "data connection for an unknown or ended session");
         reject(reader, "unknown or ended session").await;
         return;
@@ -42,9 +43,23 @@ pub async fn serve(
         info!(%peer, agent = agent_id, "data connection sent bytes before being claimed; closing");
         return;
     }
-    debug!(agent = agent_id, "data connection parked");
-    session.pool.park(DataConn::Tls(Box::new(stream)));
+    match session.pool.park(DataConn::Tls(Box::new(stream))) {
+        Ok(()) => debug!(agent = agent_id, "data connection parked"),
+        Err(DataConn::Tls(mut stream)) => {
+            tunnel.rejected(TunnelRejection::DataConnectionLimit);
+            info!(%peer, agent = agent_id, "data connection refused: the session has its idle connections");
+            let refusal = RelayMessage::Rejected {
+                reason: TOO_MANY_IDLE.into(),
+            };
+            let _ = write_frame(&mut stream, &refusal).await;
+            let _ = stream.shutdown().await;
+        }
+        Err(DataConn::Tcp { .. }) => unreachable!("a TLS connection was parked"),
+    }
 }
+
+/// What an agent is told when its session has all the idle data connections it may park.
+const TOO_MANY_IDLE: &str = "the session has as many idle data connections as it may park";
 
 /// Why a plain-TCP data connection was refused (logged; the agent gets the text).
 #[derive(Debug, thiserror::Error)]
@@ -67,12 +82,30 @@ enum TcpJoinError {
 
 /// A plain-TCP data connection (it started with [`tcp_data::MAGIC`]): challenge, check the
 /// proof, park. `deadline` bounds the whole join, so a silent or slow peer costs nothing long.
-pub async fn serve_tcp(sessions: &Sessions, mut tcp: TcpStream, peer: SocketAddr, deadline: Instant) {
-    match tokio::time::timeout_at(deadline, join(sessions, &mut tcp)).await {
-        Ok(Ok((session, key))) => {
-            debug!(agent = &**session.id(), "plain-TCP data connection parked");
-            session.pool.park(DataConn::Tcp { stream: tcp, key });
-        }
+/// `handshake` counts the connection as pending until the join is done.
+pub async fn serve_tcp(
+    tunnel: &Tunnel,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+    handshake: Pending,
+) {
+    let joined = tokio::time::timeout_at(deadline, join(&tunnel.sessions, &mut tcp)).await;
+    drop(handshake);
+    match joined {
+        Ok(Ok((session, key))) => match session.pool.park(DataConn::Tcp { stream: tcp, key }) {
+            Ok(()) => debug!(agent = &**session.id(), "plain-TCP data connection parked"),
+            Err(DataConn::Tcp { mut stream, .. }) => {
+                tunnel.rejected(TunnelRejection::DataConnectionLimit);
+                info!(%peer, agent = &**session.id(), "plain-TCP data connection refused: the session has its idle connections");
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    stream.write_all(format!("-{TOO_MANY_IDLE}\n").as_bytes()),
+                )
+                .await;
+            }
+            Err(DataConn::Tls(_)) => unreachable!("a plain-TCP connection was parked"),
+        },
         outcome => {
             let error = outcome
                 .unwrap_or(Err(TcpJoinError::Timeout))

@@ -17,6 +17,7 @@ pub mod session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -29,12 +30,44 @@ pub use session::{AgentSession, SessionEnd, Sessions};
 use super::metrics::RelayMetrics;
 use super::tenants::Tenants;
 use crate::config::relay::TunnelConfig;
+use crate::net::AcceptBackoff;
+use crate::peek::Abuse;
+use crate::shield::RelayShield;
 use crate::wire::frame::{FrameReader, write_frame};
 use crate::wire::message::{AgentMessage, RelayMessage};
 use crate::wire::tcp_data;
 
 /// The relay's routing table: hostnames -> the agent sessions serving them.
 pub type Routes = crate::route::Registry<AgentPool>;
+
+/// Why the tunnel port turned a connection away: the `reason` label of
+/// `sluice_connections_rejected_total{listener="tunnel"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelRejection {
+    /// Refused at accept by the userspace gate (rate limit, ban, denylist).
+    RateLimited,
+    /// `tunnel.max_pending_handshakes` connections were in their handshake already.
+    HandshakeLimit,
+    /// The token or the tenant holds its `max_sessions_per_*` live sessions already.
+    SessionLimit,
+    /// The session has `tunnel.max_idle_data_connections` parked already.
+    DataConnectionLimit,
+}
+
+impl TunnelRejection {
+    /// The metric label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::HandshakeLimit => "handshake_limit",
+            Self::SessionLimit => "session_limit",
+            Self::DataConnectionLimit => "data_connection_limit",
+        }
+    }
+}
+
+/// The `listener` label of the tunnel port.
+pub const LISTENER: &str = "tunnel";
 
 /// What the tunnel port's connections share: the `[tunnel]` config, the live sessions and the
 /// routes they register, the tenants they authenticate against, the metrics, and the relay's
@@ -54,34 +87,64 @@ pub struct Tunnel {
     pub stopping: CancellationToken,
     /// Cancelled when the drain deadline passes: every stream still open is cut.
     pub hard_stop: CancellationToken,
+    /// Accept-time gate and abuse bans, as on the edge.
+    pub shield: Arc<RelayShield>,
+    /// Connections in their handshake now, against `tunnel.max_pending_handshakes`.
+    pub pending: Arc<AtomicUsize>,
 }
 
 impl Tunnel {
     /// Accepts agent connections until the relay starts stopping.
     pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor) {
+        let mut backoff = AcceptBackoff::new(LISTENER);
         loop {
             let (tcp, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
-                        debug!(error = %e, "tunnel accept failed");
+                        self.metrics.accept_errors.with_label_values(&[LISTENER]).inc();
+                        backoff.failed(&e).await;
                         continue;
                     }
                 },
                 () = self.stopping.cancelled() => return,
             };
+            backoff.succeeded();
+            if !self.shield.admit(peer.ip()) {
+                self.rejected(TunnelRejection::RateLimited);
+                continue;
+            }
+            let Some(handshake) = Pending::enter(&self.pending, self.config.max_pending_handshakes) else {
+                self.rejected(TunnelRejection::HandshakeLimit);
+                debug!(%peer, "tunnel: at the pending-handshake cap; closing");
+                continue;
+            };
             let tunnel = Arc::clone(&self);
             let acceptor = acceptor.clone();
-            tokio::spawn(async move { tunnel.handle(tcp, peer, acceptor).await });
+            tokio::spawn(async move { tunnel.handle(tcp, peer, acceptor, handshake).await });
         }
     }
 
-    async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor) {
+    /// Counts a refused connection.
+    pub fn rejected(&self, why: TunnelRejection) {
+        self.metrics
+            .connections_rejected
+            .with_label_values(&[LISTENER, why.label()])
+            .inc();
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        acceptor: TlsAcceptor,
+        handshake: Pending,
+    ) {
         let deadline = tokio::time::Instant::now() + self.config.handshake_timeout;
         let mut first = [0u8; 1];
         match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
             Ok(Ok(1)) if first[0] == tcp_data::MAGIC[0] => {
-                data::serve_tcp(&self.sessions, tcp, peer, deadline).await;
+                data::serve_tcp(&self, tcp, peer, deadline, handshake).await;
                 return;
             }
             Ok(Ok(1)) => {}
@@ -99,6 +162,7 @@ impl Tunnel {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 info!(%peer, error = %e, "tunnel: TLS handshake failed");
+                self.shield.report_abuse(peer.ip(), Abuse::BadTunnelHandshake);
                 return;
             }
             Err(_) => {
@@ -120,6 +184,7 @@ impl Tunnel {
                 return;
             }
         };
+        drop(handshake);
         match first {
             AgentMessage::Hello {
                 protocol,
@@ -136,13 +201,34 @@ impl Tunnel {
                 control::serve(&self, reader, peer, hello).await;
             }
             AgentMessage::Data { agent_id, credential } => {
-                data::serve(&self.sessions, reader, peer, &agent_id, &credential).await;
+                data::serve(&self, reader, peer, &agent_id, &credential).await;
             }
             other => {
                 info!(%peer, message = ?std::mem::discriminant(&other), "tunnel: unexpected first frame");
                 reject(reader, "expected a Hello or Data frame").await;
             }
         }
+    }
+}
+
+/// One connection in its handshake, counted against `tunnel.max_pending_handshakes` until
+/// dropped.
+pub struct Pending(Arc<AtomicUsize>);
+
+impl Pending {
+    /// Counts one more, unless `max` are pending already.
+    fn enter(pending: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        if pending.fetch_add(1, Ordering::AcqRel) >= max {
+            pending.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(Arc::clone(pending)))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -108,14 +108,17 @@ pub struct AgentPool {
     ended: CancellationToken,
     /// Cancelled when access is cut (revocation): active streams are cut too.
     cut: CancellationToken,
+    /// Most idle connections parked at once (`tunnel.max_idle_data_connections`).
+    max_idle: usize,
 }
 
 impl AgentPool {
-    /// A pool for session `id` of `tenant`, asking for more connections through `control`;
-    /// cut when `relay_stop` is (the relay's drain deadline).
+    /// A pool for session `id` of `tenant` holding at most `max_idle` idle connections, asking
+    /// for more through `control`; cut when `relay_stop` is (the relay's drain deadline).
     pub fn new(
         id: Arc<str>,
         tenant: Arc<str>,
+        max_idle: usize,
         control: mpsc::Sender<RelayMessage>,
         relay_stop: &CancellationToken,
     ) -> Self {
@@ -130,14 +133,24 @@ impl AgentPool {
             control,
             ended: cut.child_token(),
             cut,
+            max_idle,
         }
     }
 
     /// Parks an idle data connection until a client stream claims it, the agent drops it or
-    /// the session ends.
-    pub fn park(self: &Arc<Self>, conn: DataConn) {
+    /// the session ends. A pool at its cap gives the connection back (the caller refuses it);
+    /// one of an ended session is closed.
+    pub fn park(self: &Arc<Self>, conn: DataConn) -> Result<(), DataConn> {
         if self.ended.is_cancelled() {
-            return; // dropped: closed
+            return Ok(()); // dropped: closed
+        }
+        let parked: usize = self
+            .idle
+            .iter()
+            .map(|idle| idle.lock().expect("idle lock").len())
+            .sum();
+        if parked >= self.max_idle {
+            return Err(conn);
         }
         self.idle[conn.transport().index()]
             .lock()
@@ -147,6 +160,7 @@ impl AgentPool {
         if !self.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(self), self.ended.clone()));
         }
+        Ok(())
     }
 
     /// Takes a live idle data connection that may carry the stream, if one is parked: plain TCP
@@ -270,6 +284,7 @@ mod tests {
         Arc::new(AgentPool::new(
             "acme/office/1".into(),
             "acme".into(),
+            3,
             control,
             &CancellationToken::new(),
         ))
@@ -308,7 +323,7 @@ mod tests {
         let (chatty, mut chatty_agent) = data_conn().await;
         let (live, mut live_agent) = data_conn().await;
         for conn in [closed, chatty, live] {
-            pool.park(conn);
+            assert!(pool.park(conn).is_ok());
         }
         drop(closed_agent);
         chatty_agent.write_all(b"early").await.unwrap();
@@ -332,7 +347,7 @@ mod tests {
     async fn plaintext_http_never_claims_a_plain_tcp_connection() {
         let pool = pool();
         let (conn, _agent) = data_conn().await;
-        pool.park(conn);
+        assert!(pool.park(conn).is_ok());
         assert!(pool.claim_idle(Carrier::TlsOnly).is_none());
         assert_eq!(pool.idle_count(), 1, "still parked for a TLS stream");
     }
@@ -342,8 +357,8 @@ mod tests {
         let pool = pool();
         let (first, first_agent) = data_conn().await;
         let (second, _second_agent) = data_conn().await;
-        pool.park(first);
-        pool.park(second);
+        assert!(pool.park(first).is_ok());
+        assert!(pool.park(second).is_ok());
         assert_eq!(pool.idle_count(), 2);
         drop(first_agent);
         settle().await;
@@ -351,10 +366,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pool_at_its_cap_gives_the_connection_back() {
+        let pool = pool();
+        let mut agents = Vec::new();
+        for _ in 0..3 {
+            let (conn, agent) = data_conn().await;
+            agents.push(agent);
+            assert!(pool.park(conn).is_ok());
+        }
+        let (extra, _agent) = data_conn().await;
+        assert!(pool.park(extra).is_err(), "a fourth is over the cap of 3");
+        assert!(pool.claim_idle(Carrier::Any).is_some());
+        let (again, _again_agent) = data_conn().await;
+        assert!(pool.park(again).is_ok(), "a claim makes room");
+    }
+
+    #[tokio::test]
     async fn ending_the_session_closes_its_idle_connections() {
         let pool = pool();
         let (conn, mut agent) = data_conn().await;
-        pool.park(conn);
+        assert!(pool.park(conn).is_ok());
         pool.close(false);
         let mut rest = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), agent.read_to_end(&mut rest))
@@ -362,7 +393,7 @@ mod tests {
             .expect("closed when the session ends, without waiting for a claim")
             .unwrap();
         let (late, mut late_agent) = data_conn().await;
-        pool.park(late);
+        assert!(pool.park(late).is_ok(), "closed, not refused");
         tokio::time::timeout(Duration::from_secs(5), late_agent.read_to_end(&mut rest))
             .await
             .expect("a connection parked after the end is closed at once")

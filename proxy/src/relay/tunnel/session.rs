@@ -264,16 +264,78 @@ impl AgentSession {
     }
 }
 
+/// A session refused because its token or tenant holds its cap of live sessions.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionLimit {
+    /// `tunnel.max_sessions_per_token`.
+    #[error("token {id} holds {limit} live sessions already, the most it may")]
+    Token {
+        /// The token id.
+        id: String,
+        /// The cap.
+        limit: usize,
+    },
+    /// `tunnel.max_sessions_per_tenant`.
+    #[error("tenant {tenant} holds {limit} live sessions already, the most it may")]
+    Tenant {
+        /// The tenant.
+        tenant: String,
+        /// The cap.
+        limit: usize,
+    },
+}
+
 /// The relay's live agent sessions, by id.
 #[derive(Default)]
 pub struct Sessions {
     by_id: DashMap<Arc<str>, Arc<AgentSession>>,
+    /// Held while a session is checked against the caps and added, so two sessions starting at
+    /// once cannot both take the last place.
+    admission: Mutex<()>,
 }
 
 impl Sessions {
     /// Adds a session that has just authenticated.
     pub fn insert(&self, session: Arc<AgentSession>) {
         self.by_id.insert(Arc::clone(session.id()), session);
+    }
+
+    /// Adds a session that has just authenticated, unless its token already holds `per_token`
+    /// live sessions or its tenant `per_tenant`.
+    pub fn insert_within(
+        &self,
+        session: Arc<AgentSession>,
+        per_token: usize,
+        per_tenant: usize,
+    ) -> Result<(), SessionLimit> {
+        let _admission = self.admission.lock().expect("admission lock");
+        let token = session.token_id();
+        let (mut of_token, mut of_tenant) = (0, 0);
+        for live in self.by_id.iter() {
+            if live.pool.ended().is_cancelled() {
+                continue; // ending: its place is free
+            }
+            if live.tenant() == session.tenant() {
+                of_tenant += 1;
+                if live.token_id() == token {
+                    of_token += 1;
+                }
+            }
+        }
+        if of_token >= per_token {
+            return Err(SessionLimit::Token {
+                id: token,
+                limit: per_token,
+            });
+        }
+        if of_tenant >= per_tenant {
+            return Err(SessionLimit::Tenant {
+                tenant: session.tenant().to_string(),
+                limit: per_tenant,
+            });
+        }
+        self.insert(session);
+        Ok(())
     }
 
     /// Removes an ended session.
@@ -321,6 +383,7 @@ mod tests {
         let pool = AgentPool::new(
             "acme/a/1".into(),
             "acme".into(),
+            4,
             control,
             &CancellationToken::new(),
         );
