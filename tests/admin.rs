@@ -223,3 +223,96 @@ async fn admin_token_protects_everything_but_the_probes() {
     .await;
     assert_eq!((anonymous, wrong, right, probe), (401, 401, 200, 200));
 }
+
+/// Sends a raw HTTP/1.1 request and returns everything the admin listener answers.
+async fn raw_request(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    within(WAIT, tcp.read_to_end(&mut answer)).await.unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Without a token, a page in a browser on the relay's host could reach the API under a name
+/// it controls that resolves to 127.0.0.1 (DNS rebinding): only loopback names are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_only_loopback_host_names_are_answered() {
+    let world = World::start(RelayOptions::default()).await;
+    let addr = world.admin_addr();
+    for (host, expected) in [
+        ("evil.example", "403"),
+        ("evil.example:9090", "403"),
+        ("127.0.0.1.nip.io", "403"),
+        ("localhost", "200"),
+        (&format!("127.0.0.1:{}", addr.port()), "200"),
+        ("[::1]:9090", "200"),
+    ] {
+        let answer = raw_request(
+            addr,
+            &format!("GET /api/tunnels HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {expected}")),
+            "Host {host}: {answer}"
+        );
+    }
+    let no_host = raw_request(addr, "GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert!(no_host.starts_with("HTTP/1.0 403") || no_host.starts_with("HTTP/1.1 403"), "{no_host}");
+}
+
+/// A ban for an absurd duration is a clear 400, and the shield keeps working (it once
+/// panicked while holding the shield's lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_from_the_api_are_range_checked() {
+    let world = World::start(RelayOptions::default()).await;
+    let base = format!("http://{}", world.admin_addr());
+    let client = AdminClient::new(&base, None);
+    let (huge, zero, junk, fine, listed) = admin(move || {
+        let post = |path: &str| client.request("POST", path).unwrap();
+        (
+            post("/api/bans/192.0.2.1?for=300000000000y"),
+            post("/api/bans/192.0.2.1?for=0s"),
+            post("/api/bans/192.0.2.1?for=soon"),
+            post("/api/bans/192.0.2.1?for=1h"),
+            client.request("GET", "/api/bans").unwrap(),
+        )
+    })
+    .await;
+    assert_eq!(huge.status, 400, "{}", huge.body);
+    assert!(huge.body.contains("at most"), "{}", huge.body);
+    assert_eq!((zero.status, junk.status), (400, 400));
+    assert_eq!(fine.status, 200, "{}", fine.body);
+    assert!(listed.body.contains("192.0.2.1"), "{}", listed.body);
+}
+
+/// A connection that never finishes its request head is closed at the header timeout, and
+/// connections beyond the cap are closed at once while the others wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_excess_admin_connections_are_closed() {
+    use sluice::admin::http::{HEADER_TIMEOUT, MAX_CONNECTIONS};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let world = World::start(RelayOptions::default()).await;
+    let addr = world.admin_addr();
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
+        held.push(tcp);
+    }
+    // Give the listener a moment to take them all, then one more is turned away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut excess = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = within(Duration::from_secs(2), excess.read(&mut byte)).await;
+    assert!(matches!(read, Ok(0) | Err(_)), "the connection over the cap was served: {read:?}");
+    // The held ones never finish their head: all are closed by the header timeout.
+    for tcp in &mut held {
+        let mut rest = Vec::new();
+        let _ = within(HEADER_TIMEOUT + WAIT, tcp.read_to_end(&mut rest)).await;
+    }
+    // Their slots are free again.
+    let answer = raw_request(addr, "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

@@ -861,3 +861,487 @@ async fn an_agent_serves_through_several_relays_and_survives_losing_one() {
         assert_eq!(answer.unwrap(), format!("acme: still {i}"));
     }
 }
+
+// === Nothing unbounded at the edge ===
+
+/// A TCP listener that accepts and holds every connection, reading and discarding what comes,
+/// never writing, never closing first: an application that went quiet.
+async fn silent_target() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut sink = [0u8; 4096];
+                while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+                // Keep the connection open after the peer's FIN: only the relay may end it.
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A client connection from `source` (a loopback address) to `relay`.
+async fn connect_from(source: [u8; 4], relay: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    socket.connect(relay).await.unwrap()
+}
+
+/// Whether the relay closed `tcp` (reading gives end of stream or an error) within `limit`.
+async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> bool {
+    let mut rest = Vec::new();
+    matches!(tokio::time::timeout(limit, tcp.read_to_end(&mut rest)).await, Ok(_))
+}
+
+fn rejected(world: &World, listener: &str, reason: &str) -> u64 {
+    world
+        .relay()
+        .metrics()
+        .connections_rejected
+        .with_label_values(&[listener, reason])
+        .get()
+}
+
+#[tokio::test]
+async fn a_stream_silent_for_the_idle_timeout_is_closed_and_the_agent_lets_go_of_it() {
+    let world = World::start(RelayOptions {
+        edge_toml: "idle_timeout = \"1s\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &token,
+        )
+        .await;
+    let (mut stream, _) = connect(world.tls_addr(), "app.acme.test", acme.client_config())
+        .await
+        .unwrap();
+    assert_eq!(ask(&mut stream, "hello").await.unwrap(), "acme: hello");
+    assert_eq!(agent.active_streams(), 1);
+    // Then silence: the relay closes the stream, and the agent's side of it goes too.
+    let mut rest = String::new();
+    let closed = within(
+        WAIT,
+        tokio::io::AsyncBufReadExt::read_line(&mut stream, &mut rest),
+    )
+    .await;
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?} {rest:?}");
+    eventually(WAIT, || agent.active_streams() == 0).await;
+}
+
+#[tokio::test]
+async fn a_half_closed_stream_is_closed_when_the_other_side_stays_silent() {
+    let world = World::start(RelayOptions {
+        edge_toml: "half_close_timeout = \"1s\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let target = silent_target().await;
+    let _agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", target)),
+            &token,
+        )
+        .await;
+    let mut tcp = TcpStream::connect(world.tls_addr()).await.unwrap();
+    tcp.write_all(&client_hello("app.acme.test", acme.client_config()))
+        .await
+        .unwrap();
+    tcp.shutdown().await.unwrap(); // the browser is done sending; the app never answers
+    assert!(closed_within(&mut tcp, WAIT).await, "the half-closed stream stayed open");
+}
+
+#[tokio::test]
+async fn connections_beyond_the_edge_caps_are_refused_at_accept() {
+    let world = World::start(RelayOptions {
+        edge_toml: "max_connections = 3\nmax_connections_per_source = 2\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let _agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &token,
+        )
+        .await;
+    // Two waiting connections from 127.0.0.1 (one byte each gets them accepted).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = connect_from([127, 0, 0, 1], world.tls_addr()).await;
+        tcp.write_all(&[0x16]).await.unwrap();
+        held.push(tcp);
+    }
+    eventually(WAIT, || {
+        world.relay().metrics().connections_active.with_label_values(&["tls"]).get() == 2
+    })
+    .await;
+    // A third from the same source, on either listener, is refused at once.
+    let mut third = connect_from([127, 0, 0, 1], world.tls_addr()).await;
+    third.write_all(&[0x16]).await.unwrap();
+    assert!(closed_within(&mut third, WAIT).await);
+    assert_eq!(rejected(&world, "tls", "source_connection_limit"), 1);
+    let mut plain = connect_from([127, 0, 0, 1], world.http_addr()).await;
+    plain.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    within(WAIT, plain.read_to_end(&mut answer)).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 503"), "{}", String::from_utf8_lossy(&answer));
+    // Another source takes the last place; the one after it finds the relay full.
+    let mut other = connect_from([127, 0, 0, 2], world.tls_addr()).await;
+    other.write_all(&[0x16]).await.unwrap();
+    eventually(WAIT, || {
+        world.relay().metrics().connections_active.with_label_values(&["tls"]).get() == 3
+    })
+    .await;
+    let mut full = connect_from([127, 0, 0, 3], world.tls_addr()).await;
+    full.write_all(&[0x16]).await.unwrap();
+    assert!(closed_within(&mut full, WAIT).await);
+    assert_eq!(rejected(&world, "tls", "connection_limit"), 1);
+    // Places come back as connections end.
+    drop(held);
+    eventually(WAIT, || {
+        world.relay().metrics().connections_active.with_label_values(&["tls"]).get() == 1
+    })
+    .await;
+    let answer = round_trip(world.tls_addr(), "app.acme.test", acme.client_config(), "ok").await;
+    assert_eq!(answer.unwrap(), "acme: ok");
+}
+
+#[tokio::test]
+async fn a_tenant_is_held_to_its_max_streams() {
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    world.store.set_max_streams("acme", Some(1)).unwrap();
+    let app = tls_echo("acme", acme.server_config()).await;
+    let _agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &token,
+        )
+        .await;
+    // The relay sees the limit within store_poll.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut first, _) = connect(world.tls_addr(), "app.acme.test", acme.client_config())
+        .await
+        .unwrap();
+    assert_eq!(ask(&mut first, "one").await.unwrap(), "acme: one");
+    let hello = client_hello("app.acme.test", acme.client_config());
+    assert_eq!(
+        raw_hello_answer(world.tls_addr(), &hello).await,
+        fatal_alert(AlertDescription::InternalError)
+    );
+    assert_eq!(rejected(&world, "tls", "tenant_stream_limit"), 1);
+    drop(first);
+    let mut answer = Err(std::io::ErrorKind::Other.into());
+    for _ in 0..50 {
+        answer = round_trip(world.tls_addr(), "app.acme.test", acme.client_config(), "two").await;
+        if answer.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer.unwrap(), "acme: two", "the place came back when the stream ended");
+}
+
+#[tokio::test]
+async fn the_agent_times_out_a_browser_tls_handshake_it_terminates() {
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = plain_echo("plain-app").await;
+    let route = format!(
+        "[[routes]]\nhostname = \"app.acme.test\"\ntarget = \"{}\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        app.addr,
+        acme.cert_pem.display(),
+        acme.key_pem.display()
+    );
+    let config = world.agent_config_with(
+        "acme-1",
+        &[world.tunnel_addr()],
+        "tls_handshake_timeout = \"1s\"",
+        &route,
+    );
+    let agent = world.agent(&config, &token).await;
+    // A ClientHello, then nothing: the agent answers with its flight and waits for the rest.
+    let mut tcp = TcpStream::connect(world.tls_addr()).await.unwrap();
+    tcp.write_all(&client_hello("app.acme.test", acme.client_config()))
+        .await
+        .unwrap();
+    assert!(closed_within(&mut tcp, WAIT).await, "the stalled handshake was held open");
+    eventually(WAIT, || agent.active_streams() == 0).await;
+}
+
+#[tokio::test]
+async fn forwarded_plaintext_keeps_to_the_host_it_was_routed_by() {
+    let world = World::start(RelayOptions::default()).await;
+    let (_, token) = world.tenant("acme", &["app.acme.test", "admin.acme.test"], &["app.acme.test"]);
+    let web = plain_echo("acme-web").await;
+    let admin = plain_echo("acme-admin").await;
+    // app is forwarded in plaintext; admin stays redirect-only (https).
+    let routes = format!(
+        "[[routes]]\nhostname = \"app.acme.test\"\ntarget = \"{web}\"\nhttp = \"forward\"\nhttp_target = \"{web}\"\n{}",
+        passthrough_route("admin.acme.test", admin.addr),
+        web = web.addr,
+    );
+    let _agent = world.agent(&world.agent_config("acme-1", &routes), &token).await;
+
+    // Keep-alive requests for the routed host all get through.
+    let response = http_exchange(
+        world.http_addr(),
+        b"GET /one HTTP/1.1\r\nHost: app.acme.test\r\n\r\nGET http://app.acme.test/two HTTP/1.1\r\nHost: app.acme.test\r\n\r\n",
+    )
+    .await;
+    assert!(response.contains("acme-web: GET /one HTTP/1.1\n"), "{response}");
+    assert!(response.contains("acme-web: GET http://app.acme.test/two HTTP/1.1\n"), "{response}");
+
+    // A later request for the redirect-only host ends the connection, and never reaches a target.
+    let mut tcp = TcpStream::connect(world.http_addr()).await.unwrap();
+    tcp.write_all(b"GET /first HTTP/1.1\r\nHost: app.acme.test\r\n\r\n").await.unwrap();
+    let mut reader = tokio::io::BufReader::new(&mut tcp);
+    let mut line = String::new();
+    within(WAIT, tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut line))
+        .await
+        .unwrap();
+    assert_eq!(line, "acme-web: GET /first HTTP/1.1\n");
+    reader
+        .get_mut()
+        .write_all(b"GET /secret HTTP/1.1\r\nHost: admin.acme.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    within(WAIT, tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut rest))
+        .await
+        .unwrap();
+    // Pipelined behind the first request, or in absolute form: refused before anything goes out.
+    for request in [
+        &b"GET /a HTTP/1.1\r\nHost: app.acme.test\r\n\r\nGET /secret HTTP/1.1\r\nHost: admin.acme.test\r\n\r\n"[..],
+        b"GET http://admin.acme.test/secret HTTP/1.1\r\nHost: app.acme.test\r\n\r\n",
+    ] {
+        let response = http_exchange(world.http_addr(), request).await;
+        assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    }
+    let all: Vec<String> = web.observed.lines.lock().unwrap().clone();
+    assert!(
+        all.iter().all(|l| !l.contains("/secret")) && admin.observed.lines.lock().unwrap().is_empty(),
+        "a request for the redirect-only host reached a target: {all:?}"
+    );
+    assert_eq!(rejected(&world, "http", "forward_refused"), 2);
+    assert_eq!(rejected(&world, "http", "parse_error"), 1, "the absolute form naming another host");
+}
+
+#[tokio::test]
+async fn the_tunnel_port_caps_handshakes_in_progress() {
+    let world = World::start(RelayOptions {
+        tunnel_toml: "max_pending_handshakes = 2\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = TcpStream::connect(world.tunnel_addr()).await.unwrap();
+        tcp.write_all(&[0x16]).await.unwrap(); // a TLS record that never comes
+        stalled.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut third = TcpStream::connect(world.tunnel_addr()).await.unwrap();
+    third.write_all(&[0x16]).await.unwrap();
+    assert!(closed_within(&mut third, WAIT).await);
+    assert_eq!(rejected(&world, "tunnel", "handshake_limit"), 1);
+    // Once the stalled ones time out (handshake_timeout), an agent gets in.
+    let app = tls_echo("acme", acme.server_config()).await;
+    let _agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &token,
+        )
+        .await;
+    let answer = round_trip(world.tls_addr(), "app.acme.test", acme.client_config(), "in").await;
+    assert_eq!(answer.unwrap(), "acme: in");
+}
+
+#[tokio::test]
+async fn a_token_holds_at_most_max_sessions_per_token() {
+    let world = World::start(RelayOptions {
+        tunnel_toml: "max_sessions_per_token = 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (_, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let route = passthrough_route("app.acme.test", "127.0.0.1:9".parse().unwrap());
+    let _first = world.agent(&world.agent_config("acme-1", &route), &token).await;
+    let copy = sluice::agent::Agent::start(&world.agent_config("acme-2", &route), token.clone()).unwrap();
+    within(
+        WAIT,
+        copy.wait_for_link(0, |s| matches!(s, LinkState::Rejected(r) if r.contains("live sessions"))),
+    )
+    .await;
+    assert!(rejected(&world, "tunnel", "session_limit") >= 1);
+    assert_eq!(world.relay().sessions().len(), 1);
+    copy.shutdown(Duration::ZERO).await;
+}
+
+/// An agent session that parks more idle data connections than `max_idle_data_connections`
+/// gets the extra ones refused.
+#[tokio::test]
+async fn a_session_parks_at_most_its_idle_data_connections() {
+    use sluice::wire::frame::{FrameReader, write_frame};
+    use sluice::wire::message::{AgentMessage, RelayMessage};
+
+    let world = World::start(RelayOptions {
+        pool_size: 2,
+        tunnel_toml: "max_idle_data_connections = 3\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (_, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let tls = sluice::wire::tls::agent_client_config(&sluice::wire::tls::RelayTrust::Ca(
+        world.relay_pki.ca_pem.clone(),
+    ))
+    .unwrap();
+    let dial = || {
+        let tls = Arc::clone(&tls);
+        let addr = world.tunnel_addr();
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("relay.sluice.test").unwrap();
+            tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap()
+        }
+    };
+    let mut control = FrameReader::new(dial().await);
+    let hello = AgentMessage::Hello {
+        protocol: sluice::wire::PROTOCOL_VERSION,
+        token,
+        agent_name: "greedy".into(),
+        routes: vec![],
+    };
+    write_frame(control.get_mut(), &hello).await.unwrap();
+    let Some(RelayMessage::Welcome {
+        agent_id, credential, ..
+    }) = within(WAIT, control.next::<RelayMessage>()).await.unwrap()
+    else {
+        panic!("no Welcome");
+    };
+    let mut parked = Vec::new();
+    for _ in 0..3 {
+        let mut data = dial().await;
+        let join = AgentMessage::Data {
+            agent_id: agent_id.clone(),
+            credential: credential.clone(),
+        };
+        write_frame(&mut data, &join).await.unwrap();
+        parked.push(data);
+    }
+    eventually(WAIT, || {
+        world
+            .relay()
+            .sessions()
+            .get(&agent_id)
+            .is_some_and(|s| s.pool.idle_count() == 3)
+    })
+    .await;
+    let mut extra = FrameReader::new(dial().await);
+    let join = AgentMessage::Data {
+        agent_id: agent_id.clone(),
+        credential,
+    };
+    write_frame(extra.get_mut(), &join).await.unwrap();
+    let answer = within(WAIT, extra.next::<RelayMessage>()).await.unwrap();
+    assert!(
+        matches!(&answer, Some(RelayMessage::Rejected { reason }) if reason.contains("idle data connections")),
+        "{answer:?}"
+    );
+    assert_eq!(rejected(&world, "tunnel", "data_connection_limit"), 1);
+}
+
+#[tokio::test]
+async fn the_tunnel_port_is_policed_by_the_shield_like_the_edge() {
+    let world = World::start(RelayOptions {
+        extra_toml: "[shield]\nconnection_rate = 1\nconnection_burst = 2\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let mut admitted = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = connect_from([127, 0, 0, 5], world.tunnel_addr()).await;
+        tcp.write_all(&[0x16]).await.unwrap();
+        admitted.push(tcp);
+    }
+    let mut third = connect_from([127, 0, 0, 5], world.tunnel_addr()).await;
+    third.write_all(&[0x16]).await.unwrap();
+    assert!(closed_within(&mut third, WAIT).await);
+    eventually(WAIT, || rejected(&world, "tunnel", "rate_limited") == 1).await;
+}
+
+/// A relay that tells an agent to keep four billion data connections, heartbeat once in the
+/// lifetime of the universe and renew never: the agent keeps sane numbers and keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_bounds_what_a_relay_tells_it() {
+    use sluice::wire::frame::{FrameReader, write_frame};
+    use sluice::wire::message::{AgentMessage, RelayMessage};
+
+    sluice::net::raise_open_file_limit();
+    let world = World::start(RelayOptions::default()).await;
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        sluice::wire::tls::relay_server_config(&world.relay_pki.cert_pem, &world.relay_pki.key_pem).unwrap(),
+    );
+    let hostile = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hostile_addr = hostile.local_addr().unwrap();
+    let dialed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&dialed);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = hostile.accept().await {
+            let mut first = [0u8; 1];
+            if tcp.peek(&mut first).await.is_ok() && first[0] != 0x16 {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                held.push(tcp); // a plain-TCP data connection: hold it
+                continue;
+            }
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let mut reader = FrameReader::new(acceptor.accept(tcp).await.unwrap());
+                let Ok(Some(AgentMessage::Hello { .. })) = reader.next::<AgentMessage>().await else {
+                    return;
+                };
+                let welcome = RelayMessage::Welcome {
+                    agent_id: "acme/a/hostile".into(),
+                    credential: "x".into(),
+                    credential_ttl_secs: u64::MAX,
+                    heartbeat_secs: u64::MAX,
+                    pool_size: u32::MAX,
+                    accepted: vec![],
+                    refused: vec![],
+                };
+                write_frame(reader.get_mut(), &welcome).await.unwrap();
+                let open = RelayMessage::OpenData {
+                    count: u32::MAX,
+                    require_tls: false,
+                };
+                write_frame(reader.get_mut(), &open).await.unwrap();
+                while let Ok(Some(_)) = reader.next::<AgentMessage>().await {}
+            });
+        }
+    });
+    let config = world.agent_config_with(
+        "acme-1",
+        &[hostile_addr],
+        "data_transport = \"tcp\"",
+        &passthrough_route("app.acme.test", "127.0.0.1:9".parse().unwrap()),
+    );
+    let agent = world.agent(&config, "sluice_token_not_checked_here").await;
+    // Before the first of them times out on the silent join (connect_timeout, 2 s) and redials.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let dialed = dialed.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(dialed > 0, "the agent dialed data connections");
+    assert!(dialed <= 2 * 1024, "{dialed} data connections dialed");
+    assert!(matches!(agent.links()[0], LinkState::Connected { .. }), "{:?}", agent.links());
+    agent.shutdown(Duration::ZERO).await;
+}

@@ -199,3 +199,99 @@ fn ec_private_scalar(pkcs8: &[u8]) -> &[u8] {
         .expect("P-256 PKCS#8 key");
     &pkcs8[at + 5..at + 37]
 }
+
+/// Out of descriptors, a relay's accept loops wait instead of spinning: with its limit lowered
+/// under a flood of connections on the edge and the tunnel port, it counts a handful of failed
+/// accepts (not millions), and serves again once the flood is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_accept_loops_back_off() {
+    use tokio::io::AsyncWriteExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    CertSet::issue(dir.path(), "relay", &["relay.sluice.test"]);
+    let (tls_port, tunnel_port, admin_port) = (free_port(), free_port(), free_port());
+    let config = write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "state_dir = \"state\"\nshutdown_grace = \"1s\"\n[edge]\ntls_listen = [\"127.0.0.1:{tls_port}\"]\n\
+             http_listen = []\nclient_hello_timeout = \"2s\"\n[tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\n\
+             cert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\nhandshake_timeout = \"2s\"\n\
+             [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n"
+        ),
+    );
+    let relay = RelayProcess {
+        child: Command::new(sluice_binary())
+            .args(["relay", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    let base = format!("http://127.0.0.1:{admin_port}");
+    let scrape = || {
+        let base = base.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                sluice::admin::client::AdminClient::new(&base, None)
+                    .request("GET", "/metrics")
+                    .map(|a| a.body)
+                    .unwrap_or_default()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    within(Duration::from_secs(10), async {
+        while !scrape().await.contains("sluice_build_info") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let limit = libc::rlimit {
+        rlim_cur: 64,
+        rlim_max: 64,
+    };
+    // SAFETY: a plain syscall on our own child's pid, with a valid struct.
+    let rc = unsafe {
+        libc::prlimit(
+            relay.child.id() as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let mut flood = Vec::new();
+    for port in [tls_port, tunnel_port] {
+        for _ in 0..80 {
+            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            tcp.write_all(&[0x16]).await.unwrap();
+            flood.push(tcp);
+        }
+    }
+    // The relay holds what it could accept until the deadlines (2 s) and fails on the rest.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(flood);
+    let text = within(Duration::from_secs(20), async {
+        loop {
+            let text = scrape().await;
+            if text.contains("sluice_build_info") {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let errors = |listener: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("sluice_accept_errors_total{{listener=\"{listener}\"}} ")))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    for listener in ["tls", "tunnel"] {
+        let failed = errors(listener);
+        assert!(failed > 0, "the {listener} listener never ran out of descriptors:\n{text}");
+        assert!(failed < 100, "the {listener} accept loop spun: {failed} failed accepts");
+    }
+}

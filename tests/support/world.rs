@@ -27,6 +27,10 @@ pub struct RelayOptions {
     pub tls_listen: Vec<SocketAddr>,
     /// TOML appended to relay.toml, e.g. a `[shield]` section.
     pub extra_toml: String,
+    /// Lines added to `[edge]`, e.g. `idle_timeout = "1s"`.
+    pub edge_toml: String,
+    /// Lines added to `[tunnel]`.
+    pub tunnel_toml: String,
 }
 
 impl Default for RelayOptions {
@@ -39,6 +43,8 @@ impl Default for RelayOptions {
             admin_token: None,
             tls_listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
             extra_toml: String::new(),
+            edge_toml: String::new(),
+            tunnel_toml: String::new(),
         }
     }
 }
@@ -66,6 +72,7 @@ tls_listen = [{tls_listen}]
 http_listen = ["127.0.0.1:0"]
 client_hello_timeout = "{hello}"
 agent_wait = "2s"
+{edge_toml}
 [tunnel]
 listen = "127.0.0.1:0"
 cert = "relay-cert.pem"
@@ -74,6 +81,7 @@ credential_ttl = "{ttl}"
 heartbeat = "{heartbeat}"
 pool_size = {pool}
 handshake_timeout = "2s"
+{tunnel_toml}
 [admin]
 listen = "127.0.0.1:0"
 {admin_token}
@@ -92,6 +100,8 @@ listen = "127.0.0.1:0"
                 })
                 .unwrap_or_default(),
             hello = options.client_hello_timeout,
+            edge_toml = options.edge_toml,
+            tunnel_toml = options.tunnel_toml,
             ttl = options.credential_ttl,
             heartbeat = options.heartbeat,
             pool = options.pool_size,

@@ -247,6 +247,49 @@ mod tests {
     }
 
     #[test]
+    fn an_admin_listener_off_loopback_needs_a_token_and_a_token_file_needs_a_token() {
+        let admin = |lines: &str| {
+            let (_dir, path) = setup(&format!("{RELAY}[admin]\n{lines}"), &["c.pem", "k.pem"]);
+            std::fs::write(path.parent().unwrap().join("blank.token"), " \n").unwrap();
+            std::fs::write(path.parent().unwrap().join("good.token"), "s3cret\n").unwrap();
+            RelayConfig::load(&path).map(|c| c.admin.token.map(|t| t.secret().to_owned()))
+        };
+        let open = admin("listen = \"0.0.0.0:9090\"\n").unwrap_err().to_string();
+        assert!(open.contains("`admin.token_file`") && open.contains("0.0.0.0:9090"), "{open}");
+        let open_v6 = admin("listen = \"[::]:9090\"\n").unwrap_err().to_string();
+        assert!(open_v6.contains("`admin.token_file`"), "{open_v6}");
+        let blank = admin("listen = \"0.0.0.0:9090\"\ntoken_file = \"blank.token\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(blank.contains("`admin.token_file`") && blank.contains("empty"), "{blank}");
+        let blank_loopback = admin("token_file = \"blank.token\"\n").unwrap_err().to_string();
+        assert!(blank_loopback.contains("empty"), "a blank token is refused on loopback too");
+        let missing = admin("token_file = \"nope.token\"\n").unwrap_err().to_string();
+        assert!(missing.contains("`admin.token_file`") && missing.contains("nope.token"), "{missing}");
+        assert_eq!(
+            admin("listen = \"0.0.0.0:9090\"\ntoken_file = \"good.token\"\n").unwrap(),
+            Some("s3cret".to_owned())
+        );
+        assert_eq!(admin("listen = \"127.0.0.2:9090\"\n").unwrap(), None, "loopback, no token");
+        // The agent's admin listener follows the same rules.
+        let text = format!(
+            "{AGENT_HEAD}ca = \"ca.pem\"\n[admin]\nlisten = \"0.0.0.0:9091\"\n\
+             [[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\n"
+        );
+        assert!(agent_error(&text).contains("`admin.token_file`"));
+    }
+
+    #[test]
+    fn durations_from_the_command_line_are_bounded() {
+        assert_eq!(super::ban_duration("10m"), Ok(std::time::Duration::from_secs(600)));
+        assert!(super::ban_duration("300000000000y").unwrap_err().contains("at most"));
+        assert!(super::ban_duration("0s").is_err());
+        assert!(super::ban_duration("soon").is_err());
+        assert!(super::token_ttl("90d").is_ok());
+        assert!(super::token_ttl("20y").is_err());
+    }
+
+    #[test]
     fn a_missing_file_is_named() {
         let error = RelayConfig::load(Path::new("/nonexistent/relay.toml")).unwrap_err();
         assert!(matches!(error, ConfigError::Read { .. }));

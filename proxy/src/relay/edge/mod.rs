@@ -169,11 +169,15 @@ impl Edge {
     }
 
     /// [`Edge::refuse`] at accept time, without waiting: the reply (if any) goes into the empty
-    /// send buffer of the fresh socket in one non-blocking write, then the socket closes.
+    /// send buffer of the fresh socket in one non-blocking write, then the socket closes. The
+    /// client's first bytes (already in: TCP_DEFER_ACCEPT) are read first, so the close is a
+    /// FIN after the reply, not a reset that could destroy it.
     fn refuse_now(&self, kind: EdgeKind, client: TcpStream, peer: SocketAddr, refusal: Refusal) {
         self.count(kind, peer, &refusal);
         debug!(%peer, listener = kind.label(), reason = refusal.rejection.label(), "connection refused at accept");
         if refusal.reply != Reply::Close {
+            let mut discard = [0u8; 4096];
+            let _ = client.try_read(&mut discard);
             let _ = client.try_write(&refusal.reply.bytes());
         }
     }
