@@ -35,14 +35,15 @@ use aya_ebpf::{
 };
 use proxy_common::{
     BPF_F_MMAPABLE, BanEntry, Counter, FAMILY_V4, FAMILY_V6, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_BANS_V4,
-    LIST_BANS_V6, LIST_DENY_V4, LIST_DENY_V6, Limits, MAX_BANS, MAX_CIDRS, MAX_SOURCES, PortSet, Reason,
-    SourceState,
+    LIST_BANS_V6, LIST_DENY_V4, LIST_DENY_V6, LIST_FINE_V4, LIST_FINE_V6, Limits, MAX_BANS, MAX_CIDRS,
+    MAX_SOURCES, PortSet, Reason, SourceState,
 };
 
 use parse::{Parsed, Source};
 use police::FamilyMaps;
 
-// Bans decided in userspace. A plain hash, not LRU: a spray of new sources cannot evict them.
+// Bans decided in userspace, keyed by source network. A plain hash, not LRU: a spray of new
+// sources cannot evict them.
 #[map(name = "BANNED_V4")]
 static BANNED_V4: HashMap<u32, BanEntry> = HashMap::with_max_entries(MAX_BANS, 0);
 #[map(name = "BANNED_V6")]
@@ -110,6 +111,7 @@ fn classify(ctx: &XdpContext) -> Reason {
                         allow_bit: LIST_ALLOW_V4,
                         deny_bit: LIST_DENY_V4,
                         bans_bit: LIST_BANS_V4,
+                        fine_bit: LIST_FINE_V4,
                     };
                     police::police(&maps, address, flags, limits, &BAN_EVENTS)
                 }
@@ -124,6 +126,7 @@ fn classify(ctx: &XdpContext) -> Reason {
                         allow_bit: LIST_ALLOW_V6,
                         deny_bit: LIST_DENY_V6,
                         bans_bit: LIST_BANS_V6,
+                        fine_bit: LIST_FINE_V6,
                     };
                     police::police(&maps, address, flags, limits, &BAN_EVENTS)
                 }

@@ -1,17 +1,35 @@
 //! Per-source policy for well-formed TCP segments to protected ports, in this order:
 //! allowlist (pass, no limits) -> denylist (drop) -> bans (drop until they expire) -> token
-//! buckets (packet bucket for every segment, SYN bucket for new connections) -> pass.
+//! buckets -> pass.
 //!
-//! Over-limit drops are strikes; more than `ban_threshold` strikes ban the source for
-//! `ban_ns` and send a [`BanEvent`] to userspace. Strikes are forgiven once both buckets have
-//! refilled completely.
+//! A source is the network of the packet's source address under [`Limits::prefixes`] (the
+//! IPv4 /32 and IPv6 /64 by default): its buckets, strikes and bans are shared by every address
+//! inside it, so rotating addresses inside one's own /64 buys nothing. The allow/deny tries
+//! are CIDR lists and are asked about the full address.
+//!
+//! What the buckets charge (see [`Limits`]): an opening SYN (SYN without ACK) spends a token of
+//! the SYN bucket; a segment with neither ACK nor RST (FIN-, PSH- or URG-only junk: no stack
+//! sends one, and ours would answer each with a RST) one of the packet bucket. Everything with
+//! ACK (every segment of an established connection, RFC 9293: a download's ACKs, an upload's
+//! data) and bare RSTs pass uncharged: nothing per packet tells them from a flood without
+//! tracking connections, and the TCP stack drops the ones that belong to no connection for
+//! about what it costs to receive them.
+//!
+//! Strikes: each drop over a bucket spends a token of the source's strike bucket, which holds
+//! `ban_threshold` tokens and refills at the strike decay rate; the drop that finds it empty
+//! bans the source for `ban_ns` and sends a [`BanEvent`] to userspace. So a burst of up to
+//! `ban_threshold` over-limit drops is forgiven at a steady rate, and only a source that keeps
+//! exceeding its limits faster than that rate, or by more than the threshold at once, is
+//! banned.
 //!
 //! Everything about a source lives in its slot of a source table (see [`SourceState`]): an
 //! array the program indexes itself, because every kernel call costs (about 17-30 ns each for
 //! a clock read, an LPM or hash-map lookup: more than the rest of the program) while array
 //! lookups are inlined by the verifier. So a packet from a known source makes no kernel call:
 //! - the allow/deny tries and the userspace ban map are looked into when the source is new or
-//!   userspace changed them (`Limits::generation`), and the answers kept in the slot;
+//!   userspace changed them (`Limits::generation`), and the answers kept in the slot (the
+//!   tries' answer again for another address of the network only when some entry is longer
+//!   than the prefix, `LIST_FINE_*`);
 //! - the kernel's own bans are kept in the slot;
 //! - the clock is read at most once per tick per source.
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
@@ -19,10 +37,10 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, RingBuf};
 use proxy_common::{
     BanEntry, BanEvent, BucketLimit, LISTED_ALLOW, LISTED_DENY, LISTED_NONE, Limits, NANOTOKENS, Reason,
-    SOURCE_SET_BITS, SOURCE_WAYS, SourceState,
+    SOURCE_SET_BITS, SOURCE_WAYS, SourcePrefixes, SourceState,
 };
 
-use crate::parse::{TCP_ACK, TCP_SYN};
+use crate::parse::{TCP_ACK, TCP_RST, TCP_SYN};
 
 /// The maps of one address family, whose addresses are `A`.
 pub struct FamilyMaps<A: Address + 'static> {
@@ -33,21 +51,23 @@ pub struct FamilyMaps<A: Address + 'static> {
     /// Prefix length of a full address (32 or 128).
     pub bits: u32,
     /// `FAMILY_V4` or `FAMILY_V6`, for ban events.
-    pub family: u32,
+    pub family: u16,
     /// The `LIST_*` bits of this family's tries and ban map in `Limits::lists`.
     pub allow_bit: u64,
     pub deny_bit: u64,
     pub bans_bit: u64,
+    pub fine_bit: u64,
 }
 
 #[inline(always)]
 pub fn police<A: Address>(
     maps: &FamilyMaps<A>,
-    source: A,
+    address: A,
     flags: u8,
     limits: &Limits,
     events: &RingBuf,
 ) -> Reason {
+    let source = address.masked(&limits.prefixes);
     let first = first_slot(source.hash(&limits.seeds));
     let slot = match find(maps.sources, first, source) {
         Some(slot) => slot,
@@ -62,7 +82,11 @@ pub fn police<A: Address>(
     // Userspace keeps the generation within 32 bits (see `Limits::generation`).
     let generation = limits.generation as u32;
     if state.generation != generation {
-        look_up(maps, source, state, limits, generation);
+        look_up_ban(maps, source, state, limits);
+        look_up_lists(maps, address, state, limits);
+        state.generation = generation;
+    } else if limits.lists & maps.fine_bit != 0 && state.listed_addr != address {
+        look_up_lists(maps, address, state, limits);
     }
     match state.listed {
         LISTED_ALLOW => return Reason::PassAllowlisted,
@@ -73,17 +97,14 @@ pub fn police<A: Address>(
     if state.banned_until_ns > now || state.listed_ban_until_ns > now {
         return Reason::DropBanned;
     }
-    let new_connection = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let reason = charge(state, new_connection);
-    if u64::from(state.strikes) > limits.ban_threshold {
-        state.strikes = 0;
-        state.banned_until_ns = now.saturating_add(limits.ban_ns);
-        report_ban(maps, source, state.banned_until_ns, reason, events);
+    let reason = charge(state, flags);
+    if reason != Reason::Pass {
+        strike(maps, source, state, limits, now, reason, events);
     }
     reason
 }
 
-/// Gives a source the table does not hold a slot of its set: both buckets full (so its first
+/// Gives a source the table does not hold a slot of its set: every bucket full (so its first
 /// segment passes), nothing looked up yet.
 #[inline(always)]
 fn claim<A: Copy>(
@@ -99,10 +120,11 @@ fn claim<A: Copy>(
         *slot = SourceState {
             addr: key,
             generation: 0,
+            listed_addr: key,
             listed: LISTED_NONE,
-            strikes: 0,
             syn_tokens: limits.syn.capacity,
             packet_tokens: limits.packet.capacity,
+            strike_tokens: limits.strikes.capacity,
             last_ns: now,
             tick: tick(),
             banned_until_ns: 0,
@@ -112,19 +134,23 @@ fn claim<A: Copy>(
     Some(slot)
 }
 
-/// Looks the source up in the allow/deny tries and the ban map (only those holding entries)
-/// and caches the answers in its slot until userspace changes them (`generation`). A source
-/// on the allow or deny list needs no ban lookup: those lists come first.
+/// Looks the network up in the ban map (only when it holds entries) and caches the answer in its
+/// slot until userspace changes the maps (`generation`).
 #[inline(always)]
-fn look_up<A: Address>(
-    maps: &FamilyMaps<A>,
-    source: A,
-    state: &mut SourceState<A>,
-    limits: &Limits,
-    generation: u32,
-) {
-    let wire = source.wire();
-    let prefix = Key::new(maps.bits, wire);
+fn look_up_ban<A: Address>(maps: &FamilyMaps<A>, source: A, state: &mut SourceState<A>, limits: &Limits) {
+    state.listed_ban_until_ns = if limits.lists & maps.bans_bit != 0 {
+        // SAFETY: the value is copied out at once; bans are only ever written whole.
+        unsafe { maps.bans.get(source.wire()) }.map_or(0, |ban| ban.until_ns)
+    } else {
+        0
+    };
+}
+
+/// Looks the full address up in the allow/deny tries (only those holding entries) and caches
+/// the answer in its slot, with the address it is for.
+#[inline(always)]
+fn look_up_lists<A: Address>(maps: &FamilyMaps<A>, address: A, state: &mut SourceState<A>, limits: &Limits) {
+    let prefix = Key::new(maps.bits, address.wire());
     state.listed = if limits.lists & maps.allow_bit != 0 && maps.allow.get(&prefix).is_some() {
         LISTED_ALLOW
     } else if limits.lists & maps.deny_bit != 0 && maps.deny.get(&prefix).is_some() {
@@ -132,13 +158,7 @@ fn look_up<A: Address>(
     } else {
         LISTED_NONE
     };
-    state.listed_ban_until_ns = if state.listed == LISTED_NONE && limits.lists & maps.bans_bit != 0 {
-        // SAFETY: the value is copied out at once; bans are only ever written whole.
-        unsafe { maps.bans.get(wire) }.map_or(0, |ban| ban.until_ns)
-    } else {
-        0
-    };
-    state.generation = generation;
+    state.listed_addr = address;
 }
 
 /// Index of the first slot of the set a hash picks (its top `SOURCE_SET_BITS` bits).
@@ -192,7 +212,7 @@ fn victim<A>(table: &Array<SourceState<A>>, first: u32, now: u64) -> Option<*mut
     chosen
 }
 
-/// Refills both buckets for the time since the source's last refill, at most once per clock
+/// Refills the buckets for the time since the source's last refill, at most once per clock
 /// tick (the coarse clock does not move in between); returns the time now.
 #[inline(always)]
 fn catch_up<A>(state: &mut SourceState<A>, limits: &Limits) -> u64 {
@@ -204,40 +224,57 @@ fn catch_up<A>(state: &mut SourceState<A>, limits: &Limits) -> u64 {
     let elapsed = now.saturating_sub(state.last_ns);
     state.last_ns = now;
     state.tick = tick;
-    let packet_full = refill(&mut state.packet_tokens, &limits.packet, elapsed);
-    let syn_full = refill(&mut state.syn_tokens, &limits.syn, elapsed);
-    if packet_full && syn_full {
-        state.strikes = 0;
-    }
+    refill(&mut state.syn_tokens, &limits.syn, elapsed);
+    refill(&mut state.packet_tokens, &limits.packet, elapsed);
+    refill(&mut state.strike_tokens, &limits.strikes, elapsed);
     now
 }
 
-/// Charges this segment to the buckets; returns the verdict.
+/// Charges this segment to the bucket of its kind (see the module docs); returns the verdict.
 #[inline(always)]
-fn charge<A>(state: &mut SourceState<A>, new_connection: bool) -> Reason {
-    if state.packet_tokens < NANOTOKENS {
-        state.strikes = state.strikes.saturating_add(1);
-        return Reason::DropPacketRate;
+fn charge<A>(state: &mut SourceState<A>, flags: u8) -> Reason {
+    if flags & (TCP_ACK | TCP_RST) != 0 {
+        return Reason::Pass;
     }
-    if new_connection && state.syn_tokens < NANOTOKENS {
-        state.strikes = state.strikes.saturating_add(1);
-        return Reason::DropSynRate;
+    let (tokens, over) = if flags & TCP_SYN != 0 {
+        (&mut state.syn_tokens, Reason::DropSynRate)
+    } else {
+        (&mut state.packet_tokens, Reason::DropPacketRate)
+    };
+    if *tokens < NANOTOKENS {
+        return over;
     }
-    state.packet_tokens -= NANOTOKENS;
-    if new_connection {
-        state.syn_tokens -= NANOTOKENS;
-    }
+    *tokens -= NANOTOKENS;
     Reason::Pass
 }
 
-/// Adds the tokens earned in `elapsed` ns; returns true when the bucket is full.
+/// Counts an over-limit drop: spends a strike, or bans the source when none is left.
 #[inline(always)]
-fn refill(tokens: &mut u64, limit: &BucketLimit, elapsed: u64) -> bool {
+fn strike<A: Address>(
+    maps: &FamilyMaps<A>,
+    source: A,
+    state: &mut SourceState<A>,
+    limits: &Limits,
+    now: u64,
+    reason: Reason,
+    events: &RingBuf,
+) {
+    if state.strike_tokens >= NANOTOKENS {
+        state.strike_tokens -= NANOTOKENS;
+        return;
+    }
+    state.strike_tokens = limits.strikes.capacity;
+    state.banned_until_ns = now.saturating_add(limits.ban_ns);
+    let prefix_len = source.prefix_len(&limits.prefixes);
+    report_ban(maps, source, prefix_len, state.banned_until_ns, reason, events);
+}
+
+/// Adds the tokens earned in `elapsed` ns, up to the bucket's capacity.
+#[inline(always)]
+fn refill(tokens: &mut u64, limit: &BucketLimit, elapsed: u64) {
     // At most `fill_ns` counts: `fill_ns * rate <= capacity`, so nothing overflows.
     let elapsed = elapsed.min(limit.fill_ns);
-    let filled = (*tokens + elapsed * limit.rate).min(limit.capacity);
-    *tokens = filled;
-    filled >= limit.capacity
+    *tokens = (*tokens + elapsed * limit.rate).min(limit.capacity);
 }
 
 /// The kernel's `jiffies`. The verifier inlines `bpf_jiffies64` into a single load, so this
@@ -258,12 +295,20 @@ fn coarse_now() -> u64 {
 
 /// Tells userspace about a ban the kernel just decided.
 #[inline(always)]
-fn report_ban<A: Address>(maps: &FamilyMaps<A>, source: A, until_ns: u64, reason: Reason, events: &RingBuf) {
+fn report_ban<A: Address>(
+    maps: &FamilyMaps<A>,
+    source: A,
+    prefix_len: u16,
+    until_ns: u64,
+    reason: Reason,
+    events: &RingBuf,
+) {
     if let Some(mut entry) = events.reserve::<BanEvent>(0) {
         entry.write(BanEvent {
             until_ns,
             addr: source.event_bytes(),
             family: maps.family,
+            prefix_len,
             reason: reason as u32,
         });
         entry.submit(0);
@@ -277,6 +322,12 @@ pub trait Address: Copy + PartialEq {
     type Wire: Copy;
 
     fn wire(&self) -> Self::Wire;
+
+    /// The network of this address under `prefixes` (its host bits cleared).
+    fn masked(&self, prefixes: &SourcePrefixes) -> Self;
+
+    /// The prefix length `prefixes` gives this family.
+    fn prefix_len(&self, prefixes: &SourcePrefixes) -> u16;
 
     /// Multiply-shift hash keyed by random odd multipliers: without the seeds, nobody can
     /// choose addresses that land in one set. The set is taken from the top bits.
@@ -293,6 +344,16 @@ impl Address for u32 {
     #[inline(always)]
     fn wire(&self) -> u32 {
         *self
+    }
+
+    #[inline(always)]
+    fn masked(&self, prefixes: &SourcePrefixes) -> u32 {
+        *self & prefixes.v4_mask
+    }
+
+    #[inline(always)]
+    fn prefix_len(&self, prefixes: &SourcePrefixes) -> u16 {
+        prefixes.v4_len
     }
 
     #[inline(always)]
@@ -321,6 +382,16 @@ impl Address for [u64; 2] {
         let [a, b, c, d, e, f, g, h] = self[0].to_ne_bytes();
         let [i, j, k, l, m, n, o, p] = self[1].to_ne_bytes();
         [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p]
+    }
+
+    #[inline(always)]
+    fn masked(&self, prefixes: &SourcePrefixes) -> [u64; 2] {
+        [self[0] & prefixes.v6_mask[0], self[1] & prefixes.v6_mask[1]]
+    }
+
+    #[inline(always)]
+    fn prefix_len(&self, prefixes: &SourcePrefixes) -> u16 {
+        prefixes.v6_len
     }
 
     #[inline(always)]
