@@ -1101,12 +1101,12 @@ fn a_busy_nated_office_gets_its_bursts_of_new_connections_through_at_default_lim
 
 #[test]
 fn strikes_decay_so_a_source_briefly_over_its_limit_is_not_banned_later() {
-    // 10 SYNs per second in bursts of 5; 5 over-limit drops in hand, forgiven at 50 per second
-    // (all of them within 100 ms); the SYN bucket needs 500 ms to fill up again.
+    // 2 SYNs per second in bursts of 5 (the bucket takes 2.5 s to fill up again); 5 over-limit
+    // drops in hand, forgiven at 10 per second (all of them within half a second).
     let mut h = Harness::new(Limits {
-        syn: (10, 5),
+        syn: (2, 5),
         ban_threshold: 5,
-        strike_decay_rate: 50,
+        strike_decay_rate: 10,
         ban: Duration::from_secs(60),
         ..Limits::default()
     });
@@ -1116,9 +1116,9 @@ fn strikes_decay_so_a_source_briefly_over_its_limit_is_not_banned_later() {
     assert_eq!(h.run(&syn, 10), vec![(Reason::Pass, 5), (Reason::DropSynRate, 5)]);
     // Quiet for less time than the SYN bucket takes to fill (so a rule that forgives only
     // full buckets would still hold the strikes), more than the strikes take to come back.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(700));
     // Over the limit again for a moment, by as many drops as there are strikes: refused, not
-    // banned (first the tokens that came back pass).
+    // banned (first the token that came back passes).
     let mut drops = 0;
     for _ in 0..20 {
         match h.verdict(&syn) {
@@ -1132,13 +1132,11 @@ fn strikes_decay_so_a_source_briefly_over_its_limit_is_not_banned_later() {
     }
     assert_eq!(drops, 5);
     assert!(!h.maps().is_banned(source).unwrap());
-    // A flood keeps going over the limit: the next drop finds no strike left and bans.
+    // A flood keeps going over the limit: a drop finds no strike left and bans (one more drop
+    // first if a strike came back in the meantime).
     let moved = h.run(&syn, 10);
-    assert_eq!(
-        moved,
-        vec![(Reason::DropBanned, 9), (Reason::DropSynRate, 1)],
-        "{moved:?}"
-    );
+    assert!(count(&moved, Reason::DropSynRate) <= 2, "{moved:?}");
+    assert!(count(&moved, Reason::DropBanned) >= 8, "{moved:?}");
     assert!(h.maps().is_banned(source).unwrap());
 }
 

@@ -46,10 +46,9 @@ use crate::parse::{TCP_ACK, TCP_RST, TCP_SYN};
 pub struct FamilyMaps<A: Address + 'static> {
     pub allow: &'static LpmTrie<A::Wire, u8>,
     pub deny: &'static LpmTrie<A::Wire, u8>,
-    pub bans: &'static HashMap<A::Wire, BanEntry>,
+    /// Keyed by the source network as the tables store it (the same bytes as on the wire).
+    pub bans: &'static HashMap<A, BanEntry>,
     pub sources: &'static Array<SourceState<A>>,
-    /// Prefix length of a full address (32 or 128).
-    pub bits: u32,
     /// `FAMILY_V4` or `FAMILY_V6`, for ban events.
     pub family: u16,
     /// The `LIST_*` bits of this family's tries and ban map in `Limits::lists`.
@@ -79,12 +78,12 @@ pub fn police<A: Address>(
     // SAFETY: array slots stay valid while the program runs; concurrent updates from other
     // CPUs are tolerated (see `SourceState`).
     let state = unsafe { &mut *slot };
-    // Userspace keeps the generation within 32 bits (see `Limits::generation`).
-    let generation = limits.generation as u32;
-    if state.generation != generation {
+    // Userspace keeps the generation within 32 bits (see `Limits::generation`), so the slot's
+    // compares as is (no truncation to do per packet).
+    if u64::from(state.generation) != limits.generation {
         look_up_ban(maps, source, state, limits);
         look_up_lists(maps, address, state, limits);
-        state.generation = generation;
+        state.generation = limits.generation as u32;
     } else if limits.lists & maps.fine_bit != 0 && state.listed_addr != address {
         look_up_lists(maps, address, state, limits);
     }
@@ -115,21 +114,21 @@ fn claim<A: Copy>(
 ) -> Option<*mut SourceState<A>> {
     let now = coarse_now();
     let slot = victim(table, first, now)?;
+    // Field by field: a struct assignment makes LLVM call memset for the zeroed tail, which
+    // the BPF target links as a byte loop.
     // SAFETY: as in `police`.
     unsafe {
-        *slot = SourceState {
-            addr: key,
-            generation: 0,
-            listed_addr: key,
-            listed: LISTED_NONE,
-            syn_tokens: limits.syn.capacity,
-            packet_tokens: limits.packet.capacity,
-            strike_tokens: limits.strikes.capacity,
-            last_ns: now,
-            tick: tick(),
-            banned_until_ns: 0,
-            listed_ban_until_ns: 0,
-        };
+        (*slot).addr = key;
+        (*slot).listed_addr = key;
+        (*slot).generation = 0;
+        (*slot).listed = LISTED_NONE;
+        (*slot).syn_tokens = limits.syn.capacity;
+        (*slot).packet_tokens = limits.packet.capacity;
+        (*slot).strike_tokens = limits.strikes.capacity;
+        (*slot).last_ns = now;
+        (*slot).tick = tick();
+        (*slot).banned_until_ns = 0;
+        (*slot).listed_ban_until_ns = 0;
     }
     Some(slot)
 }
@@ -140,7 +139,7 @@ fn claim<A: Copy>(
 fn look_up_ban<A: Address>(maps: &FamilyMaps<A>, source: A, state: &mut SourceState<A>, limits: &Limits) {
     state.listed_ban_until_ns = if limits.lists & maps.bans_bit != 0 {
         // SAFETY: the value is copied out at once; bans are only ever written whole.
-        unsafe { maps.bans.get(source.wire()) }.map_or(0, |ban| ban.until_ns)
+        unsafe { maps.bans.get(source) }.map_or(0, |ban| ban.until_ns)
     } else {
         0
     };
@@ -150,10 +149,9 @@ fn look_up_ban<A: Address>(maps: &FamilyMaps<A>, source: A, state: &mut SourceSt
 /// the answer in its slot, with the address it is for.
 #[inline(always)]
 fn look_up_lists<A: Address>(maps: &FamilyMaps<A>, address: A, state: &mut SourceState<A>, limits: &Limits) {
-    let prefix = Key::new(maps.bits, address.wire());
-    state.listed = if limits.lists & maps.allow_bit != 0 && maps.allow.get(&prefix).is_some() {
+    state.listed = if limits.lists & maps.allow_bit != 0 && address.listed_in(maps.allow) {
         LISTED_ALLOW
-    } else if limits.lists & maps.deny_bit != 0 && maps.deny.get(&prefix).is_some() {
+    } else if limits.lists & maps.deny_bit != 0 && address.listed_in(maps.deny) {
         LISTED_DENY
     } else {
         LISTED_NONE
@@ -318,10 +316,8 @@ fn report_ban<A: Address>(
 
 /// A source address, as parsing reads it and the source tables store it.
 pub trait Address: Copy + PartialEq {
-    /// The address as the tries and the ban map key it: the octets as on the wire.
+    /// The address as the tries key it: the octets as on the wire.
     type Wire: Copy;
-
-    fn wire(&self) -> Self::Wire;
 
     /// The network of this address under `prefixes` (its host bits cleared).
     fn masked(&self, prefixes: &SourcePrefixes) -> Self;
@@ -335,16 +331,27 @@ pub trait Address: Copy + PartialEq {
 
     /// The 16 octets of a [`BanEvent`].
     fn event_bytes(&self) -> [u8; 16];
+
+    /// Whether some entry of `trie` contains the (full) address.
+    fn listed_in(&self, trie: &LpmTrie<Self::Wire, u8>) -> bool;
+}
+
+// LPM keys are built on the stack, where the verifier insists on aligned access whatever the
+// CPU (and LLVM, told that misaligned access is fine, writes them with the widest stores it
+// can). These place a key so that those stores are aligned: the IPv4 key (prefix length and
+// address) as one 8-byte word, the IPv6 address at offset 8, after the prefix length at 4.
+#[repr(C, align(8))]
+struct V4TrieKey(Key<u32>);
+
+#[repr(C, align(8))]
+struct V6TrieKey {
+    _align: u32,
+    key: Key<[u8; 16]>,
 }
 
 /// IPv4: the four octets as on the wire, read as a native `u32`.
 impl Address for u32 {
     type Wire = u32;
-
-    #[inline(always)]
-    fn wire(&self) -> u32 {
-        *self
-    }
 
     #[inline(always)]
     fn masked(&self, prefixes: &SourcePrefixes) -> u32 {
@@ -371,18 +378,17 @@ impl Address for u32 {
         bytes[3] = octets[3];
         bytes
     }
+
+    #[inline(always)]
+    fn listed_in(&self, trie: &LpmTrie<u32, u8>) -> bool {
+        let key = V4TrieKey(Key::new(32, *self));
+        trie.get(&key.0).is_some()
+    }
 }
 
 /// IPv6: the 16 octets as on the wire, read as two native `u64` (two compares, not 16).
 impl Address for [u64; 2] {
     type Wire = [u8; 16];
-
-    #[inline(always)]
-    fn wire(&self) -> [u8; 16] {
-        let [a, b, c, d, e, f, g, h] = self[0].to_ne_bytes();
-        let [i, j, k, l, m, n, o, p] = self[1].to_ne_bytes();
-        [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p]
-    }
 
     #[inline(always)]
     fn masked(&self, prefixes: &SourcePrefixes) -> [u64; 2] {
@@ -403,6 +409,23 @@ impl Address for [u64; 2] {
 
     #[inline(always)]
     fn event_bytes(&self) -> [u8; 16] {
-        self.wire()
+        octets(self)
     }
+
+    #[inline(always)]
+    fn listed_in(&self, trie: &LpmTrie<[u8; 16], u8>) -> bool {
+        let key = V6TrieKey {
+            _align: 0,
+            key: Key::new(128, octets(self)),
+        };
+        trie.get(&key.key).is_some()
+    }
+}
+
+/// The 16 octets of an IPv6 address kept as two native words.
+#[inline(always)]
+fn octets(words: &[u64; 2]) -> [u8; 16] {
+    let [a, b, c, d, e, f, g, h] = words[0].to_ne_bytes();
+    let [i, j, k, l, m, n, o, p] = words[1].to_ne_bytes();
+    [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p]
 }
