@@ -668,7 +668,7 @@ fn pinned_maps_let_another_handle_edit_the_running_shield() {
 fn same_set(h: &mut Harness, target: Ipv4Addr, count: usize) -> Vec<IpAddr> {
     let seeds = h.maps().policy().unwrap().limits.seeds;
     let set = |address: Ipv4Addr| {
-        u64::from(u32::from_ne_bytes(address.octets())).wrapping_mul(seeds[0] | 1) >> (64 - SOURCE_SET_BITS)
+        u64::from(u32::from_ne_bytes(address.octets())).wrapping_mul(seeds[0]) >> (64 - SOURCE_SET_BITS)
     };
     let wanted = set(target);
     (1u32..0x00ff_ffff)

@@ -25,10 +25,8 @@ pub const MAP_BANNED_V4: &str = "BANNED_V4";
 pub const MAP_BANNED_V6: &str = "BANNED_V6";
 /// Map: per-CPU array of [`Counter`], indexed by [`Reason`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
-/// Map (array, one entry): the [`Limits`] in force.
-pub const MAP_LIMITS: &str = "LIMITS";
-/// Map (array, one entry): the [`PortSet`] of protected destination ports.
-pub const MAP_PORTS: &str = "PORTS";
+/// Map (array, one entry): the [`Policy`] in force (limits and protected ports).
+pub const MAP_POLICY: &str = "POLICY";
 /// Map (LPM trie): IPv4 CIDRs (key data: 4 octets) that bypass every limit -> [`CidrOrigin`].
 pub const MAP_ALLOW_V4: &str = "ALLOW_V4";
 /// Map (LPM trie): IPv6 CIDRs (key data: 16 octets) that bypass every limit -> [`CidrOrigin`].
@@ -46,12 +44,11 @@ pub const MAP_SOURCES_V6: &str = "SOURCES_V6";
 pub const MAP_BAN_EVENTS: &str = "BAN_EVENTS";
 
 /// Every map the shield pins, so the CLI can open a running relay's maps by name.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 10] = [
     MAP_BANNED_V4,
     MAP_BANNED_V6,
     MAP_COUNTERS,
-    MAP_LIMITS,
-    MAP_PORTS,
+    MAP_POLICY,
     MAP_ALLOW_V4,
     MAP_ALLOW_V6,
     MAP_DENY_V4,
@@ -255,7 +252,7 @@ impl SourcePrefixes {
     }
 }
 
-/// The limits in force, written by userspace into [`MAP_LIMITS`] slot 0.
+/// The limits in force, part of the [`Policy`] userspace writes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Limits {
@@ -276,8 +273,8 @@ pub struct Limits {
     /// Which allow/deny tries and ban maps hold entries (`LIST_*` bits), kept up to date by
     /// userspace so the program skips lookups in empty ones.
     pub lists: u64,
-    /// Random multipliers of the source-table hash, chosen once when the program is loaded, so
-    /// that nobody outside can pick addresses that crowd one set.
+    /// Random odd multipliers of the source-table hash, chosen once when the program is loaded,
+    /// so that nobody outside can pick addresses that crowd one set.
     pub seeds: [u64; 2],
     /// Bumped by userspace after every change to the tries and ban maps (it stays within
     /// `1..=u32::MAX`); a source's cached lookups hold while its slot has the same number.
@@ -320,6 +317,15 @@ impl PortSet {
     pub fn contains(&self, port: u16) -> bool {
         self.words[usize::from(port >> 6)] & (1 << (port & 63)) != 0
     }
+}
+
+/// What userspace writes into [`MAP_POLICY`] slot 0: one map, so a packet looks up one array
+/// (the ports for every packet, the limits for those to protected ports) instead of two.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub limits: Limits,
+    pub ports: PortSet,
 }
 
 /// One slot of a source table: a source's token buckets and strikes, the ban the kernel gave
@@ -412,5 +418,6 @@ mod pod {
     unsafe impl aya::Pod for super::BanEntry {}
     unsafe impl aya::Pod for super::Limits {}
     unsafe impl aya::Pod for super::PortSet {}
+    unsafe impl aya::Pod for super::Policy {}
     unsafe impl aya::Pod for super::BanEvent {}
 }

@@ -1,7 +1,7 @@
 //! Sluice's XDP shield: runs on every received frame before the kernel allocates an skb.
 //!
-//! It owns the fast drop decisions for TCP traffic to the relay's protected ports (the `PORTS`
-//! map): [`parse`] reads Ethernet (up to two VLAN tags), IPv4 or IPv6 (with extension headers)
+//! It owns the fast drop decisions for TCP traffic to the relay's protected ports (in the
+//! `POLICY` map): [`parse`] reads Ethernet (up to two VLAN tags), IPv4 or IPv6 (with extension headers)
 //! and TCP; [`police`] applies the allowlist, denylist, bans and per-source token buckets.
 //! Every verdict is counted per CPU (packets and bytes) under its [`Reason`].
 //!
@@ -35,8 +35,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     BPF_F_MMAPABLE, BanEntry, Counter, FAMILY_V4, FAMILY_V6, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_BANS_V4,
-    LIST_BANS_V6, LIST_DENY_V4, LIST_DENY_V6, LIST_FINE_V4, LIST_FINE_V6, Limits, MAX_BANS, MAX_CIDRS,
-    MAX_SOURCES, PortSet, Reason, SourceState,
+    LIST_BANS_V6, LIST_DENY_V4, LIST_DENY_V6, LIST_FINE_V4, LIST_FINE_V6, MAX_BANS, MAX_CIDRS, MAX_SOURCES,
+    Policy, Reason, SourceState,
 };
 
 use parse::{Parsed, Source};
@@ -66,10 +66,8 @@ static SOURCES_V4: Array<SourceState<u32>> = Array::with_max_entries(MAX_SOURCES
 #[map(name = "SOURCES_V6")]
 static SOURCES_V6: Array<SourceState<[u64; 2]>> = Array::with_max_entries(MAX_SOURCES, BPF_F_MMAPABLE);
 
-#[map(name = "LIMITS")]
-static LIMITS: Array<Limits> = Array::with_max_entries(1, 0);
-#[map(name = "PORTS")]
-static PORTS: Array<PortSet> = Array::with_max_entries(1, 0);
+#[map(name = "POLICY")]
+static POLICY: Array<Policy> = Array::with_max_entries(1, 0);
 
 #[map(name = "BAN_EVENTS")]
 static BAN_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
@@ -90,17 +88,17 @@ pub fn sluice_shield(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn classify(ctx: &XdpContext) -> Reason {
-    let Some(ports) = PORTS.get(0) else {
+    // Index 0 of a one-entry array is always there (zeroed until userspace writes it: no port
+    // protected).
+    let Some(policy) = POLICY.get(0) else {
         return Reason::PassOther;
     };
+    let ports = &policy.ports;
     let protected = |port: u16| ports.words[usize::from(port >> 6) & 1023] & (1 << (port & 63)) != 0;
     match parse::parse(ctx, protected) {
         Parsed::Verdict(reason) => reason,
         Parsed::Police { source, flags } => {
-            // Index 0 of a one-entry array is always there (zeroed until userspace writes it).
-            let Some(limits) = LIMITS.get(0) else {
-                return Reason::Pass;
-            };
+            let limits = &policy.limits;
             match source {
                 Source::V4(address) => {
                     let maps = FamilyMaps {

@@ -325,8 +325,9 @@ pub trait Address: Copy + PartialEq {
     /// The prefix length `prefixes` gives this family.
     fn prefix_len(&self, prefixes: &SourcePrefixes) -> u16;
 
-    /// Multiply-shift hash keyed by random odd multipliers: without the seeds, nobody can
-    /// choose addresses that land in one set. The set is taken from the top bits.
+    /// Multiply-shift hash keyed by random odd multipliers (`Limits::seeds`): without the
+    /// seeds, nobody can choose addresses that land in one set. The set is taken from the top
+    /// bits.
     fn hash(&self, seeds: &[u64; 2]) -> u64;
 
     /// The 16 octets of a [`BanEvent`].
@@ -365,7 +366,7 @@ impl Address for u32 {
 
     #[inline(always)]
     fn hash(&self, seeds: &[u64; 2]) -> u64 {
-        u64::from(*self).wrapping_mul(seeds[0] | 1)
+        u64::from(*self).wrapping_mul(seeds[0])
     }
 
     #[inline(always)]
@@ -403,8 +404,8 @@ impl Address for [u64; 2] {
     #[inline(always)]
     fn hash(&self, seeds: &[u64; 2]) -> u64 {
         self[0]
-            .wrapping_mul(seeds[0] | 1)
-            .wrapping_add(self[1].wrapping_mul(seeds[1] | 1))
+            .wrapping_mul(seeds[0])
+            .wrapping_add(self[1].wrapping_mul(seeds[1]))
     }
 
     #[inline(always)]

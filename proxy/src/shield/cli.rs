@@ -274,7 +274,7 @@ mod tests {
         for instance in ["443", "8443"] {
             let dir = root.path().join(instance);
             std::fs::create_dir(&dir).unwrap();
-            std::fs::write(dir.join(proxy_common::MAP_LIMITS), b"").unwrap();
+            std::fs::write(dir.join(proxy_common::MAP_POLICY), b"").unwrap();
         }
         // A leftover directory without pins is no instance.
         std::fs::create_dir(root.path().join("stale")).unwrap();

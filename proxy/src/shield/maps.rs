@@ -20,8 +20,8 @@ use aya::{Ebpf, Pod};
 use proxy_common::{
     BanEntry, BucketLimit, CidrOrigin, Counter, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_BANS_V4, LIST_BANS_V6,
     LIST_DENY_V4, LIST_DENY_V6, LIST_FINE_V4, LIST_FINE_V6, Limits, MAP_ALLOW_V4, MAP_ALLOW_V6,
-    MAP_BANNED_V4, MAP_BANNED_V6, MAP_COUNTERS, MAP_DENY_V4, MAP_DENY_V6, MAP_LIMITS, MAP_PORTS,
-    MAP_SOURCES_V4, MAP_SOURCES_V6, PortSet, Reason,
+    MAP_BANNED_V4, MAP_BANNED_V6, MAP_COUNTERS, MAP_DENY_V4, MAP_DENY_V6, MAP_POLICY, MAP_SOURCES_V4,
+    MAP_SOURCES_V6, Policy, PortSet, Reason,
 };
 
 use super::ShieldError;
@@ -122,8 +122,7 @@ pub struct ShieldMaps {
     allow_v6: LpmTrie<MapData, [u8; 16], u8>,
     deny_v4: LpmTrie<MapData, u32, u8>,
     deny_v6: LpmTrie<MapData, [u8; 16], u8>,
-    limits: Array<MapData, Limits>,
-    ports: Array<MapData, PortSet>,
+    policy: Array<MapData, Policy>,
     counters: PerCpuArray<MapData, Counter>,
 }
 
@@ -168,18 +167,17 @@ impl ShieldMaps {
             allow_v6: get(MAP_ALLOW_V6)?.try_into()?,
             deny_v4: get(MAP_DENY_V4)?.try_into()?,
             deny_v6: get(MAP_DENY_V6)?.try_into()?,
-            limits: get(MAP_LIMITS)?.try_into()?,
-            ports: get(MAP_PORTS)?.try_into()?,
+            policy: get(MAP_POLICY)?.try_into()?,
             counters: get(MAP_COUNTERS)?.try_into()?,
         })
     }
 
-    /// Writes limits and protected ports (each one map update, so the kernel never sees half).
-    /// The source-table seeds are drawn once, the first time, and kept: new seeds would move
-    /// every source to another set and lose its state. New prefix lengths apply to packets
-    /// from then on; sources and bans already recorded stay keyed by the old ones.
+    /// Writes limits and protected ports (one map update). The source-table seeds are drawn
+    /// once, the first time, and kept: new seeds would move every source to another set and
+    /// lose its state. New prefix lengths apply to packets from then on; sources and bans
+    /// already recorded stay keyed by the old ones.
     pub fn set_policy(&mut self, policy: &KernelPolicy) -> Result<(), ShieldError> {
-        let current = self.limits.get(&0, 0)?;
+        let current = self.policy.get(&0, 0)?.limits;
         let limits = Limits {
             lists: self.list_bits(PrefixLengths::from_kernel(&policy.limits.prefixes))?,
             seeds: if current.seeds == [0; 2] {
@@ -190,8 +188,14 @@ impl ShieldMaps {
             generation: next_generation(current.generation),
             ..policy.limits
         };
-        self.limits.set(0, limits, 0)?;
-        self.ports.set(0, policy.ports, 0)?;
+        self.policy.set(
+            0,
+            Policy {
+                limits,
+                ports: policy.ports,
+            },
+            0,
+        )?;
         Ok(())
     }
 
@@ -229,24 +233,24 @@ impl ShieldMaps {
     /// Writes `Limits::lists` as `lists` makes it from the current bits, and bumps the
     /// generation so every source's cached lookups (see `SourceState`) are redone.
     fn announce(&mut self, lists: impl FnOnce(u64) -> u64) -> Result<(), ShieldError> {
-        let mut limits = self.limits.get(&0, 0)?;
-        limits.lists = lists(limits.lists);
-        limits.generation = next_generation(limits.generation);
-        self.limits.set(0, limits, 0)?;
+        let mut policy = self.policy.get(&0, 0)?;
+        policy.limits.lists = lists(policy.limits.lists);
+        policy.limits.generation = next_generation(policy.limits.generation);
+        self.policy.set(0, policy, 0)?;
         Ok(())
     }
 
     /// The limits and ports in force.
     pub fn policy(&self) -> Result<KernelPolicy, ShieldError> {
-        Ok(KernelPolicy {
-            limits: self.limits.get(&0, 0)?,
-            ports: self.ports.get(&0, 0)?,
-        })
+        let Policy { limits, ports } = self.policy.get(&0, 0)?;
+        Ok(KernelPolicy { limits, ports })
     }
 
     /// The prefix lengths the kernel keys sources by.
     pub fn prefixes(&self) -> Result<PrefixLengths, ShieldError> {
-        Ok(PrefixLengths::from_kernel(&self.limits.get(&0, 0)?.prefixes))
+        Ok(PrefixLengths::from_kernel(
+            &self.policy.get(&0, 0)?.limits.prefixes,
+        ))
     }
 
     /// The source `address` belongs to, as the kernel keys it.
@@ -512,7 +516,8 @@ fn next_generation(current: u64) -> u64 {
     current % u64::from(u32::MAX) + 1
 }
 
-/// Random multipliers for the source-table hash, from the kernel's random pool.
+/// Random odd multipliers for the source-table hash, from the kernel's random pool (odd, so
+/// the program need not make them so per packet).
 fn random_seeds() -> Result<[u64; 2], ShieldError> {
     let mut bytes = [0u8; 16];
     // SAFETY: writes at most `bytes.len()` bytes into our buffer.
@@ -522,7 +527,7 @@ fn random_seeds() -> Result<[u64; 2], ShieldError> {
     }
     let mut seeds = [0u64; 2];
     for (seed, chunk) in seeds.iter_mut().zip(bytes.chunks_exact(8)) {
-        *seed = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+        *seed = u64::from_ne_bytes(chunk.try_into().expect("8 bytes")) | 1;
     }
     Ok(seeds)
 }

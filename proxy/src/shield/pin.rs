@@ -8,7 +8,7 @@
 //! `/proc/<relay pid>/root/sys/fs/bpf/sluice`, or by entering its mount namespace.
 use std::path::{Path, PathBuf};
 
-use proxy_common::MAP_LIMITS;
+use proxy_common::MAP_POLICY;
 
 use super::ShieldError;
 
@@ -70,7 +70,7 @@ pub fn instances_in(root: &Path) -> Vec<String> {
 
 /// Whether `dir` is one relay instance's pin directory.
 pub fn holds_pins(dir: &Path) -> bool {
-    dir.join(MAP_LIMITS).exists()
+    dir.join(MAP_POLICY).exists()
 }
 
 /// Why nothing is pinned under `root`, as seen from this process: it is missing, it holds no
