@@ -10,22 +10,23 @@
 //! deny = ["198.51.100.0/24"]   # always dropped (allow wins)
 //! ipv4_prefix = 32             # a source is the network of this many leading bits...
 //! ipv6_prefix = 64             # ...of its address (limits, strikes and bans are per source)
-//! syn_rate = 1000              # new connections (SYN without ACK) per second per source...
-//! syn_burst = 2000             # ...with this much burst
+//! syn_rate = 2000              # new connections (SYN without ACK) per second per source...
+//! syn_burst = 4000             # ...with this much burst
 //! packet_rate = 1000           # segments without ACK or RST, other than SYNs, per second
 //! packet_burst = 2000          #   per source (no stack sends them; ACKed traffic is free)
 //! ban_threshold = 200          # over-limit drops in hand before the next one bans...
 //! strike_decay_rate = 20       # ...forgiven at this many per second
 //! ban_duration = "10m"
-//! connection_rate = 1000       # userspace fallback: accepted connections per second per source
-//! connection_burst = 2000
+//! connection_rate = 2000       # userspace fallback: accepted connections per second per source
+//! connection_burst = 4000
 //! abuse_threshold = 20         # rejected handshakes/requests per window before a ban
 //! abuse_window = "1m"
 //! ```
 //!
 //! Why these defaults: a source may be a whole NATed office (hundreds of browsers behind one
-//! IPv4 address, each opening several connections per page) or a benchmark doing a thousand
-//! sequential setups a second, so the SYN bucket must hold their bursts; every segment of an
+//! IPv4 address, each opening several connections per page) or a benchmark doing a thousand or
+//! more sequential setups a second, so the SYN rate sits well above that (at 1000 such a client
+//! would run at the limit) and the burst holds an office's page loads; every segment of an
 //! established connection carries ACK and is never charged, so no transfer, however fast, can
 //! run a source over its limits; and strikes decay, so a source that was over a limit for a
 //! moment is forgiven instead of banned later.
@@ -151,10 +152,10 @@ mod defaults {
         64
     }
     pub(super) fn syn_rate() -> u32 {
-        1_000
+        2_000
     }
     pub(super) fn syn_burst() -> u32 {
-        2_000
+        4_000
     }
     pub(super) fn packet_rate() -> u32 {
         1_000
@@ -172,10 +173,10 @@ mod defaults {
         Duration::from_secs(600)
     }
     pub(super) fn connection_rate() -> u32 {
-        1_000
+        2_000
     }
     pub(super) fn connection_burst() -> u32 {
-        2_000
+        4_000
     }
     pub(super) fn abuse_threshold() -> u32 {
         20

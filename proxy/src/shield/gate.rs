@@ -379,4 +379,21 @@ mod tests {
         assert_eq!(gate.check(source, now), Admission::RateLimited);
         assert!(gate.is_banned(source, now));
     }
+
+    #[test]
+    fn default_limits_admit_a_sequential_client_and_a_busy_office() {
+        let gate = ConnectionGate::new(&ShieldConfig::default());
+        let start = Instant::now();
+        // A benchmark doing 1500 sequential setups a second for ten seconds...
+        let benchmark = ip("192.0.2.15");
+        for i in 0..15_000u32 {
+            let at = start + Duration::from_micros(u64::from(i) * 1_000_000 / 1_500);
+            assert_eq!(gate.check(benchmark, at), Admission::Admit, "setup {i}");
+        }
+        // ...and an office behind one address opening 4000 connections at once.
+        let office = ip("198.51.100.15");
+        for i in 0..4_000 {
+            assert_eq!(gate.check(office, start), Admission::Admit, "connection {i}");
+        }
+    }
 }
