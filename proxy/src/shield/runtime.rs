@@ -377,4 +377,26 @@ mod tests {
         assert!(shield.admit(scanner));
         assert!(shield.with_maps(|_| ()).is_none());
     }
+
+    #[tokio::test]
+    async fn bans_cover_the_source_prefix_and_a_reload_keeps_the_prefixes_in_force() {
+        let mut config: RelayConfig = toml::from_str(
+            "state_dir = \"s\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\n",
+        )
+        .unwrap();
+        let shield = RelayShield::start(&config);
+        let ip = |text: &str| -> IpAddr { text.parse().unwrap() };
+        shield.ban(ip("2001:db8::1"), None).unwrap();
+        assert!(shield.is_banned(ip("2001:db8::ffff")), "the whole /64");
+        assert!(!shield.is_banned(ip("2001:db8:0:1::1")));
+        let bans = shield.bans().unwrap();
+        assert_eq!(bans[0].source.to_string(), "2001:db8::/64");
+
+        // New prefix lengths wait for the next start: what is recorded stays meaningful.
+        config.shield.ipv6_prefix = 128;
+        shield.reload(&config.shield, &config.edge).unwrap();
+        assert!(shield.is_banned(ip("2001:db8::ffff")));
+        assert!(shield.unban(ip("2001:db8::42")).unwrap());
+        assert!(shield.admit(ip("2001:db8::1")));
+    }
 }
