@@ -131,9 +131,8 @@ impl Link {
     }
 
     /// Makes the client receive every TCP segment as a packet of its own, as across a real
-    /// network, so that it acknowledges every other one: without this the relay side hands
-    /// 64 KiB GSO packets over whole (and the client coalesces what arrives), which get one
-    /// ACK each, a few thousand a second at 10 Gbit/s.
+    /// network: without this the relay side hands 64 KiB GSO packets over whole, each of which
+    /// gets one ACK (a few thousand a second at 10 Gbit/s, too few to stress the shield).
     fn one_segment_per_packet(&self) {
         ip(&["link", "set", "dev", &self.host_if, "gso_max_segs", "1"]);
         ip(&[
@@ -728,9 +727,8 @@ fn open_stream(target: SocketAddr, hello: &[u8], command: u8) -> std::net::TcpSt
 }
 
 /// Reads a download to its end; returns its length and whether every byte was the pattern's.
-/// The client acknowledges every segment at once (quick-ack mode, re-armed after each read, as
-/// the kernel leaves it by itself), not every other one or whenever the reader catches up: the
-/// most ACKs a client sends for a download.
+/// The client asks its stack for quick ACKs (re-armed before each read, as the kernel leaves
+/// quick-ack mode by itself), so it sends more ACKs than a reader whose stack delays them.
 fn download(target: SocketAddr, hello: &[u8], pattern: &[u8]) -> (u64, bool) {
     let mut tcp = open_stream(target, hello, b'D');
     let quick_ack = |tcp: &std::net::TcpStream| {
