@@ -339,6 +339,9 @@ async fn xdp_bans_a_syn_flood_while_a_real_client_keeps_getting_through() {
     let listed = sluice(&["shield", "bans", "list", "--instance", &instance]);
     assert!(listed.contains(&flooder.to_string()), "bans list: {listed}");
     the_cli_reaches_the_pins_from_another_mount_namespace(&flood.namespace, &instance);
+    // The flood ends (its sockets would retransmit SYNs, earning a new ban once this one is
+    // lifted); then the CLI lifts the ban.
+    drop(sockets);
     let removed = sluice(&[
         "shield",
         "bans",
@@ -349,7 +352,6 @@ async fn xdp_bans_a_syn_flood_while_a_real_client_keeps_getting_through() {
     ]);
     assert!(removed.contains("unbanned"), "{removed}");
     assert!(!shield.is_banned(flooder));
-    drop(sockets);
 
     // Shutdown detaches and unpins.
     let mut world = world;
