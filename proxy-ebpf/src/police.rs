@@ -114,8 +114,8 @@ fn claim<A: Copy>(
 ) -> Option<*mut SourceState<A>> {
     let now = coarse_now();
     let slot = victim(table, first, now)?;
-    // Field by field: a struct assignment makes LLVM call memset for the zeroed tail, which
-    // the BPF target links as a byte loop.
+    // Field by field, the two zeroed neighbours as volatile stores: LLVM merges adjacent zero
+    // stores into a call to memset, which the BPF target links as a byte loop.
     // SAFETY: as in `police`.
     unsafe {
         (*slot).addr = key;
@@ -127,8 +127,8 @@ fn claim<A: Copy>(
         (*slot).strike_tokens = limits.strikes.capacity;
         (*slot).last_ns = now;
         (*slot).tick = tick();
-        (*slot).banned_until_ns = 0;
-        (*slot).listed_ban_until_ns = 0;
+        (&raw mut (*slot).banned_until_ns).write_volatile(0);
+        (&raw mut (*slot).listed_ban_until_ns).write_volatile(0);
     }
     Some(slot)
 }
