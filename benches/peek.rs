@@ -149,7 +149,11 @@ fn bench_client_hello_delivery(c: &mut Criterion) {
     group.sample_size(20);
     for (name, wire, step) in [
         ("one_record_one_read", &one_record, one_record.len()),
-        ("one_byte_records_one_read", &one_byte_records, one_byte_records.len()),
+        (
+            "one_byte_records_one_read",
+            &one_byte_records,
+            one_byte_records.len(),
+        ),
         ("one_byte_records_one_per_read", &one_byte_records, 6),
     ] {
         group.throughput(Throughput::Bytes(wire.len() as u64));

@@ -16,7 +16,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use proxy_common::{BucketLimit, CidrOrigin, Reason};
-use sluice::shield::{CidrList, KernelPolicy, Shield, action};
+use sluice::config::shield::ShieldConfig;
+use sluice::shield::{CidrList, KernelPolicy, Shield, SourceLimits, action};
 use sluice_tests::frames;
 
 const RELAY: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
@@ -39,13 +40,17 @@ fn main() {
     let mut shield = Shield::load().expect("loading the XDP shield (run as root or with CAP_BPF)");
     let maps = shield.maps_mut();
     // Buckets big enough that a million packets never empty them (until the rate-limit path
-    // shrinks the SYN bucket); bans never trigger.
+    // shrinks the SYN bucket); bans never trigger. Sources by the default prefixes.
     maps.set_policy(&KernelPolicy::new(
         &[HTTPS, 80],
-        (1, 10_000_000),
-        (1, 10_000_000),
-        u32::MAX,
-        Duration::from_secs(60),
+        &SourceLimits {
+            syn: (1, 10_000_000),
+            packet: (1, 10_000_000),
+            ban_threshold: u32::MAX,
+            strike_decay_rate: 1,
+            ban_duration: Duration::from_secs(60),
+            prefixes: ShieldConfig::default().prefixes(),
+        },
     ))
     .expect("writing limits");
     maps.add_cidr(
@@ -90,6 +95,12 @@ fn main() {
             )
             .tagged(&[frames::TPID_8021AD, frames::TPID_8021Q])
             .bytes,
+            expect: Reason::Pass,
+            setup: None,
+        },
+        Path {
+            name: "pass (ACK + data, established)",
+            frame: frames::ack(source(4), RELAY, HTTPS).bytes,
             expect: Reason::Pass,
             setup: None,
         },
@@ -178,12 +189,13 @@ fn spend_the_syn_token(shield: &mut Shield, frame: &[u8]) {
     assert_eq!(shield.test_run(frame, 1).unwrap().action, action::PASS);
 }
 
-/// The second drop over the SYN limit bans the source in the kernel (in its slot).
+/// The second drop over the SYN limit finds no strike left and bans the source in the kernel
+/// (in its slot).
 fn ban_in_the_kernel(shield: &mut Shield, frame: &[u8]) {
     let maps = shield.maps_mut();
     let mut policy = maps.policy().unwrap();
     policy.limits.syn = BucketLimit::new(1, 1);
-    policy.limits.ban_threshold = 1;
+    policy.limits.strikes = BucketLimit::new(1, 1);
     maps.set_policy(&policy).unwrap();
     let actions: Vec<u32> = (0..3)
         .map(|_| shield.test_run(frame, 1).unwrap().action)

@@ -259,7 +259,10 @@ async fn without_a_token_only_loopback_host_names_are_answered() {
         );
     }
     let no_host = raw_request(addr, "GET /healthz HTTP/1.0\r\n\r\n").await;
-    assert!(no_host.starts_with("HTTP/1.0 403") || no_host.starts_with("HTTP/1.1 403"), "{no_host}");
+    assert!(
+        no_host.starts_with("HTTP/1.0 403") || no_host.starts_with("HTTP/1.1 403"),
+        "{no_host}"
+    );
 }
 
 /// A ban for an absurd duration is a clear 400, and the shield keeps working (it once
@@ -298,7 +301,9 @@ async fn slow_and_excess_admin_connections_are_closed() {
     let mut held = Vec::new();
     for _ in 0..MAX_CONNECTIONS {
         let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n")
+            .await
+            .unwrap();
         held.push(tcp);
     }
     // Give the listener a moment to take them all, then one more is turned away.
@@ -306,13 +311,20 @@ async fn slow_and_excess_admin_connections_are_closed() {
     let mut excess = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut byte = [0u8; 1];
     let read = within(Duration::from_secs(2), excess.read(&mut byte)).await;
-    assert!(matches!(read, Ok(0) | Err(_)), "the connection over the cap was served: {read:?}");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the connection over the cap was served: {read:?}"
+    );
     // The held ones never finish their head: all are closed by the header timeout.
     for tcp in &mut held {
         let mut rest = Vec::new();
         let _ = within(HEADER_TIMEOUT + WAIT, tcp.read_to_end(&mut rest)).await;
     }
     // Their slots are free again.
-    let answer = raw_request(addr, "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
+    let answer = raw_request(
+        addr,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }

@@ -892,7 +892,9 @@ async fn connect_from(source: [u8; 4], relay: SocketAddr) -> TcpStream {
 /// Whether the relay closed `tcp` (reading gives end of stream or an error) within `limit`.
 async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> bool {
     let mut rest = Vec::new();
-    matches!(tokio::time::timeout(limit, tcp.read_to_end(&mut rest)).await, Ok(_))
+    tokio::time::timeout(limit, tcp.read_to_end(&mut rest))
+        .await
+        .is_ok()
 }
 
 fn rejected(world: &World, listener: &str, reason: &str) -> u64 {
@@ -955,7 +957,10 @@ async fn a_half_closed_stream_is_closed_when_the_other_side_stays_silent() {
         .await
         .unwrap();
     tcp.shutdown().await.unwrap(); // the browser is done sending; the app never answers
-    assert!(closed_within(&mut tcp, WAIT).await, "the half-closed stream stayed open");
+    assert!(
+        closed_within(&mut tcp, WAIT).await,
+        "the half-closed stream stayed open"
+    );
 }
 
 #[tokio::test]
@@ -981,7 +986,13 @@ async fn connections_beyond_the_edge_caps_are_refused_at_accept() {
         held.push(tcp);
     }
     eventually(WAIT, || {
-        world.relay().metrics().connections_active.with_label_values(&["tls"]).get() == 2
+        world
+            .relay()
+            .metrics()
+            .connections_active
+            .with_label_values(&["tls"])
+            .get()
+            == 2
     })
     .await;
     // A third from the same source, on either listener, is refused at once.
@@ -993,12 +1004,22 @@ async fn connections_beyond_the_edge_caps_are_refused_at_accept() {
     plain.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
     let mut answer = Vec::new();
     within(WAIT, plain.read_to_end(&mut answer)).await.unwrap();
-    assert!(answer.starts_with(b"HTTP/1.1 503"), "{}", String::from_utf8_lossy(&answer));
+    assert!(
+        answer.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
     // Another source takes the last place; the one after it finds the relay full.
     let mut other = connect_from([127, 0, 0, 2], world.tls_addr()).await;
     other.write_all(&[0x16]).await.unwrap();
     eventually(WAIT, || {
-        world.relay().metrics().connections_active.with_label_values(&["tls"]).get() == 3
+        world
+            .relay()
+            .metrics()
+            .connections_active
+            .with_label_values(&["tls"])
+            .get()
+            == 3
     })
     .await;
     let mut full = connect_from([127, 0, 0, 3], world.tls_addr()).await;
@@ -1008,7 +1029,13 @@ async fn connections_beyond_the_edge_caps_are_refused_at_accept() {
     // Places come back as connections end.
     drop(held);
     eventually(WAIT, || {
-        world.relay().metrics().connections_active.with_label_values(&["tls"]).get() == 1
+        world
+            .relay()
+            .metrics()
+            .connections_active
+            .with_label_values(&["tls"])
+            .get()
+            == 1
     })
     .await;
     let answer = round_trip(world.tls_addr(), "app.acme.test", acme.client_config(), "ok").await;
@@ -1048,7 +1075,11 @@ async fn a_tenant_is_held_to_its_max_streams() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(answer.unwrap(), "acme: two", "the place came back when the stream ended");
+    assert_eq!(
+        answer.unwrap(),
+        "acme: two",
+        "the place came back when the stream ended"
+    );
 }
 
 #[tokio::test]
@@ -1074,7 +1105,10 @@ async fn the_agent_times_out_a_browser_tls_handshake_it_terminates() {
     tcp.write_all(&client_hello("app.acme.test", acme.client_config()))
         .await
         .unwrap();
-    assert!(closed_within(&mut tcp, WAIT).await, "the stalled handshake was held open");
+    assert!(
+        closed_within(&mut tcp, WAIT).await,
+        "the stalled handshake was held open"
+    );
     eventually(WAIT, || agent.active_streams() == 0).await;
 }
 
@@ -1099,16 +1133,24 @@ async fn forwarded_plaintext_keeps_to_the_host_it_was_routed_by() {
     )
     .await;
     assert!(response.contains("acme-web: GET /one HTTP/1.1\n"), "{response}");
-    assert!(response.contains("acme-web: GET http://app.acme.test/two HTTP/1.1\n"), "{response}");
+    assert!(
+        response.contains("acme-web: GET http://app.acme.test/two HTTP/1.1\n"),
+        "{response}"
+    );
 
     // A later request for the redirect-only host ends the connection, and never reaches a target.
     let mut tcp = TcpStream::connect(world.http_addr()).await.unwrap();
-    tcp.write_all(b"GET /first HTTP/1.1\r\nHost: app.acme.test\r\n\r\n").await.unwrap();
-    let mut reader = tokio::io::BufReader::new(&mut tcp);
-    let mut line = String::new();
-    within(WAIT, tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut line))
+    tcp.write_all(b"GET /first HTTP/1.1\r\nHost: app.acme.test\r\n\r\n")
         .await
         .unwrap();
+    let mut reader = tokio::io::BufReader::new(&mut tcp);
+    let mut line = String::new();
+    within(
+        WAIT,
+        tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut line),
+    )
+    .await
+    .unwrap();
     assert_eq!(line, "acme-web: GET /first HTTP/1.1\n");
     reader
         .get_mut()
@@ -1133,7 +1175,11 @@ async fn forwarded_plaintext_keeps_to_the_host_it_was_routed_by() {
         "a request for the redirect-only host reached a target: {all:?}"
     );
     assert_eq!(rejected(&world, "http", "forward_refused"), 2);
-    assert_eq!(rejected(&world, "http", "parse_error"), 1, "the absolute form naming another host");
+    assert_eq!(
+        rejected(&world, "http", "parse_error"),
+        1,
+        "the absolute form naming another host"
+    );
 }
 
 #[tokio::test]
@@ -1180,7 +1226,10 @@ async fn a_token_holds_at_most_max_sessions_per_token() {
     let copy = sluice::agent::Agent::start(&world.agent_config("acme-2", &route), token.clone()).unwrap();
     within(
         WAIT,
-        copy.wait_for_link(0, |s| matches!(s, LinkState::Rejected(r) if r.contains("live sessions"))),
+        copy.wait_for_link(
+            0,
+            |s| matches!(s, LinkState::Rejected(r) if r.contains("live sessions")),
+        ),
     )
     .await;
     assert!(rejected(&world, "tunnel", "session_limit") >= 1);
@@ -1212,7 +1261,10 @@ async fn a_session_parks_at_most_its_idle_data_connections() {
         async move {
             let tcp = TcpStream::connect(addr).await.unwrap();
             let name = rustls::pki_types::ServerName::try_from("relay.sluice.test").unwrap();
-            tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap()
+            tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .unwrap()
         }
     };
     let mut control = FrameReader::new(dial().await);
@@ -1342,6 +1394,10 @@ async fn the_agent_bounds_what_a_relay_tells_it() {
     let dialed = dialed.load(std::sync::atomic::Ordering::Relaxed);
     assert!(dialed > 0, "the agent dialed data connections");
     assert!(dialed <= 2 * 1024, "{dialed} data connections dialed");
-    assert!(matches!(agent.links()[0], LinkState::Connected { .. }), "{:?}", agent.links());
+    assert!(
+        matches!(agent.links()[0], LinkState::Connected { .. }),
+        "{:?}",
+        agent.links()
+    );
     agent.shutdown(Duration::ZERO).await;
 }

@@ -291,7 +291,13 @@ async fn out_of_descriptors_the_accept_loops_back_off() {
     };
     for listener in ["tls", "tunnel"] {
         let failed = errors(listener);
-        assert!(failed > 0, "the {listener} listener never ran out of descriptors:\n{text}");
-        assert!(failed < 100, "the {listener} accept loop spun: {failed} failed accepts");
+        assert!(
+            failed > 0,
+            "the {listener} listener never ran out of descriptors:\n{text}"
+        );
+        assert!(
+            failed < 100,
+            "the {listener} accept loop spun: {failed} failed accepts"
+        );
     }
 }

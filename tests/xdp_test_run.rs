@@ -6,9 +6,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use proxy_common::{CidrOrigin, MAX_BANS, Reason, SOURCE_SET_BITS, SOURCE_WAYS};
+use proxy_common::{CidrOrigin, MAX_BANS, NANOTOKENS, Reason, SOURCE_SET_BITS, SOURCE_WAYS};
 use sluice::cidr::Cidr;
-use sluice::shield::{CidrList, KernelPolicy, Shield, ShieldMaps, action, pin};
+use sluice::config::shield::ShieldConfig;
+use sluice::shield::runtime::kernel_policy;
+use sluice::shield::{CidrList, KernelPolicy, PrefixLengths, Shield, ShieldMaps, SourceLimits, action, pin};
 use sluice_tests::frames::{self, ACK, FIN, Frame, PSH, RST, SYN, TPID_8021AD, TPID_8021Q, URG};
 
 const RELAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -16,22 +18,27 @@ const RELAY6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const HTTPS: u16 = 443;
 const SSH: u16 = 22;
 
-/// Limits: (syn rate, syn burst), (packet rate, packet burst), ban threshold, ban duration.
+/// Limits: (syn rate, syn burst), (packet rate, packet burst), ban threshold, strikes forgiven
+/// per second, ban duration, source prefixes.
 struct Limits {
     syn: (u32, u32),
     packet: (u32, u32),
     ban_threshold: u32,
+    strike_decay_rate: u32,
     ban: Duration,
+    prefixes: PrefixLengths,
 }
 
 impl Default for Limits {
-    /// Generous enough that single packets never hit them.
+    /// Generous enough that single packets never hit them; sources by the default prefixes.
     fn default() -> Self {
         Self {
             syn: (1_000, 1_000),
             packet: (100_000, 100_000),
             ban_threshold: 1_000,
+            strike_decay_rate: 1,
             ban: Duration::from_secs(60),
+            prefixes: ShieldConfig::default().prefixes(),
         }
     }
 }
@@ -42,17 +49,31 @@ struct Harness {
 
 impl Harness {
     fn new(limits: Limits) -> Self {
+        Self::with_policy(&KernelPolicy::new(
+            &[HTTPS, 80],
+            &SourceLimits {
+                syn: limits.syn,
+                packet: limits.packet,
+                ban_threshold: limits.ban_threshold,
+                strike_decay_rate: limits.strike_decay_rate,
+                ban_duration: limits.ban,
+                prefixes: limits.prefixes,
+            },
+        ))
+    }
+
+    /// The shield as a relay runs it with an empty `[shield]` section (protecting 443 and 80).
+    fn with_default_config() -> Self {
+        let config = ShieldConfig {
+            protected_ports: vec![HTTPS, 80],
+            ..ShieldConfig::default()
+        };
+        Self::with_policy(&kernel_policy(&config, &[]))
+    }
+
+    fn with_policy(policy: &KernelPolicy) -> Self {
         let mut shield = Shield::load().expect("loading the XDP shield (run as root or with CAP_BPF)");
-        shield
-            .maps_mut()
-            .set_policy(&KernelPolicy::new(
-                &[HTTPS, 80],
-                limits.syn,
-                limits.packet,
-                limits.ban_threshold,
-                limits.ban,
-            ))
-            .unwrap();
+        shield.maps_mut().set_policy(policy).unwrap();
         Self { shield }
     }
 
@@ -111,6 +132,18 @@ fn syn4(source: IpAddr) -> Frame {
 
 fn syn6(source: IpAddr) -> Frame {
     frames::syn(source, RELAY6.into(), HTTPS)
+}
+
+/// Small limits for tests that set their own, sources by the default prefixes.
+fn tight() -> SourceLimits {
+    SourceLimits {
+        syn: (100, 100),
+        packet: (100, 100),
+        ban_threshold: 100,
+        strike_decay_rate: 1,
+        ban_duration: Duration::from_secs(60),
+        prefixes: ShieldConfig::default().prefixes(),
+    }
 }
 
 #[test]
@@ -185,10 +218,9 @@ fn passes_everything_it_does_not_police_untouched() {
     assert_eq!(h.verdict(&ssh_fragment.bytes), Reason::PassOther);
     // Nothing protected at all: everything passes.
     let mut empty = Harness::new(Limits::default());
-    empty
-        .maps()
-        .set_policy(&KernelPolicy::new(&[], (1, 1), (1, 1), 1, Duration::from_secs(1)))
-        .unwrap();
+    let mut nothing_protected = empty.maps().policy().unwrap();
+    nothing_protected.ports = KernelPolicy::new(&[], &tight()).ports;
+    empty.maps().set_policy(&nothing_protected).unwrap();
     assert_eq!(empty.verdict(&syn4(denied).bytes), Reason::PassOther);
 }
 
@@ -418,21 +450,37 @@ fn syn_bucket_empties_then_refills_with_time() {
 }
 
 #[test]
-fn packet_bucket_limits_every_segment_to_protected_ports() {
+fn packet_bucket_limits_segments_without_ack_or_rst_and_charges_nothing_else() {
     let mut h = Harness::new(Limits {
         packet: (1, 10),
         ..Limits::default()
     });
     let source = v6("2001:db8::30");
-    let ack = frames::ack(source, RELAY6.into(), HTTPS).bytes;
+    let segment = |flags| frames::tcp(source, RELAY6.into(), HTTPS, flags, &[]).bytes;
     assert_eq!(
-        h.run(&ack, 25),
+        h.run(&segment(FIN), 25),
         vec![(Reason::Pass, 10), (Reason::DropPacketRate, 15)]
     );
-    // SYNs are packets too, and the packet bucket is checked first.
-    assert_eq!(h.verdict(&syn6(source).bytes), Reason::DropPacketRate);
+    // Empty: other junk without ACK or RST is over the limit too...
+    for flags in [PSH, URG, FIN | PSH, PSH | URG, FIN | URG] {
+        assert_eq!(h.verdict(&segment(flags)), Reason::DropPacketRate, "{flags:#x}");
+    }
+    // ...while every segment carrying ACK, bare RSTs and opening SYNs pass uncharged.
+    for flags in [
+        ACK,
+        ACK | PSH,
+        FIN | ACK,
+        RST | ACK,
+        SYN | ACK,
+        ACK | URG,
+        RST,
+        RST | PSH,
+    ] {
+        assert_eq!(h.run(&segment(flags), 25), vec![(Reason::Pass, 25)], "{flags:#x}");
+    }
+    assert_eq!(h.verdict(&syn6(source).bytes), Reason::Pass);
     // Traffic to other ports is not charged.
-    let ssh = frames::ack(source, RELAY6.into(), SSH).bytes;
+    let ssh = frames::tcp(source, RELAY6.into(), SSH, FIN, &[]).bytes;
     assert_eq!(h.run(&ssh, 25), vec![(Reason::PassOther, 25)]);
 }
 
@@ -463,14 +511,15 @@ fn bans_after_the_threshold_reports_the_ban_and_lets_it_expire() {
             "{source}"
         );
         assert!(h.maps().is_banned(source).unwrap(), "{source}");
+        let banned = h.maps().source_of(source).unwrap();
         let listed = h.maps().bans().unwrap();
-        let record = listed.iter().find(|b| b.source == source).expect("listed ban");
+        let record = listed.iter().find(|b| b.source == banned).expect("listed ban");
         let remaining = record.remaining.expect("kernel bans expire");
         assert!(remaining <= Duration::from_millis(300), "{remaining:?}");
 
         let notices = events.drain();
         assert_eq!(notices.len(), 1, "{notices:?}");
-        assert_eq!(notices[0].source, source);
+        assert_eq!(notices[0].source, banned);
         assert_eq!(notices[0].reason, Some(Reason::DropSynRate));
         assert!(
             notices[0]
@@ -502,9 +551,15 @@ fn manual_bans_drop_until_lifted_or_expired() {
         Reason::PassOther
     );
 
-    let mut listed: Vec<IpAddr> = h.maps().bans().unwrap().iter().map(|b| b.source).collect();
-    listed.sort();
-    assert_eq!(listed, vec![attacker, attacker6]);
+    // IPv4 sources are single addresses, IPv6 ones /64s (the default prefixes).
+    let listed: Vec<String> = h
+        .maps()
+        .bans()
+        .unwrap()
+        .iter()
+        .map(|b| b.source.to_string())
+        .collect();
+    assert_eq!(listed, ["198.51.100.7", "2001:db8::/64"]);
 
     assert!(h.shield.unban(attacker).unwrap());
     assert!(!h.shield.unban(attacker).unwrap());
@@ -575,10 +630,10 @@ fn pinned_maps_let_another_handle_edit_the_running_shield() {
         .maps_mut()
         .set_policy(&KernelPolicy::new(
             &[HTTPS],
-            (100, 100),
-            (100, 100),
-            10,
-            Duration::from_secs(60),
+            &SourceLimits {
+                ban_threshold: 10,
+                ..tight()
+            },
         ))
         .unwrap();
     let source = v4(192, 0, 2, 123);
@@ -597,7 +652,7 @@ fn pinned_maps_let_another_handle_edit_the_running_shield() {
     )
     .unwrap();
     assert_eq!(shield.test_run(&frame, 1).unwrap().action, action::DROP);
-    assert_eq!(cli.policy().unwrap().limits.ban_threshold, 10);
+    assert_eq!(cli.policy().unwrap().limits.strikes.capacity, 10 * NANOTOKENS);
     drop(cli);
 
     assert!(pin::instances().contains(&format!("test-{}", std::process::id())));
@@ -612,7 +667,7 @@ fn pinned_maps_let_another_handle_edit_the_running_shield() {
 fn same_set(h: &mut Harness, target: Ipv4Addr, count: usize) -> Vec<IpAddr> {
     let seeds = h.maps().policy().unwrap().limits.seeds;
     let set = |address: Ipv4Addr| {
-        u64::from(u32::from_ne_bytes(address.octets())).wrapping_mul(seeds[0] | 1) >> (64 - SOURCE_SET_BITS)
+        u64::from(u32::from_ne_bytes(address.octets())).wrapping_mul(seeds[0]) >> (64 - SOURCE_SET_BITS)
     };
     let wanted = set(target);
     (1u32..0x00ff_ffff)
@@ -763,7 +818,10 @@ fn kernel_bans_are_listed_and_can_be_lifted() {
         );
         assert!(h.maps().is_banned(source).unwrap(), "{source}");
         let listed = h.maps().bans().unwrap();
-        let record = listed.iter().find(|b| b.source == source).expect("listed ban");
+        let record = listed
+            .iter()
+            .find(|b| b.source.contains(source))
+            .expect("listed ban");
         assert!(record.remaining.is_some_and(|r| r <= Duration::from_secs(60)));
 
         assert!(h.shield.unban(source).unwrap(), "{source}");
@@ -781,7 +839,8 @@ fn remembers_thousands_of_sources_at_once() {
         ..Limits::default()
     });
     let template4 = syn4(v4(10, 0, 0, 0));
-    let template6 = syn6(v6("2001:db8:100::"));
+    // IPv6 sources are /64s: vary the fourth group.
+    let template6 = syn6(v6("2001:db8:100::1"));
     let frames: Vec<Vec<u8>> = (1..=4096u32)
         .map(|i| {
             let mut frame = template4.clone();
@@ -791,7 +850,7 @@ fn remembers_thousands_of_sources_at_once() {
         })
         .chain((1..=1024u16).map(|i| {
             let mut frame = template6.clone();
-            let at = frame.l3 + 8 + 14;
+            let at = frame.l3 + 8 + 6;
             frame.bytes[at..at + 2].copy_from_slice(&i.to_be_bytes());
             frame.bytes
         }))
@@ -817,4 +876,319 @@ fn remembers_thousands_of_sources_at_once() {
     };
     assert_eq!(moved(Reason::Pass), frames.len() as u64);
     assert_eq!(moved(Reason::DropSynRate), frames.len() as u64);
+}
+
+/// How many packets `reason` counted in `moved` (0 when it did not move).
+fn count(moved: &[(Reason, u64)], reason: Reason) -> u64 {
+    moved.iter().find(|(r, _)| *r == reason).map_or(0, |(_, n)| *n)
+}
+
+/// `frame` with its IPv6 source replaced by `source`.
+fn from6(frame: &Frame, source: Ipv6Addr) -> Vec<u8> {
+    let mut bytes = frame.bytes.clone();
+    bytes[frame.l3 + 8..frame.l3 + 24].copy_from_slice(&source.octets());
+    bytes
+}
+
+#[test]
+fn sources_rotating_inside_one_ipv6_64_share_one_bucket_and_are_banned_together() {
+    // 5 SYNs of burst per source, 3 over-limit drops in hand; the next one bans.
+    let mut h = Harness::new(Limits {
+        syn: (10, 5),
+        ban_threshold: 3,
+        ..Limits::default()
+    });
+    let mut events = h.shield.take_ban_events().expect("ban event consumer");
+    let template = syn6(v6("2001:db8:1:2::1"));
+    // A new address of the same /64 for every SYN, spread over the whole host part.
+    let verdicts: Vec<Reason> = (1..=12u16)
+        .map(|i| {
+            let rotated = Ipv6Addr::new(0x2001, 0xdb8, 1, 2, i * 0x1111, 7, i, 0xffff - i);
+            h.verdict(&from6(&template, rotated))
+        })
+        .collect();
+    let expected: Vec<Reason> = [Reason::Pass; 5]
+        .into_iter()
+        .chain([Reason::DropSynRate; 4])
+        .chain([Reason::DropBanned; 3])
+        .collect();
+    assert_eq!(verdicts, expected);
+
+    // One ban, on the /64, seen from any address inside it.
+    assert!(h.maps().is_banned(v6("2001:db8:1:2:dead::beef")).unwrap());
+    let bans: Vec<String> = h
+        .maps()
+        .bans()
+        .unwrap()
+        .iter()
+        .map(|b| b.source.to_string())
+        .collect();
+    assert_eq!(bans, ["2001:db8:1:2::/64"]);
+    let notices = events.drain();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(notices[0].source.to_string(), "2001:db8:1:2::/64");
+    assert_eq!(notices[0].reason, Some(Reason::DropSynRate));
+
+    // The neighbouring /64 is another source, with its own full bucket.
+    let neighbour = v6("2001:db8:1:3::1");
+    assert!(!h.maps().is_banned(neighbour).unwrap());
+    assert_eq!(h.run(&syn6(neighbour).bytes, 5), vec![(Reason::Pass, 5)]);
+
+    // Lifting the ban through any of its addresses lifts it for all of them.
+    assert!(h.shield.unban(v6("2001:db8:1:2::42")).unwrap());
+    assert!(!h.maps().is_banned(v6("2001:db8:1:2::1")).unwrap());
+}
+
+#[test]
+fn an_operator_ban_of_one_address_bans_its_whole_source_prefix() {
+    let mut h = Harness::new(Limits::default());
+    let banned = h.shield.ban(v6("2001:db8::1"), None).unwrap();
+    assert_eq!(banned.to_string(), "2001:db8::/64");
+    let host = h.shield.ban(v4(192, 0, 2, 1), None).unwrap();
+    assert_eq!(host.to_string(), "192.0.2.1", "IPv4 sources are single addresses");
+
+    assert_eq!(h.verdict(&syn6(v6("2001:db8::ffff:1")).bytes), Reason::DropBanned);
+    assert_eq!(
+        h.verdict(&syn6(v6("2001:db8::1:2:3:4")).bytes),
+        Reason::DropBanned
+    );
+    assert_eq!(h.verdict(&syn6(v6("2001:db8:0:1::1")).bytes), Reason::Pass);
+    assert_eq!(h.verdict(&syn4(v4(192, 0, 2, 1)).bytes), Reason::DropBanned);
+    assert_eq!(h.verdict(&syn4(v4(192, 0, 2, 2)).bytes), Reason::Pass);
+    assert!(h.maps().is_banned(v6("2001:db8::abcd")).unwrap());
+
+    let listed: Vec<String> = h
+        .maps()
+        .bans()
+        .unwrap()
+        .iter()
+        .map(|b| b.source.to_string())
+        .collect();
+    assert_eq!(listed, ["192.0.2.1", "2001:db8::/64"]);
+
+    assert!(h.shield.unban(v6("2001:db8::99")).unwrap());
+    assert_eq!(h.verdict(&syn6(v6("2001:db8::ffff:1")).bytes), Reason::Pass);
+}
+
+#[test]
+fn ipv4_sources_are_24s_when_configured() {
+    let mut h = Harness::new(Limits {
+        syn: (10, 3),
+        ban_threshold: 2,
+        prefixes: PrefixLengths { v4: 24, v6: 64 },
+        ..Limits::default()
+    });
+    let verdicts: Vec<Reason> = (1..=7)
+        .map(|d| h.verdict(&syn4(v4(198, 51, 100, d)).bytes))
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            Reason::Pass,
+            Reason::Pass,
+            Reason::Pass,
+            Reason::DropSynRate,
+            Reason::DropSynRate,
+            Reason::DropSynRate,
+            Reason::DropBanned
+        ]
+    );
+    assert!(h.maps().is_banned(v4(198, 51, 100, 250)).unwrap());
+    assert_eq!(h.verdict(&syn4(v4(198, 51, 101, 1)).bytes), Reason::Pass);
+
+    // Operator bans cover the /24 too, and list as one.
+    let banned = h.shield.ban(v4(203, 0, 113, 9), None).unwrap();
+    assert_eq!(banned.to_string(), "203.0.113.0/24");
+    assert_eq!(h.verdict(&syn4(v4(203, 0, 113, 200)).bytes), Reason::DropBanned);
+    let listed: Vec<String> = h
+        .maps()
+        .bans()
+        .unwrap()
+        .iter()
+        .map(|b| b.source.to_string())
+        .collect();
+    assert_eq!(listed, ["198.51.100.0/24", "203.0.113.0/24"]);
+}
+
+#[test]
+fn allow_and_deny_entries_longer_than_the_source_prefix_still_match_full_addresses() {
+    // One SYN per /64; nothing bans.
+    let mut h = Harness::new(Limits {
+        syn: (1, 1),
+        ..Limits::default()
+    });
+    let cidr = |text: &str| -> Cidr { text.parse().unwrap() };
+    h.maps()
+        .add_cidr(CidrList::Allow, cidr("2001:db8:5:5::9/128"), CidrOrigin::Runtime)
+        .unwrap();
+    h.maps()
+        .add_cidr(CidrList::Deny, cidr("2001:db8:5:5::66/128"), CidrOrigin::Runtime)
+        .unwrap();
+    let at = |i: u16| syn6(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 5, 5, 0, 0, 0, i))).bytes;
+    // The first address of the /64 spends its SYN token; the listed hosts inside the same
+    // /64 are decided on their own address, whichever came first, and charge nothing.
+    assert_eq!(h.verdict(&at(1)), Reason::Pass);
+    assert_eq!(h.verdict(&at(9)), Reason::PassAllowlisted);
+    assert_eq!(h.verdict(&at(0x66)), Reason::DropDenylisted);
+    assert_eq!(h.verdict(&at(2)), Reason::DropSynRate);
+    assert_eq!(h.verdict(&at(9)), Reason::PassAllowlisted);
+    assert_eq!(h.verdict(&at(1)), Reason::DropSynRate);
+    assert_eq!(h.verdict(&at(0x66)), Reason::DropDenylisted);
+
+    // Entries no longer than the prefix hold for the whole /64.
+    assert!(h.maps().remove_cidr(cidr("2001:db8:5:5::9/128")).unwrap());
+    assert!(h.maps().remove_cidr(cidr("2001:db8:5:5::66/128")).unwrap());
+    h.maps()
+        .add_cidr(CidrList::Allow, cidr("2001:db8:5::/48"), CidrOrigin::Runtime)
+        .unwrap();
+    for i in [1, 2, 9, 0x66, 0xffff] {
+        assert_eq!(h.verdict(&at(i)), Reason::PassAllowlisted, "{i:#x}");
+    }
+}
+
+#[test]
+fn acks_of_a_download_and_data_of_an_upload_at_any_rate_are_never_dropped_at_default_limits() {
+    let mut h = Harness::with_default_config();
+    let mut events = h.shield.take_ban_events().expect("ban event consumer");
+    let client = v4(192, 0, 2, 40);
+    let client6 = v6("2001:db8:40::1");
+    // A million segments in a few tens of milliseconds, far beyond any packet rate: pure ACKs
+    // (a download), full-size data segments (an upload), then the bare RSTs a client's stack
+    // sends for a download's segments still in flight once its connections are gone.
+    let payload = vec![0x5a; 1400];
+    for (source, destination) in [(client, IpAddr::V4(RELAY)), (client6, IpAddr::V6(RELAY6))] {
+        for (what, frame, repeat) in [
+            (
+                "ACKs",
+                frames::tcp(source, destination, HTTPS, ACK, &[]),
+                1_000_000,
+            ),
+            (
+                "data",
+                frames::tcp(source, destination, HTTPS, ACK | PSH, &payload),
+                1_000_000,
+            ),
+            (
+                "bare RSTs",
+                frames::tcp(source, destination, HTTPS, RST, &[]),
+                50_000,
+            ),
+        ] {
+            assert_eq!(
+                h.run(&frame.bytes, repeat),
+                vec![(Reason::Pass, u64::from(repeat))],
+                "{what} from {source}"
+            );
+        }
+        assert!(!h.maps().is_banned(source).unwrap(), "{source}");
+    }
+    assert!(h.maps().bans().unwrap().is_empty());
+    assert!(events.drain().is_empty());
+}
+
+#[test]
+fn a_busy_nated_office_gets_its_bursts_of_new_connections_through_at_default_limits() {
+    let mut h = Harness::with_default_config();
+    let office = v4(198, 51, 100, 20);
+    // Hundreds of browsers behind one address opening several connections at once: four
+    // thousand SYNs in an instant, with the ACKs of everything already open.
+    assert_eq!(h.run(&syn4(office).bytes, 4_000), vec![(Reason::Pass, 4_000)]);
+    let ack = frames::ack(office, RELAY.into(), HTTPS).bytes;
+    assert_eq!(h.run(&ack, 10_000), vec![(Reason::Pass, 10_000)]);
+    assert!(!h.maps().is_banned(office).unwrap());
+}
+
+#[test]
+fn a_client_opening_1500_connections_a_second_for_seconds_loses_none_at_default_limits() {
+    let mut h = Harness::with_default_config();
+    let client = v6("2001:db8:150::1");
+    let syn = syn6(client).bytes;
+    // 150 SYNs every 100 ms (or less often, when the machine is slow) for 5 s: 7500 SYNs,
+    // far more than the burst, at under the rate.
+    for round in 0..50 {
+        assert_eq!(h.run(&syn, 150), vec![(Reason::Pass, 150)], "round {round}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!h.maps().is_banned(client).unwrap());
+}
+
+#[test]
+fn strikes_decay_so_a_source_briefly_over_its_limit_is_not_banned_later() {
+    // 2 SYNs per second in bursts of 5 (the bucket takes 2.5 s to fill up again); 5 over-limit
+    // drops in hand, forgiven at 10 per second (all of them within half a second).
+    let mut h = Harness::new(Limits {
+        syn: (2, 5),
+        ban_threshold: 5,
+        strike_decay_rate: 10,
+        ban: Duration::from_secs(60),
+        ..Limits::default()
+    });
+    let source = v4(192, 0, 2, 90);
+    let syn = syn4(source).bytes;
+    // Over the limit for a moment: every strike spent.
+    assert_eq!(h.run(&syn, 10), vec![(Reason::Pass, 5), (Reason::DropSynRate, 5)]);
+    // Quiet for less time than the SYN bucket takes to fill (so a rule that forgives only
+    // full buckets would still hold the strikes), more than the strikes take to come back.
+    std::thread::sleep(Duration::from_millis(700));
+    // Over the limit again for a moment, by as many drops as there are strikes: refused, not
+    // banned (first the token that came back passes).
+    let mut drops = 0;
+    for _ in 0..20 {
+        match h.verdict(&syn) {
+            Reason::Pass => assert_eq!(drops, 0, "a token came back between drops"),
+            Reason::DropSynRate => drops += 1,
+            other => panic!("{other:?}: banned although its strikes had come back"),
+        }
+        if drops == 5 {
+            break;
+        }
+    }
+    assert_eq!(drops, 5);
+    assert!(!h.maps().is_banned(source).unwrap());
+    // A flood keeps going over the limit: a drop finds no strike left and bans (one more drop
+    // first if a strike came back in the meantime).
+    let moved = h.run(&syn, 10);
+    assert!(count(&moved, Reason::DropSynRate) <= 2, "{moved:?}");
+    assert!(count(&moved, Reason::DropBanned) >= 8, "{moved:?}");
+    assert!(h.maps().is_banned(source).unwrap());
+}
+
+#[test]
+fn a_real_flood_is_still_dropped_and_banned_at_default_limits() {
+    let mut h = Harness::with_default_config();
+    let mut events = h.shield.take_ban_events().expect("ban event consumer");
+    // A SYN flood and a FIN-only junk flood, each from one source: the burst (4000 SYNs, 2000
+    // other junk) passes, then 200 drops spend the strikes and the 201st bans. The runs take
+    // a few milliseconds, so at most a few tokens come back on the way, and no strike.
+    for (source, frame, burst, over) in [
+        (
+            v4(203, 0, 113, 66),
+            syn4(v4(203, 0, 113, 66)),
+            4_000,
+            Reason::DropSynRate,
+        ),
+        (
+            v4(203, 0, 113, 67),
+            frames::tcp(v4(203, 0, 113, 67), RELAY.into(), HTTPS, FIN, &[]),
+            2_000,
+            Reason::DropPacketRate,
+        ),
+    ] {
+        let moved = h.run(&frame.bytes, 20_000);
+        let passed = count(&moved, Reason::Pass);
+        assert!((burst..burst + 100).contains(&passed), "{source}: {moved:?}");
+        assert_eq!(count(&moved, over), 201, "{source}: {moved:?}");
+        assert_eq!(
+            count(&moved, Reason::DropBanned),
+            20_000 - passed - 201,
+            "{source}: {moved:?}"
+        );
+        assert!(h.maps().is_banned(source).unwrap(), "{source}");
+        let notices = events.drain();
+        assert_eq!(notices.len(), 1, "{source}: {notices:?}");
+        assert_eq!(notices[0].reason, Some(over));
+        // Banned means every segment, ACKs included.
+        let ack = frames::ack(source, RELAY.into(), HTTPS).bytes;
+        assert_eq!(h.verdict(&ack), Reason::DropBanned);
+    }
 }

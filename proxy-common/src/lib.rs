@@ -7,21 +7,26 @@
 //! Addresses are stored as they are on the wire (network byte order): an IPv4 source is the
 //! `u32` read straight from the header (`u32::from_ne_bytes(ip.octets())` in userspace), an
 //! IPv6 source its 16 octets (in the source tables, those octets as two native `u64`).
+//!
+//! A *source* is not one address but the network of its first [`SourcePrefixes`] bits (by
+//! default the IPv4 /32 and the IPv6 /64): the source tables, kernel bans, the `BANNED_*` maps
+//! and ban events are keyed by that network, so a host rotating addresses inside its own /64
+//! is one source. The allow/deny tries are CIDR lists and match the full address.
 #![no_std]
 
 /// Name of the XDP program in the object file.
 pub const XDP_PROGRAM: &str = "sluice_shield";
-/// Map (hash): IPv4 source address (network byte order) -> [`BanEntry`]. Bans userspace decides
-/// (operator via CLI or admin API, L7 abuse); bans the kernel decides live in [`SourceState`].
+/// Map (hash): IPv4 source network (the address masked with [`SourcePrefixes::v4_mask`], network
+/// byte order) -> [`BanEntry`]. Bans userspace decides (operator via CLI or admin API, L7
+/// abuse); bans the kernel decides live in [`SourceState`].
 pub const MAP_BANNED_V4: &str = "BANNED_V4";
-/// Map (hash): IPv6 source address (16 octets) -> [`BanEntry`], as [`MAP_BANNED_V4`].
+/// Map (hash): IPv6 source network (16 octets, masked with [`SourcePrefixes::v6_mask`]) ->
+/// [`BanEntry`], as [`MAP_BANNED_V4`].
 pub const MAP_BANNED_V6: &str = "BANNED_V6";
 /// Map: per-CPU array of [`Counter`], indexed by [`Reason`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
-/// Map (array, one entry): the [`Limits`] in force.
-pub const MAP_LIMITS: &str = "LIMITS";
-/// Map (array, one entry): the [`PortSet`] of protected destination ports.
-pub const MAP_PORTS: &str = "PORTS";
+/// Map (array, one entry): the [`Policy`] in force (limits and protected ports).
+pub const MAP_POLICY: &str = "POLICY";
 /// Map (LPM trie): IPv4 CIDRs (key data: 4 octets) that bypass every limit -> [`CidrOrigin`].
 pub const MAP_ALLOW_V4: &str = "ALLOW_V4";
 /// Map (LPM trie): IPv6 CIDRs (key data: 16 octets) that bypass every limit -> [`CidrOrigin`].
@@ -39,12 +44,11 @@ pub const MAP_SOURCES_V6: &str = "SOURCES_V6";
 pub const MAP_BAN_EVENTS: &str = "BAN_EVENTS";
 
 /// Every map the shield pins, so the CLI can open a running relay's maps by name.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 10] = [
     MAP_BANNED_V4,
     MAP_BANNED_V6,
     MAP_COUNTERS,
-    MAP_LIMITS,
-    MAP_PORTS,
+    MAP_POLICY,
     MAP_ALLOW_V4,
     MAP_ALLOW_V6,
     MAP_DENY_V4,
@@ -92,7 +96,8 @@ pub enum Reason {
     DropFragment = 7,
     /// Over the source's new-connection (SYN) rate.
     DropSynRate = 8,
-    /// Over the source's packet rate to protected ports.
+    /// Over the source's rate of segments that carry neither ACK nor RST and are not an opening
+    /// SYN (see [`Limits::packet`]).
     DropPacketRate = 9,
 }
 
@@ -161,7 +166,7 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// A ban on one source address.
+/// A ban on one source (network of [`SourcePrefixes`] bits).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BanEntry {
@@ -202,27 +207,80 @@ impl BucketLimit {
     }
 }
 
-/// The limits in force, written by userspace into [`MAP_LIMITS`] slot 0.
+/// How many leading bits of a source address make a source, per family, as masks the program
+/// ANDs onto the address (in wire order, like the addresses) and the lengths they were made of.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourcePrefixes {
+    /// The first `v6_len` bits set: the IPv6 source's octets as two native `u64`, masked.
+    pub v6_mask: [u64; 2],
+    /// The first `v4_len` bits set, as the IPv4 source's native `u32`.
+    pub v4_mask: u32,
+    /// Prefix length of an IPv4 source (at most 32); reported in ban events.
+    pub v4_len: u16,
+    /// Prefix length of an IPv6 source (at most 128).
+    pub v6_len: u16,
+}
+
+impl SourcePrefixes {
+    /// Masks for IPv4 sources of `v4_len` bits and IPv6 sources of `v6_len` bits (longer
+    /// lengths are cut to the address size).
+    pub const fn new(v4_len: u16, v6_len: u16) -> Self {
+        let v4_len = if v4_len > 32 { 32 } else { v4_len };
+        let v6_len = if v6_len > 128 { 128 } else { v6_len };
+        let v4 = if v4_len == 0 { 0 } else { u32::MAX << (32 - v4_len) };
+        let v6 = if v6_len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - v6_len)
+        };
+        let octets = v6.to_be_bytes();
+        let mut high = [0u8; 8];
+        let mut low = [0u8; 8];
+        let mut i = 0;
+        while i < 8 {
+            high[i] = octets[i];
+            low[i] = octets[8 + i];
+            i += 1;
+        }
+        Self {
+            v6_mask: [u64::from_ne_bytes(high), u64::from_ne_bytes(low)],
+            v4_mask: u32::from_ne_bytes(v4.to_be_bytes()),
+            v4_len,
+            v6_len,
+        }
+    }
+}
+
+/// The limits in force, part of the [`Policy`] userspace writes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Limits {
-    /// New connections (TCP SYN without ACK) per source.
+    /// New connections per source: segments with SYN and without ACK.
     pub syn: BucketLimit,
-    /// Every packet to a protected port, per source.
+    /// Segments per source that carry neither ACK nor RST and are not an opening SYN (FIN-,
+    /// PSH- or URG-only junk). Every segment of an established connection carries ACK (RFC
+    /// 9293), so downloads' ACKs and uploads' data are never charged; a bare RST is what a
+    /// stack answers a segment for a connection it no longer has (a storm of them follows a
+    /// client dying in the middle of a fast transfer) and needs no answer, so it is not either.
     pub packet: BucketLimit,
-    /// A source is banned once its over-limit drops exceed this many (see [`SourceState`]).
-    pub ban_threshold: u64,
+    /// Strikes: every drop over `syn` or `packet` spends a token of a bucket of
+    /// `ban_threshold` tokens refilled at the strike decay rate; a drop that finds it empty
+    /// bans the source for `ban_ns`.
+    pub strikes: BucketLimit,
     /// How long a kernel-decided ban lasts, in nanoseconds.
     pub ban_ns: u64,
     /// Which allow/deny tries and ban maps hold entries (`LIST_*` bits), kept up to date by
     /// userspace so the program skips lookups in empty ones.
     pub lists: u64,
-    /// Random multipliers of the source-table hash, chosen once when the program is loaded, so
-    /// that nobody outside can pick addresses that crowd one set.
+    /// Random odd multipliers of the source-table hash, chosen once when the program is loaded,
+    /// so that nobody outside can pick addresses that crowd one set.
     pub seeds: [u64; 2],
     /// Bumped by userspace after every change to the tries and ban maps (it stays within
     /// `1..=u32::MAX`); a source's cached lookups hold while its slot has the same number.
     pub generation: u64,
+    /// What makes a source (see the crate docs).
+    pub prefixes: SourcePrefixes,
 }
 
 /// [`Limits::lists`] bits.
@@ -232,6 +290,11 @@ pub const LIST_DENY_V4: u64 = 4;
 pub const LIST_DENY_V6: u64 = 8;
 pub const LIST_BANS_V4: u64 = 16;
 pub const LIST_BANS_V6: u64 = 32;
+/// Some allow/deny entry of the family is longer than its source prefix (say a /128 on the
+/// allowlist with /64 sources): the answer a slot caches then holds only for the address it was
+/// looked up for (`SourceState::listed_addr`), not for its whole network.
+pub const LIST_FINE_V4: u64 = 64;
+pub const LIST_FINE_V6: u64 = 128;
 
 /// Protected destination ports as a 65,536-bit set: port `p` is bit `p % 64` of `words[p / 64]`.
 #[repr(C)]
@@ -256,39 +319,54 @@ impl PortSet {
     }
 }
 
-/// One slot of a source table: a source's token buckets, its strike count, the ban the kernel
-/// gave it, and what the allow/deny tries and ban maps said about it, in nanotokens and kernel
-/// ns. `A` is the address as the table stores it: the IPv4 `u32` as on the wire, or the 16
-/// IPv6 octets as two `u64` (cheap to compare).
+/// What userspace writes into [`MAP_POLICY`] slot 0: one map, so a packet looks up one array
+/// (the ports for every packet, the limits for those to protected ports) instead of two.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub limits: Limits,
+    pub ports: PortSet,
+}
+
+/// One slot of a source table: a source's token buckets and strikes, the ban the kernel gave
+/// it, and what the allow/deny tries and ban maps said about it, in nanotokens and kernel ns.
+/// `A` is the address as the table stores it: the IPv4 `u32` as on the wire, or the 16 IPv6
+/// octets as two `u64` (cheap to compare). `addr` is the source's network (the packet's
+/// source masked with [`Limits::prefixes`]).
 ///
 /// The tables are BPF arrays the program indexes itself (set = keyed multiply-shift hash of the
-/// address): array lookups are inlined by the verifier, where a hash-map lookup is a chain of
+/// network): array lookups are inlined by the verifier, where a hash-map lookup is a chain of
 /// kernel calls costing more than the rest of the program. The price is that a source can be
 /// evicted by another one landing in a full set, as an LRU map evicts when it is full.
 ///
 /// `listed` and `listed_ban_until_ns` cache the trie and ban-map lookups: they hold while
 /// `generation` equals [`Limits::generation`], which userspace bumps after every change to
 /// those maps, so a packet only looks into them when its source is new or the maps changed.
+/// The trie answer is the one for `listed_addr`, the full address it was looked up for; it
+/// holds for the whole network unless the family's `LIST_FINE_*` bit says some entry is
+/// longer than the prefix.
 ///
-/// `strikes` counts drops for exceeding either bucket; it resets once both buckets have
-/// refilled completely (the source kept quiet long enough). More than `ban_threshold` strikes
-/// bans the source until `banned_until_ns`. Updates from different CPUs are not atomic: a
-/// source hammering several queues at once may get a few extra tokens, which only makes the
-/// limit slightly soft, and two new sources claiming the same slot at once may mix their
-/// (fresh, nearly identical) states.
+/// Strikes (`strike_tokens`, see [`Limits::strikes`]) refill with time like the other buckets,
+/// so a source briefly over a limit and well-behaved afterwards is forgiven at a steady rate.
+/// Updates from different CPUs are not atomic: a source hammering several queues at once may
+/// get a few extra tokens, which only makes the limit slightly soft, and two new sources
+/// claiming the same slot at once may mix their (fresh, nearly identical) states.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceState<A> {
+    /// The source's network.
     pub addr: A,
+    /// The full address whose allow/deny answer `listed` holds.
+    pub listed_addr: A,
     /// The [`Limits::generation`] `listed` and `listed_ban_until_ns` were looked up under
     /// (never 0 once the slot is taken); 0: a free slot.
     pub generation: u32,
-    /// What the allow/deny tries say about the source (`LISTED_*`).
+    /// What the allow/deny tries say about `listed_addr` (`LISTED_*`).
     pub listed: u32,
-    pub strikes: u32,
     pub syn_tokens: u64,
     pub packet_tokens: u64,
-    /// When both buckets were last refilled.
+    pub strike_tokens: u64,
+    /// When the buckets were last refilled.
     pub last_ns: u64,
     /// The kernel's `jiffies` at `last_ns`: buckets are refilled at most once per tick, the
     /// resolution of the clock they use anyway. Also how recently the source was seen.
@@ -314,8 +392,8 @@ pub enum CidrOrigin {
 }
 
 /// Address family tags in [`BanEvent::family`].
-pub const FAMILY_V4: u32 = 4;
-pub const FAMILY_V6: u32 = 6;
+pub const FAMILY_V4: u16 = 4;
+pub const FAMILY_V6: u16 = 6;
 
 /// Sent through [`MAP_BAN_EVENTS`] whenever the kernel bans a source.
 #[repr(C)]
@@ -323,11 +401,13 @@ pub const FAMILY_V6: u32 = 6;
 pub struct BanEvent {
     /// When the ban ends (CLOCK_MONOTONIC ns).
     pub until_ns: u64,
-    /// The source: 4 octets then zeros for IPv4, 16 octets for IPv6.
+    /// The source's network: 4 octets then zeros for IPv4, 16 octets for IPv6.
     pub addr: [u8; 16],
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
-    pub family: u32,
-    /// The [`Reason`] (as `u32`) of the drop that crossed the threshold.
+    pub family: u16,
+    /// Its prefix length ([`SourcePrefixes`] when the ban was decided).
+    pub prefix_len: u16,
+    /// The [`Reason`] (as `u32`) of the drop that found no strike left.
     pub reason: u32,
 }
 
@@ -338,5 +418,6 @@ mod pod {
     unsafe impl aya::Pod for super::BanEntry {}
     unsafe impl aya::Pod for super::Limits {}
     unsafe impl aya::Pod for super::PortSet {}
+    unsafe impl aya::Pod for super::Policy {}
     unsafe impl aya::Pod for super::BanEvent {}
 }

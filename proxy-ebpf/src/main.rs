@@ -1,7 +1,7 @@
 //! Sluice's XDP shield: runs on every received frame before the kernel allocates an skb.
 //!
-//! It owns the fast drop decisions for TCP traffic to the relay's protected ports (the `PORTS`
-//! map): [`parse`] reads Ethernet (up to two VLAN tags), IPv4 or IPv6 (with extension headers)
+//! It owns the fast drop decisions for TCP traffic to the relay's protected ports (in the
+//! `POLICY` map): [`parse`] reads Ethernet (up to two VLAN tags), IPv4 or IPv6 (with extension headers)
 //! and TCP; [`police`] applies the allowlist, denylist, bans and per-source token buckets.
 //! Every verdict is counted per CPU (packets and bytes) under its [`Reason`].
 //!
@@ -35,18 +35,21 @@ use aya_ebpf::{
 };
 use proxy_common::{
     BPF_F_MMAPABLE, BanEntry, Counter, FAMILY_V4, FAMILY_V6, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_BANS_V4,
-    LIST_BANS_V6, LIST_DENY_V4, LIST_DENY_V6, Limits, MAX_BANS, MAX_CIDRS, MAX_SOURCES, PortSet, Reason,
-    SourceState,
+    LIST_BANS_V6, LIST_DENY_V4, LIST_DENY_V6, LIST_FINE_V4, LIST_FINE_V6, MAX_BANS, MAX_CIDRS, MAX_SOURCES,
+    Policy, Reason, SourceState,
 };
 
 use parse::{Parsed, Source};
 use police::FamilyMaps;
 
-// Bans decided in userspace. A plain hash, not LRU: a spray of new sources cannot evict them.
+// Bans decided in userspace, keyed by source network. A plain hash, not LRU: a spray of new
+// sources cannot evict them.
 #[map(name = "BANNED_V4")]
 static BANNED_V4: HashMap<u32, BanEntry> = HashMap::with_max_entries(MAX_BANS, 0);
+// The 16 octets as the IPv6 source table keeps them (two native words): no conversion to look
+// one up, and the same bytes userspace writes.
 #[map(name = "BANNED_V6")]
-static BANNED_V6: HashMap<[u8; 16], BanEntry> = HashMap::with_max_entries(MAX_BANS, 0);
+static BANNED_V6: HashMap<[u64; 2], BanEntry> = HashMap::with_max_entries(MAX_BANS, 0);
 
 #[map(name = "ALLOW_V4")]
 static ALLOW_V4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
@@ -63,10 +66,8 @@ static SOURCES_V4: Array<SourceState<u32>> = Array::with_max_entries(MAX_SOURCES
 #[map(name = "SOURCES_V6")]
 static SOURCES_V6: Array<SourceState<[u64; 2]>> = Array::with_max_entries(MAX_SOURCES, BPF_F_MMAPABLE);
 
-#[map(name = "LIMITS")]
-static LIMITS: Array<Limits> = Array::with_max_entries(1, 0);
-#[map(name = "PORTS")]
-static PORTS: Array<PortSet> = Array::with_max_entries(1, 0);
+#[map(name = "POLICY")]
+static POLICY: Array<Policy> = Array::with_max_entries(1, 0);
 
 #[map(name = "BAN_EVENTS")]
 static BAN_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
@@ -87,17 +88,17 @@ pub fn sluice_shield(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn classify(ctx: &XdpContext) -> Reason {
-    let Some(ports) = PORTS.get(0) else {
+    // Index 0 of a one-entry array is always there (zeroed until userspace writes it: no port
+    // protected).
+    let Some(policy) = POLICY.get(0) else {
         return Reason::PassOther;
     };
+    let ports = &policy.ports;
     let protected = |port: u16| ports.words[usize::from(port >> 6) & 1023] & (1 << (port & 63)) != 0;
     match parse::parse(ctx, protected) {
         Parsed::Verdict(reason) => reason,
         Parsed::Police { source, flags } => {
-            // Index 0 of a one-entry array is always there (zeroed until userspace writes it).
-            let Some(limits) = LIMITS.get(0) else {
-                return Reason::Pass;
-            };
+            let limits = &policy.limits;
             match source {
                 Source::V4(address) => {
                     let maps = FamilyMaps {
@@ -105,11 +106,11 @@ fn classify(ctx: &XdpContext) -> Reason {
                         deny: &DENY_V4,
                         bans: &BANNED_V4,
                         sources: &SOURCES_V4,
-                        bits: 32,
                         family: FAMILY_V4,
                         allow_bit: LIST_ALLOW_V4,
                         deny_bit: LIST_DENY_V4,
                         bans_bit: LIST_BANS_V4,
+                        fine_bit: LIST_FINE_V4,
                     };
                     police::police(&maps, address, flags, limits, &BAN_EVENTS)
                 }
@@ -119,11 +120,11 @@ fn classify(ctx: &XdpContext) -> Reason {
                         deny: &DENY_V6,
                         bans: &BANNED_V6,
                         sources: &SOURCES_V6,
-                        bits: 128,
                         family: FAMILY_V6,
                         allow_bit: LIST_ALLOW_V6,
                         deny_bit: LIST_DENY_V6,
                         bans_bit: LIST_BANS_V6,
+                        fine_bit: LIST_FINE_V6,
                     };
                     police::police(&maps, address, flags, limits, &BAN_EVENTS)
                 }

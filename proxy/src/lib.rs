@@ -12,7 +12,7 @@
 //! Dependencies point one way, from the bottom of this list to its top (`cargo xtask test`
 //! checks there is no cycle):
 //!
-//! - rules and wire formats, pure code: [`hostname`], [`cidr`], [`peek`], [`wire`]
+//! - rules and wire formats, pure code: [`hostname`], [`cidr`], [`prefix`], [`peek`], [`wire`]
 //! - mechanisms: [`pump`] (byte pumps), [`net`] (socket setup), [`route`] (the registry),
 //!   [`config`] (the TOML files), [`store`] (tenants and tokens), [`shield`] (the XDP program
 //!   from userspace), [`admin`] (the admin HTTP listener, metric plumbing, the API client)
@@ -27,6 +27,7 @@ pub mod config;
 pub mod hostname;
 pub mod net;
 pub mod peek;
+pub mod prefix;
 pub mod pump;
 pub mod relay;
 pub mod route;

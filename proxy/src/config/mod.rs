@@ -255,22 +255,38 @@ mod tests {
             RelayConfig::load(&path).map(|c| c.admin.token.map(|t| t.secret().to_owned()))
         };
         let open = admin("listen = \"0.0.0.0:9090\"\n").unwrap_err().to_string();
-        assert!(open.contains("`admin.token_file`") && open.contains("0.0.0.0:9090"), "{open}");
+        assert!(
+            open.contains("`admin.token_file`") && open.contains("0.0.0.0:9090"),
+            "{open}"
+        );
         let open_v6 = admin("listen = \"[::]:9090\"\n").unwrap_err().to_string();
         assert!(open_v6.contains("`admin.token_file`"), "{open_v6}");
         let blank = admin("listen = \"0.0.0.0:9090\"\ntoken_file = \"blank.token\"\n")
             .unwrap_err()
             .to_string();
-        assert!(blank.contains("`admin.token_file`") && blank.contains("empty"), "{blank}");
+        assert!(
+            blank.contains("`admin.token_file`") && blank.contains("empty"),
+            "{blank}"
+        );
         let blank_loopback = admin("token_file = \"blank.token\"\n").unwrap_err().to_string();
-        assert!(blank_loopback.contains("empty"), "a blank token is refused on loopback too");
+        assert!(
+            blank_loopback.contains("empty"),
+            "a blank token is refused on loopback too"
+        );
         let missing = admin("token_file = \"nope.token\"\n").unwrap_err().to_string();
-        assert!(missing.contains("`admin.token_file`") && missing.contains("nope.token"), "{missing}");
+        assert!(
+            missing.contains("`admin.token_file`") && missing.contains("nope.token"),
+            "{missing}"
+        );
         assert_eq!(
             admin("listen = \"0.0.0.0:9090\"\ntoken_file = \"good.token\"\n").unwrap(),
             Some("s3cret".to_owned())
         );
-        assert_eq!(admin("listen = \"127.0.0.2:9090\"\n").unwrap(), None, "loopback, no token");
+        assert_eq!(
+            admin("listen = \"127.0.0.2:9090\"\n").unwrap(),
+            None,
+            "loopback, no token"
+        );
         // The agent's admin listener follows the same rules.
         let text = format!(
             "{AGENT_HEAD}ca = \"ca.pem\"\n[admin]\nlisten = \"0.0.0.0:9091\"\n\
@@ -281,8 +297,15 @@ mod tests {
 
     #[test]
     fn durations_from_the_command_line_are_bounded() {
-        assert_eq!(super::ban_duration("10m"), Ok(std::time::Duration::from_secs(600)));
-        assert!(super::ban_duration("300000000000y").unwrap_err().contains("at most"));
+        assert_eq!(
+            super::ban_duration("10m"),
+            Ok(std::time::Duration::from_secs(600))
+        );
+        assert!(
+            super::ban_duration("300000000000y")
+                .unwrap_err()
+                .contains("at most")
+        );
         assert!(super::ban_duration("0s").is_err());
         assert!(super::ban_duration("soon").is_err());
         assert!(super::token_ttl("90d").is_ok());

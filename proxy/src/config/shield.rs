@@ -8,17 +8,28 @@
 //! protected_ports = [443, 80]  # default: the ports of the edge listeners
 //! allow = ["10.0.0.0/8"]       # never limited or banned
 //! deny = ["198.51.100.0/24"]   # always dropped (allow wins)
-//! syn_rate = 50                # new connections per second per source...
-//! syn_burst = 100              # ...with this much burst
-//! packet_rate = 5000           # packets per second per source to protected ports
-//! packet_burst = 10000
-//! ban_threshold = 200          # over-limit drops before a source is banned
+//! ipv4_prefix = 32             # a source is the network of this many leading bits...
+//! ipv6_prefix = 64             # ...of its address (limits, strikes and bans are per source)
+//! syn_rate = 2000              # new connections (SYN without ACK) per second per source...
+//! syn_burst = 4000             # ...with this much burst
+//! packet_rate = 1000           # segments without ACK or RST, other than SYNs, per second
+//! packet_burst = 2000          #   per source (no stack sends them; ACKed traffic is free)
+//! ban_threshold = 200          # over-limit drops in hand before the next one bans...
+//! strike_decay_rate = 20       # ...forgiven at this many per second
 //! ban_duration = "10m"
-//! connection_rate = 50         # userspace fallback: accepted connections per second per IP
-//! connection_burst = 200
+//! connection_rate = 2000       # userspace fallback: accepted connections per second per source
+//! connection_burst = 4000
 //! abuse_threshold = 20         # rejected handshakes/requests per window before a ban
 //! abuse_window = "1m"
 //! ```
+//!
+//! Why these defaults: a source may be a whole NATed office (hundreds of browsers behind one
+//! IPv4 address, each opening several connections per page) or a benchmark doing a thousand or
+//! more sequential setups a second, so the SYN rate sits well above that (at 1000 such a client
+//! would run at the limit) and the burst holds an office's page loads; every segment of an
+//! established connection carries ACK and is never charged, so no transfer, however fast, can
+//! run a source over its limits; and strikes decay, so a source that was over a limit for a
+//! moment is forgiven instead of banned later.
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,11 +37,15 @@ use serde::Deserialize;
 
 use super::{ConfigError, invalid, positive};
 use crate::cidr::Cidr;
+use crate::prefix::PrefixLengths;
 
 /// Largest burst accepted: the kernel counts in billionths of a token in 64 bits.
 const MAX_BURST: u32 = 10_000_000;
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const MAX_INTERFACE_NAME: usize = 15;
+/// Source prefix lengths accepted: shorter ones would lump unrelated networks into one source.
+const IPV4_PREFIXES: std::ops::RangeInclusive<u8> = 8..=32;
+const IPV6_PREFIXES: std::ops::RangeInclusive<u8> = 16..=128;
 
 /// `[shield]` of relay.toml.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -46,16 +61,24 @@ pub struct ShieldConfig {
     pub allow: Vec<Cidr>,
     /// Sources whose packets to protected ports are always dropped.
     pub deny: Vec<Cidr>,
-    /// New connections (SYNs) per second per source.
+    /// A source is the network of this many leading bits of an IPv4 address...
+    pub ipv4_prefix: u8,
+    /// ...and of an IPv6 address. Takes effect at the next start.
+    pub ipv6_prefix: u8,
+    /// New connections (TCP SYN without ACK) per second per source.
     pub syn_rate: u32,
     /// Burst of new connections per source.
     pub syn_burst: u32,
-    /// Packets per second per source to protected ports.
+    /// Segments per second per source that carry neither ACK nor RST and are not an opening
+    /// SYN: junk no TCP stack sends (FIN-, PSH-, URG-only). ACK-carrying segments (all of an
+    /// established connection's) and bare RSTs are never charged.
     pub packet_rate: u32,
     /// Burst of packets per source.
     pub packet_burst: u32,
-    /// Over-limit drops a source may accumulate before it is banned.
+    /// Over-limit drops a source may have in hand; the next one bans it.
     pub ban_threshold: u32,
+    /// Over-limit drops forgiven per second.
+    pub strike_decay_rate: u32,
     /// How long a ban lasts.
     #[serde(with = "humantime_serde")]
     pub ban_duration: Duration,
@@ -92,14 +115,17 @@ impl Default for ShieldConfig {
             protected_ports: Vec::new(),
             allow: Vec::new(),
             deny: Vec::new(),
-            syn_rate: 50,
-            syn_burst: 100,
-            packet_rate: 5_000,
-            packet_burst: 10_000,
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            syn_rate: 2_000,
+            syn_burst: 4_000,
+            packet_rate: 1_000,
+            packet_burst: 2_000,
             ban_threshold: 200,
+            strike_decay_rate: 20,
             ban_duration: Duration::from_secs(600),
-            connection_rate: 50,
-            connection_burst: 200,
+            connection_rate: 2_000,
+            connection_burst: 4_000,
             abuse_threshold: 20,
             abuse_window: Duration::from_secs(60),
         }
@@ -107,6 +133,14 @@ impl Default for ShieldConfig {
 }
 
 impl ShieldConfig {
+    /// What makes a source: `ipv4_prefix` and `ipv6_prefix`.
+    pub fn prefixes(&self) -> PrefixLengths {
+        PrefixLengths {
+            v4: self.ipv4_prefix,
+            v6: self.ipv6_prefix,
+        }
+    }
+
     /// The ports to police: `protected_ports`, or else `edge_ports` (those of the edge
     /// listeners).
     pub fn effective_ports(&self, edge_ports: &[u16]) -> Vec<u16> {
@@ -128,6 +162,18 @@ impl ShieldConfig {
                     path,
                     "shield.interfaces",
                     format!("{name:?} is not a valid interface name"),
+                ));
+            }
+        }
+        for (field, value, range) in [
+            ("shield.ipv4_prefix", self.ipv4_prefix, IPV4_PREFIXES),
+            ("shield.ipv6_prefix", self.ipv6_prefix, IPV6_PREFIXES),
+        ] {
+            if !range.contains(&value) {
+                return Err(invalid(
+                    path,
+                    field,
+                    format!("must be between {} and {}", range.start(), range.end()),
                 ));
             }
         }
@@ -161,6 +207,9 @@ impl ShieldConfig {
         if self.ban_threshold == 0 {
             return Err(invalid(path, "shield.ban_threshold", "must be at least 1"));
         }
+        if self.strike_decay_rate == 0 {
+            return Err(invalid(path, "shield.strike_decay_rate", "must be at least 1"));
+        }
         if self.abuse_threshold == 0 {
             return Err(invalid(path, "shield.abuse_threshold", "must be at least 1"));
         }
@@ -191,6 +240,12 @@ mod tests {
         assert_eq!(config.mode, AttachMode::Auto);
         let edge = EdgeConfig::default();
         assert_eq!(config.effective_ports(&edge.ports()), vec![80, 443]);
+        assert_eq!(config.prefixes(), PrefixLengths { v4: 32, v6: 64 });
+        // The userspace fallback admits what the kernel would.
+        assert_eq!(
+            (config.connection_rate, config.connection_burst),
+            (config.syn_rate, config.syn_burst)
+        );
     }
 
     #[test]
@@ -202,11 +257,14 @@ mode = "skb"
 protected_ports = [8443, 443, 8443]
 allow = ["10.0.0.0/8", "2001:db8::/32"]
 deny = ["198.51.100.7"]
+ipv4_prefix = 24
+ipv6_prefix = 56
 syn_rate = 10
 syn_burst = 20
 packet_rate = 100
 packet_burst = 200
 ban_threshold = 5
+strike_decay_rate = 2
 ban_duration = "90s"
 connection_rate = 3
 connection_burst = 4
@@ -226,6 +284,8 @@ abuse_window = "30s"
         assert_eq!(config.ban_duration, Duration::from_secs(90));
         assert_eq!(config.abuse_window, Duration::from_secs(30));
         assert_eq!((config.connection_rate, config.connection_burst), (3, 4));
+        assert_eq!(config.prefixes(), PrefixLengths { v4: 24, v6: 56 });
+        assert_eq!((config.ban_threshold, config.strike_decay_rate), (5, 2));
     }
 
     #[test]
@@ -235,6 +295,11 @@ abuse_window = "30s"
             ("packet_burst = 0", "shield.packet_burst"),
             ("connection_burst = 20000000", "shield.connection_burst"),
             ("ban_threshold = 0", "shield.ban_threshold"),
+            ("strike_decay_rate = 0", "shield.strike_decay_rate"),
+            ("ipv4_prefix = 7", "shield.ipv4_prefix"),
+            ("ipv4_prefix = 33", "shield.ipv4_prefix"),
+            ("ipv6_prefix = 15", "shield.ipv6_prefix"),
+            ("ipv6_prefix = 129", "shield.ipv6_prefix"),
             ("ban_duration = \"0s\"", "shield.ban_duration"),
             ("abuse_threshold = 0", "shield.abuse_threshold"),
             ("abuse_window = \"0s\"", "shield.abuse_window"),

@@ -2,7 +2,8 @@
 //! a hostname no tenant owns, a bad HTTP request), and a source rejected more than
 //! `abuse_threshold` times within `abuse_window` is banned — in the kernel's ban map when XDP
 //! is on, in the userspace gate otherwise (see [`super::runtime`]). SNI scanners and garbage
-//! senders thus stop costing the relay a TCP handshake and a task each.
+//! senders thus stop costing the relay a TCP handshake and a task each. Rejections are
+//! counted per source network ([`super::prefix`]), as the ban that follows applies to it.
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Mutex, RwLock};
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::shield::ShieldConfig;
 pub use crate::peek::Abuse;
+
+use crate::prefix::{PrefixLengths, SourcePrefix};
 
 /// Sources tracked before those with expired windows are forgotten.
 const MAX_TRACKED: usize = 100_000;
@@ -20,17 +23,44 @@ struct Window {
     rejections: u32,
 }
 
+/// What the tracker counts against.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    threshold: u32,
+    window: Duration,
+    prefixes: PrefixLengths,
+}
+
+impl Limits {
+    fn new(config: &ShieldConfig) -> Self {
+        Self {
+            threshold: config.abuse_threshold,
+            window: config.abuse_window,
+            prefixes: config.prefixes(),
+        }
+    }
+}
+
+/// A source that just went over the threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offender {
+    /// The source, as a prefix.
+    pub source: SourcePrefix,
+    /// Rejections in the window so far.
+    pub rejections: u32,
+}
+
 /// Counts rejections per source in fixed windows.
 pub struct AbuseTracker {
-    limits: RwLock<(u32, Duration)>,
-    windows: Mutex<HashMap<IpAddr, Window>>,
+    limits: RwLock<Limits>,
+    windows: Mutex<HashMap<SourcePrefix, Window>>,
 }
 
 impl AbuseTracker {
     /// A tracker with `abuse_threshold` and `abuse_window` from `config`, tracking no source yet.
     pub fn new(config: &ShieldConfig) -> Self {
         Self {
-            limits: RwLock::new((config.abuse_threshold, config.abuse_window)),
+            limits: RwLock::new(Limits::new(config)),
             windows: Mutex::new(HashMap::new()),
         }
     }
@@ -38,14 +68,18 @@ impl AbuseTracker {
     /// Takes new limits from `config` (on reload); counts already gathered are kept and judged
     /// by the new limits from the next rejection on.
     pub fn reconfigure(&self, config: &ShieldConfig) {
-        *self.limits.write().expect("abuse limits lock") = (config.abuse_threshold, config.abuse_window);
+        *self.limits.write().expect("abuse limits lock") = Limits::new(config);
     }
 
-    /// Records one rejection of `source` at `now`; returns the count when it just exceeded the
-    /// threshold (the caller bans), and starts the source over.
-    pub fn record(&self, source: IpAddr, now: Instant) -> Option<u32> {
-        let source = source.to_canonical();
-        let (threshold, window) = *self.limits.read().expect("abuse limits lock");
+    /// Records one rejection of a connection from `address` at `now`; returns its source when
+    /// that just exceeded the threshold (the caller bans), and starts the source over.
+    pub fn record(&self, address: IpAddr, now: Instant) -> Option<Offender> {
+        let Limits {
+            threshold,
+            window,
+            prefixes,
+        } = *self.limits.read().expect("abuse limits lock");
+        let source = prefixes.of(address);
         let mut windows = self.windows.lock().expect("abuse windows lock");
         if windows.len() >= MAX_TRACKED && !windows.contains_key(&source) {
             windows.retain(|_, w| now.saturating_duration_since(w.start) < window);
@@ -62,9 +96,9 @@ impl AbuseTracker {
         }
         entry.rejections += 1;
         if entry.rejections > threshold {
-            let count = entry.rejections;
+            let rejections = entry.rejections;
             windows.remove(&source);
-            return Some(count);
+            return Some(Offender { source, rejections });
         }
         None
     }
@@ -92,7 +126,9 @@ mod tests {
             assert_eq!(tracker.record(scanner, now), None);
         }
         assert_eq!(tracker.record(other, now), None);
-        assert_eq!(tracker.record(scanner, now + Duration::from_secs(1)), Some(4));
+        let offender = tracker.record(scanner, now + Duration::from_secs(1)).unwrap();
+        assert_eq!(offender.rejections, 4);
+        assert_eq!(offender.source.to_string(), "192.0.2.66");
         // Flagged once; the count starts over.
         assert_eq!(tracker.record(scanner, now + Duration::from_secs(2)), None);
     }
@@ -108,6 +144,22 @@ mod tests {
         let later = now + Duration::from_secs(11);
         assert_eq!(tracker.record(source, later), None);
         assert_eq!(tracker.record(source, later), None);
-        assert_eq!(tracker.record(source, later), Some(3));
+        assert_eq!(tracker.record(source, later).map(|o| o.rejections), Some(3));
+    }
+
+    #[test]
+    fn a_scanner_rotating_addresses_inside_its_64_is_one_source() {
+        let tracker = tracker(3, Duration::from_secs(10));
+        let now = Instant::now();
+        for i in 1..=3 {
+            let address: IpAddr = format!("2001:db8:5:6::{i}").parse().unwrap();
+            assert_eq!(tracker.record(address, now), None);
+        }
+        // Another /64 counts on its own.
+        assert_eq!(tracker.record("2001:db8:5:7::1".parse().unwrap(), now), None);
+        let offender = tracker
+            .record("2001:db8:5:6:ffff::4".parse().unwrap(), now)
+            .expect("four rejections from one /64");
+        assert_eq!(offender.source.to_string(), "2001:db8:5:6::/64");
     }
 }

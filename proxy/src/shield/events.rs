@@ -1,6 +1,7 @@
 //! Ban events from the kernel: the program writes a `BanEvent` into the `BAN_EVENTS` ring
-//! buffer each time it bans a source; this module decodes them, and [`BanEvents::run`] is the
-//! relay's reader task (tokio `AsyncFd` on the ring buffer's fd) that logs and counts each one.
+//! buffer each time it bans a source (a network, see [`super::prefix`]); this module decodes
+//! them, and [`BanEvents::run`] is the relay's reader task (tokio `AsyncFd` on the ring
+//! buffer's fd) that logs and counts each one.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
@@ -11,12 +12,13 @@ use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
 use super::clock;
+use crate::prefix::SourcePrefix;
 
 /// One ban the kernel decided, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BanNotice {
-    /// The banned address, IPv4 or IPv6 as the packet carried it.
-    pub source: IpAddr,
+    /// The banned source network.
+    pub source: SourcePrefix,
     /// The over-limit drop that crossed the threshold.
     pub reason: Option<Reason>,
     /// Kernel clock (ns) when the ban ends.
@@ -30,7 +32,7 @@ impl BanNotice {
         }
         // SAFETY: length checked; BanEvent is plain data valid for any bit pattern.
         let event: BanEvent = unsafe { bytes.as_ptr().cast::<BanEvent>().read_unaligned() };
-        let source = if event.family == FAMILY_V4 {
+        let network = if event.family == FAMILY_V4 {
             IpAddr::V4(Ipv4Addr::new(
                 event.addr[0],
                 event.addr[1],
@@ -40,6 +42,7 @@ impl BanNotice {
         } else {
             IpAddr::V6(Ipv6Addr::from(event.addr))
         };
+        let source = SourcePrefix::new(network, u8::try_from(event.prefix_len).ok()?)?;
         Some(Self {
             source,
             reason: Reason::from_index(event.reason),

@@ -3,7 +3,9 @@
 //!
 //! Bans live in two places: the ones userspace decides (operator, L7 abuse) in the `BANNED_*`
 //! hash maps, the ones the kernel decides in the source's state (`SOURCES_*`). Listing, checking
-//! and lifting bans here covers both.
+//! and lifting bans here covers both. Both are kept per source network ([`SourcePrefix`]): an
+//! address given here stands for the network of the prefix lengths the kernel uses now (read
+//! from its limits), so banning `2001:db8::1` bans `2001:db8::/64` at the default `/64`.
 //!
 //! The same [`ShieldMaps`] serves the relay (maps taken from the object it loaded) and the CLI
 //! (maps opened from their pins under `/sys/fs/bpf/sluice/<instance>/`), so both edit a running
@@ -17,15 +19,16 @@ use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use aya::{Ebpf, Pod};
 use proxy_common::{
     BanEntry, BucketLimit, CidrOrigin, Counter, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_BANS_V4, LIST_BANS_V6,
-    LIST_DENY_V4, LIST_DENY_V6, Limits, MAP_ALLOW_V4, MAP_ALLOW_V6, MAP_BANNED_V4, MAP_BANNED_V6,
-    MAP_COUNTERS, MAP_DENY_V4, MAP_DENY_V6, MAP_LIMITS, MAP_PORTS, MAP_SOURCES_V4, MAP_SOURCES_V6, PortSet,
-    Reason,
+    LIST_DENY_V4, LIST_DENY_V6, LIST_FINE_V4, LIST_FINE_V6, Limits, MAP_ALLOW_V4, MAP_ALLOW_V6,
+    MAP_BANNED_V4, MAP_BANNED_V6, MAP_COUNTERS, MAP_DENY_V4, MAP_DENY_V6, MAP_POLICY, MAP_SOURCES_V4,
+    MAP_SOURCES_V6, Policy, PortSet, Reason,
 };
 
 use super::ShieldError;
 use super::clock::monotonic_now_ns;
 use super::sources::SourceTable;
 use crate::cidr::Cidr;
+use crate::prefix::{PrefixLengths, SourcePrefix};
 
 /// Which list a CIDR is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,47 +63,58 @@ pub struct CidrEntry {
 /// One ban, as listed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BanRecord {
-    /// The banned address.
-    pub source: IpAddr,
+    /// The banned source network.
+    pub source: SourcePrefix,
     /// Time left; `None` for a ban without expiry.
     pub remaining: Option<Duration>,
+}
+
+/// What the kernel enforces per source, in config units (see `[shield]` in relay.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceLimits {
+    /// New connections: (per second, burst).
+    pub syn: (u32, u32),
+    /// Segments with neither ACK nor RST other than an opening SYN: (per second, burst).
+    pub packet: (u32, u32),
+    /// Over-limit drops a source may have in hand before the next one bans it...
+    pub ban_threshold: u32,
+    /// ...forgiven at this many per second.
+    pub strike_decay_rate: u32,
+    /// How long a ban lasts.
+    pub ban_duration: Duration,
+    /// What makes a source.
+    pub prefixes: PrefixLengths,
 }
 
 /// The limits and ports the kernel enforces, in the kernel's units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelPolicy {
-    /// The token buckets and ban rule, written to `LIMITS` slot 0.
+    /// The token buckets and ban rule (with the ports, the `POLICY` map's one entry).
     pub limits: Limits,
-    /// The destination ports the program polices, written to `PORTS` slot 0.
+    /// The destination ports the program polices.
     pub ports: PortSet,
 }
 
 impl KernelPolicy {
-    /// The policy for `ports`, with `syn` and `packet` given as (per-second rate, burst) per
-    /// source (0 counts as 1), and a ban of `ban_duration` once a source's over-limit drops
-    /// exceed `ban_threshold`.
-    pub fn new(
-        ports: &[u16],
-        syn: (u32, u32),
-        packet: (u32, u32),
-        ban_threshold: u32,
-        ban_duration: Duration,
-    ) -> Self {
+    /// The policy for `ports` under `limits`.
+    pub fn new(ports: &[u16], limits: &SourceLimits) -> Self {
         let mut set = PortSet::default();
         for &port in ports {
             set.insert(port);
         }
+        let bucket = |(rate, burst): (u32, u32)| BucketLimit::new(u64::from(rate), u64::from(burst));
         Self {
             limits: Limits {
-                syn: BucketLimit::new(u64::from(syn.0), u64::from(syn.1)),
-                packet: BucketLimit::new(u64::from(packet.0), u64::from(packet.1)),
-                ban_threshold: u64::from(ban_threshold),
-                ban_ns: u64::try_from(ban_duration.as_nanos()).unwrap_or(u64::MAX),
+                syn: bucket(limits.syn),
+                packet: bucket(limits.packet),
+                strikes: bucket((limits.strike_decay_rate, limits.ban_threshold)),
+                ban_ns: u64::try_from(limits.ban_duration.as_nanos()).unwrap_or(u64::MAX),
                 // Filled in by `ShieldMaps::set_policy`: lists from the maps, seeds drawn once,
                 // the next generation.
                 lists: 0,
                 seeds: [0; 2],
                 generation: 0,
+                prefixes: limits.prefixes.to_kernel(),
             },
             ports: set,
         }
@@ -117,8 +131,7 @@ pub struct ShieldMaps {
     allow_v6: LpmTrie<MapData, [u8; 16], u8>,
     deny_v4: LpmTrie<MapData, u32, u8>,
     deny_v6: LpmTrie<MapData, [u8; 16], u8>,
-    limits: Array<MapData, Limits>,
-    ports: Array<MapData, PortSet>,
+    policy: Array<MapData, Policy>,
     counters: PerCpuArray<MapData, Counter>,
 }
 
@@ -163,19 +176,19 @@ impl ShieldMaps {
             allow_v6: get(MAP_ALLOW_V6)?.try_into()?,
             deny_v4: get(MAP_DENY_V4)?.try_into()?,
             deny_v6: get(MAP_DENY_V6)?.try_into()?,
-            limits: get(MAP_LIMITS)?.try_into()?,
-            ports: get(MAP_PORTS)?.try_into()?,
+            policy: get(MAP_POLICY)?.try_into()?,
             counters: get(MAP_COUNTERS)?.try_into()?,
         })
     }
 
-    /// Writes limits and protected ports (each one map update, so the kernel never sees half).
-    /// The source-table seeds are drawn once, the first time, and kept: new seeds would move
-    /// every source to another set and lose its state.
+    /// Writes limits and protected ports (one map update). The source-table seeds are drawn
+    /// once, the first time, and kept: new seeds would move every source to another set and
+    /// lose its state. New prefix lengths apply to packets from then on; sources and bans
+    /// already recorded stay keyed by the old ones.
     pub fn set_policy(&mut self, policy: &KernelPolicy) -> Result<(), ShieldError> {
-        let current = self.limits.get(&0, 0)?;
+        let current = self.policy.get(&0, 0)?.limits;
         let limits = Limits {
-            lists: self.list_bits()?,
+            lists: self.list_bits(PrefixLengths::from_kernel(&policy.limits.prefixes))?,
             seeds: if current.seeds == [0; 2] {
                 random_seeds()?
             } else {
@@ -184,23 +197,36 @@ impl ShieldMaps {
             generation: next_generation(current.generation),
             ..policy.limits
         };
-        self.limits.set(0, limits, 0)?;
-        self.ports.set(0, policy.ports, 0)?;
+        self.policy.set(
+            0,
+            Policy {
+                limits,
+                ports: policy.ports,
+            },
+            0,
+        )?;
         Ok(())
     }
 
-    /// Which tries and ban maps hold entries, as `Limits::lists` bits.
-    fn list_bits(&self) -> Result<u64, ShieldError> {
+    /// Which tries and ban maps hold entries, and which families have an allow/deny entry
+    /// longer than their source prefix under `prefixes`, as `Limits::lists` bits.
+    fn list_bits(&self, prefixes: PrefixLengths) -> Result<u64, ShieldError> {
+        let allow_v4 = extent(&self.allow_v4, prefixes.v4)?;
+        let allow_v6 = extent(&self.allow_v6, prefixes.v6)?;
+        let deny_v4 = extent(&self.deny_v4, prefixes.v4)?;
+        let deny_v6 = extent(&self.deny_v6, prefixes.v6)?;
         let mut bits = 0;
-        for (bit, empty) in [
-            (LIST_ALLOW_V4, self.allow_v4.keys().next().is_none()),
-            (LIST_ALLOW_V6, self.allow_v6.keys().next().is_none()),
-            (LIST_DENY_V4, self.deny_v4.keys().next().is_none()),
-            (LIST_DENY_V6, self.deny_v6.keys().next().is_none()),
-            (LIST_BANS_V4, self.bans_v4.keys().next().is_none()),
-            (LIST_BANS_V6, self.bans_v6.keys().next().is_none()),
+        for (bit, set) in [
+            (LIST_ALLOW_V4, allow_v4.any),
+            (LIST_ALLOW_V6, allow_v6.any),
+            (LIST_DENY_V4, deny_v4.any),
+            (LIST_DENY_V6, deny_v6.any),
+            (LIST_BANS_V4, self.bans_v4.keys().next().is_some()),
+            (LIST_BANS_V6, self.bans_v6.keys().next().is_some()),
+            (LIST_FINE_V4, allow_v4.finer || deny_v4.finer),
+            (LIST_FINE_V6, allow_v6.finer || deny_v6.finer),
         ] {
-            if !empty {
+            if set {
                 bits |= bit;
             }
         }
@@ -209,31 +235,43 @@ impl ShieldMaps {
 
     /// After a change to the tries or ban maps: tells the kernel which are worth a lookup.
     fn refresh_lists(&mut self) -> Result<(), ShieldError> {
-        let lists = self.list_bits()?;
+        let lists = self.list_bits(self.prefixes()?)?;
         self.announce(|_| lists)
     }
 
     /// Writes `Limits::lists` as `lists` makes it from the current bits, and bumps the
     /// generation so every source's cached lookups (see `SourceState`) are redone.
     fn announce(&mut self, lists: impl FnOnce(u64) -> u64) -> Result<(), ShieldError> {
-        let mut limits = self.limits.get(&0, 0)?;
-        limits.lists = lists(limits.lists);
-        limits.generation = next_generation(limits.generation);
-        self.limits.set(0, limits, 0)?;
+        let mut policy = self.policy.get(&0, 0)?;
+        policy.limits.lists = lists(policy.limits.lists);
+        policy.limits.generation = next_generation(policy.limits.generation);
+        self.policy.set(0, policy, 0)?;
         Ok(())
     }
 
     /// The limits and ports in force.
     pub fn policy(&self) -> Result<KernelPolicy, ShieldError> {
-        Ok(KernelPolicy {
-            limits: self.limits.get(&0, 0)?,
-            ports: self.ports.get(&0, 0)?,
-        })
+        let Policy { limits, ports } = self.policy.get(&0, 0)?;
+        Ok(KernelPolicy { limits, ports })
     }
 
-    /// Bans `source` for `duration` (`None`: until unbanned). When the ban map is full, expired
-    /// bans make room; failing that, the ban is refused (`E2BIG`) rather than evicting another.
-    pub fn ban(&mut self, source: IpAddr, duration: Option<Duration>) -> Result<(), ShieldError> {
+    /// The prefix lengths the kernel keys sources by.
+    pub fn prefixes(&self) -> Result<PrefixLengths, ShieldError> {
+        Ok(PrefixLengths::from_kernel(
+            &self.policy.get(&0, 0)?.limits.prefixes,
+        ))
+    }
+
+    /// The source `address` belongs to, as the kernel keys it.
+    pub fn source_of(&self, address: IpAddr) -> Result<SourcePrefix, ShieldError> {
+        Ok(self.prefixes()?.of(address))
+    }
+
+    /// Bans the source `address` belongs to for `duration` (`None`: until unbanned); returns
+    /// that source. When the ban map is full, expired bans make room; failing that, the ban is
+    /// refused (`E2BIG`) rather than evicting another.
+    pub fn ban(&mut self, address: IpAddr, duration: Option<Duration>) -> Result<SourcePrefix, ShieldError> {
+        let source = self.source_of(address)?;
         let until_ns = match duration {
             None => u64::MAX,
             Some(d) => monotonic_now_ns()?.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
@@ -247,16 +285,17 @@ impl ShieldMaps {
             self.insert_ban(source, entry)?;
         }
         // The map holds an entry now: no need to look at every map for the bits.
-        let bit = if source.is_ipv4() {
+        let bit = if source.network().is_ipv4() {
             LIST_BANS_V4
         } else {
             LIST_BANS_V6
         };
-        self.announce(|lists| lists | bit)
+        self.announce(|lists| lists | bit)?;
+        Ok(source)
     }
 
-    fn insert_ban(&mut self, source: IpAddr, entry: BanEntry) -> Result<(), MapError> {
-        match source {
+    fn insert_ban(&mut self, source: SourcePrefix, entry: BanEntry) -> Result<(), MapError> {
+        match source.network() {
             IpAddr::V4(v4) => self.bans_v4.insert(v4_key(v4), entry, 0),
             IpAddr::V6(v6) => self.bans_v6.insert(v6.octets(), entry, 0),
         }
@@ -268,10 +307,11 @@ impl ShieldMaps {
         remove_expired(&mut self.bans_v6, now)
     }
 
-    /// Lifts a ban, wherever it lives; returns whether there was one.
-    pub fn unban(&mut self, source: IpAddr) -> Result<bool, ShieldError> {
+    /// Lifts the ban on the source `address` belongs to, wherever it lives; returns whether
+    /// there was one.
+    pub fn unban(&mut self, address: IpAddr) -> Result<bool, ShieldError> {
         let now = monotonic_now_ns()?;
-        let (listed, kernel) = match source {
+        let (listed, kernel) = match self.source_of(address)?.network() {
             IpAddr::V4(v4) => (
                 absent_ok(self.bans_v4.remove(&v4_key(v4)))?,
                 self.sources_v4.lift_ban(v4_key(v4), now),
@@ -287,10 +327,11 @@ impl ShieldMaps {
         Ok(listed || kernel)
     }
 
-    /// Whether `source` is banned right now, by userspace or by the kernel.
-    pub fn is_banned(&self, source: IpAddr) -> Result<bool, ShieldError> {
+    /// Whether the source `address` belongs to is banned right now, by userspace or by the
+    /// kernel.
+    pub fn is_banned(&self, address: IpAddr) -> Result<bool, ShieldError> {
         let now = monotonic_now_ns()?;
-        let (listed, kernel) = match source {
+        let (listed, kernel) = match self.source_of(address)?.network() {
             IpAddr::V4(v4) => (
                 self.bans_v4.get(&v4_key(v4), 0),
                 self.sources_v4.banned_until(v4_key(v4), now),
@@ -308,10 +349,11 @@ impl ShieldMaps {
     /// ban that lasts longer.
     pub fn bans(&self) -> Result<Vec<BanRecord>, ShieldError> {
         let now = monotonic_now_ns()?;
-        let mut until = std::collections::BTreeMap::<IpAddr, u64>::new();
-        let mut add = |source: IpAddr, until_ns: u64| {
+        let prefixes = self.prefixes()?;
+        let mut until = std::collections::BTreeMap::<SourcePrefix, u64>::new();
+        let mut add = |network: IpAddr, until_ns: u64| {
             if until_ns > now {
-                let longest = until.entry(source).or_default();
+                let longest = until.entry(prefixes.of(network)).or_default();
                 *longest = (*longest).max(until_ns);
             }
         };
@@ -483,7 +525,8 @@ fn next_generation(current: u64) -> u64 {
     current % u64::from(u32::MAX) + 1
 }
 
-/// Random multipliers for the source-table hash, from the kernel's random pool.
+/// Random odd multipliers for the source-table hash, from the kernel's random pool (odd, so
+/// the program need not make them so per packet).
 fn random_seeds() -> Result<[u64; 2], ShieldError> {
     let mut bytes = [0u8; 16];
     // SAFETY: writes at most `bytes.len()` bytes into our buffer.
@@ -493,7 +536,7 @@ fn random_seeds() -> Result<[u64; 2], ShieldError> {
     }
     let mut seeds = [0u64; 2];
     for (seed, chunk) in seeds.iter_mut().zip(bytes.chunks_exact(8)) {
-        *seed = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+        *seed = u64::from_ne_bytes(chunk.try_into().expect("8 bytes")) | 1;
     }
     Ok(seeds)
 }
@@ -504,6 +547,25 @@ fn found<V>(result: Result<V, MapError>) -> Result<Option<V>, ShieldError> {
         Err(MapError::KeyNotFound) => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+/// What a trie holds, against a source prefix length.
+struct Extent {
+    /// Some entry.
+    any: bool,
+    /// Some entry longer than the prefix length.
+    finer: bool,
+}
+
+fn extent<K: Pod>(trie: &LpmTrie<MapData, K, u8>, source_len: u8) -> Result<Extent, ShieldError> {
+    let mut any = false;
+    for key in trie.keys() {
+        any = true;
+        if key?.prefix_len() > u32::from(source_len) {
+            return Ok(Extent { any, finer: true });
+        }
+    }
+    Ok(Extent { any, finer: false })
 }
 
 /// Whether an insert failed because the map is full.

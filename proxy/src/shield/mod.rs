@@ -9,6 +9,8 @@
 //! - [`runtime`]: what a relay runs: XDP when it can attach, else the userspace [`gate`];
 //!   plus the [`abuse`] tracker that turns repeated L7 rejections into bans.
 //! - [`cli`]: `sluice shield ...`, editing a running relay's shield through its pins.
+//! - [`prefix`]: what a source is (the network of its first `ipv4_prefix`/`ipv6_prefix`
+//!   bits), for the kernel's tables and bans and for the userspace gate and abuse tracker.
 //! - [`pin`], [`clock`]: pin paths, the kernel's clock.
 pub mod abuse;
 pub mod cli;
@@ -31,8 +33,9 @@ use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError};
 use proxy_common::{Counter, MAP_BAN_EVENTS, Reason, XDP_PROGRAM};
 
+pub use crate::prefix::{PrefixLengths, SourcePrefix};
 pub use events::{BanEvents, BanNotice};
-pub use maps::{BanRecord, CidrEntry, CidrList, KernelPolicy, ShieldMaps};
+pub use maps::{BanRecord, CidrEntry, CidrList, KernelPolicy, ShieldMaps, SourceLimits};
 pub use runtime::RelayShield;
 
 /// The compiled XDP object (BPF ELF with BTF), aligned for aya's parser.
@@ -218,14 +221,15 @@ impl Shield {
         self.events.take()
     }
 
-    /// Bans `source` for `duration` (`None`: until unbanned).
-    pub fn ban(&mut self, source: IpAddr, duration: Option<Duration>) -> Result<(), ShieldError> {
-        self.maps.ban(source, duration)
+    /// Bans the source `address` belongs to for `duration` (`None`: until unbanned); returns
+    /// that source.
+    pub fn ban(&mut self, address: IpAddr, duration: Option<Duration>) -> Result<SourcePrefix, ShieldError> {
+        self.maps.ban(address, duration)
     }
 
-    /// Lifts a ban; returns whether there was one.
-    pub fn unban(&mut self, source: IpAddr) -> Result<bool, ShieldError> {
-        self.maps.unban(source)
+    /// Lifts the ban on the source `address` belongs to; returns whether there was one.
+    pub fn unban(&mut self, address: IpAddr) -> Result<bool, ShieldError> {
+        self.maps.unban(address)
     }
 
     /// Sums every CPU's counters for each verdict reason.

@@ -1,7 +1,14 @@
 //! Where a relay pins its shield maps so the CLI can edit a running shield:
 //! `/sys/fs/bpf/sluice/<instance>/<MAP_NAME>`, one directory per relay instance (named after its
 //! first edge port). The relay creates the directory at start and removes it at shutdown.
+//!
+//! `/sys/fs/bpf` belongs to a mount namespace: a relay started by `ip netns exec` (which mounts
+//! a fresh `/sys` for the network namespace) or in a container pins into a BPF filesystem that
+//! processes in other mount namespaces do not see. They reach it through the relay's root,
+//! `/proc/<relay pid>/root/sys/fs/bpf/sluice`, or by entering its mount namespace.
 use std::path::{Path, PathBuf};
+
+use proxy_common::MAP_POLICY;
 
 use super::ShieldError;
 
@@ -41,19 +48,48 @@ pub fn remove(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
-/// Instances with pinned maps, sorted.
+/// Instances with pinned maps under [`PIN_ROOT`], sorted.
 pub fn instances() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(PIN_ROOT)
+    instances_in(Path::new(PIN_ROOT))
+}
+
+/// Instances with pinned maps under `root` (directories holding a relay's pins), sorted.
+pub fn instances_in(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
         .map(|entries| {
             entries
                 .flatten()
-                .filter(|e| e.path().is_dir())
+                .filter(|e| holds_pins(&e.path()))
                 .filter_map(|e| e.file_name().into_string().ok())
                 .collect()
         })
         .unwrap_or_default();
     names.sort();
     names
+}
+
+/// Whether `dir` is one relay instance's pin directory.
+pub fn holds_pins(dir: &Path) -> bool {
+    dir.join(MAP_POLICY).exists()
+}
+
+/// Why nothing is pinned under `root`, as seen from this process: it is missing, it holds no
+/// instance, or (for a path under `/sys/fs/bpf`) no BPF filesystem is mounted there in this
+/// mount namespace.
+pub fn why_empty(root: &Path) -> String {
+    let state = if root.exists() {
+        "holds no relay instance"
+    } else {
+        "does not exist"
+    };
+    if root.starts_with(BPF_FS) && !is_bpffs(BPF_FS) {
+        format!(
+            "{} {state}; {BPF_FS} is not a BPF filesystem in this mount namespace",
+            root.display()
+        )
+    } else {
+        format!("{} {state}", root.display())
+    }
 }
 
 fn ensure_bpffs() -> Result<(), ShieldError> {

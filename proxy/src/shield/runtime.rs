@@ -5,7 +5,8 @@
 //! When XDP is not possible (no interfaces configured, no privileges, an interface that
 //! refuses) it says why and enforces the userspace [`ConnectionGate`] at accept time instead.
 //! Either way the [`AbuseTracker`] turns repeated L7 rejections into bans, and
-//! [`RelayShield::reload`] applies a new `[shield]` section.
+//! [`RelayShield::reload`] applies a new `[shield]` section. Kernel, gate and tracker key
+//! sources by the same prefix lengths (see [`super::prefix`]), fixed for the relay's lifetime.
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,7 +21,9 @@ use crate::config::shield::{AttachMode, ShieldConfig};
 
 use super::abuse::{Abuse, AbuseTracker};
 use super::gate::ConnectionGate;
-use super::{BanNotice, BanRecord, KernelPolicy, Shield, ShieldError, ShieldMaps, mode_name, pin};
+use super::{
+    BanNotice, BanRecord, KernelPolicy, Shield, ShieldError, ShieldMaps, SourceLimits, mode_name, pin,
+};
 
 /// Where the program is attached: `(interface, "driver" | "skb")`.
 pub type Attachments = Vec<(String, &'static str)>;
@@ -131,14 +134,14 @@ impl RelayShield {
         if self.gate.is_allowlisted(peer) {
             return;
         }
-        let Some(rejections) = self.abuse.record(peer, Instant::now()) else {
+        let Some(offender) = self.abuse.record(peer, Instant::now()) else {
             return;
         };
         let duration = self.config.lock().expect("shield config lock").ban_duration;
         self.stats.abuse_bans.fetch_add(1, Ordering::Relaxed);
         warn!(
-            source = %peer,
-            rejections,
+            source = %offender.source,
+            rejections = offender.rejections,
             last = what.label(),
             ban = ?duration,
             "shield: banning source after repeated rejected connections"
@@ -155,7 +158,7 @@ impl RelayShield {
         }
     }
 
-    /// Whether `peer` is banned (kernel maps with XDP, userspace list otherwise).
+    /// Whether `peer`'s source is banned (kernel maps with XDP, userspace list otherwise).
     pub fn is_banned(&self, peer: IpAddr) -> bool {
         let xdp = self.xdp.lock().expect("shield lock");
         match xdp.as_ref() {
@@ -178,25 +181,30 @@ impl RelayShield {
         }
     }
 
-    /// Bans `source` for `duration` (`None`: until lifted), wherever enforcement happens.
-    pub fn ban(&self, source: IpAddr, duration: Option<Duration>) -> Result<(), ShieldError> {
+    /// Bans the source `address` belongs to for `duration` (`None`: until lifted), wherever
+    /// enforcement happens.
+    pub fn ban(&self, address: IpAddr, duration: Option<Duration>) -> Result<(), ShieldError> {
         let mut xdp = self.xdp.lock().expect("shield lock");
         match xdp.as_mut() {
-            Some(shield) => shield.ban(source.to_canonical(), duration),
+            Some(shield) => {
+                let source = shield.ban(address.to_canonical(), duration)?;
+                info!(%source, ban = ?duration, "shield: source banned by the operator");
+                Ok(())
+            }
             None => {
                 self.gate
-                    .ban(source, duration.and_then(|d| Instant::now().checked_add(d)));
+                    .ban(address, duration.and_then(|d| Instant::now().checked_add(d)));
                 Ok(())
             }
         }
     }
 
-    /// Lifts a ban; returns whether there was one.
-    pub fn unban(&self, source: IpAddr) -> Result<bool, ShieldError> {
+    /// Lifts the ban on the source `address` belongs to; returns whether there was one.
+    pub fn unban(&self, address: IpAddr) -> Result<bool, ShieldError> {
         let mut xdp = self.xdp.lock().expect("shield lock");
         match xdp.as_mut() {
-            Some(shield) => shield.maps_mut().unban(source.to_canonical()),
-            None => Ok(self.gate.unban(source)),
+            Some(shield) => shield.maps_mut().unban(address.to_canonical()),
+            None => Ok(self.gate.unban(address)),
         }
     }
 
@@ -207,18 +215,25 @@ impl RelayShield {
     }
 
     /// Applies a new `[shield]` section: limits, ports and lists take effect at once;
-    /// `interfaces` and `mode` only at the next start.
+    /// `interfaces`, `mode`, `ipv4_prefix` and `ipv6_prefix` only at the next start (every
+    /// source's state and every ban is keyed by the prefixes).
     pub fn reload(&self, config: &ShieldConfig, listener_ports: &[u16]) -> Result<(), ShieldError> {
         let mut current = self.config.lock().expect("shield config lock");
         if current.interfaces != config.interfaces || current.mode != config.mode {
             warn!("shield: `interfaces` and `mode` changes take effect at the next restart");
         }
-        self.gate.reconfigure(config);
-        self.abuse.reconfigure(config);
-        if let Some(shield) = self.xdp.lock().expect("shield lock").as_mut() {
-            sync(shield.maps_mut(), config, listener_ports)?;
+        let mut config = config.clone();
+        if config.prefixes() != current.prefixes() {
+            warn!("shield: `ipv4_prefix` and `ipv6_prefix` changes take effect at the next restart");
+            config.ipv4_prefix = current.ipv4_prefix;
+            config.ipv6_prefix = current.ipv6_prefix;
         }
-        *current = config.clone();
+        self.gate.reconfigure(&config);
+        self.abuse.reconfigure(&config);
+        if let Some(shield) = self.xdp.lock().expect("shield lock").as_mut() {
+            sync(shield.maps_mut(), &config, listener_ports)?;
+        }
+        *current = config;
         info!("shield: configuration reloaded");
         Ok(())
     }
@@ -243,13 +258,19 @@ impl Drop for RelayShield {
 /// The policy the kernel enforces for `config`, on `listener_ports` (the relay's edge and tunnel
 /// ports) unless `protected_ports` names others.
 pub fn kernel_policy(config: &ShieldConfig, listener_ports: &[u16]) -> KernelPolicy {
-    KernelPolicy::new(
-        &config.effective_ports(listener_ports),
-        (config.syn_rate, config.syn_burst),
-        (config.packet_rate, config.packet_burst),
-        config.ban_threshold,
-        config.ban_duration,
-    )
+    KernelPolicy::new(&config.effective_ports(listener_ports), &source_limits(config))
+}
+
+/// The per-source limits of `config`.
+pub fn source_limits(config: &ShieldConfig) -> SourceLimits {
+    SourceLimits {
+        syn: (config.syn_rate, config.syn_burst),
+        packet: (config.packet_rate, config.packet_burst),
+        ban_threshold: config.ban_threshold,
+        strike_decay_rate: config.strike_decay_rate,
+        ban_duration: config.ban_duration,
+        prefixes: config.prefixes(),
+    }
 }
 
 /// Writes `config` into the kernel maps.
@@ -365,5 +386,27 @@ mod tests {
         shield.reload(&config.shield, &config.listener_ports()).unwrap();
         assert!(shield.admit(scanner));
         assert!(shield.with_maps(|_| ()).is_none());
+    }
+
+    #[tokio::test]
+    async fn bans_cover_the_source_prefix_and_a_reload_keeps_the_prefixes_in_force() {
+        let mut config: RelayConfig = toml::from_str(
+            "state_dir = \"s\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\n",
+        )
+        .unwrap();
+        let shield = RelayShield::start(&config);
+        let ip = |text: &str| -> IpAddr { text.parse().unwrap() };
+        shield.ban(ip("2001:db8::1"), None).unwrap();
+        assert!(shield.is_banned(ip("2001:db8::ffff")), "the whole /64");
+        assert!(!shield.is_banned(ip("2001:db8:0:1::1")));
+        let bans = shield.bans().unwrap();
+        assert_eq!(bans[0].source.to_string(), "2001:db8::/64");
+
+        // New prefix lengths wait for the next start: what is recorded stays meaningful.
+        config.shield.ipv6_prefix = 128;
+        shield.reload(&config.shield, &config.listener_ports()).unwrap();
+        assert!(shield.is_banned(ip("2001:db8::ffff")));
+        assert!(shield.unban(ip("2001:db8::42")).unwrap());
+        assert!(shield.admit(ip("2001:db8::1")));
     }
 }
