@@ -3,6 +3,7 @@
 //! Every command other than `setup` first checks the eBPF toolchain and installs what is missing,
 //! so a fresh machine needs nothing done by hand.
 mod demo;
+mod fuzz;
 mod layers;
 mod setup;
 
@@ -47,7 +48,20 @@ enum Task {
         /// The `src/` directory to check (default: `proxy/src`).
         dir: Option<PathBuf>,
     },
-    /// Format check, clippy -D warnings (userspace and eBPF), every unit and integration test.
+    /// Run the fuzz targets in `fuzz/` one after another; fails on a crash or a timeout,
+    /// printing the input and the command that replays it.
+    Fuzz {
+        /// Seconds to run each target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Run only this target (`cargo +nightly fuzz list --fuzz-dir fuzz` names them all).
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Rewrite the checked-in seed corpus (`fuzz/corpus/`) with `fuzz/examples/seeds.rs`.
+    FuzzSeeds,
+    /// Format check, clippy -D warnings (userspace and eBPF), every fuzz target for a few
+    /// seconds, every unit and integration test.
     /// (Workspace default members; `proxy-ebpf` is linted for its own BPF target.)
     Test,
 }
@@ -82,6 +96,14 @@ fn main() -> Result<()> {
             println!("xtask: layers: {}", layers::check(&dir)?);
             Ok(())
         }
+        Task::Fuzz { seconds, target } => {
+            setup::ensure()?;
+            fuzz::run_targets(seconds, target.as_deref())
+        }
+        Task::FuzzSeeds => {
+            setup::ensure()?;
+            fuzz::write_seeds()
+        }
         Task::Test => {
             setup::ensure()?;
             test()
@@ -102,6 +124,8 @@ fn build(release: bool) -> Result<()> {
 
 fn test() -> Result<()> {
     run(cmd("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    // The fuzz crate is outside the workspace, so `--all` leaves it out.
+    run(cmd("cargo").args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"]))?;
     // Dependencies inside the proxy crate point one way; say so before spending a build.
     println!(
         "xtask: layers: {}",
@@ -130,6 +154,8 @@ fn test() -> Result<()> {
             "warnings",
         ])
         .env("CARGO_TARGET_DIR", workspace_root().join("target/ebpf-clippy")))?;
+    // Before the tests, so that their summed-up line stays the last one printed.
+    fuzz::run_targets(fuzz::TEST_SECONDS, None)?;
     let mut test = cmd("cargo");
     test.args(["test", "--all-targets"]);
     if !is_root() {

@@ -1,5 +1,5 @@
 //! `cargo xtask setup`: installs what building the XDP programs (and the test suite) needs,
-//! idempotently.
+//! idempotently, and the pinned cargo-fuzz the fuzz targets run with.
 //!
 //! The eBPF crate builds with the installed `nightly` toolchain (`-Z build-std=core` needs its
 //! `rust-src`) and links with `bpf-linker`, which must be built against the same LLVM major as
@@ -70,6 +70,12 @@ pub fn setup() -> Result<()> {
     eprintln!(
         "xtask: eBPF toolchain ready ({NIGHTLY} with rust-src, bpf-linker on LLVM {})",
         nightly_llvm_major()?
+    );
+    // Not part of `missing()`: only `fuzz` and `test` need it, and they install it themselves.
+    crate::fuzz::ensure_cargo_fuzz()?;
+    eprintln!(
+        "xtask: cargo-fuzz {} ready (drives {NIGHTLY})",
+        crate::fuzz::CARGO_FUZZ_VERSION
     );
     Ok(())
 }
