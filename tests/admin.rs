@@ -192,6 +192,31 @@ async fn bans_through_the_api_close_the_door_and_reopen_it() {
     assert_eq!((lifted, again, bad), (200, 404, 400));
     let answer = round_trip(world.tls_addr(), "app.acme.test", acme.client_config(), "back").await;
     assert_eq!(answer.unwrap(), "acme: back");
+
+    // Sources are prefixes (`shield.ipv6_prefix`, default 64): an address bans its /64, and
+    // the answers and the list say so.
+    let client = AdminClient::new(&base, None);
+    let (banned, bans, lifted) = admin(move || {
+        let banned = client.request("POST", "/api/bans/2001:db8:5:6::77").unwrap();
+        let bans: Vec<BanView> = client.json("GET", "/api/bans").unwrap();
+        let lifted = client
+            .request("DELETE", "/api/bans/2001:db8:5:6:ffff::1")
+            .unwrap();
+        (banned, bans, lifted)
+    })
+    .await;
+    assert!(banned.body.contains("\"2001:db8:5:6::/64\""), "{}", banned.body);
+    assert_eq!(bans.len(), 1);
+    assert_eq!(
+        (bans[0].source.as_str(), bans[0].remaining_secs),
+        ("2001:db8:5:6::/64", None)
+    );
+    assert_eq!(
+        lifted.status, 200,
+        "another address of the /64 lifts it: {}",
+        lifted.body
+    );
+    assert!(lifted.body.contains("2001:db8:5:6::/64"), "{}", lifted.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -966,7 +966,8 @@ async fn a_half_closed_stream_is_closed_when_the_other_side_stays_silent() {
 #[tokio::test]
 async fn connections_beyond_the_edge_caps_are_refused_at_accept() {
     let world = World::start(RelayOptions {
-        edge_toml: "max_connections = 3\nmax_connections_per_source = 2\n".into(),
+        edge_toml: "max_connections = 3\nmax_connections_per_source = 2\nmax_unrouted_connections = 3\n"
+            .into(),
         ..Default::default()
     })
     .await;
@@ -1311,6 +1312,158 @@ async fn a_session_parks_at_most_its_idle_data_connections() {
         "{answer:?}"
     );
     assert_eq!(rejected(&world, "tunnel", "data_connection_limit"), 1);
+}
+
+/// Sends `hello` from 127.0.0.1 on `count` connections, `parallel` at a time, each read to its
+/// close.
+async fn hellos(relay: SocketAddr, hello: Arc<Vec<u8>>, count: usize, parallel: usize) {
+    let mut running = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        if running.len() >= parallel {
+            running.join_next().await.unwrap().unwrap();
+        }
+        let hello = Arc::clone(&hello);
+        running.spawn(async move { raw_hello_answer(relay, &hello).await });
+    }
+    while let Some(done) = running.join_next().await {
+        done.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_shaped_refusals_never_ban_a_source_and_garbage_does() {
+    let world = World::start(RelayOptions::default()).await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test", "down.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let _agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &token,
+        )
+        .await;
+    let localhost: std::net::IpAddr = [127, 0, 0, 1].into();
+    // What browsers send: an IP literal (no SNI), a mistyped or retired hostname, a hostname
+    // whose tenant's agent is down — each 1000 times from one source, at default thresholds.
+    let no_sni = Arc::new(client_hello("192.0.2.1", acme.client_config()));
+    let unknown = Arc::new(client_hello("typo.acme.test", acme.client_config()));
+    let offline = Arc::new(client_hello("down.acme.test", acme.client_config()));
+    for hello in [no_sni, unknown, offline] {
+        hellos(world.tls_addr(), hello, 1000, 16).await;
+    }
+    assert_eq!(rejected(&world, "tls", "no_sni"), 1000);
+    // A tenant's hostname is routed only while one of its agents serves it.
+    assert_eq!(rejected(&world, "tls", "unknown_host"), 2000);
+    assert!(!world.relay().shield().is_banned(localhost));
+    assert!(world.relay().shield().bans().unwrap().is_empty());
+    let answer = round_trip(
+        world.tls_addr(),
+        "app.acme.test",
+        acme.client_config(),
+        "still in",
+    )
+    .await;
+    assert_eq!(answer.unwrap(), "acme: still in");
+
+    // Not TLS on the TLS port: `abuse_threshold` (20) of them pass, the next bans the source.
+    let garbage = Arc::new(b"GET / HTTP/1.1\r\nHost: app.acme.test\r\n\r\n".to_vec());
+    hellos(world.tls_addr(), garbage, 21, 1).await;
+    assert!(world.relay().shield().is_banned(localhost));
+    let refused = round_trip(world.tls_addr(), "app.acme.test", acme.client_config(), "x").await;
+    assert!(refused.is_err(), "a banned source got through: {refused:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_distinct_unknown_names_from_one_source_ban_it_as_a_scanner() {
+    let world = World::start(RelayOptions {
+        extra_toml: "[shield]\nscan_threshold = 10\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (acme, _) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let localhost: std::net::IpAddr = [127, 0, 0, 1].into();
+    let alert = fatal_alert(AlertDescription::UnrecognizedName).to_vec();
+    for round in 0..3 {
+        for n in 0..10 {
+            let hello = client_hello(&format!("host{n}.scan.test"), acme.client_config());
+            assert_eq!(
+                raw_hello_answer(world.tls_addr(), &hello).await,
+                alert,
+                "round {round}"
+            );
+        }
+    }
+    assert!(
+        !world.relay().shield().is_banned(localhost),
+        "ten names asked for again and again are ten names"
+    );
+    let eleventh = client_hello("host10.scan.test", acme.client_config());
+    assert_eq!(raw_hello_answer(world.tls_addr(), &eleventh).await, alert);
+    assert!(world.relay().shield().is_banned(localhost));
+    let bans = world.relay().shield().bans().unwrap();
+    assert_eq!(bans.len(), 1);
+    assert_eq!(bans[0].source.to_string(), "127.0.0.1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_capped_per_source_and_in_all_and_routed_ones_do_not_count() {
+    let world = World::start(RelayOptions {
+        edge_toml: "max_unrouted_connections = 5\nmax_unrouted_per_source = 3\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let _agent = world
+        .agent(
+            &world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr)),
+            &token,
+        )
+        .await;
+    let unrouted = || world.relay().edge_caps().unrouted();
+    // Streams that sent their ClientHello are routed: four from one source leave room.
+    let mut streams = Vec::new();
+    for n in 0..4 {
+        let (mut stream, _) = connect(world.tls_addr(), "app.acme.test", acme.client_config())
+            .await
+            .unwrap();
+        assert_eq!(
+            ask(&mut stream, &format!("{n}")).await.unwrap(),
+            format!("acme: {n}")
+        );
+        streams.push(stream);
+    }
+    assert_eq!(unrouted(), 0);
+    // A source holding three connections that sent a byte of a ClientHello and stopped.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        let mut tcp = connect_from([127, 0, 0, 9], world.tls_addr()).await;
+        tcp.write_all(&[0x16]).await.unwrap();
+        silent.push(tcp);
+    }
+    eventually(WAIT, || unrouted() == 3).await;
+    let mut fourth = connect_from([127, 0, 0, 9], world.tls_addr()).await;
+    fourth.write_all(&[0x16]).await.unwrap();
+    assert!(closed_within(&mut fourth, WAIT).await);
+    assert_eq!(rejected(&world, "tls", "source_unrouted_limit"), 1);
+    // Others still get in, up to five silent ones in all.
+    for source in [[127, 0, 0, 10], [127, 0, 0, 11]] {
+        let mut tcp = connect_from(source, world.tls_addr()).await;
+        tcp.write_all(&[0x16]).await.unwrap();
+        silent.push(tcp);
+    }
+    eventually(WAIT, || unrouted() == 5).await;
+    let mut full = connect_from([127, 0, 0, 12], world.tls_addr()).await;
+    full.write_all(&[0x16]).await.unwrap();
+    assert!(closed_within(&mut full, WAIT).await);
+    assert_eq!(rejected(&world, "tls", "unrouted_limit"), 1);
+    // The routed streams were never in the way and still work; places come back.
+    for (n, stream) in streams.iter_mut().enumerate() {
+        assert_eq!(ask(stream, "again").await.unwrap(), "acme: again", "stream {n}");
+    }
+    drop(silent);
+    eventually(WAIT, || unrouted() == 0).await;
+    let answer = round_trip(world.tls_addr(), "app.acme.test", acme.client_config(), "ok").await;
+    assert_eq!(answer.unwrap(), "acme: ok");
 }
 
 #[tokio::test]

@@ -244,6 +244,10 @@ mod tests {
         );
         let error = relay_error(&format!("{RELAY}store_poll = \"soon\"\n"));
         assert!(error.contains("store_poll"), "{error}");
+        for field in ["max_unrouted_connections", "max_unrouted_per_source"] {
+            let error = relay_error(&format!("{RELAY}[edge]\n{field} = 0\n"));
+            assert!(error.contains(&format!("`edge.{field}`")), "{error}");
+        }
     }
 
     #[test]

@@ -60,8 +60,15 @@ pub struct EdgeConfig {
     /// Default: what the descriptor limit allows (two descriptors per proxied connection, less
     /// a reserve for listeners, tunnels and pools).
     pub max_connections: Option<usize>,
-    /// Browser connections open at once from one source address.
+    /// Browser connections open at once from one source (a prefix: `shield.ipv4_prefix` /
+    /// `shield.ipv6_prefix`).
     pub max_connections_per_source: usize,
+    /// Browser connections open at once that have not sent their ClientHello / request head
+    /// yet, all listeners together; more are refused at accept. Default: a quarter of
+    /// `max_connections`, so silent connections can never hold every descriptor.
+    pub max_unrouted_connections: Option<usize>,
+    /// Of those, at once from one source prefix.
+    pub max_unrouted_per_source: usize,
 }
 
 impl Default for EdgeConfig {
@@ -77,6 +84,8 @@ impl Default for EdgeConfig {
             half_close_timeout: Duration::from_secs(60),
             max_connections: None,
             max_connections_per_source: 256,
+            max_unrouted_connections: None,
+            max_unrouted_per_source: 128,
         }
     }
 }
@@ -244,6 +253,20 @@ impl RelayConfig {
             return Err(invalid(
                 path,
                 "edge.max_connections_per_source",
+                "must be at least 1",
+            ));
+        }
+        if self.edge.max_unrouted_connections == Some(0) {
+            return Err(invalid(
+                path,
+                "edge.max_unrouted_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.edge.max_unrouted_per_source == 0 {
+            return Err(invalid(
+                path,
+                "edge.max_unrouted_per_source",
                 "must be at least 1",
             ));
         }

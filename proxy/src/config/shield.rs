@@ -19,8 +19,10 @@
 //! ban_duration = "10m"
 //! connection_rate = 2000       # userspace fallback: accepted connections per second per source
 //! connection_burst = 4000
-//! abuse_threshold = 20         # rejected handshakes/requests per window before a ban
+//! abuse_threshold = 20         # malformed hellos/requests per window before a ban
 //! abuse_window = "1m"
+//! scan_threshold = 100         # distinct unknown hostnames per window before a ban
+//! scan_window = "10m"
 //! ```
 //!
 //! Why these defaults: a source may be a whole NATed office (hundreds of browsers behind one
@@ -41,6 +43,8 @@ use crate::prefix::PrefixLengths;
 
 /// Largest burst accepted: the kernel counts in billionths of a token in 64 bits.
 const MAX_BURST: u32 = 10_000_000;
+/// Largest `scan_threshold`: the tracker keeps that many names' hashes per source.
+pub const MAX_SCAN_THRESHOLD: u32 = 1_000;
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const MAX_INTERFACE_NAME: usize = 15;
 /// Source prefix lengths accepted: shorter ones would lump unrelated networks into one source.
@@ -86,12 +90,19 @@ pub struct ShieldConfig {
     pub connection_rate: u32,
     /// Userspace fallback: burst of new connections per source IP.
     pub connection_burst: u32,
-    /// Rejected connections (bad ClientHello, unknown SNI, bad HTTP) per `abuse_window` that
-    /// get a source banned for `ban_duration`.
+    /// Connections refused for malformed input (not TLS on the TLS port, a ClientHello or HTTP
+    /// request head that does not parse, a failed tunnel handshake) a source may send per
+    /// `abuse_window`; the next one bans it for `ban_duration`. Nothing a browser sends counts.
     pub abuse_threshold: u32,
     /// The window `abuse_threshold` counts in.
     #[serde(with = "humantime_serde")]
     pub abuse_window: Duration,
+    /// Distinct hostnames no route serves a source may ask for per `scan_window`; the next new
+    /// one bans it as an SNI scanner. Repeats of a name and connections without SNI never count.
+    pub scan_threshold: u32,
+    /// The window `scan_threshold` counts in.
+    #[serde(with = "humantime_serde")]
+    pub scan_window: Duration,
 }
 
 /// How the XDP program is attached.
@@ -128,6 +139,8 @@ impl Default for ShieldConfig {
             connection_burst: 4_000,
             abuse_threshold: 20,
             abuse_window: Duration::from_secs(60),
+            scan_threshold: 100,
+            scan_window: Duration::from_secs(600),
         }
     }
 }
@@ -215,6 +228,14 @@ impl ShieldConfig {
         }
         positive(path, "shield.ban_duration", self.ban_duration)?;
         positive(path, "shield.abuse_window", self.abuse_window)?;
+        if !(1..=MAX_SCAN_THRESHOLD).contains(&self.scan_threshold) {
+            return Err(invalid(
+                path,
+                "shield.scan_threshold",
+                format!("must be between 1 and {MAX_SCAN_THRESHOLD}"),
+            ));
+        }
+        positive(path, "shield.scan_window", self.scan_window)?;
         Ok(())
     }
 }

@@ -264,7 +264,7 @@ pub fn refusal(rejection: Rejection) -> Refusal {
     };
     let (abuse, reply) = match rejection {
         Rejection::UnknownHost => (
-            Some(Abuse::UnknownHost),
+            Some(Abuse::UnknownName),
             Reply::Http {
                 status: 404,
                 reason: "Not Found",
@@ -288,7 +288,11 @@ pub fn refusal(rejection: Rejection) -> Refusal {
                 body: "this request is not forwarded in plaintext\n",
             },
         ),
-        Rejection::ConnectionLimit | Rejection::SourceConnectionLimit | Rejection::TenantStreamLimit => (
+        Rejection::ConnectionLimit
+        | Rejection::SourceConnectionLimit
+        | Rejection::UnroutedLimit
+        | Rejection::SourceUnroutedLimit
+        | Rejection::TenantStreamLimit => (
             None,
             Reply::Http {
                 status: 503,
@@ -781,7 +785,7 @@ mod tests {
         assert_eq!(bad.rejection, Rejection::ParseError);
         let unknown = refusal(Rejection::UnknownHost);
         assert!(matches!(unknown.reply, Reply::Http { status: 404, .. }));
-        assert_eq!(unknown.abuse, Some(Abuse::UnknownHost));
+        assert_eq!(unknown.abuse, Some(Abuse::UnknownName));
         for failed in [
             Rejection::NoAgent,
             Rejection::AgentBusy,

@@ -35,13 +35,18 @@ pub enum Rejection {
     ConnectionLimit,
     /// The source holds `edge.max_connections_per_source` connections already.
     SourceConnectionLimit,
+    /// The relay holds `edge.max_unrouted_connections` connections that have not yet said
+    /// where they go.
+    UnroutedLimit,
+    /// The source holds `edge.max_unrouted_per_source` such connections already.
+    SourceUnroutedLimit,
     /// The tenant carries its `max_streams` streams already.
     TenantStreamLimit,
 }
 
 impl Rejection {
     /// Every rejection, for tests and documentation.
-    pub const ALL: [Rejection; 13] = [
+    pub const ALL: [Rejection; 15] = [
         Self::NoSni,
         Self::UnknownHost,
         Self::ParseError,
@@ -54,6 +59,8 @@ impl Rejection {
         Self::ForwardRefused,
         Self::ConnectionLimit,
         Self::SourceConnectionLimit,
+        Self::UnroutedLimit,
+        Self::SourceUnroutedLimit,
         Self::TenantStreamLimit,
     ];
 
@@ -72,24 +79,29 @@ impl Rejection {
             Self::ForwardRefused => "forward_refused",
             Self::ConnectionLimit => "connection_limit",
             Self::SourceConnectionLimit => "source_connection_limit",
+            Self::UnroutedLimit => "unrouted_limit",
+            Self::SourceUnroutedLimit => "source_unrouted_limit",
             Self::TenantStreamLimit => "tenant_stream_limit",
         }
     }
 }
 
-/// A rejection that tells against its source: the shield bans sources that keep doing it.
+/// A rejection the shield holds against its source.
+///
+/// Only malformed input counts towards a ban at `abuse_threshold`: no browser sends it. A name
+/// no tenant serves is what a browser sends for a mistyped or retired hostname, a tenant whose
+/// agent is down, or an IP literal (no SNI at all, which is not abuse in any way); it counts
+/// only as one *distinct* name towards SNI-scan detection (`scan_threshold`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Abuse {
     /// Not TLS, or a ClientHello that does not parse.
     BadClientHello,
-    /// A ClientHello without a server name.
-    MissingSni,
-    /// A server name (or Host) no tenant owns: typical of SNI scanning.
-    UnknownHost,
     /// A request head that does not parse or is too large.
     BadHttpRequest,
     /// A failed TLS handshake on the tunnel port (agents that dial in complete theirs).
     BadTunnelHandshake,
+    /// A server name (or Host) no route serves: one more name towards scan detection.
+    UnknownName,
 }
 
 impl Abuse {
@@ -97,11 +109,15 @@ impl Abuse {
     pub const fn label(self) -> &'static str {
         match self {
             Self::BadClientHello => "bad_client_hello",
-            Self::MissingSni => "missing_sni",
-            Self::UnknownHost => "unknown_host",
             Self::BadHttpRequest => "bad_http_request",
             Self::BadTunnelHandshake => "bad_tunnel_handshake",
+            Self::UnknownName => "unknown_name",
         }
+    }
+
+    /// Whether this is malformed input (counted towards `abuse_threshold`).
+    pub const fn is_malformed(self) -> bool {
+        !matches!(self, Self::UnknownName)
     }
 }
 

@@ -98,8 +98,8 @@ impl Refused for ClientHelloError {
 pub fn refusal(rejection: Rejection) -> Refusal {
     use AlertDescription::{DecodeError, InternalError, UnrecognizedName};
     let (abuse, reply) = match rejection {
-        Rejection::NoSni => (Some(Abuse::MissingSni), Reply::TlsAlert(UnrecognizedName)),
-        Rejection::UnknownHost => (Some(Abuse::UnknownHost), Reply::TlsAlert(UnrecognizedName)),
+        Rejection::NoSni => (None, Reply::TlsAlert(UnrecognizedName)),
+        Rejection::UnknownHost => (Some(Abuse::UnknownName), Reply::TlsAlert(UnrecognizedName)),
         Rejection::NoAgent => (None, Reply::TlsAlert(UnrecognizedName)),
         Rejection::AgentBusy | Rejection::AgentUnreachable | Rejection::TenantStreamLimit => {
             (None, Reply::TlsAlert(InternalError))
@@ -111,7 +111,9 @@ pub fn refusal(rejection: Rejection) -> Refusal {
         | Rejection::RateLimited
         | Rejection::ForwardRefused
         | Rejection::ConnectionLimit
-        | Rejection::SourceConnectionLimit => (None, Reply::Close),
+        | Rejection::SourceConnectionLimit
+        | Rejection::UnroutedLimit
+        | Rejection::SourceUnroutedLimit => (None, Reply::Close),
     };
     Refusal {
         rejection,
@@ -878,14 +880,10 @@ mod tests {
     fn refusals_after_the_hello() {
         use AlertDescription::{InternalError, UnrecognizedName};
         for (rejection, abuse, reply) in [
-            (
-                Rejection::NoSni,
-                Some(Abuse::MissingSni),
-                Reply::TlsAlert(UnrecognizedName),
-            ),
+            (Rejection::NoSni, None, Reply::TlsAlert(UnrecognizedName)),
             (
                 Rejection::UnknownHost,
-                Some(Abuse::UnknownHost),
+                Some(Abuse::UnknownName),
                 Reply::TlsAlert(UnrecognizedName),
             ),
             (Rejection::NoAgent, None, Reply::TlsAlert(UnrecognizedName)),

@@ -82,7 +82,8 @@ pub struct TunnelView {
 /// One ban in `GET /api/bans`.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct BanView {
-    /// The banned address.
+    /// The banned source: an address, or a prefix such as `2001:db8::/64` when
+    /// `shield.ipv4_prefix` / `shield.ipv6_prefix` make sources wider than one address.
     pub source: String,
     /// Seconds left; absent for a ban without expiry.
     pub remaining_secs: Option<u64>,
@@ -213,9 +214,9 @@ impl AdminHandler for RelayAdmin {
                     },
                 };
                 match self.shield.ban(source, duration) {
-                    Ok(()) => json(
+                    Ok(banned) => json(
                         StatusCode::OK,
-                        &serde_json::json!({ "banned": source.to_string() }),
+                        &serde_json::json!({ "banned": banned.to_string() }),
                     ),
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
                 }
@@ -225,11 +226,13 @@ impl AdminHandler for RelayAdmin {
                     return error(StatusCode::BAD_REQUEST, "not an IP address");
                 };
                 match self.shield.unban(source) {
-                    Ok(true) => json(
+                    Ok((unbanned, true)) => json(
                         StatusCode::OK,
-                        &serde_json::json!({ "unbanned": source.to_string() }),
+                        &serde_json::json!({ "unbanned": unbanned.to_string() }),
                     ),
-                    Ok(false) => error(StatusCode::NOT_FOUND, &format!("{source} is not banned")),
+                    Ok((unbanned, false)) => {
+                        error(StatusCode::NOT_FOUND, &format!("{unbanned} is not banned"))
+                    }
                     Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
                 }
             }

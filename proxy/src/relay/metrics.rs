@@ -261,10 +261,10 @@ pub fn register_shield_collectors(metrics: &RelayMetrics, shield: &Arc<RelayShie
     let bans = ShieldCollector::new(move || {
         let shield = weak.upgrade()?;
         let stats = shield.stats();
-        let active = shield.with_maps(|maps| maps.bans().map(|b| b.len()).unwrap_or_default());
+        let active = shield.bans().map(|b| b.len()).unwrap_or_default();
         Some(ShieldFigures {
             xdp: matches!(shield.mode(), ShieldMode::Xdp { .. }),
-            active_bans: active.unwrap_or_default() as u64,
+            active_bans: active as u64,
             kernel_bans: stats.kernel_bans.load(Ordering::Relaxed),
             abuse_bans: stats.abuse_bans.load(Ordering::Relaxed),
             refused: stats.refused.load(Ordering::Relaxed),
@@ -337,7 +337,7 @@ where
 pub struct ShieldFigures {
     /// XDP attached (true) or userspace fallback (false).
     pub xdp: bool,
-    /// Bans in force now in the kernel maps (0 without XDP), for `sluice_bans_active`.
+    /// Bans in force now (kernel maps and userspace), for `sluice_bans_active`.
     pub active_bans: u64,
     /// Bans the kernel decided since start, for `sluice_bans_total{source="kernel"}`.
     pub kernel_bans: u64,
@@ -372,7 +372,7 @@ where
                 "1 when the XDP shield is attached, 0 in userspace fallback.",
             )
             .expect("valid metric"),
-            active: IntGauge::new("sluice_bans_active", "Source addresses banned now.")
+            active: IntGauge::new("sluice_bans_active", "Sources (prefixes) banned now.")
                 .expect("valid metric"),
             bans: IntCounterVec::new(
                 Opts::new(

@@ -37,7 +37,8 @@ use crate::net;
 use crate::shield::RelayShield;
 use crate::store::{Store, StoreError};
 use crate::wire::tls::{TlsConfigError, relay_server_config};
-use edge::caps::ConnectionCaps;
+use edge::caps::{CapLimits, ConnectionCaps};
+use edge::log_budget::LogBudget;
 use edge::{Edge, EdgeKind};
 use metrics::RelayMetrics;
 use tenants::Tenants;
@@ -79,6 +80,7 @@ pub struct Relay {
     routes: Arc<Routes>,
     sessions: Arc<Sessions>,
     shield: Arc<RelayShield>,
+    edge_caps: Arc<ConnectionCaps>,
     readiness: Arc<Readiness>,
     shutdown_grace: Duration,
     stopping: CancellationToken,
@@ -144,21 +146,28 @@ impl Relay {
             .edge
             .max_connections
             .unwrap_or_else(default_max_connections);
+        let caps = CapLimits {
+            max_open: max_connections,
+            max_per_source: config.edge.max_connections_per_source,
+            max_unrouted: (config.edge.max_unrouted_connections).unwrap_or((max_connections / 4).max(1)),
+            max_unrouted_per_source: config.edge.max_unrouted_per_source,
+        };
         info!(
             max_connections,
-            per_source = config.edge.max_connections_per_source,
+            per_source = caps.max_per_source,
+            unrouted = caps.max_unrouted,
+            unrouted_per_source = caps.max_unrouted_per_source,
             "edge connection caps"
         );
+        let edge_caps = Arc::new(ConnectionCaps::new(caps, config.shield.prefixes()));
         let edge = Arc::new(Edge {
             config: config.edge.clone(),
             https_port: tls_addrs.first().map(SocketAddr::port),
             routes: Arc::clone(&routes),
             shield: Arc::clone(&shield),
             metrics: Arc::clone(&metrics),
-            caps: Arc::new(ConnectionCaps::new(
-                max_connections,
-                config.edge.max_connections_per_source,
-            )),
+            caps: Arc::clone(&edge_caps),
+            refusal_log: LogBudget::new(REFUSAL_LOG_LINES_PER_SECOND),
             tenants: Arc::clone(&tenants),
             tenant_streams: Arc::default(),
             streams: streams.clone(),
@@ -207,6 +216,7 @@ impl Relay {
             routes,
             sessions,
             shield,
+            edge_caps,
             readiness,
             shutdown_grace: config.shutdown_grace,
             stopping,
@@ -240,6 +250,11 @@ impl Relay {
         &self.shield
     }
 
+    /// What the edge's connection caps hold now.
+    pub fn edge_caps(&self) -> &ConnectionCaps {
+        &self.edge_caps
+    }
+
     /// Graceful shutdown: stop accepting, tell agents, drain streams for `shutdown_grace`,
     /// then cut the rest.
     pub async fn shutdown(mut self) {
@@ -268,6 +283,9 @@ impl Relay {
         info!("relay stopped");
     }
 }
+
+/// Refusal log lines the edge writes per second at most; the rejection counters have them all.
+const REFUSAL_LOG_LINES_PER_SECOND: u32 = 20;
 
 /// `edge.max_connections` when the config leaves it out: what the descriptor limit allows, two
 /// descriptors per proxied connection (browser, data connection), less a reserve of 1024 for

@@ -4,7 +4,8 @@
 //! writes the config into the maps and pins them for the CLI, and spawns the ban-event reader.
 //! When XDP is not possible (no interfaces configured, no privileges, an interface that
 //! refuses) it says why and enforces the userspace [`ConnectionGate`] at accept time instead.
-//! Either way the [`AbuseTracker`] turns repeated L7 rejections into bans, and
+//! Either way the [`AbuseTracker`] and [`ScanTracker`] turn malformed input and SNI scanning
+//! into bans, and
 //! [`RelayShield::reload`] applies a new `[shield]` section. Kernel, gate and tracker key
 //! sources by the same prefix lengths (see [`super::prefix`]), fixed for the relay's lifetime.
 use std::net::IpAddr;
@@ -18,8 +19,9 @@ use tracing::{info, warn};
 
 use crate::config::relay::RelayConfig;
 use crate::config::shield::{AttachMode, ShieldConfig};
+use crate::prefix::SourcePrefix;
 
-use super::abuse::{Abuse, AbuseTracker};
+use super::abuse::{Abuse, AbuseTracker, Offender, ScanTracker};
 use super::gate::ConnectionGate;
 use super::{
     BanNotice, BanRecord, KernelPolicy, Shield, ShieldError, ShieldMaps, SourceLimits, mode_name, pin,
@@ -61,6 +63,7 @@ pub struct RelayShield {
     config: Mutex<ShieldConfig>,
     gate: ConnectionGate,
     abuse: AbuseTracker,
+    scans: ScanTracker,
     stats: Arc<ShieldStats>,
     stop: CancellationToken,
 }
@@ -99,6 +102,7 @@ impl RelayShield {
             xdp: Mutex::new(xdp),
             gate: ConnectionGate::new(&shield_config),
             abuse: AbuseTracker::new(&shield_config),
+            scans: ScanTracker::new(&shield_config),
             config: Mutex::new(shield_config),
             stats,
             stop,
@@ -116,96 +120,133 @@ impl RelayShield {
     }
 
     /// Accept-time check: false means close the connection now. With XDP on, the kernel has
-    /// already policed the connection's packets, so everything is admitted here.
+    /// already policed the connection's packets; only a ban the kernel could not take (kept by
+    /// the gate instead) is checked here.
     pub fn admit(&self, peer: IpAddr) -> bool {
-        if matches!(self.mode, ShieldMode::Xdp { .. }) {
-            return true;
-        }
-        let admission = self.gate.check(peer, Instant::now());
-        if !admission.admitted() {
+        let now = Instant::now();
+        let admitted = if matches!(self.mode, ShieldMode::Xdp { .. }) {
+            !self.gate.is_banned(peer, now) || self.gate.is_allowlisted(peer)
+        } else {
+            let admission = self.gate.check(peer, now);
+            if !admission.admitted() {
+                tracing::debug!(%peer, verdict = admission.label(), "shield: connection refused at accept");
+            }
+            admission.admitted()
+        };
+        if !admitted {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, verdict = admission.label(), "shield: connection refused at accept");
         }
-        admission.admitted()
+        admitted
     }
 
-    /// The edge rejected a connection from `peer` for `what`; bans repeat offenders.
+    /// The edge refused a connection from `peer` for malformed input (`what`); bans sources
+    /// that keep sending it. A [`Abuse::UnknownName`] without its name counts nowhere: see
+    /// [`RelayShield::report_unknown_name`].
     pub fn report_abuse(&self, peer: IpAddr, what: Abuse) {
+        if !what.is_malformed() || self.gate.is_allowlisted(peer) {
+            return;
+        }
+        if let Some(offender) = self.abuse.record(peer, Instant::now()) {
+            self.ban_offender(peer, offender, what.label(), "repeated malformed connections");
+        }
+    }
+
+    /// The edge refused a connection from `peer` asking for `name`, which no route serves;
+    /// bans sources that ask for more distinct such names than `scan_threshold` (SNI scanning).
+    pub fn report_unknown_name(&self, peer: IpAddr, name: &str) {
         if self.gate.is_allowlisted(peer) {
             return;
         }
-        let Some(offender) = self.abuse.record(peer, Instant::now()) else {
-            return;
-        };
+        if let Some(offender) = self.scans.record(peer, name, Instant::now()) {
+            self.ban_offender(
+                peer,
+                offender,
+                "unknown_name",
+                "SNI scanning (many unknown hostnames)",
+            );
+        }
+    }
+
+    fn ban_offender(&self, peer: IpAddr, offender: Offender, last: &str, why: &'static str) {
         let duration = self.config.lock().expect("shield config lock").ban_duration;
         self.stats.abuse_bans.fetch_add(1, Ordering::Relaxed);
         warn!(
             source = %offender.source,
-            rejections = offender.rejections,
-            last = what.label(),
+            count = offender.rejections,
+            last,
             ban = ?duration,
-            "shield: banning source after repeated rejected connections"
+            "shield: banning source for {why}"
         );
+        let until = Instant::now().checked_add(duration);
         let mut xdp = self.xdp.lock().expect("shield lock");
         match xdp.as_mut() {
             Some(shield) => {
                 if let Err(e) = shield.ban(peer.to_canonical(), Some(duration)) {
-                    warn!(source = %peer, error = %e, "shield: kernel ban failed; banning in userspace");
-                    self.gate.ban(peer, Instant::now().checked_add(duration));
+                    warn!(source = %offender.source, error = %e, "shield: kernel ban failed; banning at accept instead");
+                    self.gate.ban(peer, until);
                 }
             }
-            None => self.gate.ban(peer, Instant::now().checked_add(duration)),
+            None => self.gate.ban(peer, until),
         }
     }
 
-    /// Whether `peer`'s source is banned (kernel maps with XDP, userspace list otherwise).
+    /// Whether `peer`'s source is banned (kernel maps with XDP, plus the bans kept at accept).
     pub fn is_banned(&self, peer: IpAddr) -> bool {
-        let xdp = self.xdp.lock().expect("shield lock");
-        match xdp.as_ref() {
-            Some(shield) => shield.maps().is_banned(peer.to_canonical()).unwrap_or(false),
-            None => self.gate.is_banned(peer, Instant::now()),
+        if self.gate.is_banned(peer, Instant::now()) {
+            return true;
         }
+        let xdp = self.xdp.lock().expect("shield lock");
+        xdp.as_ref()
+            .is_some_and(|shield| shield.maps().is_banned(peer.to_canonical()).unwrap_or(false))
     }
 
-    /// Every ban in force (kernel maps with XDP, userspace list otherwise).
+    /// Every ban in force: the kernel's (with XDP) and those kept at accept.
     pub fn bans(&self) -> Result<Vec<BanRecord>, ShieldError> {
-        let xdp = self.xdp.lock().expect("shield lock");
-        match xdp.as_ref() {
-            Some(shield) => shield.maps().bans(),
-            None => Ok(self
-                .gate
-                .bans(Instant::now())
-                .into_iter()
-                .map(|(source, remaining)| BanRecord { source, remaining })
-                .collect()),
+        let mut bans = {
+            let xdp = self.xdp.lock().expect("shield lock");
+            match xdp.as_ref() {
+                Some(shield) => shield.maps().bans()?,
+                None => Vec::new(),
+            }
+        };
+        for (source, remaining) in self.gate.bans(Instant::now()) {
+            if !bans.iter().any(|b| b.source == source) {
+                bans.push(BanRecord { source, remaining });
+            }
         }
+        bans.sort_by_key(|b| b.source);
+        Ok(bans)
     }
 
     /// Bans the source `address` belongs to for `duration` (`None`: until lifted), wherever
-    /// enforcement happens.
-    pub fn ban(&self, address: IpAddr, duration: Option<Duration>) -> Result<(), ShieldError> {
+    /// enforcement happens; returns that source (a prefix: `ipv4_prefix` / `ipv6_prefix`).
+    pub fn ban(&self, address: IpAddr, duration: Option<Duration>) -> Result<SourcePrefix, ShieldError> {
         let mut xdp = self.xdp.lock().expect("shield lock");
-        match xdp.as_mut() {
-            Some(shield) => {
-                let source = shield.ban(address.to_canonical(), duration)?;
-                info!(%source, ban = ?duration, "shield: source banned by the operator");
-                Ok(())
-            }
+        let source = match xdp.as_mut() {
+            Some(shield) => shield.ban(address.to_canonical(), duration)?,
             None => {
                 self.gate
                     .ban(address, duration.and_then(|d| Instant::now().checked_add(d)));
-                Ok(())
+                self.gate.source_of(address)
             }
-        }
+        };
+        info!(%source, ban = ?duration, "shield: source banned by the operator");
+        Ok(source)
     }
 
-    /// Lifts the ban on the source `address` belongs to; returns whether there was one.
-    pub fn unban(&self, address: IpAddr) -> Result<bool, ShieldError> {
+    /// Lifts the ban on the source `address` belongs to; returns that source and whether it
+    /// was banned.
+    pub fn unban(&self, address: IpAddr) -> Result<(SourcePrefix, bool), ShieldError> {
+        let source = self.gate.source_of(address);
         let mut xdp = self.xdp.lock().expect("shield lock");
-        match xdp.as_mut() {
-            Some(shield) => shield.maps_mut().unban(address.to_canonical()),
-            None => Ok(self.gate.unban(address)),
-        }
+        let was_banned = match xdp.as_mut() {
+            Some(shield) => {
+                let kernel = shield.maps_mut().unban(address.to_canonical())?;
+                self.gate.unban(address) || kernel
+            }
+            None => self.gate.unban(address),
+        };
+        Ok((source, was_banned))
     }
 
     /// Runs `f` on the kernel maps, when XDP is on.
@@ -230,6 +271,7 @@ impl RelayShield {
         }
         self.gate.reconfigure(&config);
         self.abuse.reconfigure(&config);
+        self.scans.reconfigure(&config);
         if let Some(shield) = self.xdp.lock().expect("shield lock").as_mut() {
             sync(shield.maps_mut(), &config, listener_ports)?;
         }
@@ -372,11 +414,18 @@ mod tests {
         assert_eq!(shield.stats().refused.load(Ordering::Relaxed), 1);
 
         let scanner: IpAddr = "192.0.2.10".parse().unwrap();
+        for _ in 0..100 {
+            shield.report_abuse(scanner, Abuse::UnknownName);
+        }
+        assert!(
+            !shield.is_banned(scanner),
+            "an unknown name alone is not malformed input"
+        );
         for _ in 0..2 {
-            shield.report_abuse(scanner, Abuse::UnknownHost);
+            shield.report_abuse(scanner, Abuse::BadClientHello);
         }
         assert!(!shield.is_banned(scanner));
-        shield.report_abuse(scanner, Abuse::UnknownHost);
+        shield.report_abuse(scanner, Abuse::BadClientHello);
         assert!(shield.is_banned(scanner));
         assert!(!shield.admit(scanner));
         assert_eq!(shield.stats().abuse_bans.load(Ordering::Relaxed), 1);
@@ -389,6 +438,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn many_distinct_unknown_names_ban_a_scanner_and_repeats_never_do() {
+        let config: RelayConfig = toml::from_str(
+            "state_dir = \"s\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\n\
+             [shield]\nscan_threshold = 5\n",
+        )
+        .unwrap();
+        let shield = RelayShield::start(&config);
+        let office: IpAddr = "192.0.2.50".parse().unwrap();
+        for _ in 0..1_000 {
+            shield.report_unknown_name(office, "retired.example.com");
+        }
+        assert!(!shield.is_banned(office));
+        let scanner: IpAddr = "192.0.2.51".parse().unwrap();
+        for i in 0..5 {
+            shield.report_unknown_name(scanner, &format!("guess{i}.example.com"));
+        }
+        assert!(!shield.is_banned(scanner));
+        shield.report_unknown_name(scanner, "guess5.example.com");
+        assert!(shield.is_banned(scanner));
+        assert_eq!(shield.bans().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
     async fn bans_cover_the_source_prefix_and_a_reload_keeps_the_prefixes_in_force() {
         let mut config: RelayConfig = toml::from_str(
             "state_dir = \"s\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"c\"\nkey = \"k\"\n",
@@ -396,7 +468,8 @@ mod tests {
         .unwrap();
         let shield = RelayShield::start(&config);
         let ip = |text: &str| -> IpAddr { text.parse().unwrap() };
-        shield.ban(ip("2001:db8::1"), None).unwrap();
+        let banned = shield.ban(ip("2001:db8::1"), None).unwrap();
+        assert_eq!(banned.to_string(), "2001:db8::/64");
         assert!(shield.is_banned(ip("2001:db8::ffff")), "the whole /64");
         assert!(!shield.is_banned(ip("2001:db8:0:1::1")));
         let bans = shield.bans().unwrap();
@@ -406,7 +479,11 @@ mod tests {
         config.shield.ipv6_prefix = 128;
         shield.reload(&config.shield, &config.listener_ports()).unwrap();
         assert!(shield.is_banned(ip("2001:db8::ffff")));
-        assert!(shield.unban(ip("2001:db8::42")).unwrap());
+        let (unbanned, was_banned) = shield.unban(ip("2001:db8::42")).unwrap();
+        assert_eq!(
+            (unbanned.to_string().as_str(), was_banned),
+            ("2001:db8::/64", true)
+        );
         assert!(shield.admit(ip("2001:db8::1")));
     }
 }

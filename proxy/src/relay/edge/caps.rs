@@ -1,5 +1,5 @@
-//! How many browser connections the edge holds at once — in all, per source address, per
-//! tenant — against the caps in `[edge]` and the tenants' `max_streams`. Taking a slot counts
+//! How many browser connections the edge holds at once — in all, per source prefix, still
+//! unrouted, per tenant — against the caps in `[edge]` and the tenants' `max_streams`. Taking a slot counts
 //! one; dropping it gives it back, so a connection that ends any way at all is uncounted.
 use std::hash::Hash;
 use std::net::IpAddr;
@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use dashmap::DashMap;
 
 use crate::peek::Rejection;
+use crate::prefix::{PrefixLengths, SourcePrefix};
 
 /// Counts per key, each against a cap given when a slot is taken.
 pub struct Counts<K: Hash + Eq> {
@@ -66,41 +67,92 @@ impl<K: Hash + Eq + Clone> Drop for Slot<K> {
     }
 }
 
-/// The edge's connection caps: `edge.max_connections` in all and
-/// `edge.max_connections_per_source` per source address.
+/// The edge's caps on connections, from `[edge]`: open in all (`max_connections`) and per
+/// source prefix (`max_connections_per_source`), and of those, the ones that have not yet sent
+/// their routing metadata (`max_unrouted_connections`, `max_unrouted_per_source`). Sources are
+/// counted by prefix (`shield.ipv4_prefix` / `shield.ipv6_prefix`), so hosts rotating addresses
+/// inside one /64 share one count.
 pub struct ConnectionCaps {
+    limits: CapLimits,
+    prefixes: PrefixLengths,
     open: AtomicUsize,
-    max_open: usize,
-    per_source: Arc<Counts<IpAddr>>,
-    max_per_source: usize,
+    per_source: Arc<Counts<SourcePrefix>>,
+    unrouted: AtomicUsize,
+    unrouted_per_source: Arc<Counts<SourcePrefix>>,
+}
+
+/// The numbers [`ConnectionCaps`] counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapLimits {
+    /// Connections open at once, in all.
+    pub max_open: usize,
+    /// Connections open at once from one source prefix.
+    pub max_per_source: usize,
+    /// Connections still waiting for their routing metadata, in all.
+    pub max_unrouted: usize,
+    /// Connections still waiting for their routing metadata from one source prefix.
+    pub max_unrouted_per_source: usize,
 }
 
 impl ConnectionCaps {
-    /// Caps of `max_open` connections in all and `max_per_source` per source.
-    pub fn new(max_open: usize, max_per_source: usize) -> Self {
+    /// Caps of `limits`, sources counted by `prefixes`.
+    pub fn new(limits: CapLimits, prefixes: PrefixLengths) -> Self {
         Self {
+            limits,
+            prefixes,
             open: AtomicUsize::new(0),
-            max_open,
             per_source: Arc::new(Counts::new()),
-            max_per_source,
+            unrouted: AtomicUsize::new(0),
+            unrouted_per_source: Arc::new(Counts::new()),
         }
     }
 
-    /// Counts a new connection from `source`, or says which cap it hits.
-    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<ConnectionSlot, Rejection> {
-        let source = source.to_canonical();
-        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max_open {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            return Err(Rejection::ConnectionLimit);
-        }
-        let Some(source) = self.per_source.take(source, self.max_per_source) else {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            return Err(Rejection::SourceConnectionLimit);
-        };
-        Ok(ConnectionSlot {
+    /// Counts a new connection from `source`, open and not yet routed, or says which cap it
+    /// hits. The connection stays counted as open until the [`ConnectionSlot`] drops, and as
+    /// unrouted until the [`UnroutedSlot`] drops (when its routing metadata is in, or it ends).
+    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<(ConnectionSlot, UnroutedSlot), Rejection> {
+        let prefix = self.prefixes.of(source);
+        let limits = self.limits;
+        let open = self
+            .hold(Counter::Open, limits.max_open)
+            .ok_or(Rejection::ConnectionLimit)?;
+        let source = (self.per_source)
+            .take(prefix, limits.max_per_source)
+            .ok_or(Rejection::SourceConnectionLimit)?;
+        let unrouted = (self.hold(Counter::Unrouted, limits.max_unrouted)).ok_or(Rejection::UnroutedLimit)?;
+        let unrouted_source = (self.unrouted_per_source)
+            .take(prefix, limits.max_unrouted_per_source)
+            .ok_or(Rejection::SourceUnroutedLimit)?;
+        Ok((
+            ConnectionSlot {
+                _open: open,
+                _source: source,
+            },
+            UnroutedSlot {
+                _unrouted: unrouted,
+                _source: unrouted_source,
+            },
+        ))
+    }
+
+    /// One more on `counter`, unless it is at `cap` already.
+    fn hold(self: &Arc<Self>, counter: Counter, cap: usize) -> Option<Held> {
+        self.counter(counter)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Held {
             caps: Arc::clone(self),
-            _source: source,
+            counter,
         })
+    }
+
+    fn counter(&self, counter: Counter) -> &AtomicUsize {
+        match counter {
+            Counter::Open => &self.open,
+            Counter::Unrouted => &self.unrouted,
+        }
     }
 
     /// Connections open now.
@@ -108,22 +160,46 @@ impl ConnectionCaps {
         self.open.load(Ordering::Acquire)
     }
 
-    /// The cap in all.
-    pub fn max_open(&self) -> usize {
-        self.max_open
+    /// Connections open now that have not sent their routing metadata yet.
+    pub fn unrouted(&self) -> usize {
+        self.unrouted.load(Ordering::Acquire)
+    }
+
+    /// What the caps are.
+    pub fn limits(&self) -> CapLimits {
+        self.limits
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Counter {
+    Open,
+    Unrouted,
+}
+
+/// One on a [`Counter`], given back when dropped.
+struct Held {
+    caps: Arc<ConnectionCaps>,
+    counter: Counter,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.caps.counter(self.counter).fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// One admitted connection; uncounted when dropped.
 pub struct ConnectionSlot {
-    caps: Arc<ConnectionCaps>,
-    _source: Slot<IpAddr>,
+    _open: Held,
+    _source: Slot<SourcePrefix>,
 }
 
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.caps.open.fetch_sub(1, Ordering::AcqRel);
-    }
+/// One admitted connection that has not sent its routing metadata yet; uncounted as unrouted
+/// when dropped.
+pub struct UnroutedSlot {
+    _unrouted: Held,
+    _source: Slot<SourcePrefix>,
 }
 
 #[cfg(test)]
@@ -134,9 +210,24 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn caps(
+        max_open: usize,
+        max_per_source: usize,
+        max_unrouted: usize,
+        max_unrouted_per_source: usize,
+    ) -> Arc<ConnectionCaps> {
+        let limits = CapLimits {
+            max_open,
+            max_per_source,
+            max_unrouted,
+            max_unrouted_per_source,
+        };
+        Arc::new(ConnectionCaps::new(limits, PrefixLengths { v4: 32, v6: 64 }))
+    }
+
     #[test]
     fn caps_in_all_and_per_source_and_slots_give_back() {
-        let caps = Arc::new(ConnectionCaps::new(3, 2));
+        let caps = caps(3, 2, 3, 2);
         let a1 = caps.admit(ip("192.0.2.1")).unwrap();
         let _a2 = caps.admit(ip("::ffff:192.0.2.1")).unwrap();
         assert_eq!(
@@ -150,9 +241,50 @@ mod tests {
             Some(Rejection::ConnectionLimit)
         );
         assert_eq!(caps.open(), 3, "refusals are not counted");
+        assert_eq!(caps.unrouted(), 3);
         drop(a1);
-        assert_eq!(caps.open(), 2);
+        assert_eq!((caps.open(), caps.unrouted()), (2, 2));
         let _a3 = caps.admit(ip("192.0.2.1")).unwrap();
+    }
+
+    #[test]
+    fn addresses_inside_one_ipv6_prefix_are_one_source() {
+        let caps = caps(100, 2, 100, 100);
+        let _one = caps.admit(ip("2001:db8:1:2::1")).unwrap();
+        let _two = caps.admit(ip("2001:db8:1:2:ffff::9")).unwrap();
+        assert_eq!(
+            caps.admit(ip("2001:db8:1:2:abcd::1")).err(),
+            Some(Rejection::SourceConnectionLimit),
+            "a third address in the same /64 shares its count"
+        );
+        assert!(
+            caps.admit(ip("2001:db8:1:3::1")).is_ok(),
+            "the next /64 is another source"
+        );
+    }
+
+    #[test]
+    fn silent_connections_are_capped_apart_from_routed_ones() {
+        let caps = caps(100, 100, 4, 2);
+        let (_open, routed) = caps.admit(ip("198.51.100.1")).unwrap();
+        drop(routed); // its ClientHello came in
+        let silent: Vec<_> = (0..2).map(|_| caps.admit(ip("198.51.100.1")).unwrap()).collect();
+        assert_eq!(
+            caps.admit(ip("198.51.100.1")).err(),
+            Some(Rejection::SourceUnroutedLimit),
+            "a source holds at most two connections that sent nothing yet"
+        );
+        assert_eq!(caps.open(), 3, "a refused connection is not left counted as open");
+        let _other = caps.admit(ip("198.51.100.2")).unwrap();
+        let _third = caps.admit(ip("198.51.100.3")).unwrap();
+        assert_eq!(
+            caps.admit(ip("198.51.100.4")).err(),
+            Some(Rejection::UnroutedLimit),
+            "four unrouted in all"
+        );
+        drop(silent);
+        assert_eq!(caps.unrouted(), 2);
+        assert!(caps.admit(ip("198.51.100.1")).is_ok());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use super::caps::UnroutedSlot;
 use super::handover::{self, StreamInfo};
 use super::{Edge, EdgeKind, peek_until};
 use crate::peek::Rejection;
@@ -34,20 +35,20 @@ pub async fn serve(
     peer: SocketAddr,
     local_port: u16,
     accepted_at: Instant,
+    unrouted: UnroutedSlot,
 ) {
     let config = &edge.config;
     let deadline = accepted_at + config.client_hello_timeout;
     let mut buf = BytesMut::with_capacity(1024);
     let mut peeker = RequestHeadPeeker::new(config.max_http_head);
-    let head = match peek_until(&mut client, &mut buf, deadline, |bytes| peeker.peek(bytes)).await {
+    let peeked = peek_until(&mut client, &mut buf, deadline, |bytes| peeker.peek(bytes)).await;
+    drop(unrouted); // it said where it goes, or it is refused now
+    let head = match peeked {
         Ok(head) => head,
         Err(failure) => return edge.refuse_peek(KIND, client, peer, failure).await,
     };
     let Some(route) = edge.routes.lookup(&head.host) else {
-        let why = format!("unknown hostname {}", head.host);
-        return edge
-            .refuse(KIND, client, peer, KIND.refusal(Rejection::UnknownHost), &why)
-            .await;
+        return edge.refuse_unknown_host(KIND, client, peer, &head.host).await;
     };
     let forwards = |served: &Served<AgentPool>| served.http == HttpMode::Forward;
     if !route.agents().iter().any(forwards) {

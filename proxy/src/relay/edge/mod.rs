@@ -12,6 +12,7 @@
 pub mod caps;
 pub mod handover;
 pub mod http;
+pub mod log_budget;
 pub mod tls;
 
 use std::fmt::Display;
@@ -35,6 +36,7 @@ use crate::peek::{Peek, Refusal, Refused, Rejection, Reply};
 use crate::pump::Timeouts;
 use crate::shield::RelayShield;
 use caps::{ConnectionCaps, Counts, Slot};
+use log_budget::{LogBudget, Verdict};
 
 /// Which protocol an edge listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,9 +78,10 @@ pub struct Edge {
     pub shield: Arc<RelayShield>,
     /// The relay's metrics.
     pub metrics: Arc<RelayMetrics>,
-    /// Connections open now, against `edge.max_connections` and
-    /// `edge.max_connections_per_source`.
+    /// Connections open now, against `edge.max_connections` and the other caps of `[edge]`.
     pub caps: Arc<ConnectionCaps>,
+    /// How many refusals are logged (a scan is thousands a second; the counters have them all).
+    pub refusal_log: LogBudget,
     /// Tenants and their limits, as last loaded from the store.
     pub tenants: Arc<Tenants>,
     /// Streams each tenant carries now, against its `max_streams`.
@@ -122,8 +125,8 @@ impl Edge {
                 self.count(kind, peer, &kind.refusal(Rejection::RateLimited));
                 continue;
             }
-            let slot = match self.caps.admit(peer.ip()) {
-                Ok(slot) => slot,
+            let (slot, unrouted) = match self.caps.admit(peer.ip()) {
+                Ok(slots) => slots,
                 Err(rejection) => {
                     self.refuse_now(kind, client, peer, kind.refusal(rejection));
                     continue;
@@ -140,8 +143,10 @@ impl Edge {
             self.streams.spawn(async move {
                 let _counted = (active, slot);
                 match kind {
-                    EdgeKind::Tls => tls::serve(&edge, client, peer, local_port, accepted_at).await,
-                    EdgeKind::Http => http::serve(&edge, client, peer, local_port, accepted_at).await,
+                    EdgeKind::Tls => tls::serve(&edge, client, peer, local_port, accepted_at, unrouted).await,
+                    EdgeKind::Http => {
+                        http::serve(&edge, client, peer, local_port, accepted_at, unrouted).await
+                    }
                 }
             });
             // The connection's first bytes are already in (TCP_DEFER_ACCEPT): let its task read
@@ -161,7 +166,7 @@ impl Edge {
         why: &(dyn Display + Sync),
     ) {
         self.count(kind, peer, &refusal);
-        info!(%peer, listener = kind.label(), reason = refusal.rejection.label(), "connection refused: {why}");
+        self.log_refusal(kind, peer, &refusal, why);
         if refusal.reply != Reply::Close {
             let _ = client.write_all(&refusal.reply.bytes()).await;
         }
@@ -174,7 +179,7 @@ impl Edge {
     /// FIN after the reply, not a reset that could destroy it.
     fn refuse_now(&self, kind: EdgeKind, client: TcpStream, peer: SocketAddr, refusal: Refusal) {
         self.count(kind, peer, &refusal);
-        debug!(%peer, listener = kind.label(), reason = refusal.rejection.label(), "connection refused at accept");
+        self.log_refusal(kind, peer, &refusal, &"at accept");
         if refusal.reply != Reply::Close {
             let mut discard = [0u8; 4096];
             let _ = client.try_read(&mut discard);
@@ -215,11 +220,33 @@ impl Edge {
         self.refuse(kind, client, peer, refusal, &failure).await;
     }
 
-    /// The bookkeeping of a refusal: the rejection counter and, for abuse, the shield.
+    /// Turns `client` away because no route serves `host`; the shield counts the name towards
+    /// SNI-scan detection (a browser asks for few names; a scanner for many).
+    pub async fn refuse_unknown_host(&self, kind: EdgeKind, client: TcpStream, peer: SocketAddr, host: &str) {
+        self.shield.report_unknown_name(peer.ip(), host);
+        let why = format!("unknown hostname {host}");
+        (self.refuse(kind, client, peer, kind.refusal(Rejection::UnknownHost), &why)).await;
+    }
+
+    /// The bookkeeping of a refusal: the rejection counter and, for malformed input, the
+    /// shield.
     fn count(&self, kind: EdgeKind, peer: SocketAddr, refusal: &Refusal) {
         self.metrics.rejected(kind.label(), refusal.rejection);
-        if let Some(abuse) = refusal.abuse {
+        if let Some(abuse) = refusal.abuse.filter(|abuse| abuse.is_malformed()) {
             self.shield.report_abuse(peer.ip(), abuse);
+        }
+    }
+
+    /// One log line per refusal, within the budget; the first after a gap says how many
+    /// were left out.
+    fn log_refusal(&self, kind: EdgeKind, peer: SocketAddr, refusal: &Refusal, why: &(dyn Display + Sync)) {
+        if let Verdict::Write { left_out } = self.refusal_log.check(std::time::Instant::now()) {
+            let reason = refusal.rejection.label();
+            if left_out > 0 {
+                info!(%peer, listener = kind.label(), reason, left_out, "connection refused: {why} ({left_out} refusals not logged before this one)");
+            } else {
+                info!(%peer, listener = kind.label(), reason, "connection refused: {why}");
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::caps::UnroutedSlot;
 use super::handover::{self, StreamInfo};
 use super::{Edge, EdgeKind, peek_until};
 use crate::peek::Rejection;
@@ -24,6 +25,7 @@ pub async fn serve(
     peer: SocketAddr,
     local_port: u16,
     accepted_at: Instant,
+    unrouted: UnroutedSlot,
 ) {
     let config = &edge.config;
     let deadline = accepted_at + config.client_hello_timeout;
@@ -37,6 +39,7 @@ pub async fn serve(
         result
     })
     .await;
+    drop(unrouted); // it said where it goes, or it is refused now
     edge.metrics
         .client_hello_parse_seconds
         .observe(parse_time.as_secs_f64());
@@ -51,10 +54,7 @@ pub async fn serve(
             .await;
     };
     let Some(route) = edge.routes.lookup(&host) else {
-        let why = format!("unknown hostname {host}");
-        return edge
-            .refuse(KIND, client, peer, KIND.refusal(Rejection::UnknownHost), &why)
-            .await;
+        return edge.refuse_unknown_host(KIND, client, peer, &host).await;
     };
     let _tenant_stream = match edge.tenant_stream(&route.tenant) {
         Ok(slot) => slot,
