@@ -137,11 +137,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         &state,
     )?;
     std::fs::write(dir.join("agent.token"), token.trim())?;
+    // The idle phase holds as many proxied connections as descriptors allow, which is more than
+    // the relay's default cap (that keeps 1024 descriptors spare for tunnels and pipes).
+    let max_connections = descriptor_capacity(hard_open_file_limit()?);
     std::fs::write(
         dir.join("relay.toml"),
         format!(
             "state_dir = \"state\"\nshutdown_grace = \"1s\"\n[edge]\ntls_listen = [\"{RELAY_TLS}\"]\nhttp_listen = []\n\
-             agent_wait = \"5s\"\n[tunnel]\nlisten = \"{RELAY_TUNNEL}\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n\
+             agent_wait = \"5s\"\nmax_connections = {max_connections}\n[tunnel]\nlisten = \"{RELAY_TUNNEL}\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n\
              pool_size = 32\n[admin]\nlisten = \"{RELAY_ADMIN}\"\n\
              # Every load client comes from loopback; a real edge sees many source addresses.\n\
              [shield]\nallow = [\"127.0.0.0/8\"]\n"
@@ -392,11 +395,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         // open-file limits allow, and say so when that is below what was asked.
         let capacity = ["relay", "agent-tcp"]
             .iter()
-            .map(|name| open_file_limit(processes.pid(name)).map(|l| l.saturating_sub(256) / 2))
+            .map(|name| open_file_limit(processes.pid(name)).map(descriptor_capacity))
             .collect::<anyhow::Result<Vec<_>>>()?
             .into_iter()
             .min()
-            .unwrap_or(0) as usize;
+            .unwrap_or(0);
         let idle_connections = options.idle_connections.min(capacity);
         if idle_connections < options.idle_connections {
             println!(
@@ -433,7 +436,7 @@ async fn warm_taken() -> anyhow::Result<u64> {
         .await
         .context("agent admin")?;
     admin
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .await?;
     let mut page = String::new();
     admin.read_to_string(&mut page).await?;
@@ -539,6 +542,22 @@ fn open_file_limit(pid: u32) -> anyhow::Result<u64> {
         .context("no open-file limit")?;
     let soft = line.split_whitespace().nth(3).context("bad limits line")?;
     Ok(soft.parse().unwrap_or(u64::MAX))
+}
+
+/// This process's hard open-file limit, which the relay and agents raise their own soft limits to.
+fn hard_open_file_limit() -> anyhow::Result<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits")?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no open-file limit")?;
+    let hard = line.split_whitespace().nth(4).context("bad limits line")?;
+    Ok(hard.parse().unwrap_or(u64::MAX))
+}
+
+/// Proxied connections a process with `limit` descriptors can hold: two each, 256 kept spare.
+fn descriptor_capacity(limit: u64) -> usize {
+    (limit.saturating_sub(256) / 2).min(usize::MAX as u64) as usize
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
