@@ -1044,6 +1044,53 @@ async fn connections_beyond_the_edge_caps_are_refused_at_accept() {
 }
 
 #[tokio::test]
+async fn an_allowlisted_source_is_held_only_to_the_caps_in_all() {
+    let world = World::start(RelayOptions {
+        edge_toml: "max_connections = 5\nmax_unrouted_connections = 5\nmax_connections_per_source = 1\nmax_unrouted_per_source = 1\n"
+            .into(),
+        extra_toml: "[shield]\nallow = [\"127.0.0.2/32\"]\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let active = || {
+        world
+            .relay()
+            .metrics()
+            .connections_active
+            .with_label_values(&["tls"])
+            .get()
+    };
+    // The allowlisted address holds three silent connections, over the per-source caps of one.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut tcp = connect_from([127, 0, 0, 2], world.tls_addr()).await;
+        tcp.write_all(&[0x16]).await.unwrap();
+        held.push(tcp);
+    }
+    eventually(WAIT, || active() == 3).await;
+    // Another address is held to one...
+    let mut counted = connect_from([127, 0, 0, 3], world.tls_addr()).await;
+    counted.write_all(&[0x16]).await.unwrap();
+    eventually(WAIT, || active() == 4).await;
+    let mut second = connect_from([127, 0, 0, 3], world.tls_addr()).await;
+    second.write_all(&[0x16]).await.unwrap();
+    assert!(closed_within(&mut second, WAIT).await);
+    assert_eq!(rejected(&world, "tls", "source_connection_limit"), 1);
+    // ...and the cap in all holds for the allowlisted address too.
+    let mut fourth = connect_from([127, 0, 0, 2], world.tls_addr()).await;
+    fourth.write_all(&[0x16]).await.unwrap();
+    held.push(fourth);
+    eventually(WAIT, || active() == 5).await;
+    let mut sixth = connect_from([127, 0, 0, 2], world.tls_addr()).await;
+    sixth.write_all(&[0x16]).await.unwrap();
+    assert!(closed_within(&mut sixth, WAIT).await);
+    assert_eq!(rejected(&world, "tls", "connection_limit"), 1);
+    for tcp in &mut held {
+        assert!(!closed_within(tcp, Duration::from_millis(50)).await);
+    }
+}
+
+#[tokio::test]
 async fn a_tenant_is_held_to_its_max_streams() {
     let world = World::start(RelayOptions::default()).await;
     let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);

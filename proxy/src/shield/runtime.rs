@@ -22,7 +22,7 @@ use crate::config::shield::{AttachMode, ShieldConfig};
 use crate::prefix::SourcePrefix;
 
 use super::abuse::{Abuse, AbuseTracker, Offender, ScanTracker};
-use super::gate::ConnectionGate;
+use super::gate::{Admission, ConnectionGate};
 use super::{
     BanNotice, BanRecord, KernelPolicy, Shield, ShieldError, ShieldMaps, SourceLimits, mode_name, pin,
 };
@@ -119,24 +119,28 @@ impl RelayShield {
         &self.stats
     }
 
-    /// Accept-time check: false means close the connection now. With XDP on, the kernel has
-    /// already policed the connection's packets; only a ban the kernel could not take (kept by
-    /// the gate instead) is checked here.
-    pub fn admit(&self, peer: IpAddr) -> bool {
+    /// Accept-time check: a connection not [`Admission::admitted`] is closed now; an
+    /// [`Admission::Allowlisted`] one is exempt from per-source caps too. With XDP on, the kernel
+    /// has already policed the connection's packets; only a ban the kernel could not take (kept
+    /// by the gate instead) is checked here.
+    pub fn admit(&self, peer: IpAddr) -> Admission {
         let now = Instant::now();
-        let admitted = if matches!(self.mode, ShieldMode::Xdp { .. }) {
-            !self.gate.is_banned(peer, now) || self.gate.is_allowlisted(peer)
-        } else {
-            let admission = self.gate.check(peer, now);
-            if !admission.admitted() {
-                tracing::debug!(%peer, verdict = admission.label(), "shield: connection refused at accept");
+        let admission = if matches!(self.mode, ShieldMode::Xdp { .. }) {
+            if self.gate.is_allowlisted(peer) {
+                Admission::Allowlisted
+            } else if self.gate.is_banned(peer, now) {
+                Admission::Banned
+            } else {
+                Admission::Admit
             }
-            admission.admitted()
+        } else {
+            self.gate.check(peer, now)
         };
-        if !admitted {
+        if !admission.admitted() {
+            tracing::debug!(%peer, verdict = admission.label(), "shield: connection refused at accept");
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
         }
-        admitted
+        admission
     }
 
     /// The edge refused a connection from `peer` for malformed input (`what`); bans sources
@@ -408,9 +412,9 @@ mod tests {
         assert!(matches!(shield.mode(), ShieldMode::Fallback { .. }));
 
         let flooder: IpAddr = "192.0.2.9".parse().unwrap();
-        assert!(shield.admit(flooder));
-        assert!(shield.admit(flooder));
-        assert!(!shield.admit(flooder));
+        assert!(shield.admit(flooder).admitted());
+        assert!(shield.admit(flooder).admitted());
+        assert!(!shield.admit(flooder).admitted());
         assert_eq!(shield.stats().refused.load(Ordering::Relaxed), 1);
 
         let scanner: IpAddr = "192.0.2.10".parse().unwrap();
@@ -427,13 +431,13 @@ mod tests {
         assert!(!shield.is_banned(scanner));
         shield.report_abuse(scanner, Abuse::BadClientHello);
         assert!(shield.is_banned(scanner));
-        assert!(!shield.admit(scanner));
+        assert!(!shield.admit(scanner).admitted());
         assert_eq!(shield.stats().abuse_bans.load(Ordering::Relaxed), 1);
 
         // Reload: the scanner's network is now allowlisted, which beats its ban.
         config.shield.allow = vec!["192.0.2.0/24".parse().unwrap()];
         shield.reload(&config.shield, &config.listener_ports()).unwrap();
-        assert!(shield.admit(scanner));
+        assert!(shield.admit(scanner).admitted());
         assert!(shield.with_maps(|_| ()).is_none());
     }
 
@@ -484,6 +488,6 @@ mod tests {
             (unbanned.to_string().as_str(), was_banned),
             ("2001:db8::/64", true)
         );
-        assert!(shield.admit(ip("2001:db8::1")));
+        assert!(shield.admit(ip("2001:db8::1")).admitted());
     }
 }

@@ -67,6 +67,16 @@ impl<K: Hash + Eq + Clone> Drop for Slot<K> {
     }
 }
 
+/// Whose count a new connection goes into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A source like any other: its prefix's caps apply.
+    Counted(IpAddr),
+    /// On the shield's allowlist, which exempts it from every per-source limit: only the caps in
+    /// all apply (they protect the relay's descriptors, whoever holds them).
+    Allowlisted,
+}
+
 /// The edge's caps on connections, from `[edge]`: open in all (`max_connections`) and per
 /// source prefix (`max_connections_per_source`), and of those, the ones that have not yet sent
 /// their routing metadata (`max_unrouted_connections`, `max_unrouted_per_source`). Sources are
@@ -110,19 +120,30 @@ impl ConnectionCaps {
     /// Counts a new connection from `source`, open and not yet routed, or says which cap it
     /// hits. The connection stays counted as open until the [`ConnectionSlot`] drops, and as
     /// unrouted until the [`UnroutedSlot`] drops (when its routing metadata is in, or it ends).
-    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<(ConnectionSlot, UnroutedSlot), Rejection> {
-        let prefix = self.prefixes.of(source);
+    pub fn admit(self: &Arc<Self>, source: Source) -> Result<(ConnectionSlot, UnroutedSlot), Rejection> {
         let limits = self.limits;
+        let prefix = match source {
+            Source::Counted(address) => Some(self.prefixes.of(address)),
+            Source::Allowlisted => None,
+        };
+        let per_source = |counts: &Arc<Counts<SourcePrefix>>, cap, rejection| match prefix {
+            Some(prefix) => counts.take(prefix, cap).map(Some).ok_or(rejection),
+            None => Ok(None),
+        };
         let open = self
             .hold(Counter::Open, limits.max_open)
             .ok_or(Rejection::ConnectionLimit)?;
-        let source = (self.per_source)
-            .take(prefix, limits.max_per_source)
-            .ok_or(Rejection::SourceConnectionLimit)?;
+        let source = per_source(
+            &self.per_source,
+            limits.max_per_source,
+            Rejection::SourceConnectionLimit,
+        )?;
         let unrouted = (self.hold(Counter::Unrouted, limits.max_unrouted)).ok_or(Rejection::UnroutedLimit)?;
-        let unrouted_source = (self.unrouted_per_source)
-            .take(prefix, limits.max_unrouted_per_source)
-            .ok_or(Rejection::SourceUnroutedLimit)?;
+        let unrouted_source = per_source(
+            &self.unrouted_per_source,
+            limits.max_unrouted_per_source,
+            Rejection::SourceUnroutedLimit,
+        )?;
         Ok((
             ConnectionSlot {
                 _open: open,
@@ -192,22 +213,22 @@ impl Drop for Held {
 /// One admitted connection; uncounted when dropped.
 pub struct ConnectionSlot {
     _open: Held,
-    _source: Slot<SourcePrefix>,
+    _source: Option<Slot<SourcePrefix>>,
 }
 
 /// One admitted connection that has not sent its routing metadata yet; uncounted as unrouted
 /// when dropped.
 pub struct UnroutedSlot {
     _unrouted: Held,
-    _source: Slot<SourcePrefix>,
+    _source: Option<Slot<SourcePrefix>>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
+    fn counted(s: &str) -> Source {
+        Source::Counted(s.parse().unwrap())
     }
 
     fn caps(
@@ -228,37 +249,37 @@ mod tests {
     #[test]
     fn caps_in_all_and_per_source_and_slots_give_back() {
         let caps = caps(3, 2, 3, 2);
-        let a1 = caps.admit(ip("192.0.2.1")).unwrap();
-        let _a2 = caps.admit(ip("::ffff:192.0.2.1")).unwrap();
+        let a1 = caps.admit(counted("192.0.2.1")).unwrap();
+        let _a2 = caps.admit(counted("::ffff:192.0.2.1")).unwrap();
         assert_eq!(
-            caps.admit(ip("192.0.2.1")).err(),
+            caps.admit(counted("192.0.2.1")).err(),
             Some(Rejection::SourceConnectionLimit),
             "an IPv4-mapped address is the same source"
         );
-        let _b1 = caps.admit(ip("192.0.2.2")).unwrap();
+        let _b1 = caps.admit(counted("192.0.2.2")).unwrap();
         assert_eq!(
-            caps.admit(ip("192.0.2.3")).err(),
+            caps.admit(counted("192.0.2.3")).err(),
             Some(Rejection::ConnectionLimit)
         );
         assert_eq!(caps.open(), 3, "refusals are not counted");
         assert_eq!(caps.unrouted(), 3);
         drop(a1);
         assert_eq!((caps.open(), caps.unrouted()), (2, 2));
-        let _a3 = caps.admit(ip("192.0.2.1")).unwrap();
+        let _a3 = caps.admit(counted("192.0.2.1")).unwrap();
     }
 
     #[test]
     fn addresses_inside_one_ipv6_prefix_are_one_source() {
         let caps = caps(100, 2, 100, 100);
-        let _one = caps.admit(ip("2001:db8:1:2::1")).unwrap();
-        let _two = caps.admit(ip("2001:db8:1:2:ffff::9")).unwrap();
+        let _one = caps.admit(counted("2001:db8:1:2::1")).unwrap();
+        let _two = caps.admit(counted("2001:db8:1:2:ffff::9")).unwrap();
         assert_eq!(
-            caps.admit(ip("2001:db8:1:2:abcd::1")).err(),
+            caps.admit(counted("2001:db8:1:2:abcd::1")).err(),
             Some(Rejection::SourceConnectionLimit),
             "a third address in the same /64 shares its count"
         );
         assert!(
-            caps.admit(ip("2001:db8:1:3::1")).is_ok(),
+            caps.admit(counted("2001:db8:1:3::1")).is_ok(),
             "the next /64 is another source"
         );
     }
@@ -266,25 +287,46 @@ mod tests {
     #[test]
     fn silent_connections_are_capped_apart_from_routed_ones() {
         let caps = caps(100, 100, 4, 2);
-        let (_open, routed) = caps.admit(ip("198.51.100.1")).unwrap();
+        let (_open, routed) = caps.admit(counted("198.51.100.1")).unwrap();
         drop(routed); // its ClientHello came in
-        let silent: Vec<_> = (0..2).map(|_| caps.admit(ip("198.51.100.1")).unwrap()).collect();
+        let silent: Vec<_> = (0..2)
+            .map(|_| caps.admit(counted("198.51.100.1")).unwrap())
+            .collect();
         assert_eq!(
-            caps.admit(ip("198.51.100.1")).err(),
+            caps.admit(counted("198.51.100.1")).err(),
             Some(Rejection::SourceUnroutedLimit),
             "a source holds at most two connections that sent nothing yet"
         );
         assert_eq!(caps.open(), 3, "a refused connection is not left counted as open");
-        let _other = caps.admit(ip("198.51.100.2")).unwrap();
-        let _third = caps.admit(ip("198.51.100.3")).unwrap();
+        let _other = caps.admit(counted("198.51.100.2")).unwrap();
+        let _third = caps.admit(counted("198.51.100.3")).unwrap();
         assert_eq!(
-            caps.admit(ip("198.51.100.4")).err(),
+            caps.admit(counted("198.51.100.4")).err(),
             Some(Rejection::UnroutedLimit),
             "four unrouted in all"
         );
         drop(silent);
         assert_eq!(caps.unrouted(), 2);
-        assert!(caps.admit(ip("198.51.100.1")).is_ok());
+        assert!(caps.admit(counted("198.51.100.1")).is_ok());
+    }
+
+    #[test]
+    fn allowlisted_sources_meet_only_the_caps_in_all() {
+        let caps = caps(3, 1, 3, 1);
+        let held: Vec<_> = (0..3).map(|_| caps.admit(Source::Allowlisted).unwrap()).collect();
+        assert_eq!(
+            caps.admit(Source::Allowlisted).err(),
+            Some(Rejection::ConnectionLimit),
+            "the cap in all protects the descriptors whoever holds them"
+        );
+        drop(held);
+        let _allowlisted = caps.admit(Source::Allowlisted).unwrap();
+        let _counted = caps.admit(counted("192.0.2.1")).unwrap();
+        assert_eq!(
+            caps.admit(counted("192.0.2.1")).err(),
+            Some(Rejection::SourceConnectionLimit),
+            "allowlisted connections are in no source's count, a counted source's are"
+        );
     }
 
     #[test]

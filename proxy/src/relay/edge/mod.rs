@@ -35,7 +35,8 @@ use crate::net::AcceptBackoff;
 use crate::peek::{Peek, Refusal, Refused, Rejection, Reply};
 use crate::pump::Timeouts;
 use crate::shield::RelayShield;
-use caps::{ConnectionCaps, Counts, Slot};
+use crate::shield::gate::Admission;
+use caps::{ConnectionCaps, Counts, Slot, Source};
 use log_budget::{LogBudget, Verdict};
 
 /// Which protocol an edge listener speaks.
@@ -120,12 +121,16 @@ impl Edge {
                 () = self.stopping.cancelled() => return,
             };
             backoff.succeeded();
-            if !self.shield.admit(peer.ip()) {
-                // Dropping `client` closes it before a byte is read.
-                self.count(kind, peer, &kind.refusal(Rejection::RateLimited));
-                continue;
-            }
-            let (slot, unrouted) = match self.caps.admit(peer.ip()) {
+            let source = match self.shield.admit(peer.ip()) {
+                Admission::Allowlisted => Source::Allowlisted,
+                admission if admission.admitted() => Source::Counted(peer.ip()),
+                _ => {
+                    // Dropping `client` closes it before a byte is read.
+                    self.count(kind, peer, &kind.refusal(Rejection::RateLimited));
+                    continue;
+                }
+            };
+            let (slot, unrouted) = match self.caps.admit(source) {
                 Ok(slots) => slots,
                 Err(rejection) => {
                     self.refuse_now(kind, client, peer, kind.refusal(rejection));

@@ -110,7 +110,7 @@ impl Tunnel {
                 () = self.stopping.cancelled() => return,
             };
             backoff.succeeded();
-            if !self.shield.admit(peer.ip()) {
+            if !self.shield.admit(peer.ip()).admitted() {
                 self.rejected(TunnelRejection::RateLimited);
                 continue;
             }
