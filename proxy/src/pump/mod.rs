@@ -15,7 +15,7 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -88,75 +88,69 @@ impl Timeouts {
     };
 }
 
-/// When a pump last moved a byte, and whether one direction has finished; shared between the
-/// copy (which notes progress each time it is polled) and the timer (which reads it when it
-/// fires, so an active stream costs no timer resets).
-struct Activity {
-    started: tokio::time::Instant,
-    /// Nanoseconds after `started` of the last progress.
-    last: AtomicU64,
-    half_closed: AtomicBool,
-    /// Wakes the timer when the stream becomes half-closed (its limit may get shorter).
-    half_close_seen: tokio::sync::Notify,
+/// The silence limits of one pump, checked from inside its own poll: one timer per stream,
+/// armed for the earliest moment a limit could run out and re-armed only when it fires, so an
+/// active stream costs a clock read per poll that moved bytes and no timer updates.
+struct Silence {
+    timeouts: Timeouts,
+    /// When a byte last moved either way (or the pump started).
+    last: tokio::time::Instant,
+    half_closed: bool,
+    timer: tokio::time::Sleep,
 }
 
-impl Activity {
-    fn new() -> Self {
+impl Silence {
+    fn new(timeouts: Timeouts) -> Self {
+        let now = tokio::time::Instant::now();
         Self {
-            started: tokio::time::Instant::now(),
-            last: AtomicU64::new(0),
-            half_closed: AtomicBool::new(false),
-            half_close_seen: tokio::sync::Notify::new(),
+            timeouts,
+            last: now,
+            half_closed: false,
+            timer: tokio::time::sleep_until(deadline(now, timeouts.idle)),
         }
     }
 
-    /// After a poll of both directions: `moved` bytes in all so far (`before` before the poll).
-    fn note(&self, before: u64, moved: u64, up_done: bool, down_done: bool) {
-        if moved != before {
-            let now = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.last.store(now, Ordering::Relaxed);
+    /// After a poll of both directions: `moved` says whether bytes moved, `half_closed` whether
+    /// exactly one direction has finished. Ready with the limit that ran out, if one did.
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>, moved: bool, half_closed: bool) -> Poll<PumpError> {
+        // SAFETY: `timer` is never moved out of `self`; the other fields are not pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        // SAFETY: `this` is pinned, so its `timer` field is too.
+        let mut timer = unsafe { Pin::new_unchecked(&mut this.timer) };
+        let limit = if half_closed {
+            this.timeouts.half_close.min(this.timeouts.idle)
+        } else {
+            this.timeouts.idle
+        };
+        if moved || (half_closed && !this.half_closed) {
+            // A side finishing is progress too: the half-close limit counts from then.
+            this.last = tokio::time::Instant::now();
         }
-        if up_done != down_done && !self.half_closed.swap(true, Ordering::Relaxed) {
-            self.half_close_seen.notify_one();
+        if half_closed && !this.half_closed {
+            // The limit may have got shorter: the timer must not sleep past it.
+            this.half_closed = true;
+            timer.as_mut().reset(deadline(this.last, limit));
         }
-    }
-
-    /// Completes with the timeout that ran out, if one ever does.
-    async fn expired(&self, timeouts: Timeouts) -> PumpError {
-        loop {
-            let half_closed = self.half_closed.load(Ordering::Relaxed);
-            let limit = if half_closed {
-                timeouts.half_close.min(timeouts.idle)
-            } else {
-                timeouts.idle
-            };
-            let last = self.started + Duration::from_nanos(self.last.load(Ordering::Relaxed));
-            let deadline = last.checked_add(limit);
-            if let Some(deadline) = deadline
-                && tokio::time::Instant::now() >= deadline
-            {
-                return if half_closed {
+        while timer.as_mut().poll(cx).is_ready() {
+            let due = deadline(this.last, limit);
+            if tokio::time::Instant::now() >= due {
+                return Poll::Ready(if half_closed {
                     PumpError::HalfClosedIdle(limit)
                 } else {
                     PumpError::Idle(limit)
-                };
+                });
             }
-            let sleep = async {
-                match deadline {
-                    Some(deadline) => tokio::time::sleep_until(deadline).await,
-                    None => std::future::pending().await,
-                }
-            };
-            if half_closed {
-                sleep.await;
-            } else {
-                tokio::select! {
-                    () = sleep => {}
-                    () = self.half_close_seen.notified() => {}
-                }
-            }
+            timer.as_mut().reset(due);
         }
+        Poll::Pending
     }
+}
+
+/// `from + limit`, a limit past 30 years (`Timeouts::NEVER`) taken as 30 years: tokio's timer
+/// wakes at most about two years ahead anyway, and then the pump sees nothing is due yet.
+fn deadline(from: tokio::time::Instant, limit: Duration) -> tokio::time::Instant {
+    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+    from + limit.min(FAR)
 }
 
 /// Bytes moved in each direction.
@@ -184,22 +178,20 @@ where
 {
     let mut up = Direction::default();
     let mut down = Direction::default();
-    let activity = Activity::new();
+    let mut silence = std::pin::pin!(Silence::new(timeouts));
     let copy = poll_fn(|cx| {
         let before = up.moved + down.moved;
         let up_done = up.poll(cx, &mut *client, &mut *tunnel)?.is_ready();
         let down_done = down.poll(cx, &mut *tunnel, &mut *client)?.is_ready();
-        activity.note(before, up.moved + down.moved, up_done, down_done);
         if up_done && down_done {
-            Poll::Ready(Ok::<_, io::Error>(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(()));
         }
+        let moved = up.moved + down.moved != before;
+        silence.as_mut().poll(cx, moved, up_done != down_done).map(Err)
     });
     let result = tokio::select! {
-        result = copy => result.map_err(PumpError::from),
+        result = copy => result,
         () = cut.cancelled() => Err(PumpError::Cut),
-        expired = activity.expired(timeouts) => Err(expired),
     };
     let moved = Transferred {
         client_to_agent: up.moved,
@@ -462,6 +454,25 @@ mod tests {
         }
         assert!(!pump.is_finished(), "an answer still flowing is not cut");
         tokio::time::sleep(Duration::from_secs(61)).await;
+        assert!(matches!(pump.await.unwrap(), Err(PumpError::HalfClosedIdle(d)) if d == TIMEOUTS.half_close));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_half_close_timeout_counts_from_the_moment_a_side_finished() {
+        let (mut client, mut client_far) = tokio::io::duplex(64);
+        let (mut tunnel, mut tunnel_far) = tokio::io::duplex(64);
+        let cut = CancellationToken::new();
+        let pump = tokio::spawn(async move { pump(&mut client_far, &mut tunnel_far, &cut, TIMEOUTS).await });
+        // Half an hour of silence, then the browser finishes sending.
+        tokio::time::sleep(Duration::from_secs(30 * 60)).await;
+        client.shutdown().await.unwrap();
+        tunnel.read_to_end(&mut Vec::new()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert!(
+            !pump.is_finished(),
+            "closed before the other side was silent for a minute"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(matches!(pump.await.unwrap(), Err(PumpError::HalfClosedIdle(d)) if d == TIMEOUTS.half_close));
     }
 

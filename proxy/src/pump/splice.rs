@@ -39,7 +39,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{Activity, Meters, PumpError, Timeouts, Transferred, return_buffer, take_buffer};
+use super::{Meters, PumpError, Silence, Timeouts, Transferred, return_buffer, take_buffer};
 
 /// Capacity asked for each pipe, and so the most bytes one splice moves from a socket. Over
 /// loopback (`benches/pump.rs`, a noisy shared 2-CPU machine) 256 KiB pipes had more throughput
@@ -103,28 +103,32 @@ pub(super) async fn try_splice_pump(
 ) -> Result<Transferred, SpliceError> {
     let mut up = Direction::default();
     let mut down = Direction::default();
-    let activity = Activity::new();
+    let mut silence = std::pin::pin!(Silence::new(timeouts));
+    // Ready with `Ok(None)` once both directions finished, `Ok(Some(_))` when a silence limit
+    // ran out.
     let copy = poll_fn(|cx| {
         let before = up.moved + down.moved;
         let up_done = up.poll(cx, a, b, meters.map(|m| &m.a_to_b))?.is_ready();
         let down_done = down.poll(cx, b, a, meters.map(|m| &m.b_to_a))?.is_ready();
-        activity.note(before, up.moved + down.moved, up_done, down_done);
         if up_done && down_done {
-            Poll::Ready(Ok::<_, io::Error>(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(None));
         }
+        let moved = up.moved + down.moved != before;
+        silence
+            .as_mut()
+            .poll(cx, moved, up_done != down_done)
+            .map(|expired| Ok(Some(expired)))
     });
     let result = tokio::select! {
         result = copy => result,
         () = cut.cancelled() => return Err(SpliceError::Pump(PumpError::Cut)),
-        expired = activity.expired(timeouts) => return Err(SpliceError::Pump(expired)),
     };
     match result {
-        Ok(()) => Ok(Transferred {
+        Ok(None) => Ok(Transferred {
             client_to_agent: up.moved,
             agent_to_client: down.moved,
         }),
+        Ok(Some(expired)) => Err(SpliceError::Pump(expired)),
         Err(e) if is_unsupported(&e) && up.untouched() && down.untouched() => {
             Err(SpliceError::Unsupported(e))
         }

@@ -145,15 +145,19 @@ impl Edge {
                 .inc();
             let active = self.metrics.active_connection(listener);
             let edge = Arc::clone(&self);
-            self.streams.spawn(async move {
-                let _counted = (active, slot);
-                match kind {
-                    EdgeKind::Tls => tls::serve(&edge, client, peer, local_port, accepted_at, unrouted).await,
-                    EdgeKind::Http => {
-                        http::serve(&edge, client, peer, local_port, accepted_at, unrouted).await
-                    }
-                }
-            });
+            let counted = (active, slot);
+            // A task per protocol: a task's future is as large as its largest state, and every
+            // TLS connection would otherwise carry the room the HTTP edge's request checks take.
+            match kind {
+                EdgeKind::Tls => self.streams.spawn(async move {
+                    let _counted = counted;
+                    tls::serve(&edge, client, peer, local_port, accepted_at, unrouted).await;
+                }),
+                EdgeKind::Http => self.streams.spawn(async move {
+                    let _counted = counted;
+                    http::serve(&edge, client, peer, local_port, accepted_at, unrouted).await;
+                }),
+            };
             // The connection's first bytes are already in (TCP_DEFER_ACCEPT): let its task read
             // and route them before this loop asks the kernel for the next connection.
             tokio::task::yield_now().await;

@@ -43,11 +43,12 @@ pub async fn serve(
     edge.metrics
         .client_hello_parse_seconds
         .observe(parse_time.as_secs_f64());
-    let hello = match peeked {
-        Ok(hello) => hello,
+    // Only the name is kept: the rest of the hello would stay allocated for the stream's life.
+    let server_name = match peeked {
+        Ok(hello) => hello.server_name,
         Err(failure) => return edge.refuse_peek(KIND, client, peer, failure).await,
     };
-    let Some(host) = hello.server_name else {
+    let Some(host) = server_name else {
         let refusal = KIND.refusal(Rejection::NoSni);
         return edge
             .refuse(KIND, client, peer, refusal, &"ClientHello without SNI")
