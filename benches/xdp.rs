@@ -15,7 +15,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use proxy_common::{BucketLimit, CidrOrigin, Reason};
+use proxy_common::{BucketLimit, CidrOrigin, Reason, SyncookiePolicy};
 use sluice::config::shield::ShieldConfig;
 use sluice::shield::{CidrList, KernelPolicy, Shield, SourceLimits, action};
 use sluice_tests::frames;
@@ -51,6 +51,7 @@ fn main() {
             ban_duration: Duration::from_secs(60),
             prefixes: ShieldConfig::default().prefixes(),
         },
+        SyncookiePolicy::default(),
     ))
     .expect("writing limits");
     maps.add_cidr(

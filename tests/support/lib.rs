@@ -2,6 +2,7 @@
 //! stand-in, a whole relay+agents deployment, and crafted frames for the XDP programs.
 pub mod client;
 pub mod frames;
+pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod records;

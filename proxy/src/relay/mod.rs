@@ -109,6 +109,7 @@ impl Relay {
         readiness.store.store(true, Ordering::Release);
         let metrics = Arc::new(RelayMetrics::new(config.admin.max_tenant_labels));
         let shield = Arc::new(RelayShield::start(&config));
+        tokio::spawn(Arc::clone(&shield).watch_syncookies());
         // The shield is up (XDP) or has fallen back to userspace: either way its state is known.
         readiness.shield.store(true, Ordering::Release);
         metrics::register_shield_collectors(&metrics, &shield);

@@ -23,9 +23,11 @@ use crate::prefix::SourcePrefix;
 
 use super::abuse::{Abuse, AbuseTracker, Offender, ScanTracker};
 use super::gate::{Admission, ConnectionGate};
+use super::syncookies::{self, HostTcp};
 use super::{
     BanNotice, BanRecord, KernelPolicy, Shield, ShieldError, ShieldMaps, SourceLimits, mode_name, pin,
 };
+use proxy_common::{SYNCOOKIES_ADAPTIVE, SYNCOOKIES_ALWAYS, SyncookiePolicy};
 
 /// Where the program is attached: `(interface, "driver" | "skb")`.
 pub type Attachments = Vec<(String, &'static str)>;
@@ -284,6 +286,44 @@ impl RelayShield {
         Ok(())
     }
 
+    /// Logs every protected port's switch into and out of SYN-cookie mode, looking once a second,
+    /// until the shield shuts down. Returns at once without XDP.
+    pub async fn watch_syncookies(self: Arc<Self>) {
+        let mut active = std::collections::BTreeSet::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.stop.cancelled() => return,
+            }
+            let Some(ports) = self.with_maps(|maps| maps.port_cookies()) else {
+                return;
+            };
+            let ports = match ports {
+                Ok(ports) => ports,
+                Err(e) => {
+                    warn!(error = %e, "shield: reading the SYN-flood state failed");
+                    continue;
+                }
+            };
+            for port in ports {
+                if port.active && active.insert(port.port) {
+                    warn!(
+                        port = port.port,
+                        new_source_syns = port.new_source_syns,
+                        "shield: port {} in SYN-cookie mode: XDP answers its SYNs from new sources",
+                        port.port
+                    );
+                } else if !port.active && active.remove(&port.port) {
+                    info!(
+                        port = port.port,
+                        "shield: port {} out of SYN-cookie mode", port.port
+                    );
+                }
+            }
+        }
+    }
+
     /// Detaches XDP, removes the pins and stops the event reader. Idempotent.
     pub fn shutdown(&self) {
         self.stop.cancel();
@@ -302,9 +342,50 @@ impl Drop for RelayShield {
 }
 
 /// The policy the kernel enforces for `config`, on `listener_ports` (the relay's edge and tunnel
-/// ports) unless `protected_ports` names others.
-pub fn kernel_policy(config: &ShieldConfig, listener_ports: &[u16]) -> KernelPolicy {
-    KernelPolicy::new(&config.effective_ports(listener_ports), &source_limits(config))
+/// ports) unless `protected_ports` names others, answering SYN floods as `syncookies` says.
+pub fn kernel_policy(
+    config: &ShieldConfig,
+    listener_ports: &[u16],
+    syncookies: SyncookiePolicy,
+) -> KernelPolicy {
+    KernelPolicy::new(
+        &config.effective_ports(listener_ports),
+        &source_limits(config),
+        syncookies,
+    )
+}
+
+/// How the program answers SYN floods under `config` on this host, as far as the host allows;
+/// says what is missing.
+fn syncookie_policy(config: &ShieldConfig) -> SyncookiePolicy {
+    let host = match HostTcp::read(&config.interfaces) {
+        Ok(host) => host,
+        Err(e) => {
+            warn!(error = %e, "shield: XDP SYN cookies off: cannot read the host's TCP settings");
+            return SyncookiePolicy::default();
+        }
+    };
+    let (policy, shortfalls) = syncookies::plan(config.syncookie_threshold, &host);
+    for shortfall in &shortfalls {
+        warn!("shield: {shortfall}");
+    }
+    match policy.mode {
+        SYNCOOKIES_ALWAYS => info!(
+            mss = policy.mss_v4,
+            wscale = policy.wscale,
+            "shield: XDP answers every SYN to the protected ports with a SYN cookie"
+        ),
+        SYNCOOKIES_ADAPTIVE => info!(
+            threshold = policy.threshold,
+            mss = policy.mss_v4,
+            wscale = policy.wscale,
+            "shield: XDP answers SYNs with SYN cookies at ports getting more than {} SYNs a second \
+             from new sources",
+            policy.threshold
+        ),
+        _ => {}
+    }
+    policy
 }
 
 /// The per-source limits of `config`.
@@ -321,7 +402,7 @@ pub fn source_limits(config: &ShieldConfig) -> SourceLimits {
 
 /// Writes `config` into the kernel maps.
 pub fn sync(maps: &mut ShieldMaps, config: &ShieldConfig, listener_ports: &[u16]) -> Result<(), ShieldError> {
-    maps.set_policy(&kernel_policy(config, listener_ports))?;
+    maps.set_policy(&kernel_policy(config, listener_ports, syncookie_policy(config)))?;
     maps.sync_cidrs(&config.allow, &config.deny)
 }
 
