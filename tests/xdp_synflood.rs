@@ -10,17 +10,15 @@
 //! `tcp_timestamps = 2`; see `sluice::shield::syncookies`). XDP_TX on a veth needs NAPI on the
 //! peer, which an XDP program there (the shield, protecting nothing) turns on. Needs root; the
 //! flood is bounded in time; a guard removes the namespaces even when the test panics.
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use proxy_common::Reason;
-use sluice::shield::Shield;
 use sluice::shield::runtime::ShieldMode;
 use sluice_tests::client::connect_from;
-use sluice_tests::frames::{self, SYN};
-use sluice_tests::netns::{inside, ip, mac, send_raw};
+use sluice_tests::netns::{FloodNet, inside, mac, send_raw, spoofed_syns, sysctl, xdp_on_peer};
 use sluice_tests::servers::tls_echo;
 use sluice_tests::world::{RelayOptions, World, eventually, passthrough_route, within};
 
@@ -28,164 +26,6 @@ const SNI: &str = "app.acme.test";
 const PORT: u16 = 8443;
 /// How long the flood runs at most.
 const FLOOD: Duration = Duration::from_secs(12);
-
-/// The relay's namespace with a flooder's and a client's namespace, each behind a veth pair.
-struct Net {
-    relay: String,
-    flooder: String,
-    client: String,
-    /// Relay-side veths (in `relay`), facing the flooder and the client.
-    relay_to_flooder: String,
-    relay_to_client: String,
-    /// Their peers.
-    flooder_if: String,
-    client_if: String,
-    /// The relay's address on each link.
-    relay_ip_flooder: Ipv4Addr,
-    relay_ip_client: Ipv4Addr,
-    flooder_ip: Ipv4Addr,
-    /// The client's addresses (three sources).
-    client_ips: [Ipv4Addr; 3],
-}
-
-impl Net {
-    fn create() -> Self {
-        let pid = std::process::id();
-        let (a, b) = (((pid >> 8) & 0xff) as u8, (pid & 0xff) as u8);
-        let net = Self {
-            relay: format!("sluice-{pid}-sr"),
-            flooder: format!("sluice-{pid}-sf"),
-            client: format!("sluice-{pid}-sc"),
-            relay_to_flooder: format!("srf{pid}"),
-            relay_to_client: format!("src{pid}"),
-            flooder_if: format!("sfr{pid}"),
-            client_if: format!("scr{pid}"),
-            relay_ip_flooder: Ipv4Addr::new(10, a, b, 1),
-            flooder_ip: Ipv4Addr::new(10, a, b, 2),
-            relay_ip_client: Ipv4Addr::new(10, a, b, 9),
-            client_ips: [10, 11, 12].map(|d| Ipv4Addr::new(10, a, b, d)),
-        };
-        for ns in [&net.relay, &net.flooder, &net.client] {
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        for (relay_side, far_side, far_ns, relay_ip, prefix, far_ips) in [
-            (
-                &net.relay_to_flooder,
-                &net.flooder_if,
-                &net.flooder,
-                net.relay_ip_flooder,
-                30,
-                vec![net.flooder_ip],
-            ),
-            (
-                &net.relay_to_client,
-                &net.client_if,
-                &net.client,
-                net.relay_ip_client,
-                29,
-                net.client_ips.to_vec(),
-            ),
-        ] {
-            ip(&[
-                "link", "add", relay_side, "type", "veth", "peer", "name", far_side,
-            ]);
-            ip(&["link", "set", relay_side, "netns", &net.relay]);
-            ip(&["link", "set", far_side, "netns", far_ns]);
-            ip(&[
-                "-n",
-                &net.relay,
-                "addr",
-                "add",
-                &format!("{relay_ip}/{prefix}"),
-                "dev",
-                relay_side,
-            ]);
-            ip(&["-n", &net.relay, "link", "set", relay_side, "up"]);
-            for far_ip in far_ips {
-                ip(&[
-                    "-n",
-                    far_ns,
-                    "addr",
-                    "add",
-                    &format!("{far_ip}/{prefix}"),
-                    "dev",
-                    far_side,
-                ]);
-            }
-            ip(&["-n", far_ns, "link", "set", far_side, "up"]);
-        }
-        // Like any host on the internet, the relay can route an answer to any address: the
-        // listener's own cookies, which keep it accepting the program's, go out only if so.
-        ip(&[
-            "-n",
-            &net.relay,
-            "route",
-            "add",
-            "default",
-            "via",
-            &net.flooder_ip.to_string(),
-        ]);
-        net
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes the veths in it, and with them their peers.
-        for ns in [&self.relay, &self.flooder, &self.client] {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", ns])
-                .status();
-        }
-    }
-}
-
-/// Sets a sysctl of namespace `ns` (a path under /proc/sys).
-fn sysctl(ns: &str, path: &'static str, value: &'static str) {
-    inside(ns, move || {
-        std::fs::write(format!("/proc/sys/{path}"), value).unwrap_or_else(|e| panic!("{path}: {e}"))
-    });
-}
-
-/// The shield, protecting nothing, attached to `interface` in namespace `ns`: an XDP program
-/// there gives the veth the NAPI that the relay side's XDP_TX needs to deliver its SYN-ACKs.
-fn xdp_on_peer(ns: &str, interface: &str) -> Shield {
-    let interface = interface.to_owned();
-    inside(ns, move || {
-        let mut shield = Shield::load().expect("loading the shield");
-        shield
-            .attach(&interface, aya::programs::XdpMode::Driver)
-            .expect("attaching to the peer veth");
-        shield
-    })
-}
-
-/// SYNs to `target` from `count` spoofed sources in 10.200.0.0/16 (ports varied too), from
-/// `peer_mac` to `host_mac`.
-fn spoofed_syns(target: SocketAddr, count: u32, macs: ([u8; 6], [u8; 6])) -> Vec<Vec<u8>> {
-    let (host_mac, peer_mac) = macs;
-    (0..count)
-        .map(|i| {
-            let source = IpAddr::V4(Ipv4Addr::new(10, 200, (i >> 8) as u8, i as u8));
-            let port = 1024 + (i % 60_000) as u16;
-            let mut frame = frames::segment(
-                source,
-                target.ip(),
-                (port, target.port()),
-                SYN,
-                i.wrapping_mul(2_654_435_761),
-                0,
-                &frames::linux_syn_options(i),
-                &[],
-            )
-            .bytes;
-            frame[..6].copy_from_slice(&host_mac);
-            frame[6..12].copy_from_slice(&peer_mac);
-            frame
-        })
-        .collect()
-}
 
 fn counter(world: &World, reason: Reason) -> u64 {
     world
@@ -200,7 +40,7 @@ fn counter(world: &World, reason: Reason) -> u64 {
 
 #[test]
 fn under_a_spoofed_syn_flood_xdp_answers_with_cookies_and_real_clients_complete_tls() {
-    let net = Arc::new(Net::create());
+    let net = Arc::new(FloodNet::create());
     sysctl(&net.relay, "net/ipv4/tcp_syncookies", "2");
     sysctl(&net.relay, "net/ipv4/tcp_timestamps", "2");
     let _peers = [
@@ -220,7 +60,7 @@ fn under_a_spoofed_syn_flood_xdp_answers_with_cookies_and_real_clients_complete_
 }
 
 /// The test itself, on a runtime whose threads live in the relay's namespace.
-async fn flood_and_connect(net: Arc<Net>) {
+async fn flood_and_connect(net: Arc<FloodNet>) {
     let flood_target = SocketAddr::from((net.relay_ip_flooder, PORT));
     let client_target = SocketAddr::from((net.relay_ip_client, PORT));
     let world = World::start(RelayOptions {

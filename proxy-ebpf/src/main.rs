@@ -2,8 +2,10 @@
 //!
 //! It owns the fast drop decisions for TCP traffic to the relay's protected ports (in the
 //! `POLICY` map): [`parse`] reads Ethernet (up to two VLAN tags), IPv4 or IPv6 (with extension headers)
-//! and TCP; [`police`] applies the allowlist, denylist, bans and per-source token buckets.
-//! Every verdict is counted per CPU (packets and bytes) under its [`Reason`].
+//! and TCP; [`police`] applies the allowlist, denylist, bans and per-source token buckets; while
+//! a port is flooded with SYNs from new sources, [`syncookie`] answers them with SYN cookies
+//! (`XDP_TX`) and checks the ACKs that come back. Every verdict is counted per CPU (packets and
+//! bytes) under its [`Reason`].
 //!
 //! Cost is the design constraint: a packet from a source seen before makes no kernel call at
 //! all (map lookups other than arrays and clock reads are calls, each costing about as much as

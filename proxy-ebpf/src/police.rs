@@ -1,6 +1,9 @@
 //! Per-source policy for well-formed TCP segments to protected ports, in this order:
 //! allowlist (pass, no limits) -> denylist (drop) -> bans (drop until they expire) -> token
-//! buckets -> pass.
+//! buckets -> pass. A segment from a source the table does not hold first asks the caller what
+//! to do with it ([`NewSource`]): under a SYN flood, a SYN to be answered with a cookie or an ACK
+//! whose cookie must be checked; such a source is screened against the lists and bans, and takes
+//! a slot only once its cookie proved it real ([`admit`]).
 //!
 //! A source is the network of the packet's source address under [`Limits::prefixes`] (the
 //! IPv4 /32 and IPv6 /64 by default): its buckets, strikes and bans are shared by every address

@@ -308,6 +308,32 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_sysctl_file_sets_what_xdp_cookies_need() {
+        let file = include_str!("../../../deploy/sysctl/90-sluice-relay.conf");
+        let mut host = host();
+        (host.syncookies, host.timestamps) = (1, 1);
+        for line in file
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let (key, value) = line.split_once('=').expect("key = value");
+            let value: u8 = value.trim().parse().unwrap();
+            match key.trim() {
+                "net.ipv4.tcp_syncookies" => host.syncookies = value,
+                "net.ipv4.tcp_timestamps" => host.timestamps = value,
+                other => panic!("unexpected sysctl {other}"),
+            }
+        }
+        let (policy, shortfalls) = plan(SyncookieThreshold::PerSecond(1000), &host);
+        assert!(shortfalls.is_empty(), "{shortfalls:?}");
+        assert_eq!(
+            policy.options,
+            SYNCOOKIE_TIMESTAMPS | SYNCOOKIE_WSCALE | SYNCOOKIE_SACK
+        );
+    }
+
+    #[test]
     fn reads_this_hosts_settings() {
         let host = HostTcp::read(&["lo".to_owned()]).unwrap();
         assert!(host.mtu >= 1280);
