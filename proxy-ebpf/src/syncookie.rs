@@ -20,7 +20,10 @@
 //! the window and window scale the kernel computes, and (when the host's sysctls allow, see
 //! `SyncookiePolicy::options`) timestamps, whose low six bits carry the client's window scale
 //! and SACK permission back in the echo, as the kernel's own cookies do. Its checksums are
-//! computed in full: a frame sent with `XDP_TX` gets no checksum offload.
+//! computed in full: a frame sent with `XDP_TX` gets no checksum offload. The SYN's own
+//! checksum is not checked: from a veth peer on the same host it is only the pseudo-header's
+//! (checksum offload), and a SYN with a bad one costs a SYN-ACK, as any spoofed SYN does. On a
+//! veth, `XDP_TX` delivers only when the peer has NAPI on (an XDP program or GRO there).
 use aya_ebpf::bindings::{iphdr, ipv6hdr, tcphdr};
 use aya_ebpf::helpers::generated::{
     bpf_ktime_get_ns, bpf_loop, bpf_tcp_raw_check_syncookie_ipv4, bpf_tcp_raw_check_syncookie_ipv6,
