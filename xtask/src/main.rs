@@ -5,6 +5,7 @@
 mod demo;
 mod fuzz;
 mod layers;
+mod package;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package (release build): target/debian/sluice_<version>_<arch>.deb with
+    /// the binary, the systemd units and the example configs; checked like `test` checks it.
+    Package,
     /// The layering lint alone: no import cycle among the modules of a crate's `src/`.
     Layers {
         /// The `src/` directory to check (default: `proxy/src`).
@@ -91,6 +95,10 @@ fn main() -> Result<()> {
                 .arg(root.join("target/load-test"))
                 .args(args))
         }
+        Task::Package => {
+            setup::ensure()?;
+            package::release()
+        }
         Task::Layers { dir } => {
             let dir = dir.unwrap_or_else(|| workspace_root().join("proxy/src"));
             println!("xtask: layers: {}", layers::check(&dir)?);
@@ -111,7 +119,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn build(release: bool) -> Result<()> {
+pub(crate) fn build(release: bool) -> Result<()> {
     // The workspace's default members, like `cargo test` builds them: building one package
     // alone unifies dependency features differently and would rebuild half the tree each time.
     let mut build = cmd("cargo");
@@ -134,6 +142,12 @@ fn test() -> Result<()> {
     build(false)?;
     // The README's other command must keep working: bring the demo up and check it end to end.
     demo::run(true)?;
+    // The package and its systemd units, from this build.
+    let deb = package::build(
+        &workspace_root().join("target/debug/sluice"),
+        package::Compression::Store,
+    )?;
+    package::check(&deb)?;
     run(cmd("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     run(cmd("cargo")
         .args([
