@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod relay;
 pub mod shield;
+pub mod store;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -209,7 +210,7 @@ mod tests {
         let relay = RelayConfig::load(&dir.path().join("relay.toml")).unwrap();
         assert_eq!(
             relay.state_dir,
-            dir.path().join("state"),
+            Some(dir.path().join("state")),
             "relative paths resolve next to the file"
         );
         let agent = AgentConfig::load(&dir.path().join("agent.toml")).unwrap();
