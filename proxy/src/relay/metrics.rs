@@ -62,6 +62,9 @@ pub struct RelayMetrics {
     pub store_stale: IntGauge,
     /// `sluice_store_revision`: the etcd revision the snapshot holds (0 with the file store).
     pub store_revision: IntGauge,
+    /// `sluice_store_full_reloads`: full loads of the etcd registry since start (the first, and
+    /// one per resync after the revision to resume from was compacted).
+    pub store_full_reloads: IntGauge,
 }
 
 impl RelayMetrics {
@@ -188,6 +191,11 @@ impl RelayMetrics {
                 "sluice_store_revision",
                 "The etcd revision the snapshot holds (0 with the file store).",
             ),
+            store_full_reloads: crate::admin::metrics::gauge(
+                &registry,
+                "sluice_store_full_reloads",
+                "Full loads of the etcd registry since start (the first, and one per resync after a compaction).",
+            ),
             registry,
         };
         metrics
@@ -236,6 +244,8 @@ impl RelayMetrics {
         self.store_snapshot_age.set(health.age().as_secs_f64());
         self.store_stale.set(i64::from(health.is_stale()));
         self.store_revision.set(health.revision());
+        self.store_full_reloads
+            .set(i64::try_from(health.resyncs()).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition of every metric.

@@ -722,16 +722,41 @@ impl EtcdStore {
             if stop.is_cancelled() {
                 break;
             }
+            let previous = held;
             let registered = self
                 .call("register the relay", |mut client| {
                     let (key, value) = (key.clone(), value.clone());
                     async move {
+                        // The lease may have outlived a lost connection: keep it if so.
+                        if let Some(lease) = previous
+                            && client.lease_time_to_live(lease, None).await?.ttl() > 0
+                        {
+                            return Ok(Some((lease, client)));
+                        }
                         let lease = client.lease_grant(ttl_secs, None).await?.id();
+                        // Absent, or ours from before (same value): (re)register under the new
+                        // lease. Another relay's entry under this id is left alone.
                         let txn = Txn::new()
                             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                            .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))]);
+                            .and_then([TxnOp::put(
+                                key.clone(),
+                                value.clone(),
+                                Some(PutOptions::new().with_lease(lease)),
+                            )])
+                            .or_else([TxnOp::txn(
+                                Txn::new()
+                                    .when([Compare::value(key.clone(), CompareOp::Equal, value.clone())])
+                                    .and_then([TxnOp::put(
+                                        key.clone(),
+                                        value,
+                                        Some(PutOptions::new().with_lease(lease)),
+                                    )]),
+                            )]);
                         let response = client.txn(txn).await?;
-                        if !response.succeeded() {
+                        let nested_ok = response.op_responses().into_iter().any(
+                            |op| matches!(op, etcd_client::TxnOpResponse::Txn(inner) if inner.succeeded()),
+                        );
+                        if !response.succeeded() && !nested_ok {
                             let _ = client.lease_revoke(lease).await;
                             return Ok(None);
                         }
@@ -898,12 +923,9 @@ impl EtcdStore {
                     }
                     let header = revision_of(response.header());
                     if response.events().is_empty() {
-                        // A progress notice: every change up to `header` has been delivered
-                        // (the creation notice says nothing of the sort).
-                        if !response.created() && header > *revision {
-                            *revision = header;
-                            health.applied(header, 0);
-                        }
+                        // Creation and progress notices prove etcd is there. They do not say
+                        // every change up to their revision has been delivered: etcd 3.4 answers
+                        // a progress request at once, before events still queued for the watch.
                         health.heard(Some(header));
                         continue;
                     }
