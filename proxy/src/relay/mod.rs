@@ -90,6 +90,8 @@ pub struct Relay {
     hard_stop: CancellationToken,
     streams: TaskTracker,
     tasks: JoinSet<()>,
+    /// Keeps the relay's presence entry (etcd); ends by deleting it once `stopping` fires.
+    presence: Option<tokio::task::JoinHandle<()>>,
     /// Where the TLS edge listeners are bound.
     pub tls_addrs: Vec<SocketAddr>,
     /// Where the plaintext HTTP edge listeners are bound.
@@ -205,6 +207,7 @@ impl Relay {
             pending: Arc::default(),
         });
         tasks.spawn(tunnel.accept_loop(tunnel_listener, acceptor));
+        let mut presence_task = None;
         {
             let (tenants, sessions, stopping) =
                 (Arc::clone(&tenants), Arc::clone(&sessions), stopping.clone());
@@ -235,7 +238,9 @@ impl Relay {
                     };
                     let (present, ttl, stop) =
                         (Arc::clone(&fleet), config.store.presence_ttl, stopping.clone());
-                    tasks.spawn(async move { present.keep_presence(presence, ttl, stop).await });
+                    presence_task = Some(tokio::spawn(async move {
+                        present.keep_presence(presence, ttl, stop).await
+                    }));
                     let following = Arc::clone(&fleet);
                     let stale_after = config.store.stale_after;
                     let stop = hard_stop.clone();
@@ -283,6 +288,7 @@ impl Relay {
             hard_stop,
             streams,
             tasks,
+            presence: presence_task,
             tls_addrs,
             http_addrs,
             tunnel_addr,
@@ -336,6 +342,10 @@ impl Relay {
         );
         self.stopping.cancel();
         self.readiness.listeners.store(false, Ordering::Release);
+        if let Some(presence) = self.presence.take() {
+            // Leave the fleet now rather than when the lease runs out.
+            let _ = tokio::time::timeout(Duration::from_secs(2), presence).await;
+        }
         for session in self.sessions.all() {
             session.end(SessionEnd::RelayShutdown);
         }
