@@ -49,6 +49,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const PAGE: i64 = 1000;
 /// A compare-and-swap that keeps losing to other writers gives up after this many attempts.
 const CAS_ATTEMPTS: usize = 32;
+/// Keys per transaction of [`EtcdStore::import`] (etcd allows 128 operations by default).
+pub const IMPORT_BATCH: usize = 120;
 /// Largest watch response accepted: a revision removing a tenant with many tokens is one.
 const MAX_WATCH_MESSAGE: usize = 256 * 1024 * 1024;
 
@@ -698,6 +700,53 @@ impl EtcdStore {
                     .ok()
             })
             .collect())
+    }
+
+    /// Writes every tenant and token of `snapshot` (say, a file store moving to etcd) into an
+    /// empty registry, in transactions of at most [`IMPORT_BATCH`] keys; refuses a registry that
+    /// holds tenants or tokens already, or a snapshot that breaks an invariant. Not atomic as a
+    /// whole: a failure part-way leaves what was written. Returns the last revision.
+    pub async fn import(&self, snapshot: &Snapshot) -> Result<i64, StoreError> {
+        if let Err(problem) = validate(snapshot) {
+            return Err(StoreError::BadRecord {
+                key: "(import)".into(),
+                problem,
+            });
+        }
+        let (existing, _, _) = self.load().await?;
+        if !existing.tenants.is_empty() || !existing.tokens.is_empty() {
+            return Err(StoreError::Etcd {
+                action: "import",
+                error: "the registry is not empty".into(),
+            });
+        }
+        let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
+        for tenant in snapshot.tenants.values() {
+            puts.push((
+                self.keys.tenant(&tenant.name),
+                serde_json::to_vec(tenant).expect("a tenant encodes"),
+            ));
+        }
+        for token in snapshot.tokens.values() {
+            puts.push((
+                self.keys.token(&token.id),
+                serde_json::to_vec(token).expect("a token encodes"),
+            ));
+            puts.push((self.keys.tenant_token(&token.tenant, &token.id), Vec::new()));
+        }
+        let mut revision = 0;
+        for batch in puts.chunks(IMPORT_BATCH) {
+            revision = self
+                .call("import", |mut client| {
+                    let ops: Vec<TxnOp> = batch
+                        .iter()
+                        .map(|(key, value)| TxnOp::put(key.clone(), value.clone(), None))
+                        .collect();
+                    async move { Ok(revision_of(client.txn(Txn::new().and_then(ops)).await?.header())) }
+                })
+                .await?;
+        }
+        Ok(revision)
     }
 
     /// Compacts the store's history up to `revision` (operators do this; tests use it to force
