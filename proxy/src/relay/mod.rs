@@ -111,7 +111,12 @@ impl Relay {
             Backend::File(store) => store.fingerprint()?,
             Backend::Etcd(_) => None,
         };
-        let (tenants, loaded) = Tenants::load(backend, config.store.stale_after).await?;
+        // The file store answers at every poll: stale only when polls fail for a while.
+        let stale_after = match backend {
+            Backend::File(_) => config.store.stale_after.max(config.store_poll * 3),
+            Backend::Etcd(_) => config.store.stale_after,
+        };
+        let (tenants, loaded) = Tenants::load(backend, stale_after).await?;
         let tenants = Arc::new(tenants);
         let admin_token = config.admin.token.clone();
         let readiness = Arc::new(Readiness::default());
