@@ -7,7 +7,7 @@
 //!   printed; the bound asserted is generous).
 //! - A ban set on relay A refuses the source on relay B.
 //! - One etcd member killed: nothing changes (revocation still reaches B).
-//! - Relay B cut off from etcd (a blackhole route in its namespace): it keeps routing, `/readyz`
+//! - Relay B cut off from etcd (a blackhole route and rule in its namespace, both ways): it keeps routing, `/readyz`
 //!   says the store is stale (still ready), changes through it are refused; a token revoked
 //!   through A meanwhile, and the history compacted, B catches up when it reconnects (a full
 //!   reload) and cuts the tunnel.
@@ -105,6 +105,14 @@ impl Drop for Hosts {
             let _ = Command::new("ip").args(["netns", "del", namespace]).status();
         }
     }
+}
+
+/// Adds (`add`) or removes (`del`) a two-way cut between namespace `ns` and `address`: a
+/// blackhole route for what goes there, a blackhole rule for what comes from there.
+fn cut_off(ns: &str, address: Ipv4Addr, action: &str) {
+    let host = format!("{address}/32");
+    ip(&["-n", ns, "route", action, "blackhole", &host]);
+    ip(&["-n", ns, "rule", action, "from", &host, "blackhole"]);
 }
 
 fn ip(args: &[&str]) {
@@ -502,14 +510,8 @@ async fn a_fleet_shares_one_registry_and_fails_static_without_it() {
         .await
         .unwrap();
     assert_eq!(ask(&mut last_stream, "before").await.unwrap(), "acme: before");
-    ip(&[
-        "-n",
-        &host_b.namespace,
-        "route",
-        "add",
-        "blackhole",
-        &format!("{etcd_ip_b}/32"),
-    ]);
+    // Both ways: nothing B sends reaches etcd, nothing etcd sends (a watch pushes) reaches B.
+    cut_off(&host_b.namespace, etcd_ip_b, "add");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (status, view) = readiness(&admin_b).await;
@@ -578,14 +580,7 @@ async fn a_fleet_shares_one_registry_and_fails_static_without_it() {
         "B cannot know yet"
     );
     // Reconnected, B reloads everything and cuts the revoked token's tunnel.
-    ip(&[
-        "-n",
-        &host_b.namespace,
-        "route",
-        "del",
-        "blackhole",
-        &format!("{etcd_ip_b}/32"),
-    ]);
+    cut_off(&host_b.namespace, etcd_ip_b, "del");
     let caught_up = tokio::time::timeout(Duration::from_secs(15), until_cut(last_stream)).await;
     assert!(caught_up.is_ok(), "relay B never caught up with the revocation");
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::pki::CertSet;
 use crate::process::free_port;
 
 const ETCD: &str = "/usr/bin/etcd";
@@ -24,6 +25,8 @@ pub struct EtcdCluster {
 struct Member {
     name: String,
     client_port: u16,
+    /// Plain HTTP `/health` and `/metrics`, whatever the client URLs speak.
+    metrics_port: u16,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -36,6 +39,16 @@ impl EtcdCluster {
 
     /// Like [`EtcdCluster::start`], each member also serving clients on `extra_ips` (same port).
     pub fn start_serving(size: usize, extra_ips: &[IpAddr]) -> Self {
+        Self::launch(size, extra_ips, None)
+    }
+
+    /// One member serving clients over TLS only (`https://localhost:<port>`) with `server`'s
+    /// certificate, and requiring a client certificate issued by `client_ca`.
+    pub fn start_tls(server: &CertSet, client_ca: &std::path::Path) -> Self {
+        Self::launch(1, &[], Some((server, client_ca)))
+    }
+
+    fn launch(size: usize, extra_ips: &[IpAddr], tls: Option<(&CertSet, &std::path::Path)>) -> Self {
         assert!(
             std::path::Path::new(ETCD).is_file(),
             "{ETCD} is missing: `cargo xtask setup` installs Debian's etcd-server"
@@ -52,11 +65,30 @@ impl EtcdCluster {
         let mut members = Vec::new();
         for (i, &(client_port, peer_port)) in ports.iter().enumerate() {
             let name = format!("m{i}");
-            let mut listen = vec![format!("http://127.0.0.1:{client_port}")];
-            listen.extend(extra_ips.iter().map(|ip| format!("http://{ip}:{client_port}")));
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut listen = vec![format!("{scheme}://127.0.0.1:{client_port}")];
+            listen.extend(
+                extra_ips
+                    .iter()
+                    .map(|ip| format!("{scheme}://{ip}:{client_port}")),
+            );
             let log = dir.path().join(format!("{name}.log"));
-            let child = Command::new(ETCD)
+            let metrics_port = free_port();
+            let mut command = Command::new(ETCD);
+            if let Some((server, client_ca)) = tls {
+                command
+                    .args(["--cert-file", server.cert_pem.to_str().unwrap()])
+                    .args(["--key-file", server.key_pem.to_str().unwrap()])
+                    .args([
+                        "--client-cert-auth",
+                        "--trusted-ca-file",
+                        client_ca.to_str().unwrap(),
+                    ]);
+            }
+            let child = command
                 .args([
+                    "--listen-metrics-urls",
+                    &format!("http://127.0.0.1:{metrics_port}"),
                     "--name",
                     &name,
                     "--data-dir",
@@ -64,7 +96,7 @@ impl EtcdCluster {
                     "--listen-client-urls",
                     &listen.join(","),
                     "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{client_port}"),
+                    &format!("{scheme}://127.0.0.1:{client_port}"),
                     "--listen-peer-urls",
                     &format!("http://127.0.0.1:{peer_port}"),
                     "--initial-advertise-peer-urls",
@@ -89,6 +121,7 @@ impl EtcdCluster {
             members.push(Member {
                 name,
                 client_port,
+                metrics_port,
                 child: Some(child),
                 log,
             });
@@ -107,6 +140,14 @@ impl EtcdCluster {
         self.members
             .iter()
             .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// `https://localhost:<port>` of every member (of a cluster started with TLS).
+    pub fn endpoints_https(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("https://localhost:{}", m.client_port))
             .collect()
     }
 
@@ -141,7 +182,7 @@ impl EtcdCluster {
     pub fn wait_healthy(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         for member in self.members.iter().filter(|m| m.child.is_some()) {
-            while !healthy(member.client_port) {
+            while !healthy(member.metrics_port) {
                 if Instant::now() > deadline {
                     let log = std::fs::read_to_string(member.log.with_extension("err")).unwrap_or_default();
                     let tail: Vec<&str> = log.lines().rev().take(20).collect();
