@@ -37,16 +37,19 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Tenants and their hostnames. Edits the store directly; a running relay picks the change
-    /// up within `store_poll`.
+    /// Tenants and their hostnames. Edits the store `--config` names (file or etcd) directly;
+    /// running relays pick the change up within `store_poll` (file) or at once (etcd).
     Tenant(store::cli::TenantArgs),
-    /// Agent tokens. Edits the store directly; a running relay cuts the tunnels of a revoked
-    /// token within `store_poll`.
+    /// Agent tokens. Edits the store directly; running relays cut the tunnels of a revoked
+    /// token within `store_poll` (file) or at once (etcd).
     Token(store::cli::TokenArgs),
+    /// The relays of a fleet sharing an etcd store, as registered there.
+    Relays(store::cli::RelaysArgs),
     /// Live agent tunnels of a running relay. Talks to its admin API.
     Tunnels(relay::cli::TunnelsArgs),
     /// Bans of a running relay, wherever it enforces them (kernel maps with XDP, userspace
-    /// otherwise). Talks to its admin API; `sluice shield bans` edits the kernel maps directly.
+    /// otherwise), and with an etcd store on every relay of the fleet. Talks to its admin API;
+    /// `sluice shield bans` edits the kernel maps directly (that relay only).
     Bans(relay::cli::BansArgs),
     /// Print the SHA-256 pin of a certificate's public key, for an agent's `pin_sha256`.
     RelayPin {
@@ -74,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         Command::Agent { config } => run_agent(&config),
         Command::Tenant(args) => Ok(store::cli::tenant(&args, out)?),
         Command::Token(args) => Ok(store::cli::token(&args, out, &mut std::io::stderr())?),
+        Command::Relays(args) => Ok(store::cli::relays(&args, out)?),
         Command::Tunnels(args) => Ok(relay::cli::tunnels(&args, out)?),
         Command::Bans(args) => Ok(relay::cli::bans(&args, out)?),
         Command::RelayPin { cert } => {

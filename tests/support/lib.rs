@@ -1,6 +1,7 @@
 //! Shared helpers for Sluice's integration tests: certificates, on-prem servers, a browser
 //! stand-in, a whole relay+agents deployment, and crafted frames for the XDP programs.
 pub mod client;
+pub mod etcd;
 pub mod frames;
 pub mod netns;
 pub mod pki;

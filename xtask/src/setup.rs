@@ -1,5 +1,7 @@
 //! `cargo xtask setup`: installs what building the XDP programs (and the test suite) needs,
-//! idempotently, and the pinned cargo-fuzz the fuzz targets run with.
+//! idempotently, and the pinned cargo-fuzz the fuzz targets run with: Debian's
+//! protobuf-compiler and libprotobuf-dev (the etcd client's build), etcd-server and prometheus
+//! (real servers the tests run).
 //!
 //! The eBPF crate builds with the installed `nightly` toolchain (`-Z build-std=core` needs its
 //! `rust-src`) and links with `bpf-linker`, which must be built against the same LLVM major as
@@ -30,6 +32,12 @@ pub fn missing() -> Result<Option<String>> {
         return Ok(Some(
             "prometheus (the metrics test scrapes with a real server)".into(),
         ));
+    }
+    if let Some((package, _, why)) = DEBIAN_PACKAGES
+        .iter()
+        .find(|(_, file, _)| !Path::new(file).is_file())
+    {
+        return Ok(Some(format!("Debian's {package} ({why})")));
     }
     Ok(None)
 }
@@ -67,6 +75,11 @@ pub fn setup() -> Result<()> {
     if !prometheus_installed() {
         install_prometheus()?;
     }
+    for (package, file, why) in DEBIAN_PACKAGES {
+        if !Path::new(file).is_file() {
+            apt_install(package, file, why)?;
+        }
+    }
     eprintln!(
         "xtask: eBPF toolchain ready ({NIGHTLY} with rust-src, bpf-linker on LLVM {})",
         nightly_llvm_major()?
@@ -79,6 +92,25 @@ pub fn setup() -> Result<()> {
     );
     Ok(())
 }
+
+/// Debian packages the build and the tests need: (package, a file it installs, why).
+const DEBIAN_PACKAGES: &[(&str, &str, &str)] = &[
+    (
+        "protobuf-compiler",
+        "/usr/bin/protoc",
+        "the etcd-client crate's build compiles etcd's protobuf definitions",
+    ),
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+        "protoc's well-known types, which etcd's definitions import",
+    ),
+    (
+        "etcd-server",
+        "/usr/bin/etcd",
+        "the fleet tests run a real etcd cluster",
+    ),
+];
 
 /// Debian's `prometheus` server, which `tests/prometheus.rs` runs on loopback.
 fn prometheus_installed() -> bool {

@@ -75,6 +75,9 @@ pub enum LinkState {
     },
     /// The relay refused this agent (the reason is the relay's); retried with backoff.
     Rejected(String),
+    /// A connection of a `[[relays]]` entry naming a DNS name that gives no address the entry's
+    /// other connections do not hold; the name is resolved again with backoff.
+    Spare,
     /// The agent is shutting down; the link will not dial again.
     Stopped,
 }
@@ -162,11 +165,26 @@ impl Agent {
             };
             let trust = relay.trust().map_err(fail)?;
             let tls = agent_client_config(&trust)?;
-            let dialer =
-                dial::RelayDialer::new(relay.address.clone(), relay.server_name(), tls).map_err(fail)?;
-            let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
-            tasks.spawn(link::run(Arc::clone(&shared), Arc::new(dialer), state_tx));
-            links.push(state_rx);
+            let slots = relay.names_a_host().then(|| {
+                let claims: dial::SlotClaims = Arc::default();
+                claims
+                    .lock()
+                    .expect("claims lock")
+                    .resize(relay.connections(), None);
+                claims
+            });
+            for slot in 0..relay.connections() {
+                let dialer = dial::RelayDialer::new(
+                    relay.address.clone(),
+                    relay.server_name(),
+                    Arc::clone(&tls),
+                    slots.as_ref().map(|claims| (slot, Arc::clone(claims))),
+                )
+                .map_err(fail)?;
+                let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
+                tasks.spawn(link::run(Arc::clone(&shared), Arc::new(dialer), state_tx));
+                links.push(state_rx);
+            }
         }
         let mut admin_addr = None;
         if let Some(admin) = &config.admin {
@@ -209,7 +227,8 @@ impl Agent {
         Ok(())
     }
 
-    /// Current state of each relay link, in config order.
+    /// Current state of each relay link, in config order (an entry naming a DNS name has
+    /// `connections` links, one after the other).
     pub fn links(&self) -> Vec<LinkState> {
         self.links.iter().map(|rx| rx.borrow().clone()).collect()
     }

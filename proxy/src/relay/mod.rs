@@ -4,6 +4,7 @@
 //! - [`edge`]: browser connections, from accept to the pump
 //! - [`tunnel`]: agent connections and sessions
 //! - [`tenants`], [`store_watch`]: the store as the relay sees it, and revocation
+//! - [`fleet`]: with etcd, bans shared by the fleet and this relay's presence entry
 //! - [`metrics`], [`api`]: what SREs see and do through the admin listener; [`cli`]: the
 //!   commands that talk to a running relay through it
 //!
@@ -16,6 +17,7 @@
 pub mod api;
 pub mod cli;
 pub mod edge;
+pub mod fleet;
 pub mod metrics;
 pub mod store_watch;
 pub mod tenants;
@@ -35,7 +37,7 @@ use tracing::{info, warn};
 use crate::config::relay::RelayConfig;
 use crate::net;
 use crate::shield::RelayShield;
-use crate::store::{Store, StoreError};
+use crate::store::{Backend, RelayPresence, StoreError, unix_now};
 use crate::wire::tls::{TlsConfigError, relay_server_config};
 use edge::caps::{CapLimits, ConnectionCaps};
 use edge::log_budget::LogBudget;
@@ -68,7 +70,7 @@ pub enum RelayError {
 pub struct Readiness {
     /// Every listener is bound.
     pub listeners: AtomicBool,
-    /// The store loaded.
+    /// The store loaded (it may have gone stale since: `/readyz` says so, and stays ready).
     pub store: AtomicBool,
     /// The shield is attached or has fallen back to userspace.
     pub shield: AtomicBool,
@@ -77,6 +79,7 @@ pub struct Readiness {
 /// A running relay.
 pub struct Relay {
     metrics: Arc<RelayMetrics>,
+    tenants: Arc<Tenants>,
     routes: Arc<Routes>,
     sessions: Arc<Sessions>,
     shield: Arc<RelayShield>,
@@ -87,6 +90,8 @@ pub struct Relay {
     hard_stop: CancellationToken,
     streams: TaskTracker,
     tasks: JoinSet<()>,
+    /// Keeps the relay's presence entry (etcd); ends by deleting it once `stopping` fires.
+    presence: Option<tokio::task::JoinHandle<()>>,
     /// Where the TLS edge listeners are bound.
     pub tls_addrs: Vec<SocketAddr>,
     /// Where the plaintext HTTP edge listeners are bound.
@@ -101,15 +106,34 @@ impl Relay {
     /// Loads the store, binds every listener and starts serving.
     pub async fn start(config: RelayConfig) -> Result<Self, RelayError> {
         let acceptor = TlsAcceptor::from(relay_server_config(&config.tunnel.cert, &config.tunnel.key)?);
-        let store = Store::open(&config.state_dir)?;
-        let fingerprint = store.fingerprint()?;
-        let tenants = Arc::new(Tenants::load(store)?);
+        let backend = Backend::open(&config)?;
+        let fingerprint = match &backend {
+            Backend::File(store) => store.fingerprint()?,
+            Backend::Etcd(_) => None,
+        };
+        // The file store answers at every poll: stale only when polls fail for a while.
+        let stale_after = match backend {
+            Backend::File(_) => config.store.stale_after.max(config.store_poll * 3),
+            Backend::Etcd(_) => config.store.stale_after,
+        };
+        let (tenants, loaded) = Tenants::load(backend, stale_after).await?;
+        let tenants = Arc::new(tenants);
         let admin_token = config.admin.token.clone();
         let readiness = Arc::new(Readiness::default());
         readiness.store.store(true, Ordering::Release);
         let metrics = Arc::new(RelayMetrics::new(config.admin.max_tenant_labels));
         let shield = Arc::new(RelayShield::start(&config));
         tokio::spawn(Arc::clone(&shield).watch_syncookies());
+        let relay_id = config
+            .store
+            .relay_id
+            .clone()
+            .unwrap_or_else(fleet::default_relay_id);
+        let fleet = Arc::new(fleet::Fleet::new(
+            relay_id,
+            Arc::clone(&tenants),
+            Arc::clone(&shield),
+        ));
         // The shield is up (XDP) or has fallen back to userspace: either way its state is known.
         readiness.shield.store(true, Ordering::Release);
         metrics::register_shield_collectors(&metrics, &shield);
@@ -189,20 +213,65 @@ impl Relay {
             pending: Arc::default(),
         });
         tasks.spawn(tunnel.accept_loop(tunnel_listener, acceptor));
+        let mut presence_task = None;
         {
             let (tenants, sessions, stopping) =
                 (Arc::clone(&tenants), Arc::clone(&sessions), stopping.clone());
             let every = config.store_poll;
-            tasks.spawn(
-                async move { store_watch::run(&tenants, &sessions, every, fingerprint, stopping).await },
-            );
+            match loaded {
+                None => {
+                    tasks.spawn(async move {
+                        store_watch::run_file(&tenants, &sessions, every, fingerprint, stopping).await;
+                    });
+                }
+                Some(loaded) => {
+                    fleet.apply_all(&loaded.bans);
+                    let (decided_tx, decided_rx) = tokio::sync::mpsc::channel(1024);
+                    shield.report_decided_bans(decided_tx);
+                    let sharing = Arc::clone(&fleet);
+                    let stop = hard_stop.clone();
+                    tasks.spawn(async move { sharing.share_decided(decided_rx, stop).await });
+                    let presence = RelayPresence {
+                        id: fleet.relay_id.clone(),
+                        tunnel: tunnel_addr.to_string(),
+                        edge: tls_addrs
+                            .iter()
+                            .chain(&http_addrs)
+                            .map(ToString::to_string)
+                            .collect(),
+                        version: env!("CARGO_PKG_VERSION").to_owned(),
+                        started_at: unix_now(),
+                    };
+                    let (present, ttl, stop) =
+                        (Arc::clone(&fleet), config.store.presence_ttl, stopping.clone());
+                    presence_task = Some(tokio::spawn(async move {
+                        present.keep_presence(presence, ttl, stop).await
+                    }));
+                    let following = Arc::clone(&fleet);
+                    let stale_after = config.store.stale_after;
+                    let stop = hard_stop.clone();
+                    tasks.spawn(async move {
+                        store_watch::run_etcd(
+                            &tenants,
+                            &sessions,
+                            &following,
+                            loaded.revision,
+                            every,
+                            stale_after,
+                            stop,
+                        )
+                        .await;
+                    });
+                }
+            }
         }
         let admin = Arc::new(api::RelayAdmin {
             metrics: Arc::clone(&metrics),
             readiness: Arc::clone(&readiness),
-            tenants,
+            tenants: Arc::clone(&tenants),
             sessions: Arc::clone(&sessions),
             shield: Arc::clone(&shield),
+            fleet,
         });
         tasks.spawn(crate::admin::http::serve(
             admin_listener,
@@ -214,6 +283,7 @@ impl Relay {
         info!(tls = ?tls_addrs, http = ?http_addrs, tunnel = %tunnel_addr, admin = %admin_addr, "relay listening");
         Ok(Self {
             metrics,
+            tenants,
             routes,
             sessions,
             shield,
@@ -224,6 +294,7 @@ impl Relay {
             hard_stop,
             streams,
             tasks,
+            presence: presence_task,
             tls_addrs,
             http_addrs,
             tunnel_addr,
@@ -234,6 +305,16 @@ impl Relay {
     /// The relay's metrics.
     pub fn metrics(&self) -> &RelayMetrics {
         &self.metrics
+    }
+
+    /// How current the relay's snapshot of the store is.
+    pub fn store_health(&self) -> &crate::store::StoreHealth {
+        self.tenants.health()
+    }
+
+    /// The tenants and tokens the relay routes by, as of now.
+    pub fn store_snapshot(&self) -> Arc<crate::store::Snapshot> {
+        self.tenants.snapshot()
     }
 
     /// The routing table.
@@ -267,6 +348,10 @@ impl Relay {
         );
         self.stopping.cancel();
         self.readiness.listeners.store(false, Ordering::Release);
+        if let Some(presence) = self.presence.take() {
+            // Leave the fleet now rather than when the lease runs out.
+            let _ = tokio::time::timeout(Duration::from_secs(2), presence).await;
+        }
         for session in self.sessions.all() {
             session.end(SessionEnd::RelayShutdown);
         }

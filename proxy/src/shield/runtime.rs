@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aya::programs::XdpMode;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -68,6 +69,20 @@ pub struct RelayShield {
     scans: ScanTracker,
     stats: Arc<ShieldStats>,
     stop: CancellationToken,
+    /// Where bans decided from L7 abuse are reported, to be shared with a fleet.
+    decided: Mutex<Option<mpsc::Sender<DecidedBan>>>,
+}
+
+/// A ban this relay decided from what it saw at L7 (kernel rate-limit bans are not reported:
+/// they stay local).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecidedBan {
+    /// The banned source.
+    pub source: SourcePrefix,
+    /// For how long.
+    pub duration: Duration,
+    /// Why, for the fleet's record.
+    pub why: &'static str,
 }
 
 impl RelayShield {
@@ -108,7 +123,14 @@ impl RelayShield {
             config: Mutex::new(shield_config),
             stats,
             stop,
+            decided: Mutex::new(None),
         }
+    }
+
+    /// Reports every ban decided from L7 abuse to `sink` from now on (a full sink drops the
+    /// report, never the ban).
+    pub fn report_decided_bans(&self, sink: mpsc::Sender<DecidedBan>) {
+        *self.decided.lock().expect("shield lock") = Some(sink);
     }
 
     /// Which enforcement is active: decided at start, not changed by a reload.
@@ -184,15 +206,27 @@ impl RelayShield {
             "shield: banning source for {why}"
         );
         let until = Instant::now().checked_add(duration);
-        let mut xdp = self.xdp.lock().expect("shield lock");
-        match xdp.as_mut() {
-            Some(shield) => {
-                if let Err(e) = shield.ban(peer.to_canonical(), Some(duration)) {
-                    warn!(source = %offender.source, error = %e, "shield: kernel ban failed; banning at accept instead");
-                    self.gate.ban(peer, until);
+        {
+            let mut xdp = self.xdp.lock().expect("shield lock");
+            match xdp.as_mut() {
+                Some(shield) => {
+                    if let Err(e) = shield.ban(peer.to_canonical(), Some(duration)) {
+                        warn!(source = %offender.source, error = %e, "shield: kernel ban failed; banning at accept instead");
+                        self.gate.ban(peer, until);
+                    }
                 }
+                None => self.gate.ban(peer, until),
             }
-            None => self.gate.ban(peer, until),
+        }
+        if let Some(sink) = self.decided.lock().expect("shield lock").as_ref() {
+            let decided = DecidedBan {
+                source: offender.source,
+                duration,
+                why,
+            };
+            if sink.try_send(decided).is_err() {
+                warn!(source = %offender.source, "shield: ban not shared (too many at once)");
+            }
         }
     }
 
@@ -238,6 +272,11 @@ impl RelayShield {
         };
         info!(%source, ban = ?duration, "shield: source banned by the operator");
         Ok(source)
+    }
+
+    /// The source `address` belongs to (its prefix at this relay's prefix lengths).
+    pub fn source_of(&self, address: IpAddr) -> SourcePrefix {
+        self.gate.source_of(address)
     }
 
     /// Lifts the ban on the source `address` belongs to; returns that source and whether it
