@@ -124,6 +124,10 @@ listen = "127.0.0.1:0"
         self.relay.as_ref().expect("relay running")
     }
 
+    pub fn relay_mut(&mut self) -> &mut Relay {
+        self.relay.as_mut().expect("relay running")
+    }
+
     pub fn tls_addr(&self) -> SocketAddr {
         self.relay().tls_addrs[0]
     }

@@ -198,7 +198,9 @@ impl Agent {
             tasks.spawn(crate::admin::http::serve(
                 listener,
                 handler,
-                admin.token.clone(),
+                Arc::new(crate::admin::http::AdminTokenSlot::from(
+                    admin.token.clone().map(Arc::new),
+                )),
                 shared.hard_stop.clone(),
             ));
             info!(%addr, "agent admin listening");

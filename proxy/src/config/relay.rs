@@ -95,6 +95,11 @@ impl Default for EdgeConfig {
 }
 
 impl EdgeConfig {
+    /// Every edge listener's address: the TLS ones, then the plaintext HTTP ones.
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.tls_listen.iter().chain(&self.http_listen).copied().collect()
+    }
+
     /// The (non-zero) ports of every edge listener.
     pub fn ports(&self) -> Vec<u16> {
         self.tls_listen

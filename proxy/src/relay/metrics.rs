@@ -32,6 +32,9 @@ pub struct RelayMetrics {
     pub connections_rejected: IntCounterVec,
     /// `sluice_accept_errors_total{listener}`.
     pub accept_errors: IntCounterVec,
+    /// `sluice_config_reloads_total{result}`: SIGHUP reloads, `ok`, `invalid` (the file was
+    /// refused; nothing changed) or `failed` (it could not be applied; nothing changed).
+    pub config_reloads: IntCounterVec,
     /// `sluice_http_redirects_total`.
     pub http_redirects: IntCounter,
     /// `sluice_streams_total{tenant}`.
@@ -118,6 +121,12 @@ impl RelayMetrics {
                 "sluice_accept_errors_total",
                 "Failed accepts on edge listeners (e.g. out of file descriptors).",
                 &["listener"],
+            ),
+            config_reloads: counter_vec(
+                &registry,
+                "sluice_config_reloads_total",
+                "Reloads of relay.toml (SIGHUP), by result: ok, invalid, failed.",
+                &["result"],
             ),
             http_redirects: counter(
                 &registry,

@@ -24,6 +24,7 @@ pub mod tenants;
 pub mod tunnel;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -32,19 +33,20 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::admin::http::{AdminHandler, AdminTokenSlot};
+use crate::config::ConfigError;
 use crate::config::relay::RelayConfig;
 use crate::net;
 use crate::shield::RelayShield;
 use crate::store::{Backend, RelayPresence, StoreError, unix_now};
 use crate::wire::tls::{TlsConfigError, relay_server_config};
 use edge::caps::{CapLimits, ConnectionCaps};
-use edge::log_budget::LogBudget;
-use edge::{Edge, EdgeKind};
+use edge::{Edge, EdgeKind, EdgeParts};
 use metrics::RelayMetrics;
 use tenants::Tenants;
-use tunnel::{Routes, SessionEnd, Sessions, Tunnel};
+use tunnel::{Routes, SessionEnd, Sessions, Tunnel, TunnelParts};
 
 /// Why a relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,13 @@ pub struct Readiness {
 
 /// A running relay.
 pub struct Relay {
+    /// relay.toml as last applied.
+    config: RelayConfig,
+    edge: Arc<Edge>,
+    tunnel: Arc<Tunnel>,
+    admin: Arc<api::RelayAdmin>,
+    admin_token: Arc<AdminTokenSlot>,
+    listeners: Listeners,
     metrics: Arc<RelayMetrics>,
     tenants: Arc<Tenants>,
     routes: Arc<Routes>,
@@ -85,7 +94,6 @@ pub struct Relay {
     shield: Arc<RelayShield>,
     edge_caps: Arc<ConnectionCaps>,
     readiness: Arc<Readiness>,
-    shutdown_grace: Duration,
     stopping: CancellationToken,
     hard_stop: CancellationToken,
     streams: TaskTracker,
@@ -118,7 +126,7 @@ impl Relay {
         };
         let (tenants, loaded) = Tenants::load(backend, stale_after).await?;
         let tenants = Arc::new(tenants);
-        let admin_token = config.admin.token.clone();
+        let admin_token = Arc::new(AdminTokenSlot::from(config.admin.token.clone().map(Arc::new)));
         let readiness = Arc::new(Readiness::default());
         readiness.store.store(true, Ordering::Release);
         let metrics = Arc::new(RelayMetrics::new(config.admin.max_tenant_labels));
@@ -167,52 +175,61 @@ impl Relay {
         }
 
         let mut tasks = JoinSet::new();
-        let max_connections = config
-            .edge
-            .max_connections
-            .unwrap_or_else(default_max_connections);
-        let caps = CapLimits {
-            max_open: max_connections,
-            max_per_source: config.edge.max_connections_per_source,
-            max_unrouted: (config.edge.max_unrouted_connections).unwrap_or((max_connections / 4).max(1)),
-            max_unrouted_per_source: config.edge.max_unrouted_per_source,
-        };
+        let caps = cap_limits(&config);
         info!(
-            max_connections,
+            max_connections = caps.max_open,
             per_source = caps.max_per_source,
             unrouted = caps.max_unrouted,
             unrouted_per_source = caps.max_unrouted_per_source,
             "edge connection caps"
         );
         let edge_caps = Arc::new(ConnectionCaps::new(caps, config.shield.prefixes()));
-        let edge = Arc::new(Edge {
-            config: config.edge.clone(),
-            https_port: tls_addrs.first().map(SocketAddr::port),
-            routes: Arc::clone(&routes),
-            shield: Arc::clone(&shield),
-            metrics: Arc::clone(&metrics),
-            caps: Arc::clone(&edge_caps),
-            refusal_log: LogBudget::new(REFUSAL_LOG_LINES_PER_SECOND),
-            tenants: Arc::clone(&tenants),
-            tenant_streams: Arc::default(),
-            streams: streams.clone(),
-            stopping: stopping.clone(),
-        });
-        for (listener, kind) in edge_listeners {
-            tasks.spawn(Arc::clone(&edge).accept_loop(listener, kind));
+        let edge = Arc::new(Edge::new(
+            config.edge.clone(),
+            tls_addrs.first().map(SocketAddr::port),
+            EdgeParts {
+                routes: Arc::clone(&routes),
+                shield: Arc::clone(&shield),
+                metrics: Arc::clone(&metrics),
+                caps: Arc::clone(&edge_caps),
+                tenants: Arc::clone(&tenants),
+                streams: streams.clone(),
+                stopping: stopping.clone(),
+            },
+        ));
+        let mut listeners = Listeners::default();
+        for ((listener, kind), configured) in edge_listeners.into_iter().zip(config.edge.listen_addrs()) {
+            let stop = stopping.child_token();
+            let bound = local_addr(&listener, configured);
+            tasks.spawn(Arc::clone(&edge).accept_loop(listener, kind, stop.clone()));
+            listeners.edge.push(Bound {
+                configured,
+                bound,
+                kind: Some(kind),
+                stop,
+            });
         }
-        let tunnel = Arc::new(Tunnel {
-            config: config.tunnel.clone(),
-            sessions: Arc::clone(&sessions),
-            routes: Arc::clone(&routes),
-            tenants: Arc::clone(&tenants),
-            metrics: Arc::clone(&metrics),
-            stopping: stopping.clone(),
-            hard_stop: hard_stop.clone(),
-            shield: Arc::clone(&shield),
-            pending: Arc::default(),
+        let tunnel = Arc::new(Tunnel::new(
+            config.tunnel.clone(),
+            acceptor,
+            TunnelParts {
+                sessions: Arc::clone(&sessions),
+                routes: Arc::clone(&routes),
+                tenants: Arc::clone(&tenants),
+                metrics: Arc::clone(&metrics),
+                stopping: stopping.clone(),
+                hard_stop: hard_stop.clone(),
+                shield: Arc::clone(&shield),
+            },
+        ));
+        let tunnel_stop = stopping.child_token();
+        tasks.spawn(Arc::clone(&tunnel).accept_loop(tunnel_listener, tunnel_stop.clone()));
+        listeners.tunnel = Some(Bound {
+            configured: config.tunnel.listen,
+            bound: tunnel_addr,
+            kind: None,
+            stop: tunnel_stop,
         });
-        tasks.spawn(tunnel.accept_loop(tunnel_listener, acceptor));
         let mut presence_task = None;
         {
             let (tenants, sessions, stopping) =
@@ -273,15 +290,28 @@ impl Relay {
             shield: Arc::clone(&shield),
             fleet,
         });
+        let admin_stop = hard_stop.child_token();
         tasks.spawn(crate::admin::http::serve(
             admin_listener,
-            admin,
-            admin_token,
-            hard_stop.clone(),
+            Arc::clone(&admin) as Arc<dyn AdminHandler>,
+            Arc::clone(&admin_token),
+            admin_stop.clone(),
         ));
+        listeners.admin = Some(Bound {
+            configured: config.admin.listen,
+            bound: admin_addr,
+            kind: None,
+            stop: admin_stop,
+        });
         readiness.listeners.store(true, Ordering::Release);
         info!(tls = ?tls_addrs, http = ?http_addrs, tunnel = %tunnel_addr, admin = %admin_addr, "relay listening");
         Ok(Self {
+            config,
+            edge,
+            tunnel,
+            admin,
+            admin_token,
+            listeners,
             metrics,
             tenants,
             routes,
@@ -289,7 +319,6 @@ impl Relay {
             shield,
             edge_caps,
             readiness,
-            shutdown_grace: config.shutdown_grace,
             stopping,
             hard_stop,
             streams,
@@ -337,10 +366,181 @@ impl Relay {
         &self.edge_caps
     }
 
+    /// Reloads relay.toml from `path` (what SIGHUP does): see [`Relay::reload`]. Counts the
+    /// outcome in `sluice_config_reloads_total{result}` and logs it; on an error the relay runs
+    /// on as it was.
+    pub fn reload_file(&mut self, path: &Path) -> Result<Reloaded, ReloadError> {
+        let result = RelayConfig::load(path)
+            .map_err(ReloadError::from)
+            .and_then(|config| self.reload(config));
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(ReloadError::Config(_)) => "invalid",
+            Err(_) => "failed",
+        };
+        self.metrics.config_reloads.with_label_values(&[outcome]).inc();
+        match &result {
+            Ok(reloaded) => info!(
+                bound = ?reloaded.bound,
+                closed = ?reloaded.closed,
+                "configuration reloaded from {}",
+                path.display()
+            ),
+            Err(e) => error!(error = %e, "reload refused; running on the previous configuration"),
+        }
+        result
+    }
+
+    /// Applies `config` to the running relay: edge limits and timeouts, connection caps, the
+    /// tunnel section with its certificate and key, the admin token, the shield's section and
+    /// lists; listeners whose address changed are rebound (the old ones stop accepting, their
+    /// connections carry on). Connections and sessions already open keep the settings they
+    /// started with. What can fail (certificate, binding, the shield's maps) is done before
+    /// anything changes: an error leaves the relay as it was. `state_dir`, `[store]`,
+    /// `store_poll` and `admin.max_tenant_labels` take effect at the next start (logged).
+    pub fn reload(&mut self, config: RelayConfig) -> Result<Reloaded, ReloadError> {
+        let acceptor = TlsAcceptor::from(relay_server_config(&config.tunnel.cert, &config.tunnel.key)?);
+        let mut reloaded = Reloaded::default();
+        let bind = |addr: SocketAddr| net::bind(addr).map_err(|source| ReloadError::Bind { addr, source });
+        let bind_client_first = |addr: SocketAddr| {
+            net::bind_client_speaks_first(addr).map_err(|source| ReloadError::Bind { addr, source })
+        };
+        let wanted_edge: Vec<(SocketAddr, EdgeKind)> = config
+            .edge
+            .tls_listen
+            .iter()
+            .map(|&a| (a, EdgeKind::Tls))
+            .chain(config.edge.http_listen.iter().map(|&a| (a, EdgeKind::Http)))
+            .collect();
+        let mut new_edge = Vec::new();
+        for &(addr, kind) in &wanted_edge {
+            if !self
+                .listeners
+                .edge
+                .iter()
+                .any(|b| b.configured == addr && b.kind == Some(kind))
+            {
+                new_edge.push((bind_client_first(addr)?, addr, kind));
+            }
+        }
+        let new_tunnel = match &self.listeners.tunnel {
+            Some(b) if b.configured == config.tunnel.listen => None,
+            _ => Some(bind_client_first(config.tunnel.listen)?),
+        };
+        let new_admin = match &self.listeners.admin {
+            Some(b) if b.configured == config.admin.listen => None,
+            _ => Some(bind(config.admin.listen)?),
+        };
+        self.shield.reload(&config.shield, &config.listener_ports())?;
+
+        // Nothing below fails.
+        for (field, changed) in [
+            ("state_dir", config.state_dir != self.config.state_dir),
+            ("store", config.store != self.config.store),
+            ("store_poll", config.store_poll != self.config.store_poll),
+            (
+                "admin.max_tenant_labels",
+                config.admin.max_tenant_labels != self.config.admin.max_tenant_labels,
+            ),
+        ] {
+            if changed {
+                warn!("`{field}` changes take effect at the next start");
+                reloaded.restart_needed.push(field);
+            }
+        }
+        self.edge_caps.set_limits(cap_limits(&config));
+        self.tunnel.reconfigure(config.tunnel.clone(), acceptor);
+        self.admin_token.store(config.admin.token.clone().map(Arc::new));
+        let mut kept = Vec::new();
+        for bound in std::mem::take(&mut self.listeners.edge) {
+            if wanted_edge.contains(&(bound.configured, bound.kind.expect("edge listeners have a kind"))) {
+                kept.push(bound);
+            } else {
+                bound.stop.cancel();
+                reloaded.closed.push(bound.bound);
+            }
+        }
+        for (listener, configured, kind) in new_edge {
+            let bound = local_addr(&listener, configured);
+            let stop = self.stopping.child_token();
+            self.tasks
+                .spawn(Arc::clone(&self.edge).accept_loop(listener, kind, stop.clone()));
+            reloaded.bound.push(bound);
+            kept.push(Bound {
+                configured,
+                bound,
+                kind: Some(kind),
+                stop,
+            });
+        }
+        self.listeners.edge = kept;
+        if let Some(listener) = new_tunnel {
+            let bound = local_addr(&listener, config.tunnel.listen);
+            let stop = self.stopping.child_token();
+            self.tasks
+                .spawn(Arc::clone(&self.tunnel).accept_loop(listener, stop.clone()));
+            if let Some(old) = self.listeners.tunnel.replace(Bound {
+                configured: config.tunnel.listen,
+                bound,
+                kind: None,
+                stop,
+            }) {
+                old.stop.cancel();
+                reloaded.closed.push(old.bound);
+            }
+            reloaded.bound.push(bound);
+        }
+        if let Some(listener) = new_admin {
+            let bound = local_addr(&listener, config.admin.listen);
+            let stop = self.hard_stop.child_token();
+            self.tasks.spawn(crate::admin::http::serve(
+                listener,
+                Arc::clone(&self.admin) as Arc<dyn AdminHandler>,
+                Arc::clone(&self.admin_token),
+                stop.clone(),
+            ));
+            if let Some(old) = self.listeners.admin.replace(Bound {
+                configured: config.admin.listen,
+                bound,
+                kind: None,
+                stop,
+            }) {
+                old.stop.cancel();
+                reloaded.closed.push(old.bound);
+            }
+            reloaded.bound.push(bound);
+        }
+        self.refresh_addrs();
+        self.edge
+            .reconfigure(config.edge.clone(), self.tls_addrs.first().map(SocketAddr::port));
+        self.config = config;
+        Ok(reloaded)
+    }
+
+    /// The public address fields, from the listeners.
+    fn refresh_addrs(&mut self) {
+        let of = |kind| {
+            self.listeners
+                .edge
+                .iter()
+                .filter(|b| b.kind == Some(kind))
+                .map(|b| b.bound)
+                .collect()
+        };
+        self.tls_addrs = of(EdgeKind::Tls);
+        self.http_addrs = of(EdgeKind::Http);
+        if let Some(tunnel) = &self.listeners.tunnel {
+            self.tunnel_addr = tunnel.bound;
+        }
+        if let Some(admin) = &self.listeners.admin {
+            self.admin_addr = admin.bound;
+        }
+    }
+
     /// Graceful shutdown: stop accepting, tell agents, drain streams for `shutdown_grace`,
     /// then cut the rest.
     pub async fn shutdown(mut self) {
-        let grace = self.shutdown_grace;
+        let grace = self.config.shutdown_grace;
         info!(
             active = self.streams.len(),
             ?grace,
@@ -370,8 +570,72 @@ impl Relay {
     }
 }
 
-/// Refusal log lines the edge writes per second at most; the rejection counters have them all.
-const REFUSAL_LOG_LINES_PER_SECOND: u32 = 20;
+/// The edge's connection caps `config` sets (defaults filled in).
+fn cap_limits(config: &RelayConfig) -> CapLimits {
+    let max_open = config
+        .edge
+        .max_connections
+        .unwrap_or_else(default_max_connections);
+    CapLimits {
+        max_open,
+        max_per_source: config.edge.max_connections_per_source,
+        max_unrouted: config
+            .edge
+            .max_unrouted_connections
+            .unwrap_or((max_open / 4).max(1)),
+        max_unrouted_per_source: config.edge.max_unrouted_per_source,
+    }
+}
+
+/// A listener the relay runs: where it was asked to listen, where it did, and how to stop it.
+struct Bound {
+    configured: SocketAddr,
+    bound: SocketAddr,
+    /// Edge listeners only.
+    kind: Option<EdgeKind>,
+    stop: CancellationToken,
+}
+
+/// Every listener the relay runs.
+#[derive(Default)]
+struct Listeners {
+    edge: Vec<Bound>,
+    tunnel: Option<Bound>,
+    admin: Option<Bound>,
+}
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Listeners bound for addresses new in the file.
+    pub bound: Vec<SocketAddr>,
+    /// Listeners closed because their address left the file (their connections carry on).
+    pub closed: Vec<SocketAddr>,
+    /// Fields that changed but take effect at the next start.
+    pub restart_needed: Vec<&'static str>,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file was refused (its error names the field).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The new tunnel certificate or key.
+    #[error("tunnel TLS: {0}")]
+    Tls(#[from] TlsConfigError),
+    /// A new listener address is taken or not ours.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address in the file.
+        addr: SocketAddr,
+        /// What the kernel said.
+        source: std::io::Error,
+    },
+    /// The shield's maps refused the new section.
+    #[error("shield: {0}")]
+    Shield(#[from] crate::shield::ShieldError),
+}
 
 /// `edge.max_connections` when the config leaves it out: what the descriptor limit allows, two
 /// descriptors per proxied connection (browser, data connection), less a reserve of 1024 for

@@ -314,12 +314,13 @@ impl RelayShield {
             config.ipv4_prefix = current.ipv4_prefix;
             config.ipv6_prefix = current.ipv6_prefix;
         }
-        self.gate.reconfigure(&config);
-        self.abuse.reconfigure(&config);
-        self.scans.reconfigure(&config);
+        // The kernel's maps first: if they refuse, the userspace side stays as it was too.
         if let Some(shield) = self.xdp.lock().expect("shield lock").as_mut() {
             sync(shield.maps_mut(), &config, listener_ports)?;
         }
+        self.gate.reconfigure(&config);
+        self.abuse.reconfigure(&config);
+        self.scans.reconfigure(&config);
         *current = config;
         info!("shield: configuration reloaded");
         Ok(())
