@@ -32,10 +32,15 @@ enum Command {
         config: PathBuf,
     },
     /// Run an agent next to the on-prem application (it dials out to its relays; SIGHUP reloads
-    /// its routes).
+    /// its routes). With `state_dir` it enrolls on its first start (the token vouches once for a
+    /// key pair generated here) and authenticates with its own certificate from then on.
     Agent {
         #[arg(long, short)]
         config: PathBuf,
+        /// Enroll now with the token (token_file or SLUICE_TOKEN) and exit: the first time, or
+        /// again after the certificate expired.
+        #[arg(long)]
+        enroll: bool,
     },
     /// Tenants and their hostnames. Edits the store `--config` names (file or etcd) directly;
     /// running relays pick the change up within `store_poll` (file) or at once (etcd).
@@ -43,6 +48,15 @@ enum Command {
     /// Agent tokens. Edits the store directly; running relays cut the tunnels of a revoked
     /// token within `store_poll` (file) or at once (etcd).
     Token(store::cli::TokenArgs),
+    /// Enrolled agents: list them, approve a pending one, revoke one (its tunnels are cut).
+    /// Edits the store directly; running relays apply it within `store_poll` (file) or at once
+    /// (etcd).
+    Agents(store::cli::AgentsArgs),
+    /// The fleet's agent CA, which signs agent certificates.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+    },
     /// The relays of a fleet sharing an etcd store, as registered there.
     Relays(store::cli::RelaysArgs),
     /// Live agent tunnels of a running relay. Talks to its admin API.
@@ -63,6 +77,21 @@ enum Command {
     Shield(shield::cli::ShieldArgs),
 }
 
+#[derive(Subcommand)]
+enum CaAction {
+    /// Create the agent CA: an ECDSA P-256 key (written 0600) and a self-signed certificate,
+    /// for `[tunnel] agent_ca_cert` / `agent_ca_key` on every relay of the fleet. Refuses to
+    /// overwrite.
+    Init {
+        /// Where to write the certificate.
+        #[arg(long, default_value = "agent-ca.pem")]
+        cert: PathBuf,
+        /// Where to write the private key.
+        #[arg(long, default_value = "agent-ca-key.pem")]
+        key: PathBuf,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
     // Logs go to stderr: stdout carries command output (tokens, pins, listings).
     tracing_subscriber::fmt()
@@ -74,7 +103,23 @@ fn main() -> anyhow::Result<()> {
     let out = &mut std::io::stdout();
     match Cli::parse().command {
         Command::Relay { config } => run::relay(&config),
-        Command::Agent { config } => run::agent(&config),
+        Command::Agent {
+            config,
+            enroll: false,
+        } => run::agent(&config),
+        Command::Agent { config, enroll: true } => run::enroll(&config),
+        Command::Agents(args) => Ok(store::cli::agents(&args, out)?),
+        Command::Ca {
+            action: CaAction::Init { cert, key },
+        } => {
+            let fingerprint = relay::agent_ca::init(&cert, &key)?;
+            println!(
+                "agent CA created: {} (key {}, {fingerprint}); set [tunnel] agent_ca_cert and agent_ca_key",
+                cert.display(),
+                key.display()
+            );
+            Ok(())
+        }
         Command::Tenant(args) => Ok(store::cli::tenant(&args, out)?),
         Command::Token(args) => Ok(store::cli::token(&args, out, &mut std::io::stderr())?),
         Command::Relays(args) => Ok(store::cli::relays(&args, out)?),

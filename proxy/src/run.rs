@@ -45,6 +45,21 @@ pub(crate) fn relay(config_path: &Path) -> anyhow::Result<()> {
     })
 }
 
+/// `sluice agent --enroll`: enrolls this machine with its token and exits.
+pub(crate) fn enroll(config_path: &Path) -> anyhow::Result<()> {
+    let config = AgentConfig::load(config_path)?;
+    let token = config
+        .token(config_path)?
+        .context("enrolling needs the token: token_file or SLUICE_TOKEN")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (agent, expires_at) = runtime.block_on(sluice::agent::Agent::enroll(&config, token))?;
+    println!("enrolled as agent {agent}; certificate valid until unix time {expires_at}");
+    Ok(())
+}
+
 pub(crate) fn agent(config_path: &Path) -> anyhow::Result<()> {
     let config = AgentConfig::load(config_path)?;
     let token = config.token(config_path)?;

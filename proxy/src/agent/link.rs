@@ -1,6 +1,7 @@
-//! The agent's link to one relay: dial out, authenticate, register routes, keep the session
-//! alive (heartbeats, credential renewal at half its lifetime), and reconnect with exponential
-//! backoff and jitter whenever the session ends.
+//! The agent's link to one relay: dial out, enroll if the agent has no valid certificate yet
+//! (its token vouches once, [`enroll`]), authenticate, register routes, keep the session alive
+//! (heartbeats, credential and certificate renewal at half their lifetimes), and reconnect with
+//! exponential backoff and jitter whenever the session ends.
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -12,9 +13,10 @@ use tracing::{error, info, warn};
 
 use super::data::{self, DataContext};
 use super::dial::RelayDialer;
+use super::identity::{CertState, Identity, Renewal, instant_at};
 use super::pacing::jitter;
 use super::{AgentShared, LinkState};
-use crate::wire::frame::{FrameReader, write_frame};
+use crate::wire::frame::{FrameError, FrameReader, write_frame};
 use crate::wire::heartbeat::{Beat, Heartbeat};
 use crate::wire::message::{AgentMessage, RelayMessage};
 use crate::wire::{DataTransport, PROTOCOL_VERSION};
@@ -57,6 +59,13 @@ pub async fn run(shared: Arc<AgentShared>, dialer: Arc<RelayDialer>, state: watc
                 error!(relay = dialer.address, reason, "relay refused this agent");
                 state.send_replace(LinkState::Rejected(reason.clone()));
             }
+            SessionEnd::Pending(agent) => {
+                warn!(
+                    relay = dialer.address,
+                    agent, "enrollment pending: the tenant approves it with `sluice agents approve {agent}`"
+                );
+                state.send_replace(LinkState::Pending { agent: agent.clone() });
+            }
             SessionEnd::Lost(reason) => {
                 warn!(relay = dialer.address, reason, "tunnel lost");
                 state.send_replace(LinkState::Connecting);
@@ -80,8 +89,10 @@ pub async fn run(shared: Arc<AgentShared>, dialer: Arc<RelayDialer>, state: watc
 }
 
 enum SessionEnd {
-    /// The relay said no (bad token, revoked, ...).
+    /// The relay said no (bad token, revoked, ...), or the agent cannot authenticate.
     Rejected(String),
+    /// The enrollment waits for the tenant's approval of this agent.
+    Pending(String),
     /// Network trouble, relay restart, missed heartbeats.
     Lost(String),
     /// The relay name gave no address that another connection of its entry does not hold.
@@ -93,19 +104,36 @@ async fn session(
     dialer: &Arc<RelayDialer>,
     state: &watch::Sender<LinkState>,
 ) -> SessionEnd {
+    if let Some(identity) = &shared.identity {
+        let enrolled = tokio::select! {
+            enrolled = enroll_if_needed(shared, dialer, identity) => enrolled,
+            () = shared.stopped.cancelled() => return SessionEnd::Lost("agent stopping".into()),
+        };
+        if let Err(end) = enrolled {
+            return end;
+        }
+    }
     let stream = tokio::select! {
         stream = dialer.dial_session(shared.connect_timeout) => match stream {
             Ok(Some(stream)) => stream,
             Ok(None) => return SessionEnd::Spare,
-            Err(e) => return SessionEnd::Lost(format!("dialing {}: {e}", dialer.address)),
+            Err(e) => return match certificate_refused(&e) {
+                Some(reason) => SessionEnd::Rejected(reason),
+                None => SessionEnd::Lost(format!("dialing {}: {e}", dialer.address)),
+            },
         },
         () = shared.stopped.cancelled() => return SessionEnd::Lost("agent stopping".into()),
     };
     let (read_half, mut writer) = tokio::io::split(stream);
     let mut reader = FrameReader::new(read_half);
+    // With a certificate (presented in the handshake), no token is sent.
+    let token = match &shared.identity {
+        Some(_) => None,
+        None => shared.token.clone(),
+    };
     let hello = AgentMessage::Hello {
         protocol: PROTOCOL_VERSION,
-        token: shared.token.clone(),
+        token: token.clone(),
         agent_name: shared.name.clone(),
         routes: shared.route_ads(),
     };
@@ -117,6 +145,9 @@ async fn session(
     let welcome = match tokio::time::timeout(shared.connect_timeout, reader.next::<RelayMessage>()).await {
         Ok(Ok(Some(message))) => message,
         Ok(Ok(None)) => return SessionEnd::Lost("relay closed the connection after Hello".into()),
+        Ok(Err(FrameError::Io(e))) if certificate_refused(&e).is_some() => {
+            return SessionEnd::Rejected(certificate_refused(&e).expect("checked"));
+        }
         Ok(Err(e)) => return SessionEnd::Lost(format!("reading Welcome: {e}")),
         Err(_) => return SessionEnd::Lost("no Welcome from the relay in time".into()),
     };
@@ -186,6 +217,10 @@ async fn session(
 
     let mut heartbeat = Heartbeat::new(Duration::from_secs(heartbeat_secs));
     let mut renew_at = Instant::now() + renewal_delay(credential_ttl_secs);
+    let identity = shared.identity.as_deref();
+    // Far away without a certificate: the arm below never fires.
+    let far = || Instant::now() + Duration::from_secs(86_400 * 365);
+    let mut cert_renew_at = identity.and_then(Identity::renew_at).map_or_else(far, instant_at);
     let end = loop {
         let outgoing = tokio::select! {
             message = reader.next::<RelayMessage>() => match message {
@@ -217,7 +252,30 @@ async fn session(
                         }
                         RelayMessage::Goodbye { reason } => break SessionEnd::Lost(format!("relay ended the session: {reason}")),
                         RelayMessage::Rejected { reason } => break SessionEnd::Rejected(reason),
-                        RelayMessage::Welcome { .. } => break SessionEnd::Lost("unexpected second Welcome".into()),
+                        RelayMessage::Certificate { certificate } => {
+                            match identity.map(|i| (i, i.install(&certificate))) {
+                                Some((identity, Ok(info))) => {
+                                    info!(relay = dialer.address, agent = %info.identity, serial = info.serial, expires_at = info.not_after, "agent certificate renewed");
+                                    cert_renew_at = identity.renew_at().map_or_else(far, instant_at);
+                                }
+                                Some((identity, Err(e))) => {
+                                    error!(relay = dialer.address, error = %e, "the renewed certificate is unusable");
+                                    identity.renewal_failed();
+                                }
+                                None => warn!(relay = dialer.address, "a certificate for an agent without state_dir; ignored"),
+                            }
+                            None
+                        }
+                        RelayMessage::CertificateRefused { reason } => {
+                            warn!(relay = dialer.address, reason, "certificate renewal refused; asking again later");
+                            if let Some(identity) = identity {
+                                identity.renewal_failed();
+                            }
+                            None
+                        }
+                        RelayMessage::Welcome { .. } | RelayMessage::Enrolled { .. } | RelayMessage::EnrollmentPending { .. } => {
+                            break SessionEnd::Lost("unexpected Welcome or enrollment answer mid-session".into())
+                        }
                     }
                 }
                 Ok(None) => break SessionEnd::Lost("relay closed the control connection".into()),
@@ -228,9 +286,22 @@ async fn session(
                 Beat::Ping(seq) => Some(AgentMessage::Ping { seq }),
             },
             () = tokio::time::sleep_until(renew_at) => {
-                // Re-authenticate with the tenant token; retry soon if the answer does not come.
+                // Re-authenticate (with the token, or on the certificate's strength); retry soon
+                // if the answer does not come.
                 renew_at = Instant::now() + heartbeat.every();
-                Some(AgentMessage::Renew { token: shared.token.clone() })
+                Some(AgentMessage::Renew { token: token.clone() })
+            }
+            () = tokio::time::sleep_until(cert_renew_at), if identity.is_some() => {
+                // At half the certificate's lifetime, one link asks for a new one.
+                let identity = identity.expect("guarded");
+                match identity.renewal(shared.connect_timeout.max(heartbeat.every())) {
+                    Renewal::NotYet(at) => { cert_renew_at = instant_at(at); None }
+                    Renewal::Claimed => {
+                        cert_renew_at = Instant::now() + heartbeat.every();
+                        Some(AgentMessage::RenewCertificate)
+                    }
+                    Renewal::Elsewhere => { cert_renew_at = Instant::now() + heartbeat.every(); None }
+                }
             }
             Ok(()) = routes_version.changed() => Some(AgentMessage::Routes { routes: shared.route_ads() }),
             () = shared.stopped.cancelled() => break SessionEnd::Lost("agent stopping".into()),
@@ -243,6 +314,149 @@ async fn session(
     };
     let _ = writer.shutdown().await;
     end
+}
+
+/// How an enrollment attempt ended, short of a certificate.
+pub enum Enrollment {
+    /// The store holds the agent as pending; the tenant approves it by this id.
+    Pending(String),
+    /// The relay refused (bad token, revoked key, no agent CA, ...): its reason.
+    Refused(String),
+    /// The relay could not be reached or did not answer.
+    Failed(String),
+}
+
+/// Makes sure the agent holds a valid certificate before it opens a session: enrolls through
+/// this relay if it has none (or it expired), unless another link is doing so.
+async fn enroll_if_needed(
+    shared: &AgentShared,
+    dialer: &RelayDialer,
+    identity: &Identity,
+) -> Result<(), SessionEnd> {
+    let _one_at_a_time = identity.enrolling.lock().await;
+    identity.load_certificate();
+    let expired = match identity.state() {
+        CertState::Valid(_) => return Ok(()),
+        CertState::Missing => None,
+        CertState::Expired(info) => Some(info),
+    };
+    let Some(token) = &shared.token else {
+        return Err(SessionEnd::Rejected(match expired {
+            Some(info) => format!(
+                "the agent certificate (agent {}) expired at unix time {}: enroll again with a token \
+                 (`sluice agent --config agent.toml --enroll`, the token in token_file or SLUICE_TOKEN)",
+                info.identity, info.not_after
+            ),
+            None => "this agent has no certificate yet: enroll it once with a token \
+                     (token_file or SLUICE_TOKEN)"
+                .into(),
+        }));
+    };
+    let enrolled = enroll(dialer, identity, &shared.name, token, shared.connect_timeout).await;
+    dialer.release();
+    match enrolled {
+        Ok((agent, expires_at)) => {
+            info!(relay = dialer.address, agent, key = %identity.fingerprint(), expires_at, "enrolled");
+            Ok(())
+        }
+        Err(Enrollment::Pending(agent)) => Err(SessionEnd::Pending(agent)),
+        Err(Enrollment::Refused(reason)) => {
+            Err(SessionEnd::Rejected(format!("enrollment refused: {reason}")))
+        }
+        Err(Enrollment::Failed(reason)) => Err(SessionEnd::Lost(format!("enrolling: {reason}"))),
+    }
+}
+
+/// Enrolls through `dialer`'s relay: one connection (no client certificate), one `Enroll`
+/// frame with the token and a CSR for the agent's key, one answer. On success the certificate
+/// is installed; returns the agent id and its expiry (unix seconds).
+pub async fn enroll(
+    dialer: &RelayDialer,
+    identity: &Identity,
+    name: &str,
+    token: &str,
+    timeout: Duration,
+) -> Result<(String, u64), Enrollment> {
+    let csr = identity
+        .csr(name)
+        .map_err(|e| Enrollment::Failed(e.to_string()))?;
+    let mut stream = match dialer.dial_session(timeout).await {
+        Ok(Some(stream)) => stream,
+        Ok(None) => {
+            return Err(Enrollment::Failed(
+                "no relay address free for this connection".into(),
+            ));
+        }
+        Err(e) => return Err(Enrollment::Failed(format!("dialing {}: {e}", dialer.address))),
+    };
+    let enroll = AgentMessage::Enroll {
+        protocol: PROTOCOL_VERSION,
+        token: token.to_owned(),
+        agent_name: name.to_owned(),
+        csr,
+    };
+    if let Err(e) = write_frame(&mut stream, &enroll).await {
+        return Err(Enrollment::Failed(format!("sending Enroll: {e}")));
+    }
+    let mut reader = FrameReader::new(stream);
+    // The relay writes to its store before it answers: allow for an etcd round or two.
+    let patience = timeout.max(Duration::from_secs(10));
+    let answer = match tokio::time::timeout(patience, reader.next::<RelayMessage>()).await {
+        Ok(Ok(Some(answer))) => answer,
+        Ok(Ok(None)) => {
+            return Err(Enrollment::Failed(
+                "relay closed the connection after Enroll".into(),
+            ));
+        }
+        Ok(Err(e)) => return Err(Enrollment::Failed(format!("reading the enrollment answer: {e}"))),
+        Err(_) => return Err(Enrollment::Failed("no answer to Enroll in time".into())),
+    };
+    match answer {
+        RelayMessage::Enrolled { agent, certificate } => {
+            let info = identity
+                .install(&certificate)
+                .map_err(|e| Enrollment::Refused(e.to_string()))?;
+            if info.identity.agent != agent {
+                return Err(Enrollment::Refused(format!(
+                    "the relay enrolled agent {agent} but certified {}",
+                    info.identity
+                )));
+            }
+            Ok((agent, info.not_after))
+        }
+        RelayMessage::EnrollmentPending { agent } => Err(Enrollment::Pending(agent)),
+        RelayMessage::Rejected { reason } => Err(Enrollment::Refused(reason)),
+        other => Err(Enrollment::Failed(format!(
+            "unexpected answer to Enroll: {other:?}"
+        ))),
+    }
+}
+
+/// The relay's word when it refused this agent's certificate in the handshake (another CA,
+/// expired, revoked): a clear reason instead of an I/O error.
+fn certificate_refused(e: &std::io::Error) -> Option<String> {
+    use rustls::AlertDescription as Alert;
+    let rustls::Error::AlertReceived(alert) = e.get_ref()?.downcast_ref::<rustls::Error>()? else {
+        return None;
+    };
+    matches!(
+        alert,
+        Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::CertificateExpired
+            | Alert::CertificateRevoked
+            | Alert::CertificateUnknown
+            | Alert::CertificateRequired
+            | Alert::AccessDenied
+            | Alert::UnsupportedCertificate
+    )
+    .then(|| {
+        format!(
+            "the relay refused this agent's certificate in the TLS handshake ({alert:?}): \
+             is it from this fleet's agent CA? Move {} away and enroll again with a token",
+            super::identity::CERT_FILE
+        )
+    })
 }
 
 /// Data connections a relay may ask to keep (what its own config allows).

@@ -1,7 +1,9 @@
 //! The agent: runs next to the on-prem application, dials out to one or more relays (never
 //! listens), and serves the streams they hand it.
 //!
-//! - [`link`]: the control session with one relay (auth, heartbeats, renewal, reconnect)
+//! - [`link`]: the control session with one relay (enrollment, auth, heartbeats, renewal,
+//!   reconnect)
+//! - [`identity`]: this machine's key pair and the certificate the agent CA issued for it
 //! - [`data`]: the pool of pre-opened data connections for that relay
 //! - [`target`]: the on-prem end of a stream (connect, PROXY v2, optional TLS termination)
 //! - [`warm`]: connections to a route's target opened ahead of streams (opt-in per route)
@@ -12,6 +14,7 @@
 //! stream through a target, a target takes warm connections; all of them dial and pace.
 pub mod data;
 pub mod dial;
+pub mod identity;
 pub mod link;
 pub mod metrics;
 pub mod pacing;
@@ -31,6 +34,7 @@ use crate::config::agent::{AgentConfig, ReconnectConfig};
 use crate::wire::DataTransport;
 use crate::wire::message::RouteAd;
 use crate::wire::tls::{TlsConfigError, agent_client_config};
+use identity::{Identity, IdentityError};
 use target::Routes;
 
 /// Why the agent could not start or reload. Only configuration and local resources fail here:
@@ -50,6 +54,18 @@ pub enum AgentError {
     /// and key for TLS ending at the agent.
     #[error("TLS: {0}")]
     Tls(#[from] TlsConfigError),
+    /// The agent's key or certificate under `state_dir`.
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
+    /// An agent without `state_dir` (no certificate) needs its token for every connection.
+    #[error(
+        "no token: an agent without state_dir authenticates with its token on every connection \
+         (token_file or SLUICE_TOKEN)"
+    )]
+    NoToken,
+    /// `--enroll` found no relay to enroll with, or was refused (the reason says which).
+    #[error("enrollment: {0}")]
+    Enrollment(String),
     /// The `[admin]` listener could not be bound.
     #[error("admin listener on {addr}: {source}")]
     Admin {
@@ -73,8 +89,15 @@ pub enum LinkState {
         /// `RoutesUpdated`.
         accepted: Vec<String>,
     },
-    /// The relay refused this agent (the reason is the relay's); retried with backoff.
+    /// The relay refused this agent (the reason is the relay's), or the agent cannot
+    /// authenticate (no certificate and no token); retried with backoff.
     Rejected(String),
+    /// The enrollment waits for the tenant's approval (`sluice agents approve <agent>`);
+    /// retried with backoff with the same key.
+    Pending {
+        /// The agent id to approve.
+        agent: String,
+    },
     /// A connection of a `[[relays]]` entry naming a DNS name that gives no address the entry's
     /// other connections do not hold; the name is resolved again with backoff.
     Spare,
@@ -86,8 +109,11 @@ pub enum LinkState {
 pub struct AgentShared {
     /// The agent's `name` from the config, sent in `Hello`.
     pub name: String,
-    /// The tenant token, presented in `Hello` and on every credential renewal.
-    pub token: String,
+    /// The tenant token: presented once to enroll (with an identity), or in `Hello` and on
+    /// every credential renewal (without).
+    pub token: Option<String>,
+    /// This machine's key and certificate (with `state_dir`); `None`: a token-only agent.
+    pub identity: Option<Arc<Identity>>,
     routes: RwLock<(Vec<RouteAd>, Arc<Routes>)>,
     /// Bumped whenever the routes change, so every link re-registers them.
     pub routes_version: watch::Sender<u64>,
@@ -132,12 +158,18 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts a link to every configured relay.
-    pub fn start(config: &AgentConfig, token: String) -> Result<Self, AgentError> {
+    /// Starts a link to every configured relay. With `state_dir` the agent authenticates with
+    /// its certificate, enrolling first (with `token`) if it has none; without, with `token`.
+    pub fn start(config: &AgentConfig, token: Option<String>) -> Result<Self, AgentError> {
         let stopped = CancellationToken::new();
+        let identity = open_identity(config)?;
+        if identity.is_none() && token.is_none() {
+            return Err(AgentError::NoToken);
+        }
         let shared = Arc::new(AgentShared {
             name: config.name.clone(),
             token,
+            identity: identity.clone(),
             routes: RwLock::new(routes_of(config, &stopped)?),
             routes_version: watch::Sender::new(0),
             reconnect: config.reconnect,
@@ -164,7 +196,7 @@ impl Agent {
                 message,
             };
             let trust = relay.trust().map_err(fail)?;
-            let tls = agent_client_config(&trust)?;
+            let tls = agent_client_config(&trust, resolver(&identity))?;
             let slots = relay.names_a_host().then(|| {
                 let claims: dial::SlotClaims = Arc::default();
                 claims
@@ -219,6 +251,45 @@ impl Agent {
         })
     }
 
+    /// `sluice agent --enroll`: enrolls this machine now with `token`, through the first relay
+    /// that answers, and returns the agent id and the certificate's expiry (unix seconds).
+    pub async fn enroll(config: &AgentConfig, token: String) -> Result<(String, u64), AgentError> {
+        let Some(identity) = open_identity(config)? else {
+            return Err(AgentError::Enrollment(
+                "state_dir is not set: this agent authenticates with its token, it does not enroll".into(),
+            ));
+        };
+        let mut errors = Vec::new();
+        for relay in &config.relays {
+            let fail = |message: String| AgentError::Relay {
+                address: relay.address.clone(),
+                message,
+            };
+            let tls = agent_client_config(
+                &relay.trust().map_err(fail)?,
+                resolver(&Some(Arc::clone(&identity))),
+            )?;
+            let dialer = dial::RelayDialer::new(relay.address.clone(), relay.server_name(), tls, None)
+                .map_err(fail)?;
+            match link::enroll(&dialer, &identity, &config.name, &token, config.connect_timeout).await {
+                Ok(enrolled) => return Ok(enrolled),
+                Err(link::Enrollment::Pending(agent)) => {
+                    return Err(AgentError::Enrollment(format!(
+                        "agent {agent} (key {}) is pending approval: the tenant approves it with `sluice agents approve {agent}`; \
+                         the agent gets its certificate at its next attempt",
+                        identity.fingerprint()
+                    )));
+                }
+                Err(link::Enrollment::Refused(reason)) => return Err(AgentError::Enrollment(reason)),
+                Err(link::Enrollment::Failed(reason)) => errors.push(format!("{}: {reason}", relay.address)),
+            }
+        }
+        Err(AgentError::Enrollment(format!(
+            "no relay answered: {}",
+            errors.join("; ")
+        )))
+    }
+
     /// Replaces the routes this agent serves (e.g. on SIGHUP) and re-registers them with every
     /// relay: hostnames left out go offline at once. Relay endpoints are not reloaded.
     pub fn reload_routes(&self, config: &AgentConfig) -> Result<(), AgentError> {
@@ -264,6 +335,23 @@ impl Agent {
         self.tasks.shutdown().await;
         info!("agent stopped");
     }
+}
+
+/// The agent's identity, if it has a `state_dir`.
+fn open_identity(config: &AgentConfig) -> Result<Option<Arc<Identity>>, AgentError> {
+    let Some(dir) = &config.state_dir else {
+        return Ok(None);
+    };
+    let identity = Identity::open(dir)?;
+    info!(key = %identity.fingerprint(), state = ?identity.state(), "agent identity");
+    Ok(Some(Arc::new(identity)))
+}
+
+/// What rustls asks for the agent's certificate.
+fn resolver(identity: &Option<Arc<Identity>>) -> Option<Arc<dyn rustls::client::ResolvesClientCert>> {
+    identity
+        .as_ref()
+        .map(|i| Arc::clone(i) as Arc<dyn rustls::client::ResolvesClientCert>)
 }
 
 fn routes_of(

@@ -18,8 +18,13 @@ pub struct AgentConfig {
     /// This agent's name, part of its id in relay logs (e.g. the host it runs on).
     pub name: String,
     /// File holding the tenant token (`sluice token create`); the token itself never goes in
-    /// this file. `SLUICE_TOKEN` in the environment takes precedence.
+    /// this file. `SLUICE_TOKEN` in the environment takes precedence. With `state_dir` it is
+    /// needed only to enroll (the first start, or after the certificate expired).
     pub token_file: Option<PathBuf>,
+    /// Where the agent keeps its key pair (generated here, mode 0600, never sent anywhere) and
+    /// the certificate the relays' agent CA issued for it. Without it the agent authenticates
+    /// with its token on every connection (relays with `agent_auth = "token"` only).
+    pub state_dir: Option<PathBuf>,
     /// Relays to keep a tunnel to, all at once (more than one for availability).
     pub relays: Vec<RelayEndpoint>,
     /// The hostnames this agent serves and where each goes (at least one); advertised to every
@@ -169,6 +174,7 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut config: Self = read_toml(path)?;
         config.token_file = config.token_file.map(|f| resolve(path, &f));
+        config.state_dir = config.state_dir.map(|d| resolve(path, &d));
         for relay in &mut config.relays {
             relay.ca = relay.ca.as_ref().map(|f| resolve(path, f));
         }
@@ -189,25 +195,32 @@ impl AgentConfig {
     }
 
     /// The token: `SLUICE_TOKEN` from the environment, else the contents of `token_file`.
-    pub fn token(&self, config_path: &Path) -> Result<String, ConfigError> {
+    /// With `state_dir`, a token that is not there (no `token_file`, or the file removed after
+    /// enrollment) is `None`: the agent's certificate stands in for it.
+    pub fn token(&self, config_path: &Path) -> Result<Option<String>, ConfigError> {
         if let Ok(token) = std::env::var("SLUICE_TOKEN") {
-            return Ok(token.trim().to_owned());
+            return Ok(Some(token.trim().to_owned()));
         }
+        let optional = self.state_dir.is_some();
         let Some(file) = &self.token_file else {
+            if optional {
+                return Ok(None);
+            }
             return Err(invalid(
                 config_path,
                 "token_file",
                 "missing, and SLUICE_TOKEN is not set",
             ));
         };
-        let token = std::fs::read_to_string(file).map_err(|e| {
-            invalid(
+        match std::fs::read_to_string(file) {
+            Ok(token) => Ok(Some(token.trim().to_owned())),
+            Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(invalid(
                 config_path,
                 "token_file",
                 format!("cannot read {}: {e}", file.display()),
-            )
-        })?;
-        Ok(token.trim().to_owned())
+            )),
+        }
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {

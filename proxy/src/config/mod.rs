@@ -192,8 +192,9 @@ mod tests {
         (dir, path)
     }
 
-    const RELAY: &str =
-        "state_dir = \"state\"\n[tunnel]\nlisten = \"127.0.0.1:7443\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+    /// The agent CA files stand in for each other: only their existence is checked at load.
+    const RELAY: &str = "state_dir = \"state\"\n[tunnel]\nlisten = \"127.0.0.1:7443\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+                         agent_ca_cert = \"c.pem\"\nagent_ca_key = \"c.pem\"\n";
 
     fn relay_error(text: &str) -> String {
         let (_dir, path) = setup(text, &["c.pem", "k.pem"]);
@@ -203,7 +204,16 @@ mod tests {
     #[test]
     fn shipped_examples_load() {
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        let (dir, _) = setup("", &["relay-cert.pem", "relay-key.pem", "relay-ca.pem"]);
+        let (dir, _) = setup(
+            "",
+            &[
+                "relay-cert.pem",
+                "relay-key.pem",
+                "relay-ca.pem",
+                "agent-ca.pem",
+                "agent-ca-key.pem",
+            ],
+        );
         for name in ["relay.toml", "agent.toml"] {
             std::fs::copy(examples.join(name), dir.path().join(name)).unwrap();
         }
@@ -353,7 +363,8 @@ mod tests {
         );
 
         // The file store: the default, needs state_dir, refuses etcd's fields.
-        let no_state = "[tunnel]\nlisten = \"127.0.0.1:7443\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let no_state = "[tunnel]\nlisten = \"127.0.0.1:7443\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+                        agent_ca_cert = \"c.pem\"\nagent_ca_key = \"k.pem\"\n";
         assert!(relay_error(no_state).contains("`state_dir`"));
         let (_dir, path) = setup(
             &format!(
@@ -372,6 +383,31 @@ mod tests {
                 .contains("`store.endpoints`")
         );
         assert!(relay_error(&format!("{RELAY}[store]\nbackend = \"consul\"\n")).contains("consul"));
+    }
+
+    #[test]
+    fn agents_need_certificates_unless_the_relay_accepts_tokens_explicitly() {
+        let head = "state_dir = \"state\"\n[tunnel]\nlisten = \"127.0.0.1:7443\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let error = relay_error(head);
+        assert!(
+            error.contains("`tunnel.agent_ca_cert`") && error.contains("sluice ca init"),
+            "the default, certificates, needs the agent CA: {error}"
+        );
+        let load = |lines: &str| {
+            let (_dir, path) = setup(&format!("{head}{lines}"), &["c.pem", "k.pem"]);
+            RelayConfig::load(&path).map(|c| c.tunnel)
+        };
+        let token = load("agent_auth = \"token\"\n").unwrap();
+        assert_eq!(token.agent_auth, crate::config::relay::AgentAuth::Token);
+        assert_eq!(token.agent_ca_cert, None);
+        let certs = load("agent_ca_cert = \"c.pem\"\nagent_ca_key = \"k.pem\"\n").unwrap();
+        assert_eq!(certs.agent_auth, crate::config::relay::AgentAuth::Certificate);
+        assert_eq!(certs.agent_cert_ttl, std::time::Duration::from_secs(24 * 3600));
+        assert!(relay_error(&format!("{head}agent_ca_cert = \"c.pem\"\n")).contains("`tunnel.agent_ca_key`"));
+        assert!(
+            relay_error(&format!("{RELAY}agent_cert_ttl = \"1s\"\n")).contains("`tunnel.agent_cert_ttl`")
+        );
+        assert!(relay_error(&format!("{RELAY}agent_auth = \"none\"\n")).contains("none"));
     }
 
     #[test]

@@ -7,6 +7,11 @@ use serde::Deserialize;
 
 use super::{AdminToken, ConfigError, invalid, positive, read_toml, resolve};
 
+/// Shortest `tunnel.agent_cert_ttl` (the agent renews at half of it).
+pub const MIN_AGENT_CERT_TTL: Duration = Duration::from_secs(2);
+/// Longest `tunnel.agent_cert_ttl`.
+pub const MAX_AGENT_CERT_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// The whole of `relay.toml`, paths resolved and values checked by [`RelayConfig::load`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +126,22 @@ pub struct TunnelConfig {
     pub cert: PathBuf,
     /// PEM private key for `cert`.
     pub key: PathBuf,
+    /// How agents authenticate: `certificate` (the default: each agent enrolls once with its
+    /// token and from then on presents its own certificate) or `token` (the bearer token on
+    /// every connection, for agents without a `state_dir`; with an agent CA set, enrolled
+    /// agents are accepted too, the way to migrate).
+    #[serde(default)]
+    pub agent_auth: AgentAuth,
+    /// PEM certificate of the fleet's agent CA (`sluice ca init`): client certificates are
+    /// verified against it, and enrolled agents get certificates it signs. Required with
+    /// `agent_auth = "certificate"`.
+    pub agent_ca_cert: Option<PathBuf>,
+    /// PEM private key of the agent CA.
+    pub agent_ca_key: Option<PathBuf>,
+    /// Lifetime of an agent certificate; agents renew at half of it, and one left unrenewed
+    /// past it must enroll again with a token.
+    #[serde(default = "TunnelConfig::default_agent_cert_ttl", with = "humantime_serde")]
+    pub agent_cert_ttl: Duration,
     /// Lifetime of a session credential; agents re-authenticate at half of it.
     #[serde(default = "TunnelConfig::default_credential_ttl", with = "humantime_serde")]
     pub credential_ttl: Duration,
@@ -149,6 +170,17 @@ pub struct TunnelConfig {
     pub max_idle_data_connections: Option<usize>,
 }
 
+/// How agents authenticate on the tunnel port (`[tunnel] agent_auth`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentAuth {
+    /// Each agent presents its own certificate, issued at enrollment (the default).
+    #[default]
+    Certificate,
+    /// Bearer tokens on every connection are accepted as well (no machine binding).
+    Token,
+}
+
 impl TunnelConfig {
     /// The cap on a session's parked data connections.
     pub fn idle_data_connection_cap(&self) -> usize {
@@ -170,6 +202,9 @@ impl TunnelConfig {
     }
     fn default_credential_ttl() -> Duration {
         Duration::from_secs(300)
+    }
+    fn default_agent_cert_ttl() -> Duration {
+        Duration::from_secs(24 * 3600)
     }
     fn default_heartbeat() -> Duration {
         Duration::from_secs(10)
@@ -236,6 +271,8 @@ impl RelayConfig {
         config.state_dir = config.state_dir.map(|dir| resolve(path, &dir));
         config.tunnel.cert = resolve(path, &config.tunnel.cert);
         config.tunnel.key = resolve(path, &config.tunnel.key);
+        config.tunnel.agent_ca_cert = config.tunnel.agent_ca_cert.map(|f| resolve(path, &f));
+        config.tunnel.agent_ca_key = config.tunnel.agent_ca_key.map(|f| resolve(path, &f));
         config.admin.token_file = config.admin.token_file.map(|f| resolve(path, &f));
         config.validate(path)?;
         let state_dir = config.state_dir.clone();
@@ -332,12 +369,48 @@ impl RelayConfig {
             return Err(invalid(path, "edge.max_http_head", "must be at least 256 bytes"));
         }
         for (field, file) in [
-            ("tunnel.cert", &self.tunnel.cert),
-            ("tunnel.key", &self.tunnel.key),
+            ("tunnel.cert", Some(&self.tunnel.cert)),
+            ("tunnel.key", Some(&self.tunnel.key)),
+            ("tunnel.agent_ca_cert", self.tunnel.agent_ca_cert.as_ref()),
+            ("tunnel.agent_ca_key", self.tunnel.agent_ca_key.as_ref()),
         ] {
-            if !file.is_file() {
+            if let Some(file) = file
+                && !file.is_file()
+            {
                 return Err(invalid(path, field, format!("{} does not exist", file.display())));
             }
+        }
+        match (&self.tunnel.agent_ca_cert, &self.tunnel.agent_ca_key) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    path,
+                    "tunnel.agent_ca_key",
+                    "required with agent_ca_cert",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    path,
+                    "tunnel.agent_ca_cert",
+                    "required with agent_ca_key",
+                ));
+            }
+            (None, None) if self.tunnel.agent_auth == AgentAuth::Certificate => {
+                return Err(invalid(
+                    path,
+                    "tunnel.agent_ca_cert",
+                    "required: agents authenticate with certificates the agent CA issues \
+                     (`sluice ca init` creates one; agent_auth = \"token\" accepts bearer tokens instead)",
+                ));
+            }
+            _ => {}
+        }
+        if !(MIN_AGENT_CERT_TTL..=MAX_AGENT_CERT_TTL).contains(&self.tunnel.agent_cert_ttl) {
+            return Err(invalid(
+                path,
+                "tunnel.agent_cert_ttl",
+                "must be between 2s and 366d",
+            ));
         }
         Ok(())
     }

@@ -8,7 +8,10 @@
 //! | GET | `/api/tenants` | tenants and their hostnames |
 //! | GET | `/api/tokens` | tokens (never secrets) with their status |
 //! | POST | `/api/tokens/{id}/revoke` | revoke a token; its live tunnels are cut now (with etcd: on every relay; refused with 503 while etcd is unreachable) |
-//! | GET | `/api/tunnels` | live agent sessions |
+//! | GET | `/api/agents` | enrolled agents: state, key fingerprint, certificate expiry, last seen |
+//! | POST | `/api/agents/{id}/approve` | let a pending agent in |
+//! | POST | `/api/agents/{id}/revoke` | revoke an agent; its live tunnels are cut now (with etcd: on every relay) |
+//! | GET | `/api/tunnels` | live agent sessions, with the agent's key fingerprint |
 //! | DELETE | `/api/tunnels/{agent-id}` | cut one live session and its streams |
 //! | GET | `/api/bans` | banned sources (kernel with XDP, userspace otherwise) |
 //! | POST | `/api/bans/{ip}?for=10m` | ban a source (no `for`: until lifted); with etcd, fleet-wide (503 while etcd is unreachable) |
@@ -27,7 +30,7 @@ use super::tenants::Tenants;
 use super::tunnel::{SessionEnd, Sessions};
 use crate::admin::http::{AdminHandler, AdminRequest, Body, error, json, text};
 use crate::shield::RelayShield;
-use crate::store::{StoreError, unix_now};
+use crate::store::{AgentChange, StoreError, unix_now};
 
 /// The relay's admin endpoints, over the parts of the relay they show and change.
 pub struct RelayAdmin {
@@ -65,6 +68,31 @@ pub struct TokenView {
     pub label: String,
     /// `active`, `revoked` or `expired`, as of the request.
     pub status: String,
+    /// Machines it enrolls before further ones wait for approval.
+    pub max_agents: u32,
+}
+
+/// One agent in `GET /api/agents`.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct AgentView {
+    /// The agent id (16 hex characters), what approve and revoke take.
+    pub id: String,
+    /// The tenant it acts for.
+    pub tenant: String,
+    /// Its configured name when it enrolled.
+    pub name: String,
+    /// `active`, `pending` or `revoked`.
+    pub state: String,
+    /// Lowercase hex SHA-256 of its public key.
+    pub key_sha256: String,
+    /// The token it enrolled with.
+    pub token: String,
+    /// Serial (hex) of its newest certificate.
+    pub cert_serial: Option<String>,
+    /// Unix seconds when that certificate expires.
+    pub cert_expires_at: Option<u64>,
+    /// Unix seconds when it last enrolled, renewed or opened a session.
+    pub last_seen: Option<u64>,
 }
 
 /// One live agent session in `GET /api/tunnels`, sorted by `agent_id`.
@@ -74,6 +102,13 @@ pub struct TunnelView {
     pub agent_id: String,
     /// The tenant the agent's token acts for.
     pub tenant: String,
+    /// The enrolled agent (its id) whose certificate opened the session; absent for a session
+    /// opened with a token.
+    #[serde(default)]
+    pub agent: Option<String>,
+    /// Lowercase hex SHA-256 of that certificate's public key.
+    #[serde(default)]
+    pub key_sha256: Option<String>,
     /// The hostnames the agent has registered in this session.
     pub routes: Vec<String>,
     /// Streams this session is carrying now.
@@ -114,7 +149,8 @@ pub struct ReadinessView {
 fn store_status(e: &StoreError) -> StatusCode {
     match e {
         StoreError::Unavailable { .. } | StoreError::Stale { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        StoreError::UnknownToken { .. } => StatusCode::NOT_FOUND,
+        StoreError::UnknownToken { .. } | StoreError::UnknownAgent { .. } => StatusCode::NOT_FOUND,
+        StoreError::AgentRevoked { .. } => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -187,6 +223,7 @@ impl AdminHandler for RelayAdmin {
                         tenant: t.tenant.clone(),
                         label: t.label.clone(),
                         status: t.status(now).label().to_owned(),
+                        max_agents: t.max_agents,
                     })
                     .collect();
                 json(StatusCode::OK, &tokens)
@@ -202,6 +239,42 @@ impl AdminHandler for RelayAdmin {
                 }
                 Err(e) => error(store_status(&e), &e.to_string()),
             },
+            (&Method::GET, ["api", "agents"]) => {
+                let snapshot = self.tenants.snapshot();
+                let agents: Vec<AgentView> = snapshot
+                    .agents
+                    .values()
+                    .map(|a| AgentView {
+                        id: a.id.clone(),
+                        tenant: a.tenant.clone(),
+                        name: a.name.clone(),
+                        state: a.state.label().to_owned(),
+                        key_sha256: a.key_sha256.clone(),
+                        token: a.token.clone(),
+                        cert_serial: a.cert_serial.clone(),
+                        cert_expires_at: a.cert_expires_at,
+                        last_seen: a.last_seen,
+                    })
+                    .collect();
+                json(StatusCode::OK, &agents)
+            }
+            (&Method::POST, ["api", "agents", id, verb @ ("approve" | "revoke")]) => {
+                let change = if *verb == "approve" {
+                    AgentChange::Approve
+                } else {
+                    AgentChange::Revoke
+                };
+                match block_on(self.tenants.change_agent(None, id, &change)) {
+                    Ok(record) => {
+                        store_watch::enforce(&self.tenants, &self.sessions);
+                        json(
+                            StatusCode::OK,
+                            &serde_json::json!({ "agent": record.id, "tenant": record.tenant, "state": record.state.label() }),
+                        )
+                    }
+                    Err(e) => error(store_status(&e), &e.to_string()),
+                }
+            }
             (&Method::GET, ["api", "tunnels"]) => {
                 let mut tunnels: Vec<TunnelView> = self
                     .sessions
@@ -210,6 +283,8 @@ impl AdminHandler for RelayAdmin {
                     .map(|s| TunnelView {
                         agent_id: s.id().to_string(),
                         tenant: s.tenant().to_string(),
+                        agent: s.certificate().map(|c| c.identity.agent.clone()),
+                        key_sha256: s.certificate().map(|c| c.key.hex()),
                         routes: s.routes().iter().map(ToString::to_string).collect(),
                         active_streams: s.pool.active_streams(),
                         idle_data_connections: s.pool.idle_count(),

@@ -40,7 +40,7 @@ pub struct TunnelsArgs {
 
 #[derive(Debug, Subcommand)]
 enum TunnelAction {
-    /// List live agent sessions: id, tenant, routes, load.
+    /// List live agent sessions: id, tenant, the agent's key fingerprint, routes, load.
     List,
     /// Cut one live session and its streams now (the agent may reconnect if its token is valid).
     Cut {
@@ -121,9 +121,12 @@ pub fn tunnels(args: &TunnelsArgs, out: &mut dyn Write) -> Result<(), AdminCliEr
         TunnelAction::List => {
             let tunnels: Vec<TunnelView> = client.json("GET", "/api/tunnels")?;
             for t in tunnels {
+                let key = t
+                    .key_sha256
+                    .map_or_else(|| "key=- (token)".to_owned(), |k| format!("key=sha256:{k}"));
                 writeln!(
                     out,
-                    "{}\t{}\t{}\tactive={}\tidle={}",
+                    "{}\t{}\t{key}\t{}\tactive={}\tidle={}",
                     t.agent_id,
                     t.tenant,
                     t.routes.join(","),

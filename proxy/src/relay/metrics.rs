@@ -56,6 +56,11 @@ pub struct RelayMetrics {
     pub sessions_ended: IntCounterVec,
     /// `sluice_credential_renewals_total`.
     pub credential_renewals: IntCounter,
+    /// `sluice_agent_enrollments_total{result}`: `active`, `pending`, `refused`.
+    pub agent_enrollments: IntCounterVec,
+    /// `sluice_agent_certificates_total{kind}`: `renewed` (enrollments count in
+    /// `sluice_agent_enrollments_total`).
+    pub agent_certificates: IntCounterVec,
     /// `sluice_build_info{version}`.
     pub build_info: IntGaugeVec,
     /// `sluice_store_snapshot_age_seconds`: time since the store last answered (how old the
@@ -175,6 +180,18 @@ impl RelayMetrics {
                 &registry,
                 "sluice_credential_renewals_total",
                 "Session credentials renewed by re-authentication.",
+            ),
+            agent_enrollments: counter_vec(
+                &registry,
+                "sluice_agent_enrollments_total",
+                "Agent enrollments, by result: active (certificate issued), pending (waits for approval), refused.",
+                &["result"],
+            ),
+            agent_certificates: counter_vec(
+                &registry,
+                "sluice_agent_certificates_total",
+                "Agent certificates issued over a control connection, by kind (renewed).",
+                &["kind"],
             ),
             build_info: gauge_vec(
                 &registry,

@@ -14,6 +14,7 @@
 //! Shutdown: stop accepting (listeners close, agents are told goodbye so they move to another
 //! relay), let active streams drain for `shutdown_grace`, then cut what is left. Listeners use
 //! SO_REUSEPORT, so a new relay process can take over the ports while the old one drains.
+pub mod agent_ca;
 pub mod api;
 pub mod cli;
 pub mod edge;
@@ -30,7 +31,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -41,12 +41,11 @@ use crate::config::relay::RelayConfig;
 use crate::net;
 use crate::shield::RelayShield;
 use crate::store::{Backend, RelayPresence, StoreError, unix_now};
-use crate::wire::tls::{TlsConfigError, relay_server_config};
 use edge::caps::{CapLimits, ConnectionCaps};
 use edge::{Edge, EdgeKind, EdgeParts};
 use metrics::RelayMetrics;
 use tenants::Tenants;
-use tunnel::{Routes, SessionEnd, Sessions, Tunnel, TunnelParts};
+use tunnel::{Routes, SessionEnd, Sessions, Tunnel, TunnelParts, TunnelTlsError, TunnelTlsSetup};
 
 /// Why a relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -59,9 +58,9 @@ pub enum RelayError {
         /// What the kernel said.
         source: std::io::Error,
     },
-    /// The tunnel certificate or key.
+    /// The tunnel certificate or key, or the agent CA.
     #[error("tunnel TLS: {0}")]
-    Tls(#[from] TlsConfigError),
+    Tls(#[from] TunnelTlsError),
     /// The tenant store.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -113,7 +112,7 @@ pub struct Relay {
 impl Relay {
     /// Loads the store, binds every listener and starts serving.
     pub async fn start(config: RelayConfig) -> Result<Self, RelayError> {
-        let acceptor = TlsAcceptor::from(relay_server_config(&config.tunnel.cert, &config.tunnel.key)?);
+        let tunnel_tls = TunnelTlsSetup::load(&config.tunnel)?;
         let backend = Backend::open(&config)?;
         let fingerprint = match &backend {
             Backend::File(store) => store.fingerprint()?,
@@ -211,7 +210,7 @@ impl Relay {
         }
         let tunnel = Arc::new(Tunnel::new(
             config.tunnel.clone(),
-            acceptor,
+            tunnel_tls,
             TunnelParts {
                 sessions: Arc::clone(&sessions),
                 routes: Arc::clone(&routes),
@@ -399,7 +398,7 @@ impl Relay {
     /// anything changes: an error leaves the relay as it was. `state_dir`, `[store]`,
     /// `store_poll` and `admin.max_tenant_labels` take effect at the next start (logged).
     pub fn reload(&mut self, config: RelayConfig) -> Result<Reloaded, ReloadError> {
-        let acceptor = TlsAcceptor::from(relay_server_config(&config.tunnel.cert, &config.tunnel.key)?);
+        let tunnel_tls = TunnelTlsSetup::load(&config.tunnel)?;
         let mut reloaded = Reloaded::default();
         let bind = |addr: SocketAddr| net::bind(addr).map_err(|source| ReloadError::Bind { addr, source });
         let bind_client_first = |addr: SocketAddr| {
@@ -449,7 +448,7 @@ impl Relay {
             }
         }
         self.edge_caps.set_limits(cap_limits(&config));
-        self.tunnel.reconfigure(config.tunnel.clone(), acceptor);
+        self.tunnel.reconfigure(config.tunnel.clone(), tunnel_tls);
         self.admin_token.store(config.admin.token.clone().map(Arc::new));
         let mut kept = Vec::new();
         for bound in std::mem::take(&mut self.listeners.edge) {
@@ -621,9 +620,9 @@ pub enum ReloadError {
     /// The file was refused (its error names the field).
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The new tunnel certificate or key.
+    /// The new tunnel certificate or key, or agent CA.
     #[error("tunnel TLS: {0}")]
-    Tls(#[from] TlsConfigError),
+    Tls(#[from] TunnelTlsError),
     /// A new listener address is taken or not ours.
     #[error("binding {addr}: {source}")]
     Bind {

@@ -1,6 +1,6 @@
 //! Keeps the relay's view of the store current and enforces it on live sessions: when a token
-//! is revoked or expires, or a tenant is removed or loses a hostname, the affected sessions end
-//! and their active streams are cut — within one poll interval of the file store, or as soon as
+//! is revoked or expires, an agent is revoked or its certificate expires unrenewed, or a tenant
+//! is removed or loses a hostname, the affected sessions end and their active streams are cut — within one poll interval of the file store, or as soon as
 //! etcd's watch delivers the change.
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::fleet::Fleet;
 use super::tenants::Tenants;
 use super::tunnel::{SessionEnd, Sessions};
-use crate::store::{Backend, StoreFingerprint, StoreUpdate, unix_now};
+use crate::store::{AuthError, Backend, StoreFingerprint, StoreUpdate, unix_now};
 
 /// Polls the file store every `every` until `stopping`. `last` is the fingerprint taken
 /// *before* the snapshot the relay started with was loaded, so a change racing with that load is
@@ -94,14 +94,23 @@ pub fn enforce(tenants: &Tenants, sessions: &Sessions) {
     let snapshot = tenants.snapshot();
     let now = unix_now();
     for session in sessions.all() {
-        let end = match snapshot.check_token(&session.token_id(), now) {
+        let checked = match session.certificate() {
+            Some(cert) => snapshot
+                .check_agent(&cert.identity.tenant, &cert.identity.agent, &cert.key.hex(), now)
+                .map(|auth| auth.tenant),
+            None => snapshot
+                .check_token(&session.token_id(), now)
+                .map(|auth| auth.tenant),
+        };
+        let end = match checked {
+            Err(AuthError::CertificateExpired { .. }) => Some(SessionEnd::CertificateExpired),
             Err(e) => Some(SessionEnd::AccessRevoked(e)),
             Ok(auth) => session
                 .routes()
                 .into_iter()
-                .find(|route| !auth.tenant.owns(route))
+                .find(|route| !auth.owns(route))
                 .map(|route| SessionEnd::HostnameLost {
-                    tenant: auth.tenant.name.clone(),
+                    tenant: auth.name.clone(),
                     route,
                 }),
         };

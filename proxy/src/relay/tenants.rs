@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::store::{Backend, FleetBan, Snapshot, StoreError, StoreHealth, StoreUpdate, TokenRecord};
+use crate::store::{
+    AgentChange, AgentRecord, Backend, EnrollRequest, FleetBan, Snapshot, StoreError, StoreHealth,
+    StoreUpdate, TokenRecord,
+};
 
 /// How long a change made through this relay waits for the relay's own snapshot to hold it.
 const APPLY_WAIT: Duration = Duration::from_secs(2);
@@ -156,6 +159,38 @@ impl Tenants {
             Backend::Etcd(_) => self.wait_applied(written.revision).await,
         }
         Ok(written.value)
+    }
+
+    /// Records an enrollment through this relay; returns once the relay's own snapshot holds it.
+    pub async fn enroll(&self, request: &EnrollRequest) -> Result<AgentRecord, StoreError> {
+        self.check_reachable()?;
+        let written = self.backend.enroll(request).await?;
+        self.settle(written.revision).await;
+        Ok(written.value)
+    }
+
+    /// Changes an agent's record through this relay (approve, revoke, certificate issued,
+    /// seen); returns once the relay's own snapshot holds the change.
+    pub async fn change_agent(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+        change: &AgentChange,
+    ) -> Result<AgentRecord, StoreError> {
+        self.check_reachable()?;
+        let written = self.backend.change_agent(tenant, id, change).await?;
+        self.settle(written.revision).await;
+        Ok(written.value)
+    }
+
+    /// Makes the relay's snapshot hold a change it just wrote.
+    async fn settle(&self, revision: Option<i64>) {
+        match &self.backend {
+            Backend::File(_) => {
+                self.reload();
+            }
+            Backend::Etcd(_) => self.wait_applied(revision).await,
+        }
     }
 
     /// Refuses a fleet change (a ban) while etcd is known to be unreachable.

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use super::etcd::EtcdStore;
-use super::{IssuedToken, Snapshot, Store, StoreError, Tenant, TokenRecord};
+use super::{
+    AgentChange, AgentRecord, EnrollRequest, IssuedToken, Snapshot, Store, StoreError, Tenant, TokenRecord,
+};
 use crate::config::relay::RelayConfig;
 use crate::config::store::StoreBackend;
 use crate::hostname::HostPattern;
@@ -109,16 +111,43 @@ impl Backend {
         }
     }
 
-    /// Creates a token for a tenant.
+    /// Creates a token for a tenant that enrolls at most `max_agents` machines without approval.
     pub async fn create_token(
         &self,
         tenant: &str,
         label: &str,
         ttl: Option<Duration>,
+        max_agents: u32,
     ) -> Result<Written<IssuedToken>, StoreError> {
         match self {
-            Self::File(store) => store.create_token(tenant, label, ttl).map(Written::file),
-            Self::Etcd(etcd) => etcd.create_token(tenant, label, ttl).await.map(Written::etcd),
+            Self::File(store) => store
+                .create_token_with(tenant, label, ttl, max_agents)
+                .map(Written::file),
+            Self::Etcd(etcd) => etcd
+                .create_token_with(tenant, label, ttl, max_agents)
+                .await
+                .map(Written::etcd),
+        }
+    }
+
+    /// Records an enrollment the token authenticated.
+    pub async fn enroll(&self, request: &EnrollRequest) -> Result<Written<AgentRecord>, StoreError> {
+        match self {
+            Self::File(store) => store.enroll(request).map(Written::file),
+            Self::Etcd(etcd) => etcd.enroll(request).await.map(Written::etcd),
+        }
+    }
+
+    /// Changes an agent's record; `tenant` when the caller knows it.
+    pub async fn change_agent(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+        change: &AgentChange,
+    ) -> Result<Written<AgentRecord>, StoreError> {
+        match self {
+            Self::File(store) => store.change_agent(id, change).map(Written::file),
+            Self::Etcd(etcd) => etcd.change_agent(tenant, id, change).await.map(Written::etcd),
         }
     }
 

@@ -1,4 +1,4 @@
-//! `sluice tenant ...`, `sluice token ...` and `sluice relays ...`: edit or read the store
+//! `sluice tenant ...`, `sluice token ...`, `sluice agents ...` and `sluice relays ...`: edit or read the store
 //! directly (no running relay needed), whichever backend `--config relay.toml` names (the file
 //! store with `--state-dir`). Running relays see a change within `store_poll` (file) or at once
 //! (etcd, which they watch) and enforce it: a revoked token or a removed tenant cuts its live
@@ -97,12 +97,17 @@ enum TokenAction {
         /// What the token is for (e.g. the agent's host), to tell agents apart.
         #[arg(long)]
         label: String,
-        /// Lifetime, e.g. `90d`; none by default.
+        /// Lifetime, e.g. `90d`; none by default. An agent enrolled with the token keeps its
+        /// certificate after the token expires; revoking the token cuts it.
         #[arg(long, value_parser = crate::config::token_ttl)]
         ttl: Option<Duration>,
+        /// Machines (agent key pairs) the token enrolls; an enrollment beyond waits as pending
+        /// until the tenant approves it (`sluice agents approve <id>`).
+        #[arg(long, default_value_t = super::DEFAULT_MAX_AGENTS, value_parser = clap::value_parser!(u32).range(1..))]
+        max_agents: u32,
     },
-    /// Revoke a token by id; live tunnels using it are cut within `store_poll` (file store) or
-    /// at once (etcd).
+    /// Revoke a token by id; live tunnels using it, and those of the agents it enrolled, are cut
+    /// within `store_poll` (file store) or at once (etcd).
     Revoke {
         /// Token id (the 16 hex characters after `sluice_`).
         id: String,
@@ -283,12 +288,18 @@ async fn token_with(
     notice: &mut dyn Write,
 ) -> Result<(), StoreCliError> {
     match action {
-        TokenAction::Create { tenant, label, ttl } => {
-            let issued = store.create_token(tenant, label, *ttl).await?.value;
+        TokenAction::Create {
+            tenant,
+            label,
+            ttl,
+            max_agents,
+        } => {
+            let issued = store.create_token(tenant, label, *ttl, *max_agents).await?.value;
             writeln!(
                 notice,
-                "token {} for tenant {tenant} ({label}); shown only once:",
-                issued.record.id
+                "token {} for tenant {tenant} ({label}, enrolls {max_agents} agent{}); shown only once:",
+                issued.record.id,
+                if *max_agents == 1 { "" } else { "s" }
             )?;
             writeln!(out, "{}", issued.token)?;
         }
@@ -305,15 +316,103 @@ async fn token_with(
             for t in store.load().await?.tokens.values() {
                 writeln!(
                     out,
-                    "{}\t{}\t{}\t{}",
+                    "{}\t{}\t{}\t{}\tmax_agents={}",
                     t.id,
                     t.tenant,
                     t.label,
-                    t.status(now).label()
+                    t.status(now).label(),
+                    t.max_agents
                 )?;
             }
         }
     }
+    Ok(())
+}
+
+/// `sluice agents`.
+#[derive(Debug, Args)]
+pub struct AgentsArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(subcommand)]
+    action: AgentsAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentsAction {
+    /// List enrolled agents: id, tenant, name, state, key fingerprint, certificate expiry, last
+    /// seen, the token that enrolled it.
+    List,
+    /// Let a pending agent in (an enrollment beyond its token's `--max-agents`); it gets its
+    /// certificate at its next attempt.
+    Approve {
+        /// The agent id.
+        id: String,
+    },
+    /// Revoke an agent: its certificate is refused and its live tunnels are cut within
+    /// `store_poll` (file store) or at once (etcd). Final for its key.
+    Revoke {
+        /// The agent id.
+        id: String,
+    },
+}
+
+/// Runs `sluice agents ...`, writing its report to `out`.
+pub fn agents(args: &AgentsArgs, out: &mut dyn Write) -> Result<(), StoreCliError> {
+    let store = args.store.open()?;
+    block_on(agents_with(&store, &args.action, out))?
+}
+
+async fn agents_with(
+    store: &Backend,
+    action: &AgentsAction,
+    out: &mut dyn Write,
+) -> Result<(), StoreCliError> {
+    use super::AgentChange;
+    let (change, verb) = match action {
+        AgentsAction::List => {
+            let now = unix_now();
+            for a in store.load().await?.agents.values() {
+                let ago = |t: Option<u64>| {
+                    t.map_or_else(
+                        || "never".to_owned(),
+                        |t| format!("{}s ago", now.saturating_sub(t)),
+                    )
+                };
+                let expires = a.cert_expires_at.map_or_else(
+                    || "-".to_owned(),
+                    |t| {
+                        if t >= now {
+                            format!("in {}s", t - now)
+                        } else {
+                            format!("expired {}s ago", now - t)
+                        }
+                    },
+                );
+                writeln!(
+                    out,
+                    "{}\t{}\t{}\t{}\tkey=sha256:{}\tcert_expires={}\tlast_seen={}\ttoken={}",
+                    a.id,
+                    a.tenant,
+                    a.name,
+                    a.state.label(),
+                    a.key_sha256,
+                    expires,
+                    ago(a.last_seen),
+                    a.token
+                )?;
+            }
+            return Ok(());
+        }
+        AgentsAction::Approve { id } => ((id, AgentChange::Approve), "approved"),
+        AgentsAction::Revoke { id } => ((id, AgentChange::Revoke), "revoked"),
+    };
+    let record = store.change_agent(None, change.0, &change.1).await?.value;
+    writeln!(
+        out,
+        "{verb} agent {} of tenant {} ({}, key sha256:{})",
+        record.id, record.tenant, record.name, record.key_sha256
+    )?;
     Ok(())
 }
 

@@ -8,13 +8,16 @@
 //! | `<prefix>/tenants/<name>` | a [`Tenant`] (JSON) |
 //! | `<prefix>/tokens/<id>` | a [`TokenRecord`] (JSON; the secret only as its SHA-256) |
 //! | `<prefix>/tenant-tokens/<tenant>/<id>` | empty: which tokens a tenant has |
+//! | `<prefix>/agents/<tenant>/<id>` | an [`AgentRecord`] (JSON): an enrolled machine |
 //! | `<prefix>/bans/<source>` | a [`FleetBan`], under a lease for its duration |
 //! | `<prefix>/relays/<id>` | a [`RelayPresence`], under the relay's lease |
 //!
 //! Writes that must not race are transactions: a tenant is added only if no tenant changed
 //! since the tenants it was checked against were read (so two relays can never give one
 //! hostname to two tenants); a token is created only while its tenant exists, and a tenant is
-//! removed together with every token it has, none created in between. Relays follow the registry
+//! removed together with every token and agent it has, none created in between; an enrollment
+//! is recorded only if none of the tenant's agents changed since they were counted (so a token
+//! never enrolls more machines than it may). Relays follow the registry
 //! with one watch from the revision they hold ([`EtcdStore::follow`]); when that revision has
 //! been compacted away they reload everything.
 //!
@@ -33,10 +36,11 @@ use ring::rand::SystemRandom;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::agent::{self, AgentChange, AgentRecord, EnrollRequest};
 use super::fleet::{Change, FleetBan, RelayPresence, StoreUpdate};
 use super::{
     IssuedToken, Snapshot, StoreError, StoreHealth, Tenant, TokenRecord, check_new_tenant, check_new_token,
-    check_tenant_name, mint_token, new_tenant, token, unix_now, validate,
+    check_tenant_name, enrolling_token, mint_token, new_tenant, token, unix_now, validate,
 };
 use crate::config::store::StoreConfig;
 use crate::hostname::HostPattern;
@@ -83,6 +87,15 @@ impl Keys {
     }
     fn tenant_token(&self, tenant: &str, id: &str) -> String {
         format!("{}tenant-tokens/{tenant}/{id}", self.root)
+    }
+    fn agents(&self) -> String {
+        format!("{}agents/", self.root)
+    }
+    fn tenant_agents(&self, tenant: &str) -> String {
+        format!("{}agents/{tenant}/", self.root)
+    }
+    fn agent(&self, tenant: &str, id: &str) -> String {
+        format!("{}agents/{tenant}/{id}", self.root)
     }
     fn bans(&self) -> String {
         format!("{}bans/", self.root)
@@ -256,14 +269,15 @@ impl EtcdStore {
     /// Tenants, tokens and fleet bans as of one revision, which is returned with them.
     pub async fn load(&self) -> Result<(Snapshot, Vec<FleetBan>, i64), StoreError> {
         let keys = self.keys.clone();
-        let (tenants, tokens, bans, revision) = self
+        let (tenants, tokens, agents, bans, revision) = self
             .call("read the registry", |mut client| {
                 let keys = keys.clone();
                 async move {
                     let (tenants, revision) = range(&mut client, &keys.tenants(), 0).await?;
                     let (tokens, _) = range(&mut client, &keys.tokens(), revision).await?;
+                    let (agents, _) = range(&mut client, &keys.agents(), revision).await?;
                     let (bans, _) = range(&mut client, &keys.bans(), revision).await?;
-                    Ok((tenants, tokens, bans, revision))
+                    Ok((tenants, tokens, agents, bans, revision))
                 }
             })
             .await?;
@@ -282,6 +296,14 @@ impl EtcdStore {
                     snapshot.tokens.insert(record.id.clone(), record);
                 }
                 Err(e) => warn!(error = %e, "store: skipping a token"),
+            }
+        }
+        for kv in &agents {
+            match self.decode_agent(kv) {
+                Ok(record) => {
+                    snapshot.agents.insert(record.id.clone(), record);
+                }
+                Err(e) => warn!(error = %e, "store: skipping an agent"),
             }
         }
         if let Err(problem) = validate(&snapshot) {
@@ -342,6 +364,25 @@ impl EtcdStore {
         Ok(record)
     }
 
+    fn decode_agent(&self, kv: &KeyValue) -> Result<AgentRecord, StoreError> {
+        let key = Self::key_of(kv);
+        let bad = |problem: String| StoreError::BadRecord {
+            key: key.clone(),
+            problem,
+        };
+        let (tenant, id) = key
+            .strip_prefix(&self.keys.agents())
+            .and_then(|rest| rest.split_once('/'))
+            .unwrap_or_default();
+        let record: AgentRecord =
+            serde_json::from_slice(kv.value()).map_err(|e| bad(format!("not an agent: {e}")))?;
+        if record.tenant != tenant {
+            return Err(bad(format!("holds an agent of tenant {:?}", record.tenant)));
+        }
+        agent::check_record(id, &record).map_err(bad)?;
+        Ok(record)
+    }
+
     fn decode_ban(&self, kv: &KeyValue) -> Result<FleetBan, StoreError> {
         let key = Self::key_of(kv);
         let bad = |problem: String| StoreError::BadRecord {
@@ -380,6 +421,18 @@ impl EtcdStore {
                 None
             };
             return Some(Change::Token {
+                id: id.to_owned(),
+                record,
+            });
+        }
+        if let Some(rest) = key.strip_prefix(&self.keys.agents()) {
+            let (_, id) = rest.split_once('/')?;
+            let record = if put {
+                Some(self.decode_agent(kv).map_err(logged).ok()?)
+            } else {
+                None
+            };
+            return Some(Change::Agent {
                 id: id.to_owned(),
                 record,
             });
@@ -510,6 +563,7 @@ impl EtcdStore {
                     let mut ops = vec![
                         TxnOp::delete(keys.tenant(name), None),
                         TxnOp::delete(index.clone(), Some(DeleteOptions::new().with_prefix())),
+                        TxnOp::delete(keys.tenant_agents(name), Some(DeleteOptions::new().with_prefix())),
                     ];
                     for kv in &ids {
                         let id = Self::key_of(kv);
@@ -536,19 +590,31 @@ impl EtcdStore {
         Ok(revision)
     }
 
-    /// Creates a token for an existing tenant (see [`super::Store::create_token`]).
+    /// Creates a token for an existing tenant that enrolls one machine.
     pub async fn create_token(
         &self,
         tenant: &str,
         label: &str,
         ttl: Option<Duration>,
     ) -> Result<(IssuedToken, i64), StoreError> {
-        let ttl_secs = check_new_token(label, ttl)?;
+        self.create_token_with(tenant, label, ttl, super::DEFAULT_MAX_AGENTS)
+            .await
+    }
+
+    /// Creates a token for an existing tenant (see [`super::Store::create_token_with`]).
+    pub async fn create_token_with(
+        &self,
+        tenant: &str,
+        label: &str,
+        ttl: Option<Duration>,
+        max_agents: u32,
+    ) -> Result<(IssuedToken, i64), StoreError> {
+        let ttl_secs = check_new_token(label, ttl, max_agents)?;
         let keys = self.keys.clone();
         let rng = SystemRandom::new();
         self.cas("create the token", |mut client| {
             let keys = keys.clone();
-            let issued = mint_token(&rng, tenant, label, ttl_secs);
+            let issued = mint_token(&rng, tenant, label, ttl_secs, max_agents);
             async move {
                 let issued = match issued {
                     Ok(issued) => issued,
@@ -619,6 +685,142 @@ impl EtcdStore {
                         kv.mod_revision(),
                     )])
                     .and_then([TxnOp::put(keys.token(id), value, None)]);
+                let response = client.txn(txn).await?;
+                Ok(Attempt::done(
+                    response.succeeded(),
+                    revision_of(response.header()),
+                    record,
+                ))
+            }
+        })
+        .await
+    }
+
+    /// Records an enrollment (see [`super::Store::enroll`]): decided on the tenant's agents as
+    /// of one revision and written only if none of them changed since, and while the token
+    /// and the tenant are as read.
+    pub async fn enroll(&self, request: &EnrollRequest) -> Result<(AgentRecord, i64), StoreError> {
+        let keys = self.keys.clone();
+        let rng = SystemRandom::new();
+        self.cas("record the enrollment", |mut client| {
+            let keys = keys.clone();
+            let id = agent::new_id(&rng);
+            async move {
+                let tenant = &request.tenant;
+                let mut response = client.get(keys.token(&request.token), None).await?;
+                let revision = revision_of(response.header());
+                let mut snapshot = Snapshot::default();
+                let token_kv = response.take_kvs().pop();
+                if let Some(kv) = &token_kv
+                    && let Ok(record) = serde_json::from_slice::<TokenRecord>(kv.value())
+                {
+                    snapshot.tokens.insert(record.id.clone(), record);
+                }
+                let mut response = client
+                    .get(
+                        keys.tenant(tenant),
+                        Some(GetOptions::new().with_revision(revision)),
+                    )
+                    .await?;
+                let tenant_kv = response.take_kvs().pop();
+                if let Some(kv) = &tenant_kv
+                    && let Ok(record) = serde_json::from_slice::<Tenant>(kv.value())
+                {
+                    snapshot.tenants.insert(record.name.clone(), record);
+                }
+                let token = match enrolling_token(&snapshot, request) {
+                    Ok(token) => token,
+                    Err(e) => return Ok(Attempt::Refused(e)),
+                };
+                let prefix = keys.tenant_agents(tenant);
+                let (agents, _) = range(&mut client, &prefix, revision).await?;
+                let agents: Vec<AgentRecord> = agents
+                    .iter()
+                    .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+                    .collect();
+                let record = match agent::plan_enrollment(agents.iter(), &token, request, || id) {
+                    Ok(record) => record,
+                    Err(e) => return Ok(Attempt::Refused(e)),
+                };
+                let mod_of = |kv: &Option<KeyValue>| kv.as_ref().map_or(0, KeyValue::mod_revision);
+                let value = serde_json::to_vec(&record).expect("an agent encodes");
+                let txn = Txn::new()
+                    .when([
+                        Compare::mod_revision(
+                            keys.token(&request.token),
+                            CompareOp::Equal,
+                            mod_of(&token_kv),
+                        ),
+                        Compare::mod_revision(keys.tenant(tenant), CompareOp::Equal, mod_of(&tenant_kv)),
+                        // No agent of the tenant enrolled or changed since they were counted.
+                        Compare::mod_revision(prefix.clone(), CompareOp::Less, revision + 1)
+                            .with_range(range_end(&prefix)),
+                    ])
+                    .and_then([TxnOp::put(keys.agent(tenant, &record.id), value, None)]);
+                let response = client.txn(txn).await?;
+                Ok(Attempt::done(
+                    response.succeeded(),
+                    revision_of(response.header()),
+                    record,
+                ))
+            }
+        })
+        .await
+    }
+
+    /// Changes an agent's record (see [`super::Store::change_agent`]). `tenant`, when the
+    /// caller knows it, saves looking the agent up among every tenant's.
+    pub async fn change_agent(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+        change: &AgentChange,
+    ) -> Result<(AgentRecord, i64), StoreError> {
+        let keys = self.keys.clone();
+        self.cas("change the agent", |mut client| {
+            let keys = keys.clone();
+            async move {
+                let suffix = format!("/{id}");
+                let (found, revision) = match tenant {
+                    Some(tenant) => {
+                        let mut response = client.get(keys.agent(tenant, id), None).await?;
+                        (response.take_kvs().pop(), revision_of(response.header()))
+                    }
+                    None => {
+                        // Agents are keyed under their tenant; the id is unique across tenants.
+                        let (agents, revision) = range(&mut client, &keys.agents(), 0).await?;
+                        let found = agents
+                            .into_iter()
+                            .find(|kv| kv.key().ends_with(suffix.as_bytes()));
+                        (found, revision)
+                    }
+                };
+                let Some(kv) = found else {
+                    return Ok(Attempt::Refused(StoreError::UnknownAgent { id: id.to_owned() }));
+                };
+                let mut record: AgentRecord = match serde_json::from_slice(kv.value()) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        return Ok(Attempt::Refused(StoreError::BadRecord {
+                            key: Self::key_of(&kv),
+                            problem: e.to_string(),
+                        }));
+                    }
+                };
+                match agent::change_agent(&mut record, change, unix_now()) {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(Attempt::Done(record, revision)),
+                    Err(e) => return Ok(Attempt::Refused(e)),
+                }
+                let key = keys.agent(&record.tenant, &record.id);
+                let value = serde_json::to_vec(&record).expect("an agent encodes");
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        kv.mod_revision(),
+                    )])
+                    .and_then([TxnOp::put(key, value, None)]);
                 let response = client.txn(txn).await?;
                 Ok(Attempt::done(
                     response.succeeded(),
@@ -714,7 +916,7 @@ impl EtcdStore {
             });
         }
         let (existing, _, _) = self.load().await?;
-        if !existing.tenants.is_empty() || !existing.tokens.is_empty() {
+        if !existing.tenants.is_empty() || !existing.tokens.is_empty() || !existing.agents.is_empty() {
             return Err(StoreError::Etcd {
                 action: "import",
                 error: "the registry is not empty".into(),
@@ -733,6 +935,12 @@ impl EtcdStore {
                 serde_json::to_vec(token).expect("a token encodes"),
             ));
             puts.push((self.keys.tenant_token(&token.tenant, &token.id), Vec::new()));
+        }
+        for agent in snapshot.agents.values() {
+            puts.push((
+                self.keys.agent(&agent.tenant, &agent.id),
+                serde_json::to_vec(agent).expect("an agent encodes"),
+            ));
         }
         let mut revision = 0;
         for batch in puts.chunks(IMPORT_BATCH) {

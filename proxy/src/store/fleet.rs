@@ -3,7 +3,7 @@
 //! relay's [`Snapshot`] current.
 use serde::{Deserialize, Serialize};
 
-use super::{Snapshot, Tenant, TokenRecord};
+use super::{AgentRecord, Snapshot, Tenant, TokenRecord};
 
 /// A ban shared by the fleet: written by the relay (or operator) that decided it, with an etcd
 /// lease for its duration, and applied by every relay to its kernel maps or userspace gate.
@@ -69,6 +69,13 @@ pub enum Change {
         /// Its new record.
         record: Option<TokenRecord>,
     },
+    /// An agent enrolled or changed (`Some`), or was deleted with its tenant (`None`).
+    Agent {
+        /// Its id.
+        id: String,
+        /// Its new record.
+        record: Option<AgentRecord>,
+    },
     /// A fleet ban was set (`Some`) or lifted or expired (`None`).
     Ban {
         /// The banned source, as in its key.
@@ -102,7 +109,7 @@ pub enum StoreUpdate {
 }
 
 impl Snapshot {
-    /// Applies tenant and token changes (bans are not part of the snapshot); returns how many
+    /// Applies tenant, token and agent changes (bans are not part of the snapshot); returns how many
     /// changed it.
     pub fn apply(&mut self, changes: &[Change]) -> usize {
         let mut applied = 0;
@@ -120,6 +127,13 @@ impl Snapshot {
                     match record {
                         Some(record) => self.tokens.insert(id.clone(), record.clone()),
                         None => self.tokens.remove(id),
+                    };
+                }
+                Change::Agent { id, record } => {
+                    applied += 1;
+                    match record {
+                        Some(record) => self.agents.insert(id.clone(), record.clone()),
+                        None => self.agents.remove(id),
                     };
                 }
                 Change::Ban { .. } => {}

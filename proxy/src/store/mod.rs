@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hostname::{HostPattern, wildcard_key};
 
+pub mod agent;
 mod backend;
 pub mod cli;
 pub mod etcd;
@@ -31,6 +32,9 @@ pub mod fleet;
 mod health;
 mod token;
 
+pub use agent::{
+    AgentAuthenticated, AgentChange, AgentRecord, AgentState, DEFAULT_MAX_AGENTS, EnrollRequest, IssuedCert,
+};
 pub use backend::{Backend, Written};
 pub use file::StoreFingerprint;
 pub use fleet::{Change, FleetBan, RelayPresence, StoreUpdate};
@@ -85,6 +89,13 @@ pub struct TokenRecord {
     pub expires_at: Option<u64>,
     /// Unix seconds when it was revoked; set once, never cleared.
     pub revoked_at: Option<u64>,
+    /// Machines (key pairs) it may enroll; enrollments beyond wait for the tenant's approval.
+    #[serde(default = "default_max_agents")]
+    pub max_agents: u32,
+}
+
+fn default_max_agents() -> u32 {
+    DEFAULT_MAX_AGENTS
 }
 
 /// Where a token stands at a given time.
@@ -137,6 +148,9 @@ pub struct Snapshot {
     pub tenants: BTreeMap<String, Tenant>,
     /// By token id.
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Enrolled agents, by id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub agents: BTreeMap<String, AgentRecord>,
 }
 
 impl Snapshot {
@@ -157,6 +171,8 @@ struct FileRef<'a> {
     version: u64,
     tenants: &'a BTreeMap<String, Tenant>,
     tokens: &'a BTreeMap<String, TokenRecord>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    agents: &'a BTreeMap<String, AgentRecord>,
 }
 
 /// `store.json` as read, once its version is known to be [`FORMAT_VERSION`].
@@ -169,6 +185,8 @@ struct FileOwned {
     tenants: BTreeMap<String, Tenant>,
     #[serde(default)]
     tokens: BTreeMap<String, TokenRecord>,
+    #[serde(default)]
+    agents: BTreeMap<String, AgentRecord>,
 }
 
 /// Just the version, read first so a newer file is reported as such rather than as corrupt.
@@ -266,6 +284,39 @@ pub enum StoreError {
         /// The overlapping hostname, as `owner` holds it.
         owned: HostPattern,
     },
+    /// No agent has this id.
+    #[error("no agent with id {id:?}")]
+    UnknownAgent {
+        /// The id given.
+        id: String,
+    },
+    /// The agent (this key) was revoked: it cannot enroll again nor be approved.
+    #[error("agent {id} has been revoked; a revoked machine enrolls again only with a new key")]
+    AgentRevoked {
+        /// The agent id.
+        id: String,
+    },
+    /// The agent is not active (pending or revoked): no certificate for it.
+    #[error("agent {id} is {}: no certificate is issued to it", state.label())]
+    AgentNotActive {
+        /// The agent id.
+        id: String,
+        /// Its state.
+        state: AgentState,
+    },
+    /// A token has as many enrollments waiting for approval as it may.
+    #[error(
+        "token {token} has {limit} enrollments waiting for approval already; approve or revoke them first"
+    )]
+    TooManyPending {
+        /// The token id.
+        token: String,
+        /// The cap.
+        limit: usize,
+    },
+    /// `--max-agents 0`.
+    #[error("a token must be able to enroll at least one agent")]
+    InvalidMaxAgents,
     /// No token has this id (revoking it).
     #[error("no token with id {id:?}")]
     UnknownToken {
@@ -289,6 +340,14 @@ pub enum StoreError {
     /// The system CSPRNG failed while minting a token.
     #[error("the system random number generator failed")]
     Random,
+    /// An enrollment named a token that is revoked or expired (by the time it was recorded).
+    #[error("token {id} is {}: it enrolls no agent", status.label())]
+    TokenInactive {
+        /// The token id.
+        id: String,
+        /// Its status.
+        status: TokenStatus,
+    },
     /// A stream limit of zero (use no limit, or at least one).
     #[error("a tenant's stream limit must be at least 1 (or unlimited)")]
     InvalidStreamLimit,
@@ -463,19 +522,33 @@ impl Store {
                 });
             }
             snap.tokens.retain(|_, t| t.tenant != name);
+            snap.agents.retain(|_, a| a.tenant != name);
             Ok(((), true))
         })
     }
 
-    /// Creates a token for an existing tenant. `label` names who it is for (1 to 64 of
-    /// `A-Z a-z 0-9 - _ . : @`); `ttl`, rounded up to whole seconds, bounds its lifetime.
+    /// Creates a token for an existing tenant that enrolls [`DEFAULT_MAX_AGENTS`] machine; see
+    /// [`Store::create_token_with`].
     pub fn create_token(
         &self,
         tenant: &str,
         label: &str,
         ttl: Option<Duration>,
     ) -> Result<IssuedToken, StoreError> {
-        let ttl_secs = check_new_token(label, ttl)?;
+        self.create_token_with(tenant, label, ttl, DEFAULT_MAX_AGENTS)
+    }
+
+    /// Creates a token for an existing tenant. `label` names who it is for (1 to 64 of
+    /// `A-Z a-z 0-9 - _ . : @`); `ttl`, rounded up to whole seconds, bounds its lifetime;
+    /// `max_agents` machines may enroll with it before further ones wait for approval.
+    pub fn create_token_with(
+        &self,
+        tenant: &str,
+        label: &str,
+        ttl: Option<Duration>,
+        max_agents: u32,
+    ) -> Result<IssuedToken, StoreError> {
+        let ttl_secs = check_new_token(label, ttl, max_agents)?;
         let rng = SystemRandom::new();
         self.update(|snap| {
             if !snap.tenants.contains_key(tenant) {
@@ -485,7 +558,7 @@ impl Store {
             }
             // 64-bit ids collide with negligible probability; retry anyway rather than overwrite.
             let issued = loop {
-                let issued = mint_token(&rng, tenant, label, ttl_secs)?;
+                let issued = mint_token(&rng, tenant, label, ttl_secs, max_agents)?;
                 if !snap.tokens.contains_key(&issued.record.id) {
                     break issued;
                 }
@@ -512,6 +585,32 @@ impl Store {
         })
     }
 
+    /// Records an enrollment the token authenticated (see [`agent::plan_enrollment`]): a new
+    /// agent, active or pending, or the same machine's record updated. Refused for a revoked
+    /// token, a token that is not the tenant's, or a revoked key.
+    pub fn enroll(&self, request: &EnrollRequest) -> Result<AgentRecord, StoreError> {
+        let rng = SystemRandom::new();
+        self.update(|snap| {
+            let token = enrolling_token(snap, request)?;
+            let record =
+                agent::plan_enrollment(snap.agents.values(), &token, request, || agent::new_id(&rng))?;
+            snap.agents.insert(record.id.clone(), record.clone());
+            Ok((record, true))
+        })
+    }
+
+    /// Changes an agent's record: approve, revoke, a certificate issued, seen.
+    pub fn change_agent(&self, id: &str, change: &AgentChange) -> Result<AgentRecord, StoreError> {
+        self.update(|snap| {
+            let record = snap
+                .agents
+                .get_mut(id)
+                .ok_or_else(|| StoreError::UnknownAgent { id: id.to_owned() })?;
+            let changed = agent::change_agent(record, change, unix_now())?;
+            Ok((record.clone(), changed))
+        })
+    }
+
     /// Read-modify-write under the writer lock. `change` returns its result and whether it
     /// changed the snapshot; the file is rewritten only then.
     fn update<T>(
@@ -526,6 +625,7 @@ impl Store {
                 version: FORMAT_VERSION,
                 tenants: &snap.tenants,
                 tokens: &snap.tokens,
+                agents: &snap.agents,
             };
             let mut bytes = serde_json::to_vec_pretty(&doc).map_err(|error| StoreError::Encode { error })?;
             bytes.push(b'\n');
@@ -552,6 +652,7 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Snapshot, StoreError> {
     let snap = Snapshot {
         tenants: file.tenants,
         tokens: file.tokens,
+        agents: file.agents,
     };
     validate(&snap).map_err(|problem| StoreError::Inconsistent {
         path: path.to_owned(),
@@ -596,7 +697,32 @@ fn validate(snap: &Snapshot) -> Result<(), String> {
             ));
         }
     }
+    for (key, record) in &snap.agents {
+        agent::check_record(key, record)?;
+    }
     Ok(())
+}
+
+/// The token an enrollment names, if it may still enroll for the request's tenant.
+fn enrolling_token(snap: &Snapshot, request: &EnrollRequest) -> Result<TokenRecord, StoreError> {
+    let token = snap
+        .tokens
+        .get(&request.token)
+        .ok_or_else(|| StoreError::UnknownToken {
+            id: request.token.clone(),
+        })?;
+    if token.tenant != request.tenant || !snap.tenants.contains_key(&request.tenant) {
+        return Err(StoreError::UnknownTenant {
+            name: request.tenant.clone(),
+        });
+    }
+    if token.status(request.now) != TokenStatus::Active {
+        return Err(StoreError::TokenInactive {
+            id: token.id.clone(),
+            status: token.status(request.now),
+        });
+    }
+    Ok(token.clone())
 }
 
 /// Which tenant owns which hostnames, indexed so an overlap check costs a few lookups.
@@ -691,9 +817,13 @@ fn new_tenant(snap: &Snapshot, name: &str, hostnames: &[HostPattern]) -> Result<
     })
 }
 
-/// Checks a new token's label and lifetime; returns the lifetime in whole seconds (rounded up).
-fn check_new_token(label: &str, ttl: Option<Duration>) -> Result<Option<u64>, StoreError> {
+/// Checks a new token's label, lifetime and agent count; returns the lifetime in whole seconds
+/// (rounded up).
+fn check_new_token(label: &str, ttl: Option<Duration>, max_agents: u32) -> Result<Option<u64>, StoreError> {
     check_token_label(label)?;
+    if max_agents == 0 {
+        return Err(StoreError::InvalidMaxAgents);
+    }
     match ttl {
         Some(ttl) if ttl.is_zero() => Err(StoreError::InvalidTtl { ttl }),
         Some(ttl) => Ok(Some(
@@ -709,6 +839,7 @@ fn mint_token(
     tenant: &str,
     label: &str,
     ttl_secs: Option<u64>,
+    max_agents: u32,
 ) -> Result<IssuedToken, StoreError> {
     let (id, secret) = token::generate(rng).ok_or(StoreError::Random)?;
     let now = unix_now();
@@ -720,6 +851,7 @@ fn mint_token(
         created_at: now,
         expires_at: ttl_secs.map(|s| now.saturating_add(s)),
         revoked_at: None,
+        max_agents,
     };
     Ok(IssuedToken {
         record,

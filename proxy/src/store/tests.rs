@@ -508,6 +508,7 @@ fn hand_edited_inconsistencies_are_refused() {
             version: FORMAT_VERSION,
             tenants: &snap.tenants,
             tokens: &snap.tokens,
+            agents: &snap.agents,
         };
         fs::write(store.path(), serde_json::to_vec(&doc).unwrap()).unwrap();
     };
@@ -658,4 +659,129 @@ fn readers_never_see_a_partial_file() {
         writer.join().unwrap();
     });
     assert_eq!(store.load().unwrap().tokens.len(), 30);
+}
+
+fn enrollment(token: &str, key: char, now: u64) -> EnrollRequest {
+    EnrollRequest {
+        tenant: "acme".into(),
+        token: token.into(),
+        name: "office".into(),
+        key_sha256: key.to_string().repeat(64),
+        certificate: IssuedCert {
+            serial: "01".into(),
+            expires_at: now + 60,
+        },
+        now,
+    }
+}
+
+#[test]
+fn a_token_enrolls_its_machines_and_holds_the_rest_for_approval() {
+    let (_dir, store) = with_acme();
+    let token = store.create_token_with("acme", "a1", None, 2).unwrap().record.id;
+    let now = unix_now();
+    let first = store.enroll(&enrollment(&token, 'a', now)).unwrap();
+    assert_eq!(first.state, AgentState::Active);
+    assert_eq!(first.cert_expires_at, Some(now + 60));
+    // The same key is the same machine: same record, no place taken.
+    let again = store.enroll(&enrollment(&token, 'a', now + 1)).unwrap();
+    assert_eq!(
+        (again.id.as_str(), again.state),
+        (first.id.as_str(), AgentState::Active)
+    );
+    let second = store.enroll(&enrollment(&token, 'b', now)).unwrap();
+    assert_eq!(second.state, AgentState::Active, "max_agents = 2");
+    let third = store.enroll(&enrollment(&token, 'c', now)).unwrap();
+    assert_eq!(third.state, AgentState::Pending);
+    assert_eq!(third.cert_serial, None, "no certificate for a pending agent");
+    let snap = store.load().unwrap();
+    let check = |snap: &Snapshot, key: char| {
+        snap.check_agent("acme", &third.id, &key.to_string().repeat(64), now)
+            .map(|_| ())
+    };
+    assert_eq!(
+        check(&snap, 'c'),
+        Err(AuthError::AgentPending { id: third.id.clone() })
+    );
+
+    // Approved, it enrolls again with the same key and gets its certificate.
+    store.change_agent(&third.id, &AgentChange::Approve).unwrap();
+    let approved = store.enroll(&enrollment(&token, 'c', now)).unwrap();
+    assert_eq!(
+        (approved.id.as_str(), approved.state),
+        (third.id.as_str(), AgentState::Active)
+    );
+    let snap = store.load().unwrap();
+    assert!(check(&snap, 'c').is_ok());
+    assert_eq!(
+        check(&snap, 'd'),
+        Err(AuthError::WrongKey { id: third.id.clone() })
+    );
+    assert!(matches!(
+        snap.check_agent("globex", &third.id, &"c".repeat(64), now),
+        Err(AuthError::ForeignAgent { .. })
+    ));
+    assert_eq!(
+        snap.check_agent("acme", &third.id, &"c".repeat(64), now + 61)
+            .map(|_| ()),
+        Err(AuthError::CertificateExpired { id: third.id.clone() })
+    );
+
+    // Revoked: refused, cannot enroll again nor be approved.
+    store.change_agent(&third.id, &AgentChange::Revoke).unwrap();
+    let snap = store.load().unwrap();
+    assert_eq!(
+        check(&snap, 'c'),
+        Err(AuthError::AgentRevoked { id: third.id.clone() })
+    );
+    assert!(matches!(
+        store.enroll(&enrollment(&token, 'c', now)),
+        Err(StoreError::AgentRevoked { .. })
+    ));
+    assert!(matches!(
+        store.change_agent(&third.id, &AgentChange::Approve),
+        Err(StoreError::AgentRevoked { .. })
+    ));
+
+    // Revoking the token voids what it enrolled.
+    store.revoke_token(&token).unwrap();
+    let snap = store.load().unwrap();
+    assert!(matches!(
+        snap.check_agent("acme", &first.id, &"a".repeat(64), now),
+        Err(AuthError::EnrollingTokenRevoked { .. })
+    ));
+    assert!(matches!(
+        store.enroll(&enrollment(&token, 'e', now)),
+        Err(StoreError::TokenInactive { .. })
+    ));
+    // Removing the tenant removes its agents.
+    store.remove_tenant("acme").unwrap();
+    assert!(store.load().unwrap().agents.is_empty());
+}
+
+#[test]
+fn a_leaked_token_cannot_fill_the_store_with_pending_enrollments() {
+    let (_dir, store) = with_acme();
+    let token = store.create_token("acme", "a1", None).unwrap().record.id;
+    assert_eq!(
+        store
+            .create_token_with("acme", "a2", None, 0)
+            .err()
+            .map(|e| e.to_string()),
+        Some(StoreError::InvalidMaxAgents.to_string())
+    );
+    let now = unix_now();
+    for i in 0..18 {
+        let mut request = enrollment(&token, 'a', now);
+        request.key_sha256 = format!("{i:02x}").repeat(32);
+        let result = store.enroll(&request);
+        match i {
+            0 => assert_eq!(result.unwrap().state, AgentState::Active),
+            1..=16 => assert_eq!(result.unwrap().state, AgentState::Pending),
+            _ => assert!(matches!(
+                result,
+                Err(StoreError::TooManyPending { limit: 16, .. })
+            )),
+        }
+    }
 }

@@ -35,8 +35,8 @@ pub struct Authenticated<'a> {
     pub tenant: &'a Tenant,
 }
 
-/// Why a token was refused. Messages name the token id (never the secret), so they are safe to
-/// log and to send back to the agent.
+/// Why a token, or an agent's certificate, was refused. Messages name the token or agent id
+/// (never a secret), so they are safe to log and to send back to the agent.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     /// The presented string is not exactly `sluice_`, 16 lowercase hex, `_`, 52 lowercase
@@ -67,14 +67,66 @@ pub enum AuthError {
         /// The token id.
         id: String,
     },
-    /// The token's tenant is not in the store (only a hand-edited file gets here: removing a
-    /// tenant deletes its tokens).
-    #[error("token {id} belongs to tenant {tenant:?}, which no longer exists")]
+    /// The token's (or agent's) tenant is not in the store (removing a tenant deletes its
+    /// tokens and agents).
+    #[error("{id} belongs to tenant {tenant:?}, which no longer exists")]
     TenantGone {
-        /// The token id.
+        /// The token or agent id.
         id: String,
-        /// The tenant the token names.
+        /// The tenant it names.
         tenant: String,
+    },
+    /// A certificate names an agent the store does not know (removed with its tenant, or from
+    /// another fleet's store).
+    #[error("agent {id} is unknown: enroll again with a token")]
+    UnknownAgent {
+        /// The agent id the certificate names.
+        id: String,
+    },
+    /// A certificate names an agent of another tenant than the one it claims.
+    #[error("the certificate claims agent {id} of tenant {claimed:?}, which belongs to tenant {tenant:?}")]
+    ForeignAgent {
+        /// The agent id.
+        id: String,
+        /// The tenant the certificate names.
+        claimed: String,
+        /// The tenant the record says.
+        tenant: String,
+    },
+    /// A certificate for agent `id` carries another key than the one that enrolled.
+    #[error("the certificate for agent {id} carries another key than the one enrolled")]
+    WrongKey {
+        /// The agent id.
+        id: String,
+    },
+    /// The agent enrolled beyond its token's `max_agents` and waits for the tenant.
+    #[error("agent {id} is pending approval: the tenant approves it with `sluice agents approve {id}`")]
+    AgentPending {
+        /// The agent id.
+        id: String,
+    },
+    /// The agent was revoked.
+    #[error("agent {id} has been revoked")]
+    AgentRevoked {
+        /// The agent id.
+        id: String,
+    },
+    /// The agent's newest certificate has expired without renewal.
+    #[error(
+        "the certificate of agent {id} has expired: enroll again with a token \
+         (`sluice agent --config agent.toml --enroll`, the token in token_file or SLUICE_TOKEN)"
+    )]
+    CertificateExpired {
+        /// The agent id.
+        id: String,
+    },
+    /// The token the agent enrolled with was revoked, and with it what it enrolled.
+    #[error("agent {id} was enrolled with token {token}, which has been revoked")]
+    EnrollingTokenRevoked {
+        /// The agent id.
+        id: String,
+        /// The token id.
+        token: String,
     },
 }
 
@@ -288,6 +340,7 @@ mod tests {
                 created_at: 0,
                 expires_at: None,
                 revoked_at: None,
+                max_agents: 1,
             },
             token: "sluice_3f9a000000000000_s3cr3t".into(),
         };

@@ -45,8 +45,11 @@ pub enum AgentMessage {
         /// The [`PROTOCOL_VERSION`](crate::wire::PROTOCOL_VERSION) the agent speaks; the relay
         /// rejects any other.
         protocol: u16,
-        /// The tenant token, `sluice_<id>_<secret>`.
-        token: String,
+        /// The tenant token, `sluice_<id>_<secret>`, for an agent without a certificate (a relay
+        /// with `agent_auth = "token"`); absent when the agent authenticated with its
+        /// certificate in the TLS handshake.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
         /// The agent's configured name; becomes part of the session id.
         agent_name: String,
         /// The hostnames it offers to serve.
@@ -59,11 +62,29 @@ pub enum AgentMessage {
         /// The session credential (the current one, or the previous one until it expires).
         credential: String,
     },
-    /// Re-authenticate with the tenant token for a fresh session credential.
+    /// Re-authenticate for a fresh session credential: with the tenant token, or (absent) on
+    /// the strength of the certificate the control connection was opened with.
     Renew {
         /// The tenant token; one of another tenant ends the session.
-        token: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
+    /// First and only frame of an enrollment connection (no client certificate): the token
+    /// vouches, once, for a key pair generated on the agent's machine.
+    Enroll {
+        /// The protocol version the agent speaks.
+        protocol: u16,
+        /// The tenant token, `sluice_<id>_<secret>`.
+        token: String,
+        /// The agent's configured name, kept in its record.
+        agent_name: String,
+        /// A PKCS#10 certificate signing request (PEM) for the agent's public key; its
+        /// signature proves the agent holds the private key, which never leaves the machine.
+        csr: String,
+    },
+    /// Asks for a fresh certificate for the key of the current one (sent at its half-life on a
+    /// control connection opened with it).
+    RenewCertificate,
     /// Replace the set of routes this agent serves (the tenant decides what is online).
     Routes {
         /// The whole new set: hostnames left out are unregistered.
@@ -116,6 +137,32 @@ pub enum RelayMessage {
         credential: String,
         /// Lifetime of `credential` in seconds.
         credential_ttl_secs: u64,
+    },
+    /// Answer to an `Enroll` the store accepted: the agent's certificate. The relay closes the
+    /// connection after this; the agent connects again with the certificate.
+    Enrolled {
+        /// The agent's record id (`sluice agents ...` takes it).
+        agent: String,
+        /// The certificate (PEM) for the agent's key, naming its tenant and agent id.
+        certificate: String,
+    },
+    /// Answer to an `Enroll` beyond what the token may enroll: held until the tenant approves
+    /// it (`sluice agents approve <agent>`); enrolling again with the same key gets the
+    /// certificate then. The relay closes the connection after this.
+    EnrollmentPending {
+        /// The agent's record id, what the tenant approves.
+        agent: String,
+    },
+    /// Answer to `RenewCertificate`: the new certificate for the same key.
+    Certificate {
+        /// The certificate (PEM).
+        certificate: String,
+    },
+    /// `RenewCertificate` could not be served now (e.g. the store is unreachable); the session
+    /// goes on and the agent asks again later.
+    CertificateRefused {
+        /// Why, for the agent's log.
+        reason: String,
     },
     /// Answer to `Routes`: the session's routes now.
     RoutesUpdated {

@@ -6,7 +6,8 @@
 //! connection consumes one idle data connection: the relay writes a [`stream_header`] and then
 //! the client's bytes, unmodified. Because the pool is opened ahead of time, handing a stream to
 //! an agent costs no round trip. Control connections are TLS 1.3 (rustls, [`tls`]), the relay
-//! authenticated by CA or pinned key; data connections are too, unless the agent chose plain TCP
+//! authenticated by CA or pinned key, the agent by its own certificate (issued at enrollment,
+//! [`agent_cert`]); data connections are too, unless the agent chose plain TCP
 //! for browser TLS streams ([`tcp_data`]: authenticated with the session credential, payload
 //! already encrypted end to end, moved by the relay with splice(2)).
 //!
@@ -17,6 +18,8 @@
 //! - [`stream_header`]: the binary header that opens a handed-over stream
 //! - [`tcp_data`]: the plain-TCP data connection join and header seal (sans-IO)
 //! - [`tls`]: the rustls configurations of both ends
+//! - [`agent_cert`]: what an agent certificate claims (identity, key fingerprint, validity)
+pub mod agent_cert;
 pub mod frame;
 pub mod heartbeat;
 pub mod message;

@@ -47,6 +47,14 @@ pub enum TlsConfigError {
     /// unsupported type, or a certificate it cannot parse.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The agent CA could not verify client certificates (no usable trust anchor).
+    #[error("agent CA {path}: {message}")]
+    ClientVerifier {
+        /// The agent CA file.
+        path: PathBuf,
+        /// What rustls said.
+        message: String,
+    },
     /// A certificate in an agent's CA file is not usable as a trust anchor.
     #[error("CA file {path}: {source}")]
     Roots {
@@ -79,12 +87,47 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
     })
 }
 
-/// The relay's tunnel listener config.
-pub fn relay_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsConfigError> {
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(load_certs(cert)?, load_key(key)?)?;
+/// The roots in a PEM file of CA certificates.
+fn load_roots(path: &Path) -> Result<rustls::RootCertStore, TlsConfigError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|source| TlsConfigError::Roots {
+            path: path.into(),
+            source,
+        })?;
+    }
+    Ok(roots)
+}
+
+/// The relay's tunnel listener config. With `agent_ca`, a client certificate is verified
+/// against it when one is presented (chain, validity, `clientAuth` usage: a certificate from
+/// another CA, or expired, fails the handshake); connections without one are let through to the
+/// first frame, which decides (an enrollment needs none; what else may go without is the
+/// relay's `agent_auth`).
+pub fn relay_server_config(
+    cert: &Path,
+    key: &Path,
+    agent_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match agent_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(load_roots(ca)?),
+                provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsConfigError::ClientVerifier {
+                path: ca.into(),
+                message: e.to_string(),
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(load_certs(cert)?, load_key(key)?)?;
     config.alpn_protocols = vec![super::ALPN.to_vec()];
     Ok(Arc::new(config))
 }
@@ -98,28 +141,28 @@ pub enum RelayTrust {
     PinnedKey([u8; 32]),
 }
 
-/// The agent's client config for one relay.
-pub fn agent_client_config(trust: &RelayTrust) -> Result<Arc<ClientConfig>, TlsConfigError> {
+/// The agent's client config for one relay. With `identity`, the agent presents the
+/// certificate it resolves to (none while it has none: enrollment).
+pub fn agent_client_config(
+    trust: &RelayTrust,
+    identity: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
     let builder =
         ClientConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?;
-    let mut config = match trust {
-        RelayTrust::Ca(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in load_certs(path)? {
-                roots.add(cert).map_err(|source| TlsConfigError::Roots {
-                    path: path.clone(),
-                    source,
-                })?;
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
+    let builder = match trust {
+        RelayTrust::Ca(path) => builder.with_root_certificates(load_roots(path)?),
+        RelayTrust::PinnedKey(pin) => {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedKeyVerifier {
+                    pin: *pin,
+                    algorithms: provider().signature_verification_algorithms,
+                }))
         }
-        RelayTrust::PinnedKey(pin) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedKeyVerifier {
-                pin: *pin,
-                algorithms: provider().signature_verification_algorithms,
-            }))
-            .with_no_client_auth(),
+    };
+    let mut config = match identity {
+        Some(resolver) => builder.with_client_cert_resolver(resolver),
+        None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![super::ALPN.to_vec()];
     Ok(Arc::new(config))

@@ -1,8 +1,10 @@
 //! Relay side of a data connection: authenticate it with the session credential, then park it
 //! in the session's idle pool until a client stream claims it.
 //!
-//! TLS data connections present the credential in a `Data` frame inside the tunnel's TLS; plain
-//! TCP ones prove they hold it with the [`tcp_data`] challenge-response instead.
+//! TLS data connections present the credential in a `Data` frame inside the tunnel's TLS (and,
+//! for a session opened with an agent certificate, the same agent's certificate in the
+//! handshake); plain TCP ones prove they hold the credential with the [`tcp_data`]
+//! challenge-response instead.
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -16,23 +18,37 @@ use super::pool::{DataConn, TunnelTls};
 use super::session::{AgentSession, Sessions};
 use super::{Pending, Tunnel, TunnelRejection, reject};
 use crate::peek::Peek;
+use crate::wire::agent_cert::AgentCertInfo;
 use crate::wire::frame::{FrameReader, write_frame};
 use crate::wire::message::RelayMessage;
 use crate::wire::tcp_data::{self, Join, NONCE_LEN, Nonces, TAG_LEN};
 
-/// A TLS data connection whose first frame was `Data`.
+/// A TLS data connection whose first frame was `Data`; `presented` is the certificate it
+/// presented in the handshake, if any.
 pub async fn serve(
     tunnel: &Tunnel,
     reader: FrameReader<TunnelTls>,
     peer: SocketAddr,
     agent_id: &str,
     credential: &str,
+    presented: Option<&AgentCertInfo>,
 ) {
     let Some(session) = tunnel.sessions.get(agent_id) else {
         info!(%peer, agent = agent_id, "data connection for an unknown or ended session");
         reject(reader, "unknown or ended session").await;
         return;
     };
+    if let Some(cert) = session.certificate()
+        && presented.is_none_or(|p| p.key != cert.key || p.identity != cert.identity)
+    {
+        info!(%peer, agent = agent_id, "data connection without the session's agent certificate");
+        reject(
+            reader,
+            "a data connection of this session must present its agent's certificate",
+        )
+        .await;
+        return;
+    }
     if !session.credential_valid(credential) {
         info!(%peer, agent = agent_id, "data connection with an invalid or expired session credential");
         reject(reader, "invalid or expired session credential").await;

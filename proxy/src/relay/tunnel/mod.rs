@@ -7,11 +7,14 @@
 //! error and is closed; nothing blocks for long.
 //!
 //! - [`control`]: authenticate an agent, register its routes, keep its session until it ends
+//! - [`enroll`]: an agent's first connection: its token vouches for its key, the store records
+//!   it, the agent CA certifies it
 //! - [`data`]: authenticate a data connection and park it in its session's pool
 //! - [`pool`]: a session's idle data connections and load, the handle the edge uses
 //! - [`session`]: a session's credentials and routes, why sessions end, the live sessions
 pub mod control;
 pub mod data;
+pub mod enroll;
 pub mod pool;
 pub mod session;
 
@@ -19,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -28,15 +31,18 @@ use tracing::{debug, info};
 pub use pool::{ActiveStream, AgentPool, Carrier, DataConn, TunnelTls};
 pub use session::{AgentSession, SessionEnd, Sessions};
 
+use super::agent_ca::{AgentCa, AgentCaError};
 use super::metrics::RelayMetrics;
 use super::tenants::Tenants;
 use crate::config::relay::TunnelConfig;
 use crate::net::AcceptBackoff;
 use crate::peek::Abuse;
 use crate::shield::RelayShield;
+use crate::wire::agent_cert;
 use crate::wire::frame::{FrameReader, write_frame};
 use crate::wire::message::{AgentMessage, RelayMessage};
 use crate::wire::tcp_data;
+use crate::wire::tls::{TlsConfigError, relay_server_config};
 
 /// The relay's routing table: hostnames -> the agent sessions serving them.
 pub type Routes = crate::route::Registry<AgentPool>;
@@ -77,8 +83,10 @@ pub struct Tunnel {
     /// `[tunnel]` of relay.toml, as last loaded: each connection takes the one current when it
     /// was accepted.
     config: ArcSwap<TunnelConfig>,
-    /// The TLS side of the port (the relay's certificate and key), as last loaded.
+    /// The TLS side of the port (the relay's certificate and key, the agent CA), as last loaded.
     acceptor: ArcSwap<TlsAcceptor>,
+    /// The agent CA that signs agent certificates, as last loaded; `None` without one.
+    agent_ca: ArcSwapOption<AgentCa>,
     /// Live agent sessions by id.
     pub sessions: Arc<Sessions>,
     /// Where sessions register their hostnames.
@@ -115,12 +123,46 @@ pub struct TunnelParts {
     pub shield: Arc<RelayShield>,
 }
 
+/// What the tunnel port needs from files: its TLS acceptor and, when configured, the agent CA.
+pub struct TunnelTlsSetup {
+    acceptor: TlsAcceptor,
+    agent_ca: Option<Arc<AgentCa>>,
+}
+
+/// Why the tunnel's certificates could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelTlsError {
+    /// The relay's certificate or key, or the agent CA certificate as a trust anchor.
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
+    /// The agent CA certificate and key as a signer.
+    #[error("agent CA: {0}")]
+    AgentCa(#[from] AgentCaError),
+}
+
+impl TunnelTlsSetup {
+    /// Loads what `config` names; fails without changing anything.
+    pub fn load(config: &TunnelConfig) -> Result<Self, TunnelTlsError> {
+        let acceptor = TlsAcceptor::from(relay_server_config(
+            &config.cert,
+            &config.key,
+            config.agent_ca_cert.as_deref(),
+        )?);
+        let agent_ca = match (&config.agent_ca_cert, &config.agent_ca_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(AgentCa::load(cert, key)?)),
+            _ => None,
+        };
+        Ok(Self { acceptor, agent_ca })
+    }
+}
+
 impl Tunnel {
-    /// The tunnel port as `config` says, answering TLS with `acceptor`.
-    pub fn new(config: TunnelConfig, acceptor: TlsAcceptor, parts: TunnelParts) -> Self {
+    /// The tunnel port as `config` says, answering TLS as `tls` says.
+    pub fn new(config: TunnelConfig, tls: TunnelTlsSetup, parts: TunnelParts) -> Self {
         Self {
             config: ArcSwap::from_pointee(config),
-            acceptor: ArcSwap::from_pointee(acceptor),
+            acceptor: ArcSwap::from_pointee(tls.acceptor),
+            agent_ca: ArcSwapOption::new(tls.agent_ca),
             sessions: parts.sessions,
             routes: parts.routes,
             tenants: parts.tenants,
@@ -137,11 +179,17 @@ impl Tunnel {
         self.config.load_full()
     }
 
-    /// Applies a reloaded `[tunnel]` and certificate: connections and sessions from now on take
-    /// them; live sessions keep what they started with.
-    pub fn reconfigure(&self, config: TunnelConfig, acceptor: TlsAcceptor) {
+    /// The agent CA, if this relay has one.
+    pub fn agent_ca(&self) -> Option<Arc<AgentCa>> {
+        self.agent_ca.load_full()
+    }
+
+    /// Applies a reloaded `[tunnel]`, certificate and agent CA: connections and sessions from
+    /// now on take them; live sessions keep what they started with.
+    pub fn reconfigure(&self, config: TunnelConfig, tls: TunnelTlsSetup) {
         self.config.store(Arc::new(config));
-        self.acceptor.store(Arc::new(acceptor));
+        self.acceptor.store(Arc::new(tls.acceptor));
+        self.agent_ca.store(tls.agent_ca);
     }
 
     /// Accepts agent connections until `stop` (a child of the relay's `stopping`) is cancelled.
@@ -222,6 +270,19 @@ impl Tunnel {
                 return;
             }
         };
+        // rustls has verified a presented certificate against the agent CA (chain, validity,
+        // clientAuth); what it claims is read here and held against the store by the frame.
+        let presented = match stream.get_ref().1.peer_certificates().and_then(<[_]>::first) {
+            None => None,
+            Some(cert) => match agent_cert::read(cert) {
+                Ok(info) => Some(info),
+                Err(e) => {
+                    info!(%peer, error = %e, "tunnel: client certificate names no agent");
+                    reject(FrameReader::new(stream), &e.to_string()).await;
+                    return;
+                }
+            },
+        };
         let mut reader = FrameReader::new(stream);
         let first = match tokio::time::timeout_at(deadline, reader.next::<AgentMessage>()).await {
             Ok(Ok(Some(message))) => message,
@@ -246,14 +307,29 @@ impl Tunnel {
             } => {
                 let hello = control::Hello {
                     protocol,
-                    token: &token,
+                    token: token.as_deref(),
                     agent_name,
                     routes,
+                    certificate: presented,
                 };
                 control::serve(&self, reader, peer, hello).await;
             }
             AgentMessage::Data { agent_id, credential } => {
-                data::serve(&self, reader, peer, &agent_id, &credential).await;
+                data::serve(&self, reader, peer, &agent_id, &credential, presented.as_ref()).await;
+            }
+            AgentMessage::Enroll {
+                protocol,
+                token,
+                agent_name,
+                csr,
+            } => {
+                let request = enroll::Enroll {
+                    protocol,
+                    token: &token,
+                    agent_name: &agent_name,
+                    csr: &csr,
+                };
+                enroll::serve(&self, reader, peer, request).await;
             }
             other => {
                 info!(%peer, message = ?std::mem::discriminant(&other), "tunnel: unexpected first frame");

@@ -2,7 +2,8 @@
 //!
 //! An [`AgentSession`] holds what only the control side needs: the session credential (random,
 //! short-lived, renewed over the control connection; the previous one stays valid until it
-//! expires), the store token it authenticated with, the routes it registered, and the first
+//! expires), the store token it authenticated with (for an agent with a certificate, the token
+//! that enrolled it) and that certificate's identity, the routes it registered, and the first
 //! [`SessionEnd`]. Its [`AgentPool`] is what the edge and the registry see. [`Sessions`] holds
 //! the live ones by id.
 use std::fmt;
@@ -14,6 +15,7 @@ use dashmap::DashMap;
 use super::pool::AgentPool;
 use crate::hostname::HostPattern;
 use crate::store::AuthError;
+use crate::wire::agent_cert::{AgentIdentity, KeyFingerprint};
 use crate::wire::tcp_data::{self, Nonces, StreamKey, Tag};
 
 /// Why an agent session ended. Shown in logs, sent to the agent in `Goodbye`, and counted as
@@ -30,6 +32,8 @@ pub enum SessionEnd {
     ProtocolViolation(&'static str),
     /// The agent did not re-authenticate before its session credential expired.
     CredentialExpired,
+    /// The agent's certificate expired without renewal (it must enroll again with a token).
+    CertificateExpired,
     /// Re-authentication was refused by the store.
     ReauthFailed(AuthError),
     /// Re-authentication with a token of another tenant.
@@ -53,12 +57,13 @@ pub enum SessionEnd {
 
 impl SessionEnd {
     /// Every label, for documentation and tests.
-    pub const LABELS: [&'static str; 12] = [
+    pub const LABELS: [&'static str; 13] = [
         "agent_left",
         "heartbeat_lost",
         "control_error",
         "protocol_violation",
         "credential_expired",
+        "certificate_expired",
         "reauth_failed",
         "foreign_token",
         "tenant_gone",
@@ -76,6 +81,7 @@ impl SessionEnd {
             Self::ControlError(_) => "control_error",
             Self::ProtocolViolation(_) => "protocol_violation",
             Self::CredentialExpired => "credential_expired",
+            Self::CertificateExpired => "certificate_expired",
             Self::ReauthFailed(_) => "reauth_failed",
             Self::ForeignToken => "foreign_token",
             Self::TenantGone(_) => "tenant_gone",
@@ -91,6 +97,7 @@ impl SessionEnd {
     pub fn cuts_streams(&self) -> bool {
         match self {
             Self::CredentialExpired
+            | Self::CertificateExpired
             | Self::ReauthFailed(_)
             | Self::AccessRevoked(_)
             | Self::HostnameLost { .. }
@@ -114,6 +121,9 @@ impl fmt::Display for SessionEnd {
             Self::ControlError(e) => write!(f, "control connection: {e}"),
             Self::ProtocolViolation(what) => write!(f, "protocol violation: {what}"),
             Self::CredentialExpired => f.write_str("session credential expired without re-authentication"),
+            Self::CertificateExpired => {
+                f.write_str("the agent certificate expired without renewal: enroll again with a token")
+            }
             Self::ReauthFailed(e) => write!(f, "re-authentication failed: {e}"),
             Self::ForeignToken => f.write_str("re-authentication with another tenant's token"),
             Self::TenantGone(tenant) => write!(f, "tenant {tenant} no longer exists"),
@@ -132,10 +142,23 @@ struct Credential {
     expires: Instant,
 }
 
+/// The agent certificate a session was opened with.
+#[derive(Debug, Clone)]
+pub struct SessionCert {
+    /// The agent it names.
+    pub identity: AgentIdentity,
+    /// Its key's fingerprint: every TLS data connection of the session presents the same key.
+    pub key: KeyFingerprint,
+    /// Its key (DER SubjectPublicKeyInfo), what a renewed certificate is issued for.
+    pub spki: Vec<u8>,
+}
+
 /// One authenticated agent session, as the control side keeps it.
 pub struct AgentSession {
     /// What the edge and the registry see of it.
     pub pool: Arc<AgentPool>,
+    /// The certificate it authenticated with; `None` for a session opened with a token.
+    cert: Option<SessionCert>,
     /// The store token this session (last) authenticated with; re-checked on store changes.
     token_id: Mutex<String>,
     /// Hostname patterns this session has registered.
@@ -145,11 +168,17 @@ pub struct AgentSession {
 }
 
 impl AgentSession {
-    /// A session over `pool`, authenticated with token `token_id`, with a first credential
-    /// valid for `credential_ttl`.
-    pub fn new(pool: Arc<AgentPool>, token_id: String, credential_ttl: Duration) -> Self {
+    /// A session over `pool`, authenticated with token `token_id` (or the certificate `cert`
+    /// of an agent that token enrolled), with a first credential valid for `credential_ttl`.
+    pub fn new(
+        pool: Arc<AgentPool>,
+        token_id: String,
+        cert: Option<SessionCert>,
+        credential_ttl: Duration,
+    ) -> Self {
         Self {
             pool,
+            cert,
             token_id: Mutex::new(token_id),
             routes: Mutex::new(Vec::new()),
             end: Mutex::new(None),
@@ -171,6 +200,11 @@ impl AgentSession {
     /// The tenant it acts for.
     pub fn tenant(&self) -> &Arc<str> {
         &self.pool.tenant
+    }
+
+    /// The certificate the session was opened with, if it was.
+    pub fn certificate(&self) -> Option<&SessionCert> {
+        self.cert.as_ref()
     }
 
     /// The credential to hand to the agent now.
@@ -387,7 +421,7 @@ mod tests {
             control,
             &CancellationToken::new(),
         );
-        AgentSession::new(Arc::new(pool), "token".into(), ttl)
+        AgentSession::new(Arc::new(pool), "token".into(), None, ttl)
     }
 
     #[test]
@@ -427,6 +461,7 @@ mod tests {
             SessionEnd::ControlError(String::new()),
             SessionEnd::ProtocolViolation(""),
             SessionEnd::CredentialExpired,
+            SessionEnd::CertificateExpired,
             SessionEnd::ReauthFailed(AuthError::Malformed),
             SessionEnd::ForeignToken,
             SessionEnd::TenantGone(String::new()),
