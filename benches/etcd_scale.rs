@@ -131,6 +131,7 @@ fn registry(tenants: usize, tokens: usize) -> Snapshot {
                 created_at: 1,
                 expires_at: None,
                 revoked_at: None,
+                max_agents: 1,
             },
         );
     }
@@ -148,7 +149,7 @@ async fn run(tenants: usize, tokens: usize) {
             &format!(
                 "[edge]\ntls_listen = [\"127.0.0.1:0\"]\nhttp_listen = []\n\
                  [tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n\
-                 [admin]\nlisten = \"127.0.0.1:0\"\n[shield]\nallow = [\"127.0.0.0/8\"]\n{}",
+                 agent_auth = \"token\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[shield]\nallow = [\"127.0.0.0/8\"]\n{}",
                 EtcdCluster::store_toml(&cluster.endpoints(), &format!("relay_id = \"{id}\"\n"))
             ),
         );
@@ -178,7 +179,7 @@ async fn run(tenants: usize, tokens: usize) {
         passthrough_route("t0.scale.test", app.addr)
     );
     let agent_config = AgentConfig::load(&write(dir.path(), "agent.toml", &agent_toml)).unwrap();
-    let agent = Agent::start(&agent_config, issued.token.clone()).unwrap();
+    let agent = Agent::start(&agent_config, Some(issued.token.clone())).unwrap();
     agent
         .wait_for_link(0, |s| matches!(s, LinkState::Connected { .. }))
         .await;

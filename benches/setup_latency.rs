@@ -85,7 +85,7 @@ async fn run(samples: usize) {
         );
     }
 
-    let tunnel_tls = agent_client_config(&RelayTrust::Ca(world.relay_pki.ca_pem.clone())).unwrap();
+    let tunnel_tls = agent_client_config(&RelayTrust::Ca(world.relay_pki.ca_pem.clone()), None).unwrap();
     let dialer = sluice::agent::dial::RelayDialer::new(
         world.tunnel_addr().to_string(),
         "relay.sluice.test",

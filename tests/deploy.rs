@@ -149,7 +149,7 @@ fn the_relay_runs_unprivileged_with_only_its_units_capabilities_and_attaches_xdp
         &format!(
             "state_dir = \"state\"\nshutdown_grace = \"1s\"\n[edge]\ntls_listen = [\"{relay_ip}:443\"]\n\
              http_listen = []\n[tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\ncert = \"relay-cert.pem\"\n\
-             key = \"relay-key.pem\"\n[admin]\nlisten = \"{admin}\"\ntoken_file = \"admin.token\"\n\
+             key = \"relay-key.pem\"\nagent_auth = \"token\"\n[admin]\nlisten = \"{admin}\"\ntoken_file = \"admin.token\"\n\
              [shield]\ninterfaces = [\"{relay_if}\"]\nmode = \"driver\"\n"
         ),
     );

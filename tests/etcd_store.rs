@@ -28,7 +28,7 @@ fn store_config(dir: &std::path::Path, cluster: &EtcdCluster) -> std::path::Path
         dir,
         "store.toml",
         &format!(
-            "[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n{}",
+            "[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\nagent_auth = \"token\"\n{}",
             EtcdCluster::store_toml(&cluster.endpoints(), "")
         ),
     )
@@ -120,7 +120,7 @@ async fn relays_share_l7_and_operator_bans_and_register_their_presence() {
             &format!("{id}.toml"),
             &format!(
                 "[edge]\ntls_listen = [\"127.0.0.1:0\"]\nhttp_listen = []\n\
-                 [tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n\
+                 [tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\nagent_auth = \"token\"\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\n[shield]\nabuse_threshold = 2\nban_duration = \"1h\"\n{}",
                 EtcdCluster::store_toml(&cluster.endpoints(), &format!("relay_id = \"{id}\"\n"))
             ),
@@ -200,7 +200,7 @@ fn the_cli_says_when_etcd_is_unreachable_or_not_configured() {
         dir.path(),
         "relay.toml",
         &format!(
-            "[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n{}",
+            "[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\nagent_auth = \"token\"\n{}",
             EtcdCluster::store_toml(&[format!("http://127.0.0.1:{closed}")], "")
         ),
     );
@@ -219,7 +219,7 @@ fn the_cli_says_when_etcd_is_unreachable_or_not_configured() {
     let file = write(
         dir.path(),
         "file.toml",
-        "state_dir = \"state\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n",
+        "state_dir = \"state\"\n[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\nagent_auth = \"token\"\n",
     );
     let output = Command::new(sluice_binary())
         .args(["relays", "list", "--config"])

@@ -23,8 +23,7 @@ fn sluice(args: &[&str], config: &std::path::Path) -> (bool, String, String) {
     )
 }
 
-const TUNNEL: &str =
-    "[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n";
+const TUNNEL: &str = "[tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\nagent_auth = \"token\"\n";
 
 #[test]
 fn tls_with_a_client_certificate() {

@@ -225,7 +225,7 @@ impl Fleet {
             passthrough_route(hostname, self.app)
         );
         let config = AgentConfig::load(&write(&self.dir, &format!("agent-{name}.toml"), &toml)).unwrap();
-        Agent::start(&config, token.to_owned()).unwrap()
+        Agent::start(&config, Some(token.to_owned())).unwrap()
     }
 }
 
@@ -254,7 +254,7 @@ async fn a_fleet_shares_one_registry_and_fails_static_without_it() {
         format!(
             "shutdown_grace = \"1s\"\n[edge]\ntls_listen = [\"0.0.0.0:{TLS_PORT}\"]\nhttp_listen = []\n\
              [tunnel]\nlisten = \"0.0.0.0:{TUNNEL_PORT}\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n\
-             heartbeat = \"1s\"\n[admin]\nlisten = \"0.0.0.0:{ADMIN_PORT}\"\ntoken_file = \"admin.token\"\n{}",
+             agent_auth = \"token\"\nheartbeat = \"1s\"\n[admin]\nlisten = \"0.0.0.0:{ADMIN_PORT}\"\ntoken_file = \"admin.token\"\n{}",
             EtcdCluster::store_toml(
                 &cluster.endpoints_on(IpAddr::V4(etcd_ip)),
                 &format!("relay_id = \"{id}\"\npresence_ttl = \"2s\"\nstale_after = \"2s\"\n")

@@ -411,9 +411,10 @@ async fn tunnel_port_refuses_garbage_and_credential_less_clients() {
 
     // A well-formed TLS client that trusts the relay but speaks HTTP instead of the tunnel
     // protocol: refused after the handshake.
-    let tls = sluice::wire::tls::agent_client_config(&sluice::wire::tls::RelayTrust::Ca(
-        world.relay_pki.ca_pem.clone(),
-    ))
+    let tls = sluice::wire::tls::agent_client_config(
+        &sluice::wire::tls::RelayTrust::Ca(world.relay_pki.ca_pem.clone()),
+        None,
+    )
     .unwrap();
     let tcp = TcpStream::connect(world.tunnel_addr()).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("relay.sluice.test").unwrap();
@@ -447,7 +448,11 @@ async fn tunnel_port_refuses_garbage_and_credential_less_clients() {
 
 #[tokio::test]
 async fn bad_expired_and_foreign_credentials_are_refused_with_a_reason() {
-    let world = World::start(RelayOptions::default()).await;
+    let world = World::start(RelayOptions {
+        agent_auth: "token",
+        ..Default::default()
+    })
+    .await;
     let (_, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
     let (_, globex_token) = world.tenant("globex", &["globex.test"], &["globex.test"]);
     let config = world.agent_config(
@@ -461,7 +466,7 @@ async fn bad_expired_and_foreign_credentials_are_refused_with_a_reason() {
     };
     // A wrong secret for a real token id.
     let forged = format!("{}x", &token[..token.len() - 1]);
-    let agent = sluice::agent::Agent::start(&config, forged).unwrap();
+    let agent = sluice::agent::Agent::start(&config, Some(forged)).unwrap();
     within(
         WAIT,
         agent.wait_for_link(0, |s| matches!(s, LinkState::Rejected(_))),
@@ -479,7 +484,7 @@ async fn bad_expired_and_foreign_credentials_are_refused_with_a_reason() {
         .unwrap()
         .token;
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let agent = sluice::agent::Agent::start(&config, expiring).unwrap();
+    let agent = sluice::agent::Agent::start(&config, Some(expiring)).unwrap();
     within(
         WAIT,
         agent.wait_for_link(0, |s| matches!(s, LinkState::Rejected(_))),
@@ -606,11 +611,16 @@ async fn a_browser_waits_for_an_agent_with_no_data_connection_then_is_refused_as
     use sluice::wire::frame::{FrameReader, write_frame};
     use sluice::wire::message::{AgentMessage, RelayMessage, RouteAd};
 
-    let world = World::start(RelayOptions::default()).await;
+    let world = World::start(RelayOptions {
+        agent_auth: "token",
+        ..Default::default()
+    })
+    .await;
     let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
-    let tls = sluice::wire::tls::agent_client_config(&sluice::wire::tls::RelayTrust::Ca(
-        world.relay_pki.ca_pem.clone(),
-    ))
+    let tls = sluice::wire::tls::agent_client_config(
+        &sluice::wire::tls::RelayTrust::Ca(world.relay_pki.ca_pem.clone()),
+        None,
+    )
     .unwrap();
     let tcp = TcpStream::connect(world.tunnel_addr()).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("relay.sluice.test").unwrap();
@@ -621,7 +631,7 @@ async fn a_browser_waits_for_an_agent_with_no_data_connection_then_is_refused_as
     let (read_half, mut writer) = tokio::io::split(stream);
     let hello = AgentMessage::Hello {
         protocol: sluice::wire::PROTOCOL_VERSION,
-        token,
+        token: Some(token),
         agent_name: "lazy".into(),
         routes: vec![RouteAd {
             hostname: "app.acme.test".into(),
@@ -1264,6 +1274,7 @@ async fn the_tunnel_port_caps_handshakes_in_progress() {
 #[tokio::test]
 async fn a_token_holds_at_most_max_sessions_per_token() {
     let world = World::start(RelayOptions {
+        agent_auth: "token",
         tunnel_toml: "max_sessions_per_token = 1\n".into(),
         ..Default::default()
     })
@@ -1271,7 +1282,8 @@ async fn a_token_holds_at_most_max_sessions_per_token() {
     let (_, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
     let route = passthrough_route("app.acme.test", "127.0.0.1:9".parse().unwrap());
     let _first = world.agent(&world.agent_config("acme-1", &route), &token).await;
-    let copy = sluice::agent::Agent::start(&world.agent_config("acme-2", &route), token.clone()).unwrap();
+    let copy =
+        sluice::agent::Agent::start(&world.agent_config("acme-2", &route), Some(token.clone())).unwrap();
     within(
         WAIT,
         copy.wait_for_link(
@@ -1293,15 +1305,17 @@ async fn a_session_parks_at_most_its_idle_data_connections() {
     use sluice::wire::message::{AgentMessage, RelayMessage};
 
     let world = World::start(RelayOptions {
+        agent_auth: "token",
         pool_size: 2,
         tunnel_toml: "max_idle_data_connections = 3\n".into(),
         ..Default::default()
     })
     .await;
     let (_, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
-    let tls = sluice::wire::tls::agent_client_config(&sluice::wire::tls::RelayTrust::Ca(
-        world.relay_pki.ca_pem.clone(),
-    ))
+    let tls = sluice::wire::tls::agent_client_config(
+        &sluice::wire::tls::RelayTrust::Ca(world.relay_pki.ca_pem.clone()),
+        None,
+    )
     .unwrap();
     let dial = || {
         let tls = Arc::clone(&tls);
@@ -1318,7 +1332,7 @@ async fn a_session_parks_at_most_its_idle_data_connections() {
     let mut control = FrameReader::new(dial().await);
     let hello = AgentMessage::Hello {
         protocol: sluice::wire::PROTOCOL_VERSION,
-        token,
+        token: Some(token),
         agent_name: "greedy".into(),
         routes: vec![],
     };
@@ -1540,9 +1554,14 @@ async fn the_agent_bounds_what_a_relay_tells_it() {
     use sluice::wire::message::{AgentMessage, RelayMessage};
 
     sluice::net::raise_open_file_limit();
-    let world = World::start(RelayOptions::default()).await;
+    let world = World::start(RelayOptions {
+        agent_auth: "token",
+        ..Default::default()
+    })
+    .await;
     let acceptor = tokio_rustls::TlsAcceptor::from(
-        sluice::wire::tls::relay_server_config(&world.relay_pki.cert_pem, &world.relay_pki.key_pem).unwrap(),
+        sluice::wire::tls::relay_server_config(&world.relay_pki.cert_pem, &world.relay_pki.key_pem, None)
+            .unwrap(),
     );
     let hostile = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hostile_addr = hostile.local_addr().unwrap();

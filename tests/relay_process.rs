@@ -36,6 +36,14 @@ async fn relay_process_never_holds_the_tenant_key_or_plaintext() {
         .add_tenant("acme", &[HostPattern::parse("app.acme.test").unwrap()])
         .unwrap();
     let token = store.create_token("acme", "agent", None).unwrap().token;
+    // The fleet's agent CA, made by the CLI.
+    let ca = Command::new(sluice_binary())
+        .current_dir(dir.path())
+        .args(["ca", "init"])
+        .output()
+        .unwrap();
+    assert!(ca.status.success(), "{}", String::from_utf8_lossy(&ca.stderr));
+    assert!(String::from_utf8_lossy(&ca.stdout).contains("agent CA created"));
 
     let (tls_port, tunnel_port, admin_port) = (free_port(), free_port(), free_port());
     let config = write(
@@ -44,7 +52,8 @@ async fn relay_process_never_holds_the_tenant_key_or_plaintext() {
         &format!(
             "state_dir = \"state\"\nshutdown_grace = \"2s\"\n[edge]\ntls_listen = [\"127.0.0.1:{tls_port}\"]\n\
              http_listen = []\n[tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\ncert = \"relay-cert.pem\"\n\
-             key = \"relay-key.pem\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n"
+             key = \"relay-key.pem\"\nagent_ca_cert = \"agent-ca.pem\"\nagent_ca_key = \"agent-ca-key.pem\"\n\
+             [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n"
         ),
     );
     let mut relay = RelayProcess {
@@ -61,14 +70,14 @@ async fn relay_process_never_holds_the_tenant_key_or_plaintext() {
     // The on-prem app holds the key; the agent runs here, in the test process.
     let app = tls_echo("acme", acme.server_config()).await;
     let agent_toml = format!(
-        "name = \"acme-1\"\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n[[relays]]\naddress = \"127.0.0.1:{tunnel_port}\"\n\
+        "name = \"acme-1\"\nstate_dir = \"agent-state\"\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n[[relays]]\naddress = \"127.0.0.1:{tunnel_port}\"\n\
          server_name = \"relay.sluice.test\"\nca = \"{}\"\n{}",
         relay_pki.ca_pem.display(),
         passthrough_route("app.acme.test", app.addr)
     );
     let agent_config =
         sluice::config::agent::AgentConfig::load(&write(dir.path(), "agent.toml", &agent_toml)).unwrap();
-    let agent = sluice::agent::Agent::start(&agent_config, token).unwrap();
+    let agent = sluice::agent::Agent::start(&agent_config, Some(token)).unwrap();
     within(
         Duration::from_secs(15),
         agent.wait_for_link(0, |s| matches!(s, sluice::agent::LinkState::Connected { .. })),
@@ -109,6 +118,20 @@ async fn relay_process_never_holds_the_tenant_key_or_plaintext() {
         !contains(&memory, marker.as_bytes()),
         "plaintext sent by the browser is in relay memory"
     );
+    // The agent enrolled and connected with its certificate; its key never left the premises.
+    let agent_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(dir.path().join("agent-state/agent-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let agent_pkcs8 = agent_key.serialize_der();
+    let fingerprint = sluice::wire::agent_cert::KeyFingerprint::of_spki(
+        &rcgen::PublicKeyData::subject_public_key_info(&agent_key),
+    )
+    .hex();
+    assert!(
+        !contains(&memory, &agent_pkcs8) && !contains(&memory, ec_private_scalar(&agent_pkcs8)),
+        "the agent's private key is in relay memory"
+    );
     drop(stream);
 
     // The CLI reaches the running relay through its admin API.
@@ -128,8 +151,20 @@ async fn relay_process_never_holds_the_tenant_key_or_plaintext() {
     };
     let tunnels = cli(&["tunnels", "list"]);
     assert!(
-        tunnels.starts_with("acme/acme-1/") && tunnels.contains("app.acme.test"),
+        tunnels.starts_with("acme/acme-1/")
+            && tunnels.contains("app.acme.test")
+            && tunnels.contains(&format!("key=sha256:{fingerprint}")),
         "{tunnels}"
+    );
+    let agents = Command::new(sluice_binary())
+        .args(["agents", "list", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let agents = String::from_utf8(agents.stdout).unwrap();
+    assert!(
+        agents.contains("\tacme\tacme-1\tactive\t") && agents.contains(&format!("key=sha256:{fingerprint}")),
+        "{agents}"
     );
     assert_eq!(
         cli(&["bans", "add", "192.0.2.44", "--for", "5m"]),
@@ -215,7 +250,7 @@ async fn out_of_descriptors_the_accept_loops_back_off() {
         &format!(
             "state_dir = \"state\"\nshutdown_grace = \"1s\"\n[edge]\ntls_listen = [\"127.0.0.1:{tls_port}\"]\n\
              http_listen = []\nclient_hello_timeout = \"2s\"\n[tunnel]\nlisten = \"127.0.0.1:{tunnel_port}\"\n\
-             cert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\nhandshake_timeout = \"2s\"\n\
+             cert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\nhandshake_timeout = \"2s\"\nagent_auth = \"token\"\n\
              [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n"
         ),
     );

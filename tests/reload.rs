@@ -160,7 +160,7 @@ async fn a_reload_applies_caps_listeners_certificate_token_and_shield_and_open_s
     // Agents connecting from now on get the new certificate: trusting the old CA fails, the new
     // one works; the agent connected before keeps its session.
     let old_ca = world.agent_config("acme-old-ca", &passthrough_route(SNI, app.addr));
-    let agent = sluice::agent::Agent::start(&old_ca, token.clone()).unwrap();
+    let agent = sluice::agent::Agent::start(&old_ca, Some(token.clone())).unwrap();
     let connected = tokio::time::timeout(
         Duration::from_secs(2),
         agent.wait_for_link(0, |s| matches!(s, sluice::agent::LinkState::Connected { .. })),
@@ -276,7 +276,7 @@ async fn sighup_reloads_a_running_relay_process_and_an_invalid_file_keeps_it_run
         format!(
             "state_dir = \"state\"\nshutdown_grace = \"1s\"\n[edge]\ntls_listen = [\"127.0.0.1:0\"]\nhttp_listen = []\n{extra}\n\
              [tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n\
-             [admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken_file = \"admin.token\"\n"
+             agent_auth = \"token\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken_file = \"admin.token\"\n"
         )
     };
     let config = write(dir.path(), "relay.toml", &text(""));

@@ -145,7 +145,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         format!(
             "state_dir = \"state\"\nshutdown_grace = \"1s\"\n[edge]\ntls_listen = [\"{RELAY_TLS}\"]\nhttp_listen = []\n\
              agent_wait = \"5s\"\nmax_connections = {max_connections}\n[tunnel]\nlisten = \"{RELAY_TUNNEL}\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n\
-             pool_size = 32\n[admin]\nlisten = \"{RELAY_ADMIN}\"\n\
+             pool_size = 32\nagent_auth = \"token\"\n[admin]\nlisten = \"{RELAY_ADMIN}\"\n\
              # Every load client comes from loopback; a real edge sees many source addresses.\n\
              [shield]\nallow = [\"127.0.0.0/8\"]\n"
         ),

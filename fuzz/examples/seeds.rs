@@ -278,7 +278,7 @@ fn control_frame() -> Result<Seeds> {
     let agent = [
         AgentMessage::Hello {
             protocol: sluice::wire::PROTOCOL_VERSION,
-            token: "sluice_acme_0123456789abcdef".into(),
+            token: Some("sluice_acme_0123456789abcdef".into()),
             agent_name: "edge-1".into(),
             routes: routes.clone(),
         },
@@ -287,8 +287,16 @@ fn control_frame() -> Result<Seeds> {
             credential: "c2Vzc2lvbi1jcmVkZW50aWFs".into(),
         },
         AgentMessage::Renew {
-            token: "sluice_acme_0123456789abcdef".into(),
+            token: Some("sluice_acme_0123456789abcdef".into()),
         },
+        AgentMessage::Renew { token: None },
+        AgentMessage::Enroll {
+            protocol: sluice::wire::PROTOCOL_VERSION,
+            token: "sluice_acme_0123456789abcdef".into(),
+            agent_name: "edge-1".into(),
+            csr: "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n".into(),
+        },
+        AgentMessage::RenewCertificate,
         AgentMessage::Routes { routes },
         AgentMessage::Ping { seq: 1 },
         AgentMessage::Pong { seq: u64::MAX },

@@ -31,6 +31,12 @@ pub struct RelayOptions {
     pub edge_toml: String,
     /// Lines added to `[tunnel]`.
     pub tunnel_toml: String,
+    /// `[tunnel] agent_auth`: `"certificate"` (the default, with an agent CA made by
+    /// `sluice ca init`'s code, and agents given a `state_dir` so they enroll) or `"token"` (no
+    /// agent CA; agents send their token on every connection).
+    pub agent_auth: &'static str,
+    /// `[tunnel] agent_cert_ttl`.
+    pub agent_cert_ttl: &'static str,
 }
 
 impl Default for RelayOptions {
@@ -45,6 +51,8 @@ impl Default for RelayOptions {
             extra_toml: String::new(),
             edge_toml: String::new(),
             tunnel_toml: String::new(),
+            agent_auth: "certificate",
+            agent_cert_ttl: "24h",
         }
     }
 }
@@ -55,6 +63,8 @@ pub struct World {
     pub relay_config_path: PathBuf,
     pub store: Store,
     pub relay: Option<Relay>,
+    /// Agents enroll and present certificates (`agent_auth = "certificate"`).
+    pub agent_certs: bool,
 }
 
 impl World {
@@ -62,6 +72,17 @@ impl World {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let relay_pki = CertSet::issue(dir.path(), "relay", &["relay.sluice.test"]);
+        let agent_certs = options.agent_auth == "certificate";
+        let agent_ca = if agent_certs {
+            sluice::relay::agent_ca::init(
+                &dir.path().join("agent-ca.pem"),
+                &dir.path().join("agent-ca-key.pem"),
+            )
+            .unwrap();
+            "agent_ca_cert = \"agent-ca.pem\"\nagent_ca_key = \"agent-ca-key.pem\"\n"
+        } else {
+            ""
+        };
         let toml = format!(
             r#"
 state_dir = "state"
@@ -81,7 +102,9 @@ credential_ttl = "{ttl}"
 heartbeat = "{heartbeat}"
 pool_size = {pool}
 handshake_timeout = "2s"
-{tunnel_toml}
+agent_auth = "{agent_auth}"
+agent_cert_ttl = "{agent_cert_ttl}"
+{agent_ca}{tunnel_toml}
 [admin]
 listen = "127.0.0.1:0"
 {admin_token}
@@ -102,6 +125,8 @@ listen = "127.0.0.1:0"
             hello = options.client_hello_timeout,
             edge_toml = options.edge_toml,
             tunnel_toml = options.tunnel_toml,
+            agent_auth = options.agent_auth,
+            agent_cert_ttl = options.agent_cert_ttl,
             ttl = options.credential_ttl,
             heartbeat = options.heartbeat,
             pool = options.pool_size,
@@ -117,6 +142,7 @@ listen = "127.0.0.1:0"
             relay_config_path,
             store,
             relay: Some(relay),
+            agent_certs,
         }
     }
 
@@ -199,8 +225,14 @@ listen = "127.0.0.1:0"
         settings: &str,
         routes_toml: &str,
     ) -> AgentConfig {
+        // With certificates, each agent keeps its key in a directory of its own: one machine.
+        let state_dir = if self.agent_certs {
+            format!("state_dir = \"agent-{name}-state\"\n")
+        } else {
+            String::new()
+        };
         let mut toml = format!(
-            "name = \"{name}\"\nconnect_timeout = \"2s\"\n{settings}\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n"
+            "name = \"{name}\"\nconnect_timeout = \"2s\"\n{state_dir}{settings}\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n"
         );
         for relay in relays {
             toml.push_str(&format!(
@@ -216,7 +248,7 @@ listen = "127.0.0.1:0"
 
     /// Starts an agent and waits until every link is connected.
     pub async fn agent(&self, config: &AgentConfig, token: &str) -> Agent {
-        let agent = Agent::start(config, token.to_owned()).unwrap();
+        let agent = Agent::start(config, Some(token.to_owned())).unwrap();
         for i in 0..config.relays.len() {
             within(
                 Duration::from_secs(10),

@@ -337,3 +337,83 @@ fn read_key(path: &Path) -> Result<KeyPair, IdentityError> {
     let pem = fs::read_to_string(path).map_err(|e| key_error(format!("cannot read it: {e}")))?;
     KeyPair::from_pem(&pem).map_err(|e| key_error(format!("not a PEM private key ({e})")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_made_once_and_private_and_a_bad_key_file_stops_the_agent_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let first = Identity::open(&state).unwrap();
+        let key = state.join(KEY_FILE);
+        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            Identity::open(&state).unwrap().fingerprint(),
+            first.fingerprint(),
+            "kept"
+        );
+        assert_eq!(first.state(), CertState::Missing);
+        assert!(
+            first
+                .csr("office")
+                .unwrap()
+                .starts_with("-----BEGIN CERTIFICATE REQUEST-----")
+        );
+
+        // Through the agent itself: it refuses to start and says what to do.
+        std::fs::write(dir.path().join("ca.pem"), "").unwrap();
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            "name = \"a1\"\nstate_dir = \"state\"\n[[relays]]\naddress = \"127.0.0.1:7443\"\nca = \"ca.pem\"\n\
+             [[routes]]\nhostname = \"a.test\"\ntarget = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let config = crate::config::agent::AgentConfig::load(&config).unwrap();
+        let start = || {
+            crate::agent::Agent::start(&config, None)
+                .err()
+                .expect("refused")
+                .to_string()
+        };
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        let error = start();
+        assert!(
+            error.contains("mode 644") && error.contains("chmod 600"),
+            "{error}"
+        );
+        fs::write(&key, "not a key\n").unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        let error = start();
+        assert!(
+            error.contains(&key.display().to_string())
+                && error.contains("not a PEM private key")
+                && error.contains("enroll again with a token"),
+            "{error}"
+        );
+        // Unreadable (a directory in its place: root reads any file, but not that).
+        fs::remove_file(&key).unwrap();
+        fs::create_dir(&key).unwrap();
+        let error = start();
+        assert!(error.contains("cannot read it"), "{error}");
+    }
+
+    #[test]
+    fn a_certificate_for_another_key_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = Identity::open(dir.path()).unwrap();
+        let other = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://sluice/tenant/acme/agent/0123456789abcdef"
+                .try_into()
+                .unwrap(),
+        )];
+        let foreign = params.self_signed(&other).unwrap().pem();
+        let error = identity.install(&foreign).unwrap_err().to_string();
+        assert!(error.contains("not this agent's"), "{error}");
+        assert_eq!(identity.state(), CertState::Missing);
+    }
+}

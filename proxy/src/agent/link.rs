@@ -449,6 +449,7 @@ fn certificate_refused(e: &std::io::Error) -> Option<String> {
             | Alert::CertificateRequired
             | Alert::AccessDenied
             | Alert::UnsupportedCertificate
+            | Alert::DecryptError
     )
     .then(|| {
         format!(

@@ -195,10 +195,14 @@ pub fn init(cert: &Path, key: &Path) -> Result<KeyFingerprint, AgentCaError> {
     }
     let sign = |e: rcgen::Error| AgentCaError::Sign(e.to_string());
     let key_pair = KeyPair::generate().map_err(sign)?;
+    let fingerprint = KeyFingerprint::of_spki(&key_pair.subject_public_key_info());
     let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Sluice agent CA");
+    // A name of its own: another fleet's certificate then fails as "unknown CA", not as a
+    // signature that does not verify against a namesake.
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("Sluice agent CA {}", &fingerprint.hex()[..16]),
+    );
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let now = OffsetDateTime::now_utc();
@@ -220,7 +224,7 @@ pub fn init(cert: &Path, key: &Path) -> Result<KeyFingerprint, AgentCaError> {
     };
     write(key, &key_pair.serialize_pem(), 0o600)?;
     write(cert, &ca.pem(), 0o644)?;
-    Ok(KeyFingerprint::of_spki(&key_pair.subject_public_key_info()))
+    Ok(fingerprint)
 }
 
 #[cfg(test)]

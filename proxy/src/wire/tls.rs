@@ -128,6 +128,13 @@ pub fn relay_server_config(
         }
     };
     let mut config = builder.with_single_cert(load_certs(cert)?, load_key(key)?)?;
+    if agent_ca.is_some() {
+        // A resumed session would carry the client certificate of the handshake it resumes
+        // (none, for an enrollment; an older one, after a renewal): every connection presents
+        // and proves the agent's current certificate instead.
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
     config.alpn_protocols = vec![super::ALPN.to_vec()];
     Ok(Arc::new(config))
 }
@@ -161,7 +168,12 @@ pub fn agent_client_config(
         }
     };
     let mut config = match identity {
-        Some(resolver) => builder.with_client_cert_resolver(resolver),
+        Some(resolver) => {
+            let mut config = builder.with_client_cert_resolver(resolver);
+            // Every handshake presents the certificate held now (see relay_server_config).
+            config.resumption = rustls::client::Resumption::disabled();
+            config
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![super::ALPN.to_vec()];
