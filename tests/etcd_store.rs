@@ -4,7 +4,9 @@
 //!   tenants, and never leave a token behind a tenant removed while it was being created;
 //! - two relays in one process share L7 bans (decided on one, enforced on the other) and
 //!   operator bans (lifted on one, lifted on the other), and register their presence;
-//! - the CLI reports an unreachable etcd, and a fleet command on the file store, clearly.
+//! - the CLI reports an unreachable etcd, and a fleet command on the file store, clearly;
+//! - agents enrolled through one relay are held to their token's `max_agents`, approved, renewed
+//!   and revoked for the whole fleet.
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
@@ -230,4 +232,108 @@ fn the_cli_says_when_etcd_is_unreachable_or_not_configured() {
     assert!(!output.status.success());
     assert!(stderr.contains("needs the etcd store"), "{stderr}");
     let _ = std::io::stderr().flush();
+}
+
+/// Agent records live in etcd like tenants and tokens: a token's `max_agents` holds across
+/// relays, the tenant approves through the CLI, a renewal on one relay is recorded for all, and
+/// a revocation through one relay's admin API cuts the agent's tunnel on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_enrolled_through_one_relay_are_approved_renewed_and_revoked_fleet_wide() {
+    use sluice::agent::{Agent, LinkState};
+    use sluice::store::AgentState;
+
+    let cluster = EtcdCluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let relay_pki = CertSet::issue(dir.path(), "relay", &["relay.sluice.test"]);
+    sluice::relay::agent_ca::init(&dir.path().join("agent-ca.pem"), &dir.path().join("agent-ca-key.pem")).unwrap();
+    let relay_toml = |id: &str| {
+        write(
+            dir.path(),
+            &format!("{id}.toml"),
+            &format!(
+                "store_poll = \"200ms\"\n[edge]\ntls_listen = [\"127.0.0.1:0\"]\nhttp_listen = []\n\
+                 [tunnel]\nlisten = \"127.0.0.1:0\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n\
+                 agent_ca_cert = \"agent-ca.pem\"\nagent_ca_key = \"agent-ca-key.pem\"\nagent_cert_ttl = \"3s\"\nheartbeat = \"1s\"\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\n{}",
+                EtcdCluster::store_toml(&cluster.endpoints(), &format!("relay_id = \"{id}\"\n"))
+            ),
+        )
+    };
+    let (path_a, path_b) = (relay_toml("relay-a"), relay_toml("relay-b"));
+    let etcd = etcd_store(&path_a);
+    etcd.add_tenant("acme", &[HostPattern::parse("app.acme.test").unwrap()])
+        .await
+        .unwrap();
+    let token = etcd.create_token("acme", "office", None).await.unwrap().0.token;
+    let relay_a = Relay::start(RelayConfig::load(&path_a).unwrap()).await.unwrap();
+    let relay_b = Relay::start(RelayConfig::load(&path_b).unwrap()).await.unwrap();
+    let agent = |name: &str, relay: &Relay| {
+        let toml = format!(
+            "name = \"{name}\"\nstate_dir = \"{name}-state\"\n[reconnect]\ninitial = \"100ms\"\nmax = \"300ms\"\n\
+             [[relays]]\naddress = \"{}\"\nserver_name = \"relay.sluice.test\"\nca = \"{}\"\n\
+             [[routes]]\nhostname = \"app.acme.test\"\ntarget = \"127.0.0.1:9\"\n",
+            relay.tunnel_addr,
+            relay_pki.ca_pem.display()
+        );
+        let config = sluice::config::agent::AgentConfig::load(&write(dir.path(), &format!("{name}.toml"), &toml)).unwrap();
+        Agent::start(&config, Some(token.clone())).unwrap()
+    };
+    let first = agent("first", &relay_a);
+    tokio::time::timeout(Duration::from_secs(10), first.wait_for_link(0, |s| matches!(s, LinkState::Connected { .. })))
+        .await
+        .expect("the first agent enrolls and connects through relay A");
+    let agents = etcd.load().await.unwrap().0.agents;
+    assert_eq!(agents.len(), 1);
+    let first_record = agents.values().next().unwrap().clone();
+    assert_eq!(first_record.state, AgentState::Active);
+
+    // The token copied to a second machine, enrolling through relay B: pending.
+    let second = agent("second", &relay_b);
+    tokio::time::timeout(Duration::from_secs(10), second.wait_for_link(0, |s| matches!(s, LinkState::Pending { .. })))
+        .await
+        .expect("the second machine waits for approval");
+    let LinkState::Pending { agent: pending } = second.links()[0].clone() else {
+        unreachable!()
+    };
+    let approve = Command::new(sluice_binary())
+        .args(["agents", "approve", &pending, "--config"])
+        .arg(&path_a)
+        .output()
+        .unwrap();
+    assert!(approve.status.success(), "{}", String::from_utf8_lossy(&approve.stderr));
+    tokio::time::timeout(Duration::from_secs(10), second.wait_for_link(0, |s| matches!(s, LinkState::Connected { .. })))
+        .await
+        .expect("approved, it connects");
+
+    // Renewed at half-life through relay A; the new expiry is in etcd.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let record = etcd.load().await.unwrap().0.agents[&first_record.id].clone();
+        if record.cert_serial != first_record.cert_serial {
+            assert!(record.cert_expires_at > first_record.cert_expires_at);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "renewed within its lifetime");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Revoked through relay B's admin API: relay A cuts the first agent's tunnel.
+    let admin_b = format!("http://{}", relay_b.admin_addr);
+    let path = format!("/api/agents/{}/revoke", first_record.id);
+    let revoked = tokio::task::spawn_blocking(move || AdminClient::new(&admin_b, None).request("POST", &path).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(revoked.status, 200, "{}", revoked.body);
+    eventually(Duration::from_secs(3), || relay_a.sessions().is_empty()).await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        first.wait_for_link(0, |s| matches!(s, LinkState::Rejected(r) if r.contains("revoked"))),
+    )
+    .await
+    .expect("the revoked agent is refused");
+    assert_eq!(relay_b.sessions().len(), 1, "the approved agent stays");
+    first.shutdown(Duration::ZERO).await;
+    second.shutdown(Duration::ZERO).await;
+    relay_a.shutdown().await;
+    relay_b.shutdown().await;
 }
