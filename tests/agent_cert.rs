@@ -413,3 +413,47 @@ async fn certificates_from_another_ca_or_naming_another_tenant_are_refused() {
     assert_eq!(world.relay().sessions().len(), 1, "only the real agent is in");
     agent.shutdown(Duration::ZERO).await;
 }
+
+/// The way to move a fleet to certificates: a relay with `agent_auth = "token"` and an agent
+/// CA serves enrolled agents and token agents alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_relay_with_an_agent_ca_serves_enrolled_and_token_agents_alike() {
+    let world = World::start(RelayOptions {
+        agent_auth: "token+ca",
+        ..Default::default()
+    })
+    .await;
+    let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let route = passthrough_route("app.acme.test", app.addr);
+    let enrolled = world.agent(&world.agent_config("acme-1", &route), &token).await;
+    let mut legacy = world.agent_config("acme-2", &route);
+    legacy.state_dir = None;
+    let legacy = world.agent(&legacy, &world.token("acme", "legacy")).await;
+    let sessions = world.relay().sessions().all();
+    let mut certified: Vec<bool> = sessions.iter().map(|s| s.certificate().is_some()).collect();
+    certified.sort();
+    assert_eq!(certified, [false, true], "one session of each kind");
+    let answer = round_trip(world.tls_addr(), "app.acme.test", acme.client_config(), "both").await;
+    assert_eq!(answer.unwrap(), "acme: both");
+    // The CLI makes tokens for several machines.
+    let created = Command::new(sluice_binary())
+        .args([
+            "token",
+            "create",
+            "--tenant",
+            "acme",
+            "--label",
+            "fleet",
+            "--max-agents",
+            "3",
+            "--config",
+        ])
+        .arg(&world.relay_config_path)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&created.stderr).contains("enrolls 3 agents"));
+    assert!(cli(&world, &["token", "list"]).contains("\tfleet\tactive\tmax_agents=3"));
+    enrolled.shutdown(Duration::ZERO).await;
+    legacy.shutdown(Duration::ZERO).await;
+}

@@ -245,7 +245,11 @@ async fn agents_enrolled_through_one_relay_are_approved_renewed_and_revoked_flee
     let cluster = EtcdCluster::start(1);
     let dir = tempfile::tempdir().unwrap();
     let relay_pki = CertSet::issue(dir.path(), "relay", &["relay.sluice.test"]);
-    sluice::relay::agent_ca::init(&dir.path().join("agent-ca.pem"), &dir.path().join("agent-ca-key.pem")).unwrap();
+    sluice::relay::agent_ca::init(
+        &dir.path().join("agent-ca.pem"),
+        &dir.path().join("agent-ca-key.pem"),
+    )
+    .unwrap();
     let relay_toml = |id: &str| {
         write(
             dir.path(),
@@ -275,13 +279,18 @@ async fn agents_enrolled_through_one_relay_are_approved_renewed_and_revoked_flee
             relay.tunnel_addr,
             relay_pki.ca_pem.display()
         );
-        let config = sluice::config::agent::AgentConfig::load(&write(dir.path(), &format!("{name}.toml"), &toml)).unwrap();
+        let config =
+            sluice::config::agent::AgentConfig::load(&write(dir.path(), &format!("{name}.toml"), &toml))
+                .unwrap();
         Agent::start(&config, Some(token.clone())).unwrap()
     };
     let first = agent("first", &relay_a);
-    tokio::time::timeout(Duration::from_secs(10), first.wait_for_link(0, |s| matches!(s, LinkState::Connected { .. })))
-        .await
-        .expect("the first agent enrolls and connects through relay A");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        first.wait_for_link(0, |s| matches!(s, LinkState::Connected { .. })),
+    )
+    .await
+    .expect("the first agent enrolls and connects through relay A");
     let agents = etcd.load().await.unwrap().0.agents;
     assert_eq!(agents.len(), 1);
     let first_record = agents.values().next().unwrap().clone();
@@ -289,9 +298,12 @@ async fn agents_enrolled_through_one_relay_are_approved_renewed_and_revoked_flee
 
     // The token copied to a second machine, enrolling through relay B: pending.
     let second = agent("second", &relay_b);
-    tokio::time::timeout(Duration::from_secs(10), second.wait_for_link(0, |s| matches!(s, LinkState::Pending { .. })))
-        .await
-        .expect("the second machine waits for approval");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        second.wait_for_link(0, |s| matches!(s, LinkState::Pending { .. })),
+    )
+    .await
+    .expect("the second machine waits for approval");
     let LinkState::Pending { agent: pending } = second.links()[0].clone() else {
         unreachable!()
     };
@@ -300,10 +312,17 @@ async fn agents_enrolled_through_one_relay_are_approved_renewed_and_revoked_flee
         .arg(&path_a)
         .output()
         .unwrap();
-    assert!(approve.status.success(), "{}", String::from_utf8_lossy(&approve.stderr));
-    tokio::time::timeout(Duration::from_secs(10), second.wait_for_link(0, |s| matches!(s, LinkState::Connected { .. })))
-        .await
-        .expect("approved, it connects");
+    assert!(
+        approve.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approve.stderr)
+    );
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        second.wait_for_link(0, |s| matches!(s, LinkState::Connected { .. })),
+    )
+    .await
+    .expect("approved, it connects");
 
     // Renewed at half-life through relay A; the new expiry is in etcd.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -313,21 +332,28 @@ async fn agents_enrolled_through_one_relay_are_approved_renewed_and_revoked_flee
             assert!(record.cert_expires_at > first_record.cert_expires_at);
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "renewed within its lifetime");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "renewed within its lifetime"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // Revoked through relay B's admin API: relay A cuts the first agent's tunnel.
     let admin_b = format!("http://{}", relay_b.admin_addr);
     let path = format!("/api/agents/{}/revoke", first_record.id);
-    let revoked = tokio::task::spawn_blocking(move || AdminClient::new(&admin_b, None).request("POST", &path).unwrap())
-        .await
-        .unwrap();
+    let revoked =
+        tokio::task::spawn_blocking(move || AdminClient::new(&admin_b, None).request("POST", &path).unwrap())
+            .await
+            .unwrap();
     assert_eq!(revoked.status, 200, "{}", revoked.body);
     eventually(Duration::from_secs(3), || relay_a.sessions().is_empty()).await;
     tokio::time::timeout(
         Duration::from_secs(10),
-        first.wait_for_link(0, |s| matches!(s, LinkState::Rejected(r) if r.contains("revoked"))),
+        first.wait_for_link(
+            0,
+            |s| matches!(s, LinkState::Rejected(r) if r.contains("revoked")),
+        ),
     )
     .await
     .expect("the revoked agent is refused");

@@ -173,7 +173,8 @@ async fn a_reload_applies_caps_listeners_certificate_token_and_shield_and_open_s
         .replace("relay-ca.pem", "relay2-ca.pem");
     let path = write(world.dir.path(), "agent-acme-new-ca.toml", &trusting_relay2);
     let new_ca = sluice::config::agent::AgentConfig::load(&path).unwrap();
-    let _new = world.agent(&new_ca, &token).await;
+    // Another machine: with its own token (one token enrolls one machine).
+    let _new = world.agent(&new_ca, &world.token("acme", "new-ca")).await;
     assert_eq!(ask(&mut open_stream, "still").await.unwrap(), "acme: still");
 }
 

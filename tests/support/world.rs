@@ -32,8 +32,9 @@ pub struct RelayOptions {
     /// Lines added to `[tunnel]`.
     pub tunnel_toml: String,
     /// `[tunnel] agent_auth`: `"certificate"` (the default, with an agent CA made by
-    /// `sluice ca init`'s code, and agents given a `state_dir` so they enroll) or `"token"` (no
-    /// agent CA; agents send their token on every connection).
+    /// `sluice ca init`'s code, and agents given a `state_dir` so they enroll), `"token"` (no
+    /// agent CA; agents send their token on every connection), or `"token+ca"` (tokens accepted,
+    /// and an agent CA: agents given a `state_dir` enroll).
     pub agent_auth: &'static str,
     /// `[tunnel] agent_cert_ttl`.
     pub agent_cert_ttl: &'static str,
@@ -72,7 +73,8 @@ impl World {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let relay_pki = CertSet::issue(dir.path(), "relay", &["relay.sluice.test"]);
-        let agent_certs = options.agent_auth == "certificate";
+        let agent_certs = options.agent_auth != "token";
+        let agent_auth = options.agent_auth.trim_end_matches("+ca");
         let agent_ca = if agent_certs {
             sluice::relay::agent_ca::init(
                 &dir.path().join("agent-ca.pem"),
@@ -125,7 +127,7 @@ listen = "127.0.0.1:0"
             hello = options.client_hello_timeout,
             edge_toml = options.edge_toml,
             tunnel_toml = options.tunnel_toml,
-            agent_auth = options.agent_auth,
+            agent_auth = agent_auth,
             agent_cert_ttl = options.agent_cert_ttl,
             ttl = options.credential_ttl,
             heartbeat = options.heartbeat,

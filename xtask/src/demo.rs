@@ -1,7 +1,8 @@
 //! `cargo xtask run`: a complete local deployment, from the `examples/` configs.
 //!
 //! It generates certificates (a relay CA and tunnel certificate; the tenant's own CA and app
-//! certificate), creates a tenant and an agent token with the `sluice` CLI, starts a small HTTPS
+//! certificate), creates the fleet's agent CA, a tenant and an agent token with the `sluice` CLI
+//! (the agent enrolls with the token on its first start), starts a small HTTPS
 //! app (the "on-prem" application, which alone holds the app key), the relay and the agent as
 //! separate processes, proves one request through the relay works, and prints the curl command
 //! that reaches the app. `--check` stops there (used by `cargo xtask test`).
@@ -44,6 +45,16 @@ pub fn run(check_only: bool) -> Result<()> {
     issue(&dir, "app", HOSTNAME)?;
 
     let sluice = root.join("target/debug/sluice");
+    let ca = Command::new(&sluice)
+        .current_dir(&dir)
+        .args(["ca", "init"])
+        .output()
+        .context("running sluice ca init")?;
+    ensure!(
+        ca.status.success(),
+        "sluice ca init: {}",
+        String::from_utf8_lossy(&ca.stderr)
+    );
     let state = dir.join("state");
     cli(
         &sluice,

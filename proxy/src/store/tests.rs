@@ -743,6 +743,26 @@ fn a_token_enrolls_its_machines_and_holds_the_rest_for_approval() {
         Err(StoreError::AgentRevoked { .. })
     ));
 
+    // A token that merely expires enrolls no more machines; what it enrolled stays.
+    let later = now + 3600;
+    let short = store
+        .create_token_with("acme", "short", Some(Duration::from_secs(60)), 1)
+        .unwrap()
+        .record
+        .id;
+    let mut early = enrollment(&short, 'f', now);
+    early.certificate.expires_at = later + 60;
+    let enrolled = store.enroll(&early).unwrap();
+    let snap = store.load().unwrap();
+    assert!(
+        snap.check_agent("acme", &enrolled.id, &"f".repeat(64), later)
+            .is_ok()
+    );
+    assert!(matches!(
+        store.enroll(&enrollment(&short, 'e', later)),
+        Err(StoreError::TokenInactive { .. })
+    ));
+
     // Revoking the token voids what it enrolled.
     store.revoke_token(&token).unwrap();
     let snap = store.load().unwrap();
