@@ -292,7 +292,20 @@ async fn an_expired_certificate_must_enroll_again_with_a_token() {
     );
     agent.shutdown(Duration::ZERO).await;
     // With the token, the same machine (same key) enrolls again: the same agent, no new place.
-    let agent = world.agent(&config, &token).await;
+    let enroll = Command::new(sluice_binary())
+        .args(["agent", "--enroll", "--config"])
+        .arg(world.path("agent-acme-1.toml"))
+        .env("SLUICE_TOKEN", &token)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&enroll.stdout);
+    assert!(
+        enroll.status.success() && said.contains(&format!("enrolled as agent {}", enrolled.id)),
+        "{said} {}",
+        String::from_utf8_lossy(&enroll.stderr)
+    );
+    let agent = Agent::start(&config, None).unwrap();
+    within(WAIT, agent.wait_for_link(0, connected)).await;
     let again = record(&world, "acme-1");
     assert_eq!(again.id, enrolled.id);
     assert_ne!(again.cert_serial, enrolled.cert_serial);

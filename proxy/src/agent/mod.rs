@@ -343,7 +343,17 @@ fn open_identity(config: &AgentConfig) -> Result<Option<Arc<Identity>>, AgentErr
         return Ok(None);
     };
     let identity = Identity::open(dir)?;
-    info!(key = %identity.fingerprint(), state = ?identity.state(), "agent identity");
+    let certificate = match identity.state() {
+        identity::CertState::Missing => "none yet: enrolls at the first connection".to_owned(),
+        identity::CertState::Expired(info) => {
+            format!("agent {}, expired at unix time {}", info.identity, info.not_after)
+        }
+        identity::CertState::Valid(info) => format!(
+            "agent {}, valid until unix time {}",
+            info.identity, info.not_after
+        ),
+    };
+    info!(key = %identity.fingerprint(), certificate, "agent identity");
     Ok(Some(Arc::new(identity)))
 }
 
