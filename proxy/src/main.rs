@@ -30,6 +30,10 @@ enum Command {
     Relay {
         #[arg(long, short)]
         config: PathBuf,
+        /// Take over from the relay running with the same state_dir: its listening sockets,
+        /// agents and shield, while it drains its streams and exits (zero-downtime upgrade).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Run an agent next to the on-prem application (it dials out to its relays; SIGHUP reloads
     /// its routes).
@@ -73,7 +77,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let out = &mut std::io::stdout();
     match Cli::parse().command {
-        Command::Relay { config } => run::relay(&config),
+        Command::Relay { config, upgrade } => run::relay(&config, upgrade),
         Command::Agent { config } => run::agent(&config),
         Command::Tenant(args) => Ok(store::cli::tenant(&args, out)?),
         Command::Token(args) => Ok(store::cli::token(&args, out, &mut std::io::stderr())?),

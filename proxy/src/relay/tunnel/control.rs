@@ -108,6 +108,9 @@ pub async fn serve(tunnel: &Tunnel, reader: FrameReader<TunnelTls>, peer: Socket
     };
     let end = match write_frame(&mut writer, &welcome).await {
         Ok(()) => {
+            if tunnel.agents_moving() {
+                session.pool.send_control(RelayMessage::Moving);
+            }
             let mut reader = FrameReader::new(read_half);
             session_loop(tunnel, &session, &mut reader, &mut writer, &mut control_rx).await
         }
