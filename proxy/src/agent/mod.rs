@@ -4,12 +4,15 @@
 //! - [`link`]: the control session with one relay (auth, heartbeats, renewal, reconnect)
 //! - [`data`]: the pool of pre-opened data connections for that relay
 //! - [`target`]: the on-prem end of a stream (connect, PROXY v2, optional TLS termination)
+//! - [`acme`]: certificates obtained and renewed by the agent itself (`tls = "acme"`)
 //! - [`warm`]: connections to a route's target opened ahead of streams (opt-in per route)
 //! - [`dial`], [`pacing`]: dialing a relay, and when to dial again
 //! - [`metrics`]: the agent's metrics and probes
 //!
 //! Dependencies point down that list: a link runs its data pool, a data connection serves its
-//! stream through a target, a target takes warm connections; all of them dial and pace.
+//! stream through a target, a target takes warm connections and ACME certificates; all of them
+//! dial and pace.
+pub mod acme;
 pub mod data;
 pub mod dial;
 pub mod link;
@@ -27,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::agent::{AgentConfig, ReconnectConfig};
+use crate::config::agent::{AgentConfig, ReconnectConfig, TlsTermination};
 use crate::wire::DataTransport;
 use crate::wire::message::RouteAd;
 use crate::wire::tls::{TlsConfigError, agent_client_config};
@@ -50,6 +53,10 @@ pub enum AgentError {
     /// and key for TLS ending at the agent.
     #[error("TLS: {0}")]
     Tls(#[from] TlsConfigError),
+    /// The `[acme]` section could not be set up: its store under `state_dir`, or the trust for
+    /// the ACME server.
+    #[error("ACME: {0}")]
+    Acme(#[from] acme::AcmeSetupError),
     /// The `[admin]` listener could not be bound.
     #[error("admin listener on {addr}: {source}")]
     Admin {
@@ -122,6 +129,7 @@ impl AgentShared {
 /// one. Stop it with [`Agent::shutdown`].
 pub struct Agent {
     shared: Arc<AgentShared>,
+    acme: Option<Arc<acme::Certificates>>,
     /// Where the admin listener is bound, if configured.
     pub admin_addr: Option<std::net::SocketAddr>,
     links: Vec<watch::Receiver<LinkState>>,
@@ -132,10 +140,26 @@ impl Agent {
     /// Starts a link to every configured relay.
     pub fn start(config: &AgentConfig, token: String) -> Result<Self, AgentError> {
         let stopped = CancellationToken::new();
+        let metrics = Arc::new(metrics::AgentMetrics::new());
+        let (link_states, links): (Vec<_>, Vec<_>) = config
+            .relays
+            .iter()
+            .map(|_| watch::channel(LinkState::Connecting))
+            .unzip();
+        let acme = match &config.acme {
+            Some(acme) => Some(Arc::new(acme::Certificates::new(
+                acme,
+                &config.state_dir,
+                links.clone(),
+                Arc::clone(&metrics),
+                stopped.clone(),
+            )?)),
+            None => None,
+        };
         let shared = Arc::new(AgentShared {
             name: config.name.clone(),
             token,
-            routes: RwLock::new(routes_of(config, &stopped)?),
+            routes: RwLock::new(routes_of(config, &stopped, acme.as_deref())?),
             routes_version: watch::Sender::new(0),
             reconnect: config.reconnect,
             connect_timeout: config.connect_timeout,
@@ -151,11 +175,10 @@ impl Agent {
             stopped,
             hard_stop: CancellationToken::new(),
             streams: TaskTracker::new(),
-            metrics: Arc::new(metrics::AgentMetrics::new()),
+            metrics,
         });
         let mut tasks = JoinSet::new();
-        let mut links = Vec::new();
-        for relay in &config.relays {
+        for (relay, state_tx) in config.relays.iter().zip(link_states) {
             let fail = |message: String| AgentError::Relay {
                 address: relay.address.clone(),
                 message,
@@ -164,9 +187,7 @@ impl Agent {
             let tls = agent_client_config(&trust)?;
             let dialer =
                 dial::RelayDialer::new(relay.address.clone(), relay.server_name(), tls).map_err(fail)?;
-            let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
             tasks.spawn(link::run(Arc::clone(&shared), Arc::new(dialer), state_tx));
-            links.push(state_rx);
         }
         let mut admin_addr = None;
         if let Some(admin) = &config.admin {
@@ -193,6 +214,7 @@ impl Agent {
         );
         Ok(Self {
             shared,
+            acme,
             admin_addr,
             links,
             tasks,
@@ -202,11 +224,19 @@ impl Agent {
     /// Replaces the routes this agent serves (e.g. on SIGHUP) and re-registers them with every
     /// relay: hostnames left out go offline at once. Relay endpoints are not reloaded.
     pub fn reload_routes(&self, config: &AgentConfig) -> Result<(), AgentError> {
-        let fresh = routes_of(config, &self.shared.stopped)?;
+        let fresh = routes_of(config, &self.shared.stopped, self.acme.as_deref())?;
         info!(routes = ?fresh.0.iter().map(|r| &r.hostname).collect::<Vec<_>>(), "routes reloaded");
+        if let Some(acme) = &self.acme {
+            acme.retain(&acme_hostnames(config));
+        }
         *self.shared.routes.write().expect("routes lock") = fresh;
         self.shared.routes_version.send_modify(|v| *v += 1);
         Ok(())
+    }
+
+    /// Where the certificate of `hostname` stands, if a route serves it with `tls = "acme"`.
+    pub fn certificate(&self, hostname: &str) -> Option<acme::CertificateStatus> {
+        self.acme.as_ref()?.status(hostname)
     }
 
     /// Current state of each relay link, in config order.
@@ -245,9 +275,21 @@ impl Agent {
     }
 }
 
+/// The (normalized) hostnames of the routes with `tls = "acme"`.
+fn acme_hostnames(config: &AgentConfig) -> Vec<String> {
+    config
+        .routes
+        .iter()
+        .filter(|r| r.tls == Some(TlsTermination::Acme))
+        .filter_map(|r| crate::hostname::HostPattern::parse(&r.hostname).ok())
+        .map(|p| p.to_string())
+        .collect()
+}
+
 fn routes_of(
     config: &AgentConfig,
     stopped: &CancellationToken,
+    acme: Option<&acme::Certificates>,
 ) -> Result<(Vec<RouteAd>, Arc<Routes>), AgentError> {
     let ads = config
         .routes
@@ -257,6 +299,6 @@ fn routes_of(
             http: r.http,
         })
         .collect();
-    let routes = Routes::new(&config.routes, config.connect_timeout, stopped)?;
+    let routes = Routes::new(&config.routes, config.connect_timeout, stopped, acme)?;
     Ok((ads, Arc::new(routes)))
 }
