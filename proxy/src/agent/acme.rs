@@ -646,9 +646,13 @@ fn challenge_certificate(hostname: &str, digest: &[u8]) -> Result<Arc<CertifiedK
     params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
     let cert = params.self_signed(&key).map_err(fail)?;
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let certified = CertifiedKey::from_der(vec![cert.der().clone()], der, &provider())
+    let signing_key = provider()
+        .key_provider
+        .load_private_key(der)
         .map_err(|e| OrderError::Certificate(format!("challenge certificate: {e}")))?;
-    Ok(Arc::new(certified))
+    // Not `from_der`: its key check parses the certificate with webpki, which refuses the
+    // critical acmeIdentifier extension this certificate exists to carry.
+    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing_key)))
 }
 
 /// The TLS client config for the ACME server: `directory_ca` if set, else the system's roots.
