@@ -379,12 +379,12 @@ async fn an_acme_server_down_at_start_is_retried_and_the_old_certificate_served_
 async fn the_relay_routes_an_acme_tls_alpn_hello_like_any_other() {
     let (world, token) = relay().await;
     let target = plain_echo("raw").await;
-    let _agent = world
-        .agent(
-            &world.agent_config("acme-1", &passthrough_route(HOST, target.addr)),
-            &token,
-        )
-        .await;
+    let config = world.agent_config("acme-1", &passthrough_route(HOST, target.addr));
+    let _agent = world.agent(&config, &token).await;
+    assert!(
+        !config.state_dir.exists(),
+        "without [acme], the agent keeps no state"
+    );
     let mut config = rustls::ClientConfig::builder_with_provider(sluice::wire::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()

@@ -376,10 +376,15 @@ async fn keep(
                     () = tokio::time::sleep(delay) => {}
                     () = stop.cancelled() => return,
                 }
-                backoff = (backoff * 2).min(client.retry_max);
+                backoff = doubled(backoff, client.retry_max);
             }
         }
     }
+}
+
+/// The pause after the next failure: twice this one, up to `max`.
+fn doubled(backoff: Duration, max: Duration) -> Duration {
+    backoff.saturating_mul(2).min(max)
 }
 
 /// Returns once a relay link has accepted `hostname` from this agent's routes.
@@ -655,8 +660,17 @@ fn challenge_certificate(hostname: &str, digest: &[u8]) -> Result<Arc<CertifiedK
     Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing_key)))
 }
 
-/// The TLS client config for the ACME server: `directory_ca` if set, else the system's roots.
+/// The TLS client config for the ACME server, trusting [`acme_roots`].
 fn acme_tls(directory_ca: Option<&Path>) -> Result<rustls::ClientConfig, AcmeSetupError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsConfigError::from)?
+        .with_root_certificates(acme_roots(directory_ca)?)
+        .with_no_client_auth())
+}
+
+/// What the ACME server's HTTPS is trusted by: `directory_ca` if set, else the system's roots.
+fn acme_roots(directory_ca: Option<&Path>) -> Result<rustls::RootCertStore, AcmeSetupError> {
     let mut roots = rustls::RootCertStore::empty();
     match directory_ca {
         Some(path) => {
@@ -677,11 +691,7 @@ fn acme_tls(directory_ca: Option<&Path>) -> Result<rustls::ClientConfig, AcmeSet
             }
         }
     }
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(TlsConfigError::from)?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(roots)
 }
 
 /// The store's directory name for an ACME server: its host, readable, and a hash of the whole
@@ -797,13 +807,13 @@ mod tests {
         AcmeClient {
             directory: "https://acme.test/directory".into(),
             contact: None,
-            tls: Arc::new(acme_tls(None).unwrap_or_else(|_| {
+            tls: Arc::new(
                 rustls::ClientConfig::builder_with_provider(provider())
                     .with_safe_default_protocol_versions()
                     .unwrap()
                     .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth()
-            })),
+                    .with_no_client_auth(),
+            ),
             store: dir.to_path_buf(),
             account: tokio::sync::Mutex::new(None),
             retry_initial: Duration::from_secs(1),
@@ -893,6 +903,39 @@ mod tests {
         let local = directory_key("https://127.0.0.1:14000/dir");
         assert!(local.starts_with("127.0.0.1_14000-"), "{local}");
         assert_ne!(local, directory_key("https://127.0.0.1:14000/other"));
+    }
+
+    #[test]
+    fn failed_orders_back_off_doubling_up_to_the_maximum() {
+        let max = Duration::from_secs(3600);
+        let mut backoff = Duration::from_secs(10);
+        let mut pauses = Vec::new();
+        for _ in 0..12 {
+            pauses.push(backoff.as_secs());
+            backoff = doubled(backoff, max);
+        }
+        assert_eq!(
+            pauses,
+            [10, 20, 40, 80, 160, 320, 640, 1280, 2560, 3600, 3600, 3600]
+        );
+        assert_eq!(doubled(Duration::MAX, max), max, "no overflow");
+    }
+
+    #[test]
+    fn the_acme_server_is_trusted_by_directory_ca_or_else_the_system_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(vec!["acme.test".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, ca.pem()).unwrap();
+        assert_eq!(acme_roots(Some(&path)).unwrap().len(), 1, "only the given CA");
+        std::fs::write(&path, "not a certificate").unwrap();
+        assert!(acme_roots(Some(&path)).is_err());
+        // `cargo xtask setup` installs ca-certificates, the system's roots.
+        assert!(acme_roots(None).unwrap().len() > 10, "the system's roots");
     }
 
     #[test]
