@@ -307,7 +307,8 @@ async fn the_agent_obtains_its_certificate_through_the_relay_and_renews_it_under
 
 /// The ACME server is down when the agent starts: it says why and retries with backoff, then
 /// gets its certificate once the server is up. With the server gone again, a restarted agent
-/// serves the certificate it stored, and keeps serving it while its renewal fails.
+/// serves the certificate it stored, and keeps serving it while its renewal fails; a new server
+/// that does not know the stored account gets a new one, and renews.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acme_server_down_at_start_is_retried_and_the_old_certificate_served_while_it_is_down() {
     let (world, token) = relay().await;
@@ -369,6 +370,32 @@ async fn an_acme_server_down_at_start_is_retried_and_the_old_certificate_served_
             .unwrap();
         assert_eq!(line, "acme-app: ping\n");
     }
+
+    // A new ACME server on the same address knows nothing of the stored account: the agent
+    // makes a new account and gets a certificate from it.
+    let account_file = files_under(&config.state_dir)
+        .into_iter()
+        .find(|f| f.ends_with("account.json"))
+        .unwrap();
+    let old_account = std::fs::read(&account_file).unwrap();
+    let pebble = Pebble::start(
+        world.dir.path(),
+        PebbleOptions {
+            port,
+            tls_port: world.tls_addr().port(),
+            validity: VALIDITY,
+        },
+    )
+    .await;
+    status_until(&agent, Duration::from_secs(15), |s| s.issued == 1).await;
+    assert_ne!(
+        std::fs::read(&account_file).unwrap(),
+        old_account,
+        "a new account"
+    );
+    let trusting = client_trusting(&pebble.issuing_root(), &[b"http/1.1"]);
+    let (_, renewed) = connect(world.tls_addr(), trusting).await;
+    assert_ne!(serial(&renewed), serial(&leaf));
     agent.shutdown(Duration::ZERO).await;
 }
 

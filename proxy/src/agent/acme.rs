@@ -68,6 +68,13 @@ pub enum OrderError {
         /// What failed, with its causes.
         message: String,
     },
+    /// The server no longer knows the stored account (a test server that restarted, an account
+    /// deactivated): it is forgotten, and the next attempt creates a new one.
+    #[error("ACME server {directory} does not know this agent's account; a new one is made next")]
+    AccountUnknown {
+        /// The directory URL.
+        directory: String,
+    },
     /// The server did not offer TLS-ALPN-01 for the hostname, the only challenge the agent can
     /// answer through the relays.
     #[error("the ACME server offers no tls-alpn-01 challenge")]
@@ -96,6 +103,9 @@ pub enum OrderError {
         source: std::io::Error,
     },
 }
+
+/// The problem type of a request signed by an account the server does not know (RFC 8555 §7.3).
+const ACCOUNT_DOES_NOT_EXIST: &str = "urn:ietf:params:acme:error:accountDoesNotExist";
 
 /// Longest one order may take, from the account to the certificate, before it counts as failed.
 pub const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
@@ -389,12 +399,19 @@ fn doubled(backoff: Duration, max: Duration) -> Duration {
 
 /// Returns once a relay link has accepted `hostname` from this agent's routes.
 async fn routed_here(links: &mut [watch::Receiver<LinkState>], hostname: &str) {
+    let mut said = false;
     loop {
         let routed = links.iter().any(|link| {
             matches!(&*link.borrow(), LinkState::Connected { accepted, .. } if accepted.iter().any(|h| h == hostname))
         });
         if routed || links.is_empty() {
             return;
+        }
+        if !std::mem::replace(&mut said, true) {
+            info!(
+                hostname,
+                "certificate order waits for a relay to route the hostname here"
+            );
         }
         let changes = links.iter_mut().map(|link| Box::pin(link.changed()));
         let (changed, _, _) = futures_util::future::select_all(changes).await;
@@ -418,7 +435,14 @@ struct AcmeClient {
 }
 
 impl AcmeClient {
-    fn acme_error(&self, error: impl std::error::Error) -> OrderError {
+    fn acme_error(&self, error: instant_acme::Error) -> OrderError {
+        if let instant_acme::Error::Api(problem) = &error
+            && problem.r#type.as_deref() == Some(ACCOUNT_DOES_NOT_EXIST)
+        {
+            return OrderError::AccountUnknown {
+                directory: self.directory.clone(),
+            };
+        }
         OrderError::Acme {
             directory: self.directory.clone(),
             message: error_chain(&error),
@@ -510,13 +534,7 @@ impl AcmeClient {
     /// One order, from the account to a stored certificate.
     async fn order(&self, slot: &CertSlot) -> Result<Installed, OrderError> {
         let result = self.order_once(slot).await;
-        if let Err(OrderError::Acme { message, .. }) = &result
-            && message.contains("accountDoesNotExist")
-        {
-            warn!(
-                directory = self.directory,
-                "the ACME server no longer knows this account; creating a new one next"
-            );
+        if let Err(OrderError::AccountUnknown { .. }) = &result {
             self.forget_account().await;
         }
         result

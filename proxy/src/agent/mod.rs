@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::agent::{AgentConfig, ReconnectConfig, TlsTermination};
+use crate::config::agent::{AgentConfig, ReconnectConfig};
 use crate::wire::DataTransport;
 use crate::wire::message::RouteAd;
 use crate::wire::tls::{TlsConfigError, agent_client_config};
@@ -224,10 +224,19 @@ impl Agent {
     /// Replaces the routes this agent serves (e.g. on SIGHUP) and re-registers them with every
     /// relay: hostnames left out go offline at once. Relay endpoints are not reloaded.
     pub fn reload_routes(&self, config: &AgentConfig) -> Result<(), AgentError> {
-        let fresh = routes_of(config, &self.shared.stopped, self.acme.as_deref())?;
+        let fresh = match routes_of(config, &self.shared.stopped, self.acme.as_deref()) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                // Keepers started for hostnames of the refused config stop; the rest go on.
+                if let Some(acme) = &self.acme {
+                    acme.retain(&self.shared.routes().acme_hostnames());
+                }
+                return Err(e);
+            }
+        };
         info!(routes = ?fresh.0.iter().map(|r| &r.hostname).collect::<Vec<_>>(), "routes reloaded");
         if let Some(acme) = &self.acme {
-            acme.retain(&acme_hostnames(config));
+            acme.retain(&fresh.1.acme_hostnames());
         }
         *self.shared.routes.write().expect("routes lock") = fresh;
         self.shared.routes_version.send_modify(|v| *v += 1);
@@ -273,17 +282,6 @@ impl Agent {
         self.tasks.shutdown().await;
         info!("agent stopped");
     }
-}
-
-/// The (normalized) hostnames of the routes with `tls = "acme"`.
-fn acme_hostnames(config: &AgentConfig) -> Vec<String> {
-    config
-        .routes
-        .iter()
-        .filter(|r| r.tls == Some(TlsTermination::Acme))
-        .filter_map(|r| crate::hostname::HostPattern::parse(&r.hostname).ok())
-        .map(|p| p.to_string())
-        .collect()
 }
 
 fn routes_of(

@@ -150,6 +150,15 @@ impl Routes {
         self.routes.iter().find(|r| r.pattern.matches(host))
     }
 
+    /// The (normalized) hostnames of the routes with `tls = "acme"`.
+    pub fn acme_hostnames(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .filter(|r| r.config.tls == Some(TlsTermination::Acme))
+            .map(|r| r.pattern.to_string())
+            .collect()
+    }
+
     /// Every route, exact names before wildcards.
     pub fn iter(&self) -> impl Iterator<Item = &Route> {
         self.routes.iter()
