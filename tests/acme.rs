@@ -302,6 +302,16 @@ async fn the_agent_obtains_its_certificate_through_the_relay_and_renews_it_under
         app.seen.event_streams.load(std::sync::atomic::Ordering::SeqCst),
         1
     );
+
+    // The tenant takes the route off ACME (SIGHUP): its keeper stops, its expiry leaves /metrics.
+    let passthrough = world.agent_config("acme-1-passthrough", &passthrough_route(HOST, app.addr));
+    agent.reload_routes(&passthrough).unwrap();
+    assert_eq!(agent.certificate(HOST), None);
+    let metrics = agent_metrics(&agent).await;
+    assert!(
+        !metrics.contains("sluice_agent_certificate_expiry_seconds{"),
+        "{metrics}"
+    );
     agent.shutdown(Duration::ZERO).await;
 }
 
@@ -396,6 +406,10 @@ async fn an_acme_server_down_at_start_is_retried_and_the_old_certificate_served_
     let trusting = client_trusting(&pebble.issuing_root(), &[b"http/1.1"]);
     let (_, renewed) = connect(world.tls_addr(), trusting).await;
     assert_ne!(serial(&renewed), serial(&leaf));
+    // The app saw at most the four connections made above (one closed right after its
+    // handshake may not get that far), none of the six validations: the agent answers those.
+    let connections = app.observed.raw.lock().unwrap().len();
+    assert!(connections <= 4, "{connections} connections reached the app");
     agent.shutdown(Duration::ZERO).await;
 }
 

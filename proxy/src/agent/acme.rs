@@ -288,12 +288,16 @@ impl Certificates {
         slot
     }
 
-    /// Stops the keepers of hostnames no longer served with `tls = "acme"` (after a reload).
+    /// Stops the keepers of hostnames no longer served with `tls = "acme"` (after a reload); their
+    /// expiry leaves `/metrics` with them.
     pub fn retain(&self, hostnames: &[String]) {
-        self.keepers
-            .lock()
-            .expect("keepers lock")
-            .retain(|hostname, _| hostnames.contains(hostname));
+        self.keepers.lock().expect("keepers lock").retain(|hostname, _| {
+            let keep = hostnames.contains(hostname);
+            if !keep {
+                let _ = self.metrics.certificate_expiry.remove_label_values(&[hostname]);
+            }
+            keep
+        });
     }
 
     /// Where `hostname`'s certificate stands, if it is served with `tls = "acme"`.
