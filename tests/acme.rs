@@ -337,6 +337,20 @@ async fn an_acme_server_down_at_start_is_retried_and_the_old_certificate_served_
     );
     assert_eq!(failing.issued, 0);
     assert_eq!(failing.not_after, None);
+    let metrics = agent_metrics(&agent).await;
+    let failed = format!("sluice_agent_certificate_orders_total{{hostname=\"{HOST}\",result=\"failed\"}} ");
+    let count: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&failed))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(count >= 3, "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "sluice_agent_certificate_expiry_seconds{{hostname=\"{HOST}\"}} 0"
+        )),
+        "no certificate yet: expiry 0\n{metrics}"
+    );
 
     let pebble = Pebble::start(
         world.dir.path(),

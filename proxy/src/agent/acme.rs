@@ -960,6 +960,36 @@ mod tests {
         assert!(acme_roots(None).unwrap().len() > 10, "the system's roots");
     }
 
+    /// An ACME server that accepts connections and never answers holds an order for
+    /// [`ORDER_TIMEOUT`], no longer; then the keeper says why and tries again.
+    #[tokio::test(start_paused = true)]
+    async fn an_order_that_hangs_fails_after_the_order_timeout_and_is_retried() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut client = client_in(dir.path());
+        client.directory = format!("https://{}/dir", silent.local_addr().unwrap());
+        let slot = Arc::new(CertSlot::new("app.acme.test".into()));
+        let (_link, routed) = watch::channel(LinkState::Connected {
+            agent_id: "acme/a/1".into(),
+            accepted: vec!["app.acme.test".into()],
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(keep(
+            Arc::new(client),
+            Arc::clone(&slot),
+            vec![routed],
+            Arc::new(AgentMetrics::new()),
+            stop.clone(),
+        ));
+        tokio::time::sleep(ORDER_TIMEOUT - Duration::from_secs(1)).await;
+        assert_eq!(slot.status().failures, 0, "still within the order timeout");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let status = slot.status();
+        assert_eq!(status.failures, 1, "{status:?}");
+        assert_eq!(status.last_error.as_deref(), Some("no certificate within 300s"));
+        stop.cancel();
+    }
+
     #[test]
     fn errors_carry_their_causes() {
         let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
