@@ -41,10 +41,7 @@ const GREETING: &str = "Hello from the on-prem app, through Sluice. The relay ne
 
 pub fn run(check_only: bool, acme: bool) -> Result<()> {
     // Installed first, so a Ctrl-C at any point stops the children instead of orphaning them.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-        .context("installing the Ctrl-C handler")?;
+    let stop = interrupted()?;
     let root = workspace_root();
     let dir = root.join("target/demo");
     let _ = std::fs::remove_dir_all(&dir);
@@ -140,6 +137,20 @@ pub fn run(check_only: bool, acme: bool) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     children.stop()
+}
+
+/// Set by Ctrl-C. The handler is installed once per process (`cargo xtask test` runs both
+/// demos), on the first call.
+fn interrupted() -> Result<Arc<AtomicBool>> {
+    static STOP: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    if let Some(stop) = STOP.get() {
+        return Ok(Arc::clone(stop));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    Ok(Arc::clone(STOP.get_or_init(|| stop)))
 }
 
 /// Relay and agent processes, stopped with SIGTERM (graceful shutdown) when dropped.
