@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use proxy_common::{CidrOrigin, MAX_BANS, NANOTOKENS, Reason, SOURCE_SET_BITS, SOURCE_WAYS};
+use proxy_common::{CidrOrigin, MAX_BANS, NANOTOKENS, Reason, SOURCE_SET_BITS, SOURCE_WAYS, SyncookiePolicy};
 use sluice::cidr::Cidr;
 use sluice::config::shield::ShieldConfig;
 use sluice::shield::runtime::kernel_policy;
@@ -59,6 +59,7 @@ impl Harness {
                 ban_duration: limits.ban,
                 prefixes: limits.prefixes,
             },
+            SyncookiePolicy::default(),
         ))
     }
 
@@ -68,7 +69,7 @@ impl Harness {
             protected_ports: vec![HTTPS, 80],
             ..ShieldConfig::default()
         };
-        Self::with_policy(&kernel_policy(&config, &[]))
+        Self::with_policy(&kernel_policy(&config, &[], SyncookiePolicy::default()))
     }
 
     fn with_policy(policy: &KernelPolicy) -> Self {
@@ -103,7 +104,7 @@ impl Harness {
         let last_is_drop = outcome.action == action::DROP;
         assert!(
             outcome.action == action::DROP || outcome.action == action::PASS,
-            "unexpected XDP action {}",
+            "unexpected XDP action {} (SYN cookies are off here)",
             outcome.action
         );
         if repeat == 1 {
@@ -219,7 +220,7 @@ fn passes_everything_it_does_not_police_untouched() {
     // Nothing protected at all: everything passes.
     let mut empty = Harness::new(Limits::default());
     let mut nothing_protected = empty.maps().policy().unwrap();
-    nothing_protected.ports = KernelPolicy::new(&[], &tight()).ports;
+    nothing_protected.ports = KernelPolicy::new(&[], &tight(), SyncookiePolicy::default()).ports;
     empty.maps().set_policy(&nothing_protected).unwrap();
     assert_eq!(empty.verdict(&syn4(denied).bytes), Reason::PassOther);
 }
@@ -634,6 +635,7 @@ fn pinned_maps_let_another_handle_edit_the_running_shield() {
                 ban_threshold: 10,
                 ..tight()
             },
+            SyncookiePolicy::default(),
         ))
         .unwrap();
     let source = v4(192, 0, 2, 123);

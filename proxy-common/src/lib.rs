@@ -42,9 +42,16 @@ pub const MAP_SOURCES_V4: &str = "SOURCES_V4";
 pub const MAP_SOURCES_V6: &str = "SOURCES_V6";
 /// Map (ring buffer): one [`BanEvent`] per ban the kernel decides.
 pub const MAP_BAN_EVENTS: &str = "BAN_EVENTS";
+/// Map (array, one [`SynFlood`] per destination port): how many SYNs from new sources each port
+/// got in the current second, and whether the program answers its SYNs with cookies.
+pub const MAP_SYN_FLOOD: &str = "SYN_FLOOD";
+/// Map (LRU hash): destination address and port of a listener (two words of address, IPv4 in
+/// the first; then the port, plus 1 << 16 for IPv6) -> when a SYN in SYN-cookie mode last went
+/// on to it (CLOCK_MONOTONIC ns). Each listening socket keeps its own cookie window open.
+pub const MAP_SYN_LISTENERS: &str = "SYN_LISTENERS";
 
 /// Every map the shield pins, so the CLI can open a running relay's maps by name.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 11] = [
     MAP_BANNED_V4,
     MAP_BANNED_V6,
     MAP_COUNTERS,
@@ -55,6 +62,7 @@ pub const PINNED_MAPS: [&str; 10] = [
     MAP_DENY_V6,
     MAP_SOURCES_V4,
     MAP_SOURCES_V6,
+    MAP_SYN_FLOOD,
 ];
 
 /// Capacity of each ban map. Not LRU, so a flood of new sources cannot evict an operator's
@@ -99,11 +107,20 @@ pub enum Reason {
     /// Over the source's rate of segments that carry neither ACK nor RST and are not an opening
     /// SYN (see [`Limits::packet`]).
     DropPacketRate = 9,
+    /// A SYN from a new source to a port in SYN-cookie mode, answered by the program itself with
+    /// a SYN-ACK carrying a SYN cookie (`XDP_TX`).
+    SyncookieSent = 10,
+    /// An ACK from a new source to a port in SYN-cookie mode carrying a valid cookie: passed on,
+    /// the kernel's listener creates the connection from it.
+    SyncookieOk = 11,
+    /// An ACK from a new source to a port in SYN-cookie mode whose cookie is not valid: a forged
+    /// or stale handshake, dropped.
+    SyncookieBad = 12,
 }
 
 impl Reason {
     /// Number of reasons; the size of the counters array.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 13;
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Self::PassOther,
@@ -116,6 +133,9 @@ impl Reason {
         Self::DropFragment,
         Self::DropSynRate,
         Self::DropPacketRate,
+        Self::SyncookieSent,
+        Self::SyncookieOk,
+        Self::SyncookieBad,
     ];
 
     /// A stable, Prometheus-friendly label.
@@ -131,6 +151,9 @@ impl Reason {
             Self::DropFragment => "drop_fragment",
             Self::DropSynRate => "drop_syn_rate",
             Self::DropPacketRate => "drop_packet_rate",
+            Self::SyncookieSent => "syncookie_sent",
+            Self::SyncookieOk => "syncookie_ok",
+            Self::SyncookieBad => "syncookie_bad",
         }
     }
 
@@ -145,7 +168,13 @@ impl Reason {
                 | Self::DropFragment
                 | Self::DropSynRate
                 | Self::DropPacketRate
+                | Self::SyncookieBad
         )
+    }
+
+    /// True when the program sent the frame back out of the interface it came in on.
+    pub const fn is_transmit(self) -> bool {
+        matches!(self, Self::SyncookieSent)
     }
 
     /// The reason with index `index`, if any.
@@ -281,6 +310,95 @@ pub struct Limits {
     pub generation: u64,
     /// What makes a source (see the crate docs).
     pub prefixes: SourcePrefixes,
+    /// When and how the program answers SYNs itself.
+    pub syncookies: SyncookiePolicy,
+}
+
+/// [`SyncookiePolicy::mode`]: the program never answers SYNs (also what a zeroed policy says).
+pub const SYNCOOKIES_NEVER: u8 = 0;
+/// [`SyncookiePolicy::mode`]: a port goes into SYN-cookie mode above the threshold.
+pub const SYNCOOKIES_ADAPTIVE: u8 = 1;
+/// [`SyncookiePolicy::mode`]: every protected port is always in SYN-cookie mode.
+pub const SYNCOOKIES_ALWAYS: u8 = 2;
+/// How long a port stays in SYN-cookie mode after its last second over the threshold.
+pub const SYNCOOKIE_HOLD_NS: u64 = 10_000_000_000;
+/// In SYN-cookie mode, one SYN per listener (destination address and port) per this many
+/// nanoseconds still goes to the kernel (the default of
+/// [`SyncookiePolicy::listener_interval_ns`]): a listening socket accepts a cookie ACK only for
+/// two minutes after it answered a SYN with a cookie of its own (`tcp_synq_no_recent_overflow`),
+/// so it must keep doing so.
+pub const SYNCOOKIE_LISTENER_NS: u64 = 1_000_000_000;
+
+/// [`SyncookiePolicy::options`] bits: what the SYN-ACKs the program sends may offer.
+/// The timestamp option, which carries the client's window scale and SACK permission back to the
+/// kernel in the low bits of the timestamp the client echoes (the kernel's own cookie encoding).
+pub const SYNCOOKIE_TIMESTAMPS: u8 = 1;
+/// Window scaling (needs [`SYNCOOKIE_TIMESTAMPS`]).
+pub const SYNCOOKIE_WSCALE: u8 = 2;
+/// Selective acknowledgements (needs [`SYNCOOKIE_TIMESTAMPS`]).
+pub const SYNCOOKIE_SACK: u8 = 4;
+
+/// When the program answers SYNs itself, and the SYN-ACK it sends: the same options, window and
+/// window scale the kernel's listener will assume when it creates the connection from the
+/// cookie ACK, so both ends agree. Userspace derives the numbers from the host's sysctls and the
+/// interfaces' MTU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncookiePolicy {
+    /// Under [`SYNCOOKIES_ADAPTIVE`]: SYNs from new sources (not in the source table) per
+    /// second to one port above which the port goes into SYN-cookie mode.
+    pub threshold: u64,
+    /// In SYN-cookie mode, SYNs from new sources still go to each listener (destination address
+    /// and port) one per this many nanoseconds (the first one always).
+    pub listener_interval_ns: u64,
+    /// MSS offered over IPv4 and IPv6 (the interfaces' MTU less the headers).
+    pub mss_v4: u16,
+    pub mss_v6: u16,
+    /// Receive window offered (unscaled, as in every SYN segment), per family.
+    pub window_v4: u16,
+    pub window_v6: u16,
+    /// Window scale offered: what the kernel computes for the connection (from `tcp_rmem` and
+    /// `rmem_max`), or the client would misread every window the kernel sends later.
+    pub wscale: u8,
+    /// IPv4 TTL / IPv6 hop limit of the SYN-ACK.
+    pub ttl: u8,
+    /// `SYNCOOKIE_*` bits.
+    pub options: u8,
+    /// `SYNCOOKIES_NEVER`, `SYNCOOKIES_ADAPTIVE` or `SYNCOOKIES_ALWAYS`.
+    pub mode: u8,
+    pub _reserved: [u8; 4],
+}
+
+impl Default for SyncookiePolicy {
+    fn default() -> Self {
+        Self {
+            threshold: 0,
+            listener_interval_ns: SYNCOOKIE_LISTENER_NS,
+            mss_v4: 1460,
+            mss_v6: 1440,
+            window_v4: 64_240,
+            window_v6: 64_800,
+            wscale: 7,
+            ttl: 64,
+            options: 0,
+            mode: SYNCOOKIES_NEVER,
+            _reserved: [0; 4],
+        }
+    }
+}
+
+/// One destination port's SYN-flood state, in [`MAP_SYN_FLOOD`] (CLOCK_MONOTONIC ns at tick
+/// resolution). Updates from several CPUs are not atomic: a count may lose a few SYNs, which
+/// only delays the switch by as much.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynFlood {
+    /// Start of the second `new_source_syns` counts in.
+    pub window_ns: u64,
+    /// SYNs from sources not in the source table since `window_ns`.
+    pub new_source_syns: u64,
+    /// The port is in SYN-cookie mode until then (0: never was).
+    pub cookies_until_ns: u64,
 }
 
 /// [`Limits::lists`] bits.
@@ -420,4 +538,5 @@ mod pod {
     unsafe impl aya::Pod for super::PortSet {}
     unsafe impl aya::Pod for super::Policy {}
     unsafe impl aya::Pod for super::BanEvent {}
+    unsafe impl aya::Pod for super::SynFlood {}
 }

@@ -2,8 +2,10 @@
 //!
 //! It owns the fast drop decisions for TCP traffic to the relay's protected ports (in the
 //! `POLICY` map): [`parse`] reads Ethernet (up to two VLAN tags), IPv4 or IPv6 (with extension headers)
-//! and TCP; [`police`] applies the allowlist, denylist, bans and per-source token buckets.
-//! Every verdict is counted per CPU (packets and bytes) under its [`Reason`].
+//! and TCP; [`police`] applies the allowlist, denylist, bans and per-source token buckets; while
+//! a port is flooded with SYNs from new sources, [`syncookie`] answers them with SYN cookies
+//! (`XDP_TX`) and checks the ACKs that come back. Every verdict is counted per CPU (packets and
+//! bytes) under its [`Reason`].
 //!
 //! Cost is the design constraint: a packet from a source seen before makes no kernel call at
 //! all (map lookups other than arrays and clock reads are calls, each costing about as much as
@@ -26,21 +28,23 @@
 
 mod parse;
 mod police;
+mod syncookie;
 
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use proxy_common::{
     BPF_F_MMAPABLE, BanEntry, Counter, FAMILY_V4, FAMILY_V6, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_BANS_V4,
-    LIST_BANS_V6, LIST_DENY_V4, LIST_DENY_V6, LIST_FINE_V4, LIST_FINE_V6, MAX_BANS, MAX_CIDRS, MAX_SOURCES,
-    Policy, Reason, SourceState,
+    LIST_BANS_V6, LIST_DENY_V4, LIST_DENY_V6, LIST_FINE_V4, LIST_FINE_V6, Limits, MAX_BANS, MAX_CIDRS,
+    MAX_SOURCES, Policy, Reason, SourceState, SynFlood,
 };
 
-use parse::{Parsed, Source};
-use police::FamilyMaps;
+use parse::{Parsed, Segment, Source};
+use police::{Address, FamilyMaps, NewSource, Policed};
+use syncookie::Family;
 
 // Bans decided in userspace, keyed by source network. A plain hash, not LRU: a spray of new
 // sources cannot evict them.
@@ -75,11 +79,28 @@ static BAN_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 
+// One slot per destination port, indexed by the port itself (an inlined array lookup, and only
+// for segments from sources the source tables do not hold).
+#[map(name = "SYN_FLOOD")]
+static SYN_FLOOD: Array<SynFlood> = Array::with_max_entries(65_536, 0);
+
+// Looked into only for a SYN from a new source to a port in SYN-cookie mode.
+#[map(name = "SYN_LISTENERS")]
+static SYN_LISTENERS: LruHashMap<[u64; 3], u64> = LruHashMap::with_max_entries(4_096, 0);
+
+// The SYN-cookie helpers are for GPL-compatible programs; this program (proxy-ebpf, and the
+// proxy-common types it is built with) is dual-licensed MIT or GPL-2.0.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
 #[xdp]
 pub fn sluice_shield(ctx: XdpContext) -> u32 {
     let reason = classify(&ctx);
     count(reason, ctx.data_end() - ctx.data());
-    if reason.is_drop() {
+    if reason.is_transmit() {
+        xdp_action::XDP_TX
+    } else if reason.is_drop() {
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS
@@ -97,7 +118,11 @@ fn classify(ctx: &XdpContext) -> Reason {
     let protected = |port: u16| ports.words[usize::from(port >> 6) & 1023] & (1 << (port & 63)) != 0;
     match parse::parse(ctx, protected) {
         Parsed::Verdict(reason) => reason,
-        Parsed::Police { source, flags } => {
+        Parsed::Police {
+            source,
+            flags,
+            segment,
+        } => {
             let limits = &policy.limits;
             match source {
                 Source::V4(address) => {
@@ -112,7 +137,7 @@ fn classify(ctx: &XdpContext) -> Reason {
                         bans_bit: LIST_BANS_V4,
                         fine_bit: LIST_FINE_V4,
                     };
-                    police::police(&maps, address, flags, limits, &BAN_EVENTS)
+                    police::<_, syncookie::V4>(ctx, &maps, address, flags, segment, limits)
                 }
                 Source::V6(address) => {
                     let maps = FamilyMaps {
@@ -126,8 +151,39 @@ fn classify(ctx: &XdpContext) -> Reason {
                         bans_bit: LIST_BANS_V6,
                         fine_bit: LIST_FINE_V6,
                     };
-                    police::police(&maps, address, flags, limits, &BAN_EVENTS)
+                    police::<_, syncookie::V6>(ctx, &maps, address, flags, segment, limits)
                 }
+            }
+        }
+    }
+}
+
+/// Polices a segment of family `F` from `address`, answering or checking SYN cookies where the
+/// policy says so.
+#[inline(always)]
+fn police<A: Address, F: Family>(
+    ctx: &XdpContext,
+    maps: &FamilyMaps<A>,
+    address: A,
+    flags: u8,
+    segment: Segment,
+    limits: &Limits,
+) -> Reason {
+    let cookies = &limits.syncookies;
+    let new_source = || match SYN_FLOOD.get_ptr_mut(u32::from(segment.port)) {
+        Some(flood) => syncookie::decide::<F>(ctx, segment, flood, &SYN_LISTENERS, cookies, flags),
+        None => NewSource::Police,
+    };
+    match police::police(maps, address, flags, limits, &BAN_EVENTS, new_source) {
+        Policed::Verdict(reason) => reason,
+        Policed::Answer => F::answer(ctx, segment, cookies),
+        Policed::CheckCookie => {
+            if !F::valid(ctx, segment) {
+                return Reason::SyncookieBad;
+            }
+            match police::admit(maps, address, flags, limits, &BAN_EVENTS) {
+                Reason::Pass => Reason::SyncookieOk,
+                other => other,
             }
         }
     }

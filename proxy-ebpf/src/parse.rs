@@ -46,12 +46,28 @@ pub enum Source {
     V6([u64; 2]),
 }
 
+/// Where a well-formed TCP segment's headers are (offsets from the frame's start).
+#[derive(Clone, Copy)]
+pub struct Segment {
+    /// Start of the IP header.
+    pub l3: usize,
+    /// The IP header is the fixed one (IPv4 without options, IPv6 without extension headers):
+    /// the SYN-cookie path answers only such SYNs in place and leaves the rest to the kernel.
+    pub plain: bool,
+    /// Destination port.
+    pub port: u16,
+}
+
 /// What parsing decided.
 pub enum Parsed {
     /// A verdict that needs no per-source state.
     Verdict(Reason),
     /// A well-formed TCP segment to a protected port: police its source.
-    Police { source: Source, flags: u8 },
+    Police {
+        source: Source,
+        flags: u8,
+        segment: Segment,
+    },
 }
 
 use Parsed::Verdict;
@@ -119,14 +135,13 @@ fn ipv4(ctx: &XdpContext, l3: usize, protected: impl Fn(u16) -> bool) -> Parsed 
         // wire does not fragment (DF + path MTU discovery), so these only feed reassembly.
         return Verdict(Reason::DropFragment);
     }
-    tcp(
-        ctx,
-        l3 + header_len,
-        l3 + total_len,
-        Source::V4(source),
-        fragment & IPV4_MF != 0,
-        protected,
-    )
+    let at = Headers {
+        l3,
+        l4: l3 + header_len,
+        end: l3 + total_len,
+        plain: header_len == IPV4_MIN_HDR_LEN,
+    };
+    tcp(ctx, at, Source::V4(source), fragment & IPV4_MF != 0, protected)
 }
 
 #[inline(always)]
@@ -197,19 +212,33 @@ fn ipv6(ctx: &XdpContext, l3: usize, protected: impl Fn(u16) -> bool) -> Parsed 
             Verdict(Reason::PassOther)
         };
     }
-    tcp(ctx, offset, end, Source::V6(source), fragment, protected)
+    let at = Headers {
+        l3,
+        l4: offset,
+        end,
+        plain: offset == l3 + IPV6_HDR_LEN,
+    };
+    tcp(ctx, at, Source::V6(source), fragment, protected)
 }
 
-/// `l4`: where the TCP header starts; `end`: where the IP payload ends (both from `data`).
+/// Where the IP header starts, the TCP header starts and the IP payload ends (all from
+/// `data`), and whether the IP header is the fixed one.
+struct Headers {
+    l3: usize,
+    l4: usize,
+    end: usize,
+    plain: bool,
+}
+
 #[inline(always)]
 fn tcp(
     ctx: &XdpContext,
-    l4: usize,
-    end: usize,
+    at: Headers,
     source: Source,
     fragment: bool,
     protected: impl Fn(u16) -> bool,
 ) -> Parsed {
+    let Headers { l3, l4, end, plain } = at;
     if l4 > MAX_L4_OFFSET {
         return Verdict(Reason::DropMalformed);
     }
@@ -236,7 +265,15 @@ fn tcp(
     if invalid_flags(flags) {
         return Verdict(Reason::DropTcpFlags);
     }
-    Parsed::Police { source, flags }
+    Parsed::Police {
+        source,
+        flags,
+        segment: Segment {
+            l3,
+            plain,
+            port: destination_port,
+        },
+    }
 }
 
 /// Flag combinations no TCP stack sends: scans and stack fingerprinting.
@@ -265,11 +302,17 @@ const INVALID_FLAGS: u64 = {
 /// The frame bytes `[offset, offset + len)`, if they all lie inside the frame.
 #[inline(always)]
 pub fn bounded(ctx: &XdpContext, offset: usize, len: usize) -> Option<*const u8> {
+    bounded_mut(ctx, offset, len).map(|p| p as *const u8)
+}
+
+/// [`bounded`], for writing.
+#[inline(always)]
+pub fn bounded_mut(ctx: &XdpContext, offset: usize, len: usize) -> Option<*mut u8> {
     let start = ctx.data() + offset;
     if start + len > ctx.data_end() {
         return None;
     }
-    Some(start as *const u8)
+    Some(start as *mut u8)
 }
 
 #[inline(always)]

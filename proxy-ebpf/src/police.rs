@@ -1,6 +1,9 @@
 //! Per-source policy for well-formed TCP segments to protected ports, in this order:
 //! allowlist (pass, no limits) -> denylist (drop) -> bans (drop until they expire) -> token
-//! buckets -> pass.
+//! buckets -> pass. A segment from a source the table does not hold first asks the caller what
+//! to do with it ([`NewSource`]): under a SYN flood, a SYN to be answered with a cookie or an ACK
+//! whose cookie must be checked; such a source is screened against the lists and bans, and takes
+//! a slot only once its cookie proved it real ([`admit`]).
 //!
 //! A source is the network of the packet's source address under [`Limits::prefixes`] (the
 //! IPv4 /32 and IPv6 /64 by default): its buckets, strikes and bans are shared by every address
@@ -58,8 +61,69 @@ pub struct FamilyMaps<A: Address + 'static> {
     pub fine_bit: u64,
 }
 
+/// What policing decided for one segment.
+pub enum Policed {
+    /// Pass or drop, counted under this reason.
+    Verdict(Reason),
+    /// A SYN from a source the table does not hold, to a port in SYN-cookie mode, past the
+    /// allow/deny lists and bans: answer it with a cookie (the source takes no slot until its
+    /// ACK proves it is real).
+    Answer,
+    /// An ACK from a source the table does not hold, to a port in SYN-cookie mode, past the
+    /// lists and bans: pass it only with a valid cookie (then [`admit`] it).
+    CheckCookie,
+}
+
+/// What to do with a segment from a source the table does not hold (see `syncookie::decide`).
+pub enum NewSource {
+    /// Police it like any segment: the source takes a slot.
+    Police,
+    /// See [`Policed::Answer`].
+    Answer,
+    /// See [`Policed::CheckCookie`].
+    CheckCookie,
+}
+
 #[inline(always)]
 pub fn police<A: Address>(
+    maps: &FamilyMaps<A>,
+    address: A,
+    flags: u8,
+    limits: &Limits,
+    events: &RingBuf,
+    new_source: impl FnOnce() -> NewSource,
+) -> Policed {
+    let source = address.masked(&limits.prefixes);
+    let first = first_slot(source.hash(&limits.seeds));
+    let slot = match find(maps.sources, first, source) {
+        Some(slot) => slot,
+        None => {
+            let answer = match new_source() {
+                NewSource::Police => None,
+                NewSource::Answer => Some(Policed::Answer),
+                NewSource::CheckCookie => Some(Policed::CheckCookie),
+            };
+            if let Some(answer) = answer {
+                match screen(maps, address, source, limits) {
+                    Screened::Unlisted => return answer,
+                    Screened::Dropped(reason) => return Policed::Verdict(reason),
+                    // Never answered for: its SYNs go to the kernel like all its traffic.
+                    Screened::Allowlisted => {}
+                }
+            }
+            match claim(maps.sources, first, source, limits) {
+                Some(slot) => slot,
+                None => return Policed::Verdict(Reason::Pass), // unreachable: every set lies inside the table
+            }
+        }
+    };
+    Policed::Verdict(police_slot(maps, address, source, slot, flags, limits, events))
+}
+
+/// A source whose ACK carried a valid cookie: it takes a slot (or finds one another CPU just
+/// gave it) and is policed like any other from now on.
+#[inline(always)]
+pub fn admit<A: Address>(
     maps: &FamilyMaps<A>,
     address: A,
     flags: u8,
@@ -72,9 +136,23 @@ pub fn police<A: Address>(
         Some(slot) => slot,
         None => match claim(maps.sources, first, source, limits) {
             Some(slot) => slot,
-            None => return Reason::Pass, // unreachable: every set lies inside the table
+            None => return Reason::Pass,
         },
     };
+    police_slot(maps, address, source, slot, flags, limits, events)
+}
+
+/// The per-source policy of a source that has its slot.
+#[inline(always)]
+fn police_slot<A: Address>(
+    maps: &FamilyMaps<A>,
+    address: A,
+    source: A,
+    slot: *mut SourceState<A>,
+    flags: u8,
+    limits: &Limits,
+    events: &RingBuf,
+) -> Reason {
     // SAFETY: array slots stay valid while the program runs; concurrent updates from other
     // CPUs are tolerated (see `SourceState`).
     let state = unsafe { &mut *slot };
@@ -101,6 +179,34 @@ pub fn police<A: Address>(
         strike(maps, source, state, limits, now, reason, events);
     }
     reason
+}
+
+/// What the allow/deny tries and the ban map say about a source the table does not hold.
+enum Screened {
+    Allowlisted,
+    Dropped(Reason),
+    Unlisted,
+}
+
+/// Looks a source without a slot up in the tries and the ban map (those holding entries), in
+/// the order a slot's cached answers are applied. Kernel-decided bans live in slots, so a
+/// source without one has none.
+#[inline(always)]
+fn screen<A: Address>(maps: &FamilyMaps<A>, address: A, source: A, limits: &Limits) -> Screened {
+    if limits.lists & maps.allow_bit != 0 && address.listed_in(maps.allow) {
+        return Screened::Allowlisted;
+    }
+    if limits.lists & maps.deny_bit != 0 && address.listed_in(maps.deny) {
+        return Screened::Dropped(Reason::DropDenylisted);
+    }
+    if limits.lists & maps.bans_bit != 0 {
+        // SAFETY: the value is copied out at once; bans are only ever written whole.
+        let until = unsafe { maps.bans.get(source) }.map_or(0, |ban| ban.until_ns);
+        if until > coarse_now() {
+            return Screened::Dropped(Reason::DropBanned);
+        }
+    }
+    Screened::Unlisted
 }
 
 /// Gives a source the table does not hold a slot of its set: every bucket full (so its first
@@ -286,7 +392,7 @@ fn tick() -> u64 {
 /// CLOCK_MONOTONIC ns at tick resolution (1-10 ms): plenty for token buckets and ban expiry,
 /// and cheaper than `bpf_ktime_get_ns`. Read only when the tick moved.
 #[inline(always)]
-fn coarse_now() -> u64 {
+pub fn coarse_now() -> u64 {
     // SAFETY: helper without preconditions.
     unsafe { bpf_ktime_get_coarse_ns() }
 }

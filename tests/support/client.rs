@@ -20,7 +20,30 @@ pub async fn connect(
     sni: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> std::io::Result<(ClientStream, Arc<Mutex<Vec<u8>>>)> {
-    let tcp = TcpStream::connect(relay).await?;
+    connect_over(TcpStream::connect(relay).await?, sni, config).await
+}
+
+/// [`connect`] from the local address `source` (one of this host's addresses).
+pub async fn connect_from(
+    source: std::net::IpAddr,
+    relay: SocketAddr,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<(ClientStream, Arc<Mutex<Vec<u8>>>)> {
+    let socket = if source.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    connect_over(socket.connect(relay).await?, sni, config).await
+}
+
+async fn connect_over(
+    tcp: TcpStream,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<(ClientStream, Arc<Mutex<Vec<u8>>>)> {
     tcp.set_nodelay(true)?;
     let sent = Arc::new(Mutex::new(Vec::new()));
     let recorder = Recorder {

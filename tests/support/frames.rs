@@ -6,6 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use etherparse::PacketBuilder;
+pub use etherparse::TcpOptionElement;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const RELAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
@@ -53,6 +54,63 @@ pub fn tcp(source: IpAddr, destination: IpAddr, port: u16, flags: u8, payload: &
         _ => panic!("source and destination must be the same family"),
     };
     bytes[l4 + 13] = flags;
+    Frame { bytes, l3: 14, l4 }
+}
+
+/// Options as a Linux client puts them in its SYN: MSS 1460, SACK permitted, timestamps (value
+/// `tsval`), a NOP and window scale 7.
+pub fn linux_syn_options(tsval: u32) -> [TcpOptionElement; 5] {
+    [
+        TcpOptionElement::MaximumSegmentSize(1460),
+        TcpOptionElement::SelectiveAcknowledgementPermitted,
+        TcpOptionElement::Timestamp(tsval, 0),
+        TcpOptionElement::Noop,
+        TcpOptionElement::WindowScale(7),
+    ]
+}
+
+/// A well-formed TCP segment (checksums right) from `source:ports.0` to `destination:ports.1`
+/// with exactly `flags`, sequence number `seq`, acknowledgment number `ack` (sent only with
+/// ACK), `options` and `payload`.
+#[allow(clippy::too_many_arguments)]
+pub fn segment(
+    source: IpAddr,
+    destination: IpAddr,
+    ports: (u16, u16),
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    options: &[TcpOptionElement],
+    payload: &[u8],
+) -> Frame {
+    let ethernet = PacketBuilder::ethernet2(CLIENT_MAC, RELAY_MAC);
+    let (ip, l4) = match (source, destination) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (ethernet.ipv4(s.octets(), d.octets(), 64), 14 + 20),
+        (IpAddr::V6(s), IpAddr::V6(d)) => (ethernet.ipv6(s.octets(), d.octets(), 64), 14 + 40),
+        _ => panic!("source and destination must be the same family"),
+    };
+    let mut tcp = ip.tcp(ports.0, ports.1, seq, 64_240);
+    for (bit, set) in [
+        (SYN, flags & SYN),
+        (FIN, flags & FIN),
+        (RST, flags & RST),
+        (PSH, flags & PSH),
+    ] {
+        if set != 0 {
+            tcp = match bit {
+                SYN => tcp.syn(),
+                FIN => tcp.fin(),
+                RST => tcp.rst(),
+                _ => tcp.psh(),
+            };
+        }
+    }
+    if flags & ACK != 0 {
+        tcp = tcp.ack(ack);
+    }
+    let tcp = tcp.options(options).expect("options fit in 40 bytes");
+    let mut bytes = Vec::new();
+    tcp.write(&mut bytes, payload).expect("writing into a Vec");
     Frame { bytes, l3: 14, l4 }
 }
 

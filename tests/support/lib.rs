@@ -3,7 +3,9 @@
 //! relay+agents deployment, and crafted frames for the XDP programs.
 pub mod browser;
 pub mod client;
+pub mod etcd;
 pub mod frames;
+pub mod netns;
 pub mod pebble;
 pub mod pki;
 pub mod process;

@@ -109,7 +109,7 @@ listen = "127.0.0.1:0"
         let relay_config_path = dir.path().join("relay.toml");
         std::fs::write(&relay_config_path, toml).unwrap();
         let config = RelayConfig::load(&relay_config_path).unwrap();
-        let store = Store::open(&config.state_dir).unwrap();
+        let store = Store::open(config.state_dir.as_deref().expect("file store")).unwrap();
         let relay = Relay::start(config).await.unwrap();
         Self {
             dir,
@@ -122,6 +122,10 @@ listen = "127.0.0.1:0"
 
     pub fn relay(&self) -> &Relay {
         self.relay.as_ref().expect("relay running")
+    }
+
+    pub fn relay_mut(&mut self) -> &mut Relay {
+        self.relay.as_mut().expect("relay running")
     }
 
     pub fn tls_addr(&self) -> SocketAddr {

@@ -5,6 +5,7 @@
 mod demo;
 mod fuzz;
 mod layers;
+mod package;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +49,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package (release build): target/debian/sluice_<version>_<arch>.deb with
+    /// the binary, the systemd units and the example configs; checked like `test` checks it.
+    Package,
     /// The layering lint alone: no import cycle among the modules of a crate's `src/`.
     Layers {
         /// The `src/` directory to check (default: `proxy/src`).
@@ -96,6 +100,10 @@ fn main() -> Result<()> {
                 .arg(root.join("target/load-test"))
                 .args(args))
         }
+        Task::Package => {
+            setup::ensure()?;
+            package::release()
+        }
         Task::Layers { dir } => {
             let dir = dir.unwrap_or_else(|| workspace_root().join("proxy/src"));
             println!("xtask: layers: {}", layers::check(&dir)?);
@@ -116,7 +124,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn build(release: bool) -> Result<()> {
+pub(crate) fn build(release: bool) -> Result<()> {
     // The workspace's default members, like `cargo test` builds them: building one package
     // alone unifies dependency features differently and would rebuild half the tree each time.
     let mut build = cmd("cargo");
@@ -141,6 +149,12 @@ fn test() -> Result<()> {
     // with the tenant's own certificate and with one the agent obtains by ACME.
     demo::run(true, false)?;
     demo::run(true, true)?;
+    // The package and its systemd units, from this build.
+    let deb = package::build(
+        &workspace_root().join("target/debug/sluice"),
+        package::Compression::Store,
+    )?;
+    package::check(&deb)?;
     run(cmd("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     run(cmd("cargo")
         .args([

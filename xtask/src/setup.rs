@@ -1,6 +1,8 @@
 //! `cargo xtask setup`: installs what building the XDP programs (and the test suite) needs,
-//! idempotently, and the pinned cargo-fuzz the fuzz targets run with. The test suite's servers
-//! and clients are Debian packages ([`DEBIAN_PACKAGES`]), installed in one apt-get run.
+//! idempotently, and the pinned cargo-fuzz the fuzz targets run with. What the build needs from
+//! Debian (protobuf-compiler and libprotobuf-dev for the etcd client) and the servers and clients
+//! the tests run (etcd, Prometheus, Pebble, Chromium, curl) are [`DEBIAN_PACKAGES`], installed in
+//! one apt-get run.
 //!
 //! The eBPF crate builds with the installed `nightly` toolchain (`-Z build-std=core` needs its
 //! `rust-src`) and links with `bpf-linker`, which must be built against the same LLVM major as
@@ -18,6 +20,21 @@ const NIGHTLY: &str = "nightly";
 
 /// Debian packages the tests and the demo run: (package, a file it installs, what for).
 pub const DEBIAN_PACKAGES: &[(&str, &str, &str)] = &[
+    (
+        "protobuf-compiler",
+        "/usr/bin/protoc",
+        "the etcd-client crate's build compiles etcd's protobuf definitions",
+    ),
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+        "protoc's well-known types, which etcd's definitions import",
+    ),
+    (
+        "etcd-server",
+        "/usr/bin/etcd",
+        "the fleet tests run a real etcd cluster",
+    ),
     (
         "prometheus",
         "/usr/bin/prometheus",

@@ -26,6 +26,7 @@ pub async fn run(shared: Arc<AgentShared>, dialer: Arc<RelayDialer>, state: watc
     loop {
         let started = Instant::now();
         let outcome = session(&shared, &dialer, &state).await;
+        dialer.release();
         shared
             .metrics
             .tunnel_up
@@ -35,12 +36,23 @@ pub async fn run(shared: Arc<AgentShared>, dialer: Arc<RelayDialer>, state: watc
             state.send_replace(LinkState::Stopped);
             return;
         }
-        shared
-            .metrics
-            .reconnects
-            .with_label_values(&[&dialer.address])
-            .inc();
+        if !matches!(outcome, SessionEnd::Spare) {
+            shared
+                .metrics
+                .reconnects
+                .with_label_values(&[&dialer.address])
+                .inc();
+        }
         match &outcome {
+            SessionEnd::Spare => {
+                if *state.borrow() != LinkState::Spare {
+                    info!(
+                        relay = dialer.address,
+                        "no relay address left for this connection; a spare until the name gives one"
+                    );
+                }
+                state.send_replace(LinkState::Spare);
+            }
             SessionEnd::Rejected(reason) => {
                 error!(relay = dialer.address, reason, "relay refused this agent");
                 state.send_replace(LinkState::Rejected(reason.clone()));
@@ -72,6 +84,8 @@ enum SessionEnd {
     Rejected(String),
     /// Network trouble, relay restart, missed heartbeats.
     Lost(String),
+    /// The relay name gave no address that another connection of its entry does not hold.
+    Spare,
 }
 
 async fn session(
@@ -80,8 +94,9 @@ async fn session(
     state: &watch::Sender<LinkState>,
 ) -> SessionEnd {
     let stream = tokio::select! {
-        stream = dialer.dial(shared.connect_timeout) => match stream {
-            Ok(stream) => stream,
+        stream = dialer.dial_session(shared.connect_timeout) => match stream {
+            Ok(Some(stream)) => stream,
+            Ok(None) => return SessionEnd::Spare,
             Err(e) => return SessionEnd::Lost(format!("dialing {}: {e}", dialer.address)),
         },
         () = shared.stopped.cancelled() => return SessionEnd::Lost("agent stopping".into()),

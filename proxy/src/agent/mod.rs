@@ -82,6 +82,9 @@ pub enum LinkState {
     },
     /// The relay refused this agent (the reason is the relay's); retried with backoff.
     Rejected(String),
+    /// A connection of a `[[relays]]` entry naming a DNS name that gives no address the entry's
+    /// other connections do not hold; the name is resolved again with backoff.
+    Spare,
     /// The agent is shutting down; the link will not dial again.
     Stopped,
 }
@@ -141,11 +144,14 @@ impl Agent {
     pub fn start(config: &AgentConfig, token: String) -> Result<Self, AgentError> {
         let stopped = CancellationToken::new();
         let metrics = Arc::new(metrics::AgentMetrics::new());
-        let (link_states, links): (Vec<_>, Vec<_>) = config
+        // One link per connection of each relay entry, in config order; made first, because the
+        // ACME keepers wait on them.
+        let (mut link_states, links): (Vec<_>, Vec<_>) = config
             .relays
             .iter()
-            .map(|_| watch::channel(LinkState::Connecting))
+            .flat_map(|relay| (0..relay.connections()).map(|_| watch::channel(LinkState::Connecting)))
             .unzip();
+        link_states.reverse();
         let acme = match &config.acme {
             Some(acme) => Some(Arc::new(acme::Certificates::new(
                 acme,
@@ -178,16 +184,32 @@ impl Agent {
             metrics,
         });
         let mut tasks = JoinSet::new();
-        for (relay, state_tx) in config.relays.iter().zip(link_states) {
+        for relay in &config.relays {
             let fail = |message: String| AgentError::Relay {
                 address: relay.address.clone(),
                 message,
             };
             let trust = relay.trust().map_err(fail)?;
             let tls = agent_client_config(&trust)?;
-            let dialer =
-                dial::RelayDialer::new(relay.address.clone(), relay.server_name(), tls).map_err(fail)?;
-            tasks.spawn(link::run(Arc::clone(&shared), Arc::new(dialer), state_tx));
+            let slots = relay.names_a_host().then(|| {
+                let claims: dial::SlotClaims = Arc::default();
+                claims
+                    .lock()
+                    .expect("claims lock")
+                    .resize(relay.connections(), None);
+                claims
+            });
+            for slot in 0..relay.connections() {
+                let dialer = dial::RelayDialer::new(
+                    relay.address.clone(),
+                    relay.server_name(),
+                    Arc::clone(&tls),
+                    slots.as_ref().map(|claims| (slot, Arc::clone(claims))),
+                )
+                .map_err(fail)?;
+                let state_tx = link_states.pop().expect("a link per connection");
+                tasks.spawn(link::run(Arc::clone(&shared), Arc::new(dialer), state_tx));
+            }
         }
         let mut admin_addr = None;
         if let Some(admin) = &config.admin {
@@ -201,7 +223,9 @@ impl Agent {
             tasks.spawn(crate::admin::http::serve(
                 listener,
                 handler,
-                admin.token.clone(),
+                Arc::new(crate::admin::http::AdminTokenSlot::from(
+                    admin.token.clone().map(Arc::new),
+                )),
                 shared.hard_stop.clone(),
             ));
             info!(%addr, "agent admin listening");
@@ -248,7 +272,8 @@ impl Agent {
         self.acme.as_ref()?.status(hostname)
     }
 
-    /// Current state of each relay link, in config order.
+    /// Current state of each relay link, in config order (an entry naming a DNS name has
+    /// `connections` links, one after the other).
     pub fn links(&self) -> Vec<LinkState> {
         self.links.iter().map(|rx| rx.borrow().clone()).collect()
     }

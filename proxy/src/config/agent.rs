@@ -156,7 +156,13 @@ pub struct RelayEndpoint {
     pub ca: Option<PathBuf>,
     /// SHA-256 of the relay's public key (SPKI), hex or base64 (`sluice relay-pin` prints it).
     pub pin_sha256: Option<String>,
+    /// When `address` names a DNS name: tunnels to keep, each to a different address the name
+    /// resolves to (default 2; fewer while it gives fewer). An IP address is one relay: 1.
+    pub connections: Option<usize>,
 }
+
+/// Upper bound of a relay entry's `connections`.
+pub const MAX_CONNECTIONS_PER_RELAY: usize = 16;
 
 /// One `[[routes]]` entry: a hostname this agent serves and where its streams go on-prem.
 #[derive(Debug, Clone, Deserialize)]
@@ -449,6 +455,23 @@ impl RelayEndpoint {
         }
         self.trust()
             .map_err(|message| invalid(path, format!("{field}.ca"), message))?;
+        match self.connections {
+            Some(n) if !(1..=MAX_CONNECTIONS_PER_RELAY).contains(&n) => {
+                return Err(invalid(
+                    path,
+                    format!("{field}.connections"),
+                    format!("between 1 and {MAX_CONNECTIONS_PER_RELAY}"),
+                ));
+            }
+            Some(n) if n > 1 && !self.names_a_host() => {
+                return Err(invalid(
+                    path,
+                    format!("{field}.connections"),
+                    "an IP address is one relay: name the fleet by a DNS name for several",
+                ));
+            }
+            _ => {}
+        }
         if let Some(ca) = &self.ca
             && !ca.is_file()
         {
@@ -459,6 +482,21 @@ impl RelayEndpoint {
             ));
         }
         Ok(())
+    }
+
+    /// Whether `address` names a host by a DNS name (not an IP address).
+    pub fn names_a_host(&self) -> bool {
+        host_part(&self.address).parse::<std::net::IpAddr>().is_err()
+    }
+
+    /// Tunnels to keep for this entry: `connections` (default 2) for a DNS name, 1 for an IP
+    /// address.
+    pub fn connections(&self) -> usize {
+        if self.names_a_host() {
+            self.connections.unwrap_or(2)
+        } else {
+            1
+        }
     }
 
     /// How to authenticate this relay: exactly one of `ca` and `pin_sha256`.

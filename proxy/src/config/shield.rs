@@ -23,6 +23,8 @@
 //! abuse_window = "1m"
 //! scan_threshold = 100         # distinct unknown hostnames per window before a ban
 //! scan_window = "10m"
+//! syncookie_threshold = 1000   # new-source SYNs per second to a port before XDP answers
+//!                              #   them with SYN cookies; or "always" / "never"
 //! ```
 //!
 //! Why these defaults: a source may be a whole NATed office (hundreds of browsers behind one
@@ -35,7 +37,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use super::{ConfigError, invalid, positive};
 use crate::cidr::Cidr;
@@ -103,6 +105,44 @@ pub struct ShieldConfig {
     /// The window `scan_threshold` counts in.
     #[serde(with = "humantime_serde")]
     pub scan_window: Duration,
+    /// When the XDP program answers a protected port's SYNs itself, with SYN cookies.
+    pub syncookie_threshold: SyncookieThreshold,
+}
+
+/// `shield.syncookie_threshold`: when the XDP program answers SYNs with SYN cookies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncookieThreshold {
+    /// Every protected port, always (`"always"`).
+    Always,
+    /// Never: SYNs go to the kernel, whose listener answers floods with its own cookies
+    /// (`"never"`).
+    Never,
+    /// A port whose SYNs from sources not seen before exceed this many per second (a number).
+    PerSecond(u32),
+}
+
+impl<'de> Deserialize<'de> for SyncookieThreshold {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Spelled {
+            Number(u32),
+            Word(String),
+        }
+        match Spelled::deserialize(deserializer)? {
+            Spelled::Number(0) => Err(serde::de::Error::custom(
+                "syncookie_threshold must be at least 1 (\"always\" answers every SYN)",
+            )),
+            Spelled::Number(n) => Ok(Self::PerSecond(n)),
+            Spelled::Word(word) => match word.as_str() {
+                "always" => Ok(Self::Always),
+                "never" => Ok(Self::Never),
+                other => Err(serde::de::Error::custom(format!(
+                    "syncookie_threshold is a number of SYNs per second, \"always\" or \"never\", not {other:?}"
+                ))),
+            },
+        }
+    }
 }
 
 /// How the XDP program is attached.
@@ -141,6 +181,7 @@ impl Default for ShieldConfig {
             abuse_window: Duration::from_secs(60),
             scan_threshold: 100,
             scan_window: Duration::from_secs(600),
+            syncookie_threshold: SyncookieThreshold::PerSecond(1_000),
         }
     }
 }
@@ -332,6 +373,34 @@ abuse_window = "30s"
         ] {
             let error = parse(toml_text).unwrap_err();
             assert!(error.contains(&format!("`{field}`")), "{toml_text}: {error}");
+        }
+    }
+
+    #[test]
+    fn syncookie_threshold_is_a_rate_or_always_or_never() {
+        assert_eq!(
+            parse("").unwrap().syncookie_threshold,
+            SyncookieThreshold::PerSecond(1_000)
+        );
+        assert_eq!(
+            parse("syncookie_threshold = 50").unwrap().syncookie_threshold,
+            SyncookieThreshold::PerSecond(50)
+        );
+        assert_eq!(
+            parse("syncookie_threshold = \"always\"")
+                .unwrap()
+                .syncookie_threshold,
+            SyncookieThreshold::Always
+        );
+        assert_eq!(
+            parse("syncookie_threshold = \"never\"")
+                .unwrap()
+                .syncookie_threshold,
+            SyncookieThreshold::Never
+        );
+        for bad in ["0", "\"sometimes\"", "-3", "1.5"] {
+            let error = parse(&format!("syncookie_threshold = {bad}")).unwrap_err();
+            assert!(error.contains("syncookie_threshold"), "{bad}: {error}");
         }
     }
 

@@ -21,7 +21,7 @@ use proxy_common::{
     BanEntry, BucketLimit, CidrOrigin, Counter, LIST_ALLOW_V4, LIST_ALLOW_V6, LIST_BANS_V4, LIST_BANS_V6,
     LIST_DENY_V4, LIST_DENY_V6, LIST_FINE_V4, LIST_FINE_V6, Limits, MAP_ALLOW_V4, MAP_ALLOW_V6,
     MAP_BANNED_V4, MAP_BANNED_V6, MAP_COUNTERS, MAP_DENY_V4, MAP_DENY_V6, MAP_POLICY, MAP_SOURCES_V4,
-    MAP_SOURCES_V6, Policy, PortSet, Reason,
+    MAP_SOURCES_V6, MAP_SYN_FLOOD, Policy, PortSet, Reason, SYNCOOKIES_ALWAYS, SynFlood, SyncookiePolicy,
 };
 
 use super::ShieldError;
@@ -96,8 +96,8 @@ pub struct KernelPolicy {
 }
 
 impl KernelPolicy {
-    /// The policy for `ports` under `limits`.
-    pub fn new(ports: &[u16], limits: &SourceLimits) -> Self {
+    /// The policy for `ports` under `limits`, answering SYN floods as `syncookies` says.
+    pub fn new(ports: &[u16], limits: &SourceLimits, syncookies: SyncookiePolicy) -> Self {
         let mut set = PortSet::default();
         for &port in ports {
             set.insert(port);
@@ -115,6 +115,7 @@ impl KernelPolicy {
                 seeds: [0; 2],
                 generation: 0,
                 prefixes: limits.prefixes.to_kernel(),
+                syncookies,
             },
             ports: set,
         }
@@ -133,6 +134,18 @@ pub struct ShieldMaps {
     deny_v6: LpmTrie<MapData, [u8; 16], u8>,
     policy: Array<MapData, Policy>,
     counters: PerCpuArray<MapData, Counter>,
+    syn_flood: Array<MapData, SynFlood>,
+}
+
+/// Whether a port's SYNs are answered with the program's SYN cookies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortCookies {
+    /// The destination port.
+    pub port: u16,
+    /// In SYN-cookie mode now.
+    pub active: bool,
+    /// SYNs from sources not seen before in the second counted last.
+    pub new_source_syns: u64,
 }
 
 impl ShieldMaps {
@@ -178,6 +191,7 @@ impl ShieldMaps {
             deny_v6: get(MAP_DENY_V6)?.try_into()?,
             policy: get(MAP_POLICY)?.try_into()?,
             counters: get(MAP_COUNTERS)?.try_into()?,
+            syn_flood: get(MAP_SYN_FLOOD)?.try_into()?,
         })
     }
 
@@ -479,6 +493,24 @@ impl ShieldMaps {
             self.insert_cidr(CidrList::Allow, cidr, CidrOrigin::Config)?;
         }
         self.refresh_lists()
+    }
+
+    /// Whether each protected port is in SYN-cookie mode now.
+    pub fn port_cookies(&self) -> Result<Vec<PortCookies>, ShieldError> {
+        let Policy { limits, ports } = self.policy.get(&0, 0)?;
+        let now = monotonic_now_ns()?;
+        let always = limits.syncookies.mode == SYNCOOKIES_ALWAYS;
+        (1..=u16::MAX)
+            .filter(|&port| ports.contains(port))
+            .map(|port| {
+                let flood = self.syn_flood.get(&u32::from(port), 0)?;
+                Ok(PortCookies {
+                    port,
+                    active: always || flood.cookies_until_ns > now,
+                    new_source_syns: flood.new_source_syns,
+                })
+            })
+            .collect()
     }
 
     /// Sums every CPU's counters for each verdict reason.

@@ -21,6 +21,7 @@ pub mod maps;
 pub mod pin;
 pub mod runtime;
 pub mod sources;
+pub mod syncookies;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -117,12 +118,14 @@ pub enum ShieldError {
 }
 
 /// What the kernel answered for one frame under `BPF_PROG_TEST_RUN`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TestRunOutcome {
-    /// Raw XDP action (`XDP_DROP` = 1, `XDP_PASS` = 2).
+    /// Raw XDP action (`XDP_DROP` = 1, `XDP_PASS` = 2, `XDP_TX` = 3).
     pub action: u32,
     /// Average run time per repetition as the kernel measured it.
     pub per_packet: Duration,
+    /// The frame as the program left it (what `XDP_TX` sends, or `XDP_PASS` hands on).
+    pub frame: Vec<u8>,
 }
 
 /// XDP action codes from `linux/bpf.h`.
@@ -133,6 +136,8 @@ pub mod action {
     pub const DROP: u32 = 1;
     /// `XDP_PASS`: the frame goes on to the kernel's network stack.
     pub const PASS: u32 = 2;
+    /// `XDP_TX`: the (rewritten) frame goes back out of the interface it came in on.
+    pub const TX: u32 = 3;
 }
 
 /// The loaded shield: program, maps, and the links that keep it attached.
@@ -237,17 +242,28 @@ impl Shield {
         self.maps.counters()
     }
 
+    /// How many instructions the kernel's verifier walked to accept the program (its cost
+    /// against the verifier's limit of a million), where the kernel reports it.
+    pub fn verified_instructions(&mut self) -> Result<Option<u32>, ShieldError> {
+        Ok(xdp_program(&mut self.ebpf)?.info()?.verified_instruction_count())
+    }
+
     /// Runs the program on `frame` in the kernel without a NIC (`BPF_PROG_TEST_RUN`).
     /// `repeat` > 1 makes the kernel loop, and the outcome's duration is the per-run average.
     pub fn test_run(&mut self, frame: &[u8], repeat: u32) -> Result<TestRunOutcome, ShieldError> {
+        // Room for what the program may grow the frame to (a SYN-ACK's options).
+        let mut out = vec![0u8; frame.len() + 256];
         let result = xdp_program(&mut self.ebpf)?.test_run(TestRunOptions {
             data_in: Some(frame),
+            data_out: Some(&mut out),
             repeat,
             ..Default::default()
         })?;
+        out.truncate(result.data_size_out as usize);
         Ok(TestRunOutcome {
             action: result.return_value,
             per_packet: result.duration,
+            frame: out,
         })
     }
 }

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aya::programs::XdpMode;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -23,9 +24,11 @@ use crate::prefix::SourcePrefix;
 
 use super::abuse::{Abuse, AbuseTracker, Offender, ScanTracker};
 use super::gate::{Admission, ConnectionGate};
+use super::syncookies::{self, HostTcp};
 use super::{
     BanNotice, BanRecord, KernelPolicy, Shield, ShieldError, ShieldMaps, SourceLimits, mode_name, pin,
 };
+use proxy_common::{SYNCOOKIES_ADAPTIVE, SYNCOOKIES_ALWAYS, SyncookiePolicy};
 
 /// Where the program is attached: `(interface, "driver" | "skb")`.
 pub type Attachments = Vec<(String, &'static str)>;
@@ -66,6 +69,20 @@ pub struct RelayShield {
     scans: ScanTracker,
     stats: Arc<ShieldStats>,
     stop: CancellationToken,
+    /// Where bans decided from L7 abuse are reported, to be shared with a fleet.
+    decided: Mutex<Option<mpsc::Sender<DecidedBan>>>,
+}
+
+/// A ban this relay decided from what it saw at L7 (kernel rate-limit bans are not reported:
+/// they stay local).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecidedBan {
+    /// The banned source.
+    pub source: SourcePrefix,
+    /// For how long.
+    pub duration: Duration,
+    /// Why, for the fleet's record.
+    pub why: &'static str,
 }
 
 impl RelayShield {
@@ -106,7 +123,14 @@ impl RelayShield {
             config: Mutex::new(shield_config),
             stats,
             stop,
+            decided: Mutex::new(None),
         }
+    }
+
+    /// Reports every ban decided from L7 abuse to `sink` from now on (a full sink drops the
+    /// report, never the ban).
+    pub fn report_decided_bans(&self, sink: mpsc::Sender<DecidedBan>) {
+        *self.decided.lock().expect("shield lock") = Some(sink);
     }
 
     /// Which enforcement is active: decided at start, not changed by a reload.
@@ -182,15 +206,27 @@ impl RelayShield {
             "shield: banning source for {why}"
         );
         let until = Instant::now().checked_add(duration);
-        let mut xdp = self.xdp.lock().expect("shield lock");
-        match xdp.as_mut() {
-            Some(shield) => {
-                if let Err(e) = shield.ban(peer.to_canonical(), Some(duration)) {
-                    warn!(source = %offender.source, error = %e, "shield: kernel ban failed; banning at accept instead");
-                    self.gate.ban(peer, until);
+        {
+            let mut xdp = self.xdp.lock().expect("shield lock");
+            match xdp.as_mut() {
+                Some(shield) => {
+                    if let Err(e) = shield.ban(peer.to_canonical(), Some(duration)) {
+                        warn!(source = %offender.source, error = %e, "shield: kernel ban failed; banning at accept instead");
+                        self.gate.ban(peer, until);
+                    }
                 }
+                None => self.gate.ban(peer, until),
             }
-            None => self.gate.ban(peer, until),
+        }
+        if let Some(sink) = self.decided.lock().expect("shield lock").as_ref() {
+            let decided = DecidedBan {
+                source: offender.source,
+                duration,
+                why,
+            };
+            if sink.try_send(decided).is_err() {
+                warn!(source = %offender.source, "shield: ban not shared (too many at once)");
+            }
         }
     }
 
@@ -238,6 +274,11 @@ impl RelayShield {
         Ok(source)
     }
 
+    /// The source `address` belongs to (its prefix at this relay's prefix lengths).
+    pub fn source_of(&self, address: IpAddr) -> SourcePrefix {
+        self.gate.source_of(address)
+    }
+
     /// Lifts the ban on the source `address` belongs to; returns that source and whether it
     /// was banned.
     pub fn unban(&self, address: IpAddr) -> Result<(SourcePrefix, bool), ShieldError> {
@@ -273,15 +314,54 @@ impl RelayShield {
             config.ipv4_prefix = current.ipv4_prefix;
             config.ipv6_prefix = current.ipv6_prefix;
         }
-        self.gate.reconfigure(&config);
-        self.abuse.reconfigure(&config);
-        self.scans.reconfigure(&config);
+        // The kernel's maps first: if they refuse, the userspace side stays as it was too.
         if let Some(shield) = self.xdp.lock().expect("shield lock").as_mut() {
             sync(shield.maps_mut(), &config, listener_ports)?;
         }
+        self.gate.reconfigure(&config);
+        self.abuse.reconfigure(&config);
+        self.scans.reconfigure(&config);
         *current = config;
         info!("shield: configuration reloaded");
         Ok(())
+    }
+
+    /// Logs every protected port's switch into and out of SYN-cookie mode, looking once a second,
+    /// until the shield shuts down. Returns at once without XDP.
+    pub async fn watch_syncookies(self: Arc<Self>) {
+        let mut active = std::collections::BTreeSet::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.stop.cancelled() => return,
+            }
+            let Some(ports) = self.with_maps(|maps| maps.port_cookies()) else {
+                return;
+            };
+            let ports = match ports {
+                Ok(ports) => ports,
+                Err(e) => {
+                    warn!(error = %e, "shield: reading the SYN-flood state failed");
+                    continue;
+                }
+            };
+            for port in ports {
+                if port.active && active.insert(port.port) {
+                    warn!(
+                        port = port.port,
+                        new_source_syns = port.new_source_syns,
+                        "shield: port {} in SYN-cookie mode: XDP answers its SYNs from new sources",
+                        port.port
+                    );
+                } else if !port.active && active.remove(&port.port) {
+                    info!(
+                        port = port.port,
+                        "shield: port {} out of SYN-cookie mode", port.port
+                    );
+                }
+            }
+        }
     }
 
     /// Detaches XDP, removes the pins and stops the event reader. Idempotent.
@@ -302,9 +382,50 @@ impl Drop for RelayShield {
 }
 
 /// The policy the kernel enforces for `config`, on `listener_ports` (the relay's edge and tunnel
-/// ports) unless `protected_ports` names others.
-pub fn kernel_policy(config: &ShieldConfig, listener_ports: &[u16]) -> KernelPolicy {
-    KernelPolicy::new(&config.effective_ports(listener_ports), &source_limits(config))
+/// ports) unless `protected_ports` names others, answering SYN floods as `syncookies` says.
+pub fn kernel_policy(
+    config: &ShieldConfig,
+    listener_ports: &[u16],
+    syncookies: SyncookiePolicy,
+) -> KernelPolicy {
+    KernelPolicy::new(
+        &config.effective_ports(listener_ports),
+        &source_limits(config),
+        syncookies,
+    )
+}
+
+/// How the program answers SYN floods under `config` on this host, as far as the host allows;
+/// says what is missing.
+fn syncookie_policy(config: &ShieldConfig) -> SyncookiePolicy {
+    let host = match HostTcp::read(&config.interfaces) {
+        Ok(host) => host,
+        Err(e) => {
+            warn!(error = %e, "shield: XDP SYN cookies off: cannot read the host's TCP settings");
+            return SyncookiePolicy::default();
+        }
+    };
+    let (policy, shortfalls) = syncookies::plan(config.syncookie_threshold, &host);
+    for shortfall in &shortfalls {
+        warn!("shield: {shortfall}");
+    }
+    match policy.mode {
+        SYNCOOKIES_ALWAYS => info!(
+            mss = policy.mss_v4,
+            wscale = policy.wscale,
+            "shield: XDP answers every SYN to the protected ports with a SYN cookie"
+        ),
+        SYNCOOKIES_ADAPTIVE => info!(
+            threshold = policy.threshold,
+            mss = policy.mss_v4,
+            wscale = policy.wscale,
+            "shield: XDP answers SYNs with SYN cookies at ports getting more than {} SYNs a second \
+             from new sources",
+            policy.threshold
+        ),
+        _ => {}
+    }
+    policy
 }
 
 /// The per-source limits of `config`.
@@ -321,7 +442,7 @@ pub fn source_limits(config: &ShieldConfig) -> SourceLimits {
 
 /// Writes `config` into the kernel maps.
 pub fn sync(maps: &mut ShieldMaps, config: &ShieldConfig, listener_ports: &[u16]) -> Result<(), ShieldError> {
-    maps.set_policy(&kernel_policy(config, listener_ports))?;
+    maps.set_policy(&kernel_policy(config, listener_ports, syncookie_policy(config)))?;
     maps.sync_cidrs(&config.allow, &config.deny)
 }
 

@@ -37,7 +37,7 @@ pub async fn serve(
     accepted_at: Instant,
     unrouted: UnroutedSlot,
 ) {
-    let config = &edge.config;
+    let config = edge.config();
     let deadline = accepted_at + config.client_hello_timeout;
     let mut buf = BytesMut::with_capacity(1024);
     let mut peeker = RequestHeadPeeker::new(config.max_http_head);
@@ -202,7 +202,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gated<S> {
 
 /// `host`, plus the relay's TLS port when it is not 443.
 fn https_authority(edge: &Edge, host: &str) -> String {
-    match edge.https_port {
+    match edge.https_port() {
         Some(443) | None => host.to_owned(),
         Some(port) => format!("{host}:{port}"),
     }

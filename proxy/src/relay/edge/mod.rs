@@ -18,6 +18,9 @@ pub mod tls;
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use arc_swap::ArcSwap;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -66,13 +69,16 @@ impl EdgeKind {
     }
 }
 
+/// Refusal log lines the edge writes per second at most; the rejection counters have them all.
+const REFUSAL_LOG_LINES_PER_SECOND: u32 = 20;
 /// What the connections of every edge listener share: their config section, the routes, the
 /// shield, the metrics, and the relay's shutdown signals.
 pub struct Edge {
-    /// `[edge]` of relay.toml.
-    pub config: EdgeConfig,
-    /// The port browsers reach the TLS edge on (for https redirects), if there is one.
-    pub https_port: Option<u16>,
+    /// `[edge]` of relay.toml, as last loaded: each connection takes the one current when it
+    /// was accepted.
+    config: ArcSwap<EdgeConfig>,
+    /// The port browsers reach the TLS edge on (for https redirects); 0 for none.
+    https_port: AtomicU16,
     /// Hostname -> the agents serving it.
     pub routes: Arc<Routes>,
     /// Accept-time gate and abuse bans.
@@ -93,18 +99,80 @@ pub struct Edge {
     pub stopping: CancellationToken,
 }
 
+/// The parts of an [`Edge`] that never change while the relay runs.
+pub struct EdgeParts {
+    /// Hostname -> the agents serving it.
+    pub routes: Arc<Routes>,
+    /// Accept-time gate and abuse bans.
+    pub shield: Arc<RelayShield>,
+    /// The relay's metrics.
+    pub metrics: Arc<RelayMetrics>,
+    /// Connections open now, against the caps of `[edge]`.
+    pub caps: Arc<ConnectionCaps>,
+    /// Tenants and their limits.
+    pub tenants: Arc<Tenants>,
+    /// Every connection task, so shutdown can drain them.
+    pub streams: TaskTracker,
+    /// Cancelled when shutdown starts.
+    pub stopping: CancellationToken,
+}
+
 impl Edge {
-    /// How long a stream may stay silent.
-    pub fn timeouts(&self) -> Timeouts {
-        Timeouts {
-            idle: self.config.idle_timeout,
-            half_close: self.config.half_close_timeout,
+    /// An edge serving as `config` says, with TLS listeners on `https_port` if any.
+    pub fn new(config: EdgeConfig, https_port: Option<u16>, parts: EdgeParts) -> Self {
+        Self {
+            config: ArcSwap::from_pointee(config),
+            https_port: AtomicU16::new(https_port.unwrap_or(0)),
+            routes: parts.routes,
+            shield: parts.shield,
+            metrics: parts.metrics,
+            caps: parts.caps,
+            refusal_log: LogBudget::new(REFUSAL_LOG_LINES_PER_SECOND),
+            tenants: parts.tenants,
+            tenant_streams: Arc::default(),
+            streams: parts.streams,
+            stopping: parts.stopping,
         }
     }
 
-    /// Accepts browser connections until the relay starts stopping; each is handled in a task
-    /// the relay drains on shutdown.
-    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, kind: EdgeKind) {
+    /// `[edge]` as connections accepted from now on see it.
+    pub fn config(&self) -> Arc<EdgeConfig> {
+        self.config.load_full()
+    }
+
+    /// The port of the first TLS listener, where plaintext requests are redirected.
+    pub fn https_port(&self) -> Option<u16> {
+        match self.https_port.load(Ordering::Relaxed) {
+            0 => None,
+            port => Some(port),
+        }
+    }
+
+    /// Applies a reloaded `[edge]` (connections already open keep the section they started
+    /// with) and where the TLS edge now listens.
+    pub fn reconfigure(&self, config: EdgeConfig, https_port: Option<u16>) {
+        self.config.store(Arc::new(config));
+        self.https_port.store(https_port.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// How long a stream may stay silent.
+    pub fn timeouts(&self) -> Timeouts {
+        let config = self.config.load();
+        Timeouts {
+            idle: config.idle_timeout,
+            half_close: config.half_close_timeout,
+        }
+    }
+
+    /// Accepts browser connections until `stop` (a child of the relay's `stopping`, so a
+    /// reload can close one listener) is cancelled; each connection is handled in a task the
+    /// relay drains on shutdown.
+    pub async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        kind: EdgeKind,
+        stop: CancellationToken,
+    ) {
         let local_port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
         let mut backoff = AcceptBackoff::new(kind.label());
         loop {
@@ -118,7 +186,7 @@ impl Edge {
                         continue;
                     }
                 },
-                () = self.stopping.cancelled() => return,
+                () = stop.cancelled() => return,
             };
             backoff.succeeded();
             let source = match self.shield.admit(peer.ip()) {

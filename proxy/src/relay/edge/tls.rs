@@ -27,7 +27,7 @@ pub async fn serve(
     accepted_at: Instant,
     unrouted: UnroutedSlot,
 ) {
-    let config = &edge.config;
+    let config = edge.config();
     let deadline = accepted_at + config.client_hello_timeout;
     let mut buf = BytesMut::with_capacity(2048);
     let mut parse_time = Duration::ZERO;
