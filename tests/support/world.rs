@@ -256,7 +256,7 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn init_tracing() {
+pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "sluice=info".into()),
