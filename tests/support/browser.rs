@@ -197,6 +197,11 @@ impl Browser {
 }
 
 impl Page {
+    /// The DevTools session attached to the tab, for [`Browser::call`].
+    pub fn session(&self) -> &str {
+        &self.session
+    }
+
     /// What the page shows: `document.body.innerText` (empty while there is no body).
     pub async fn text(&self, browser: &mut Browser) -> String {
         let value = browser

@@ -5,7 +5,7 @@
 //! - [`tunnel`]: agent connections and sessions
 //! - [`tenants`], [`store_watch`]: the store as the relay sees it, and revocation
 //! - [`fleet`]: with etcd, bans shared by the fleet and this relay's presence entry
-//! - [`metrics`], [`api`]: what SREs see and do through the admin listener; [`cli`]: the
+//! - [`metrics`], [`api`], [`status`]: what SREs see and do through the admin listener; [`cli`]: the
 //!   commands that talk to a running relay through it
 //! - [`upgrade`]: handing the listening sockets, the agents and the shield to a new relay
 //!   process without dropping a connection
@@ -22,6 +22,7 @@ pub mod cli;
 pub mod edge;
 pub mod fleet;
 pub mod metrics;
+pub mod status;
 pub mod store_watch;
 pub mod tenants;
 pub mod tunnel;
@@ -384,6 +385,8 @@ impl Relay {
             sessions: Arc::clone(&sessions),
             shield: Arc::clone(&shield),
             fleet,
+            started: std::time::Instant::now(),
+            csrf: tunnel::session::new_secret(),
         });
         // The admin API answers until the drain is over.
         let admin_bound = bound(

@@ -75,7 +75,8 @@ pub async fn serve(tunnel: &Tunnel, reader: FrameReader<TunnelTls>, peer: Socket
         control_tx,
         &tunnel.hard_stop,
     );
-    let session = Arc::new(AgentSession::new(Arc::new(pool), token_id, config.credential_ttl));
+    let session =
+        Arc::new(AgentSession::new(Arc::new(pool), token_id, config.credential_ttl).with_peer(peer));
     if let Err(limit) = tunnel.sessions.insert_within(
         Arc::clone(&session),
         config.max_sessions_per_token,
