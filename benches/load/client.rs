@@ -59,6 +59,15 @@ pub async fn setup(target: &Target) -> anyhow::Result<(Setup, TlsStream<TcpStrea
     ))
 }
 
+/// One request/answer round trip on an open connection.
+pub async fn ping(tls: &mut TlsStream<TcpStream>) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    tls.write_all(&[wire::PING]).await?;
+    let mut answer = [0u8; 1];
+    tls.read_exact(&mut answer).await.context("ping")?;
+    Ok(started.elapsed())
+}
+
 /// What one open-loop connection measured.
 pub struct OpenLoopSample {
     /// From the connection's start to its handshake + first answer.

@@ -305,6 +305,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             "first answer",
             &setups.iter().map(|s| s.first_answer).collect::<Vec<_>>(),
         ));
+        report.setup(Series::new(
+            target.name,
+            "request round trip",
+            &setups
+                .iter()
+                .map(|s| s.first_answer - s.handshake)
+                .collect::<Vec<_>>(),
+        ));
     }
 
     // 2. Open-loop setups at fixed rates.
