@@ -103,7 +103,16 @@ pub struct RateStep {
 /// The p99 a step must stay under to count as sustained.
 pub const RATE_P99_LIMIT: Duration = Duration::from_millis(10);
 
+/// A step whose median passes this is overloaded: the ramp goes no higher on that path.
+pub const RATE_P50_OVERLOAD: Duration = Duration::from_millis(100);
+
 impl RateStep {
+    pub fn overloaded(&self) -> bool {
+        self.failures > 0
+            || self.latency.len() == 0
+            || self.latency.quantile(0.5) >= RATE_P50_OVERLOAD.as_micros() as u64
+    }
+
     pub fn sustained(&self) -> bool {
         self.failures == 0
             && self.latency.len() > 0
@@ -122,6 +131,7 @@ pub struct Wan {
     pub carried: u64,
     pub lost: u64,
     pub worst_lateness: Duration,
+    pub late_over_1ms: u64,
 }
 
 /// One path's setup over the WAN, in units of the one-way delay `d`.
@@ -185,21 +195,20 @@ impl Report {
     }
 
     /// What the WAN's wire did over the whole run.
-    pub fn wire(&mut self, carried: u64, lost: u64, worst_lateness: Duration) {
+    pub fn wire(&mut self, carried: u64, lost: u64, worst_lateness: Duration, late_over_1ms: u64) {
         if let Some(wan) = &mut self.wan {
-            (wan.carried, wan.lost, wan.worst_lateness) = (carried, lost, worst_lateness);
+            (wan.carried, wan.lost, wan.worst_lateness, wan.late_over_1ms) =
+                (carried, lost, worst_lateness, late_over_1ms);
         }
     }
 
-    /// The highest rate of `path` sustained with p99 under [`RATE_P99_LIMIT`] and no failure,
-    /// below the first rate that was not.
+    /// The highest rate of `path` sustained with p99 under [`RATE_P99_LIMIT`] and no failure.
     pub fn max_sustained_rate(&self, path: &str) -> Option<u32> {
         self.rate_steps
             .iter()
-            .filter(|step| step.path == path)
-            .take_while(|step| step.sustained())
+            .filter(|step| step.path == path && step.sustained())
             .map(|step| step.rate)
-            .last()
+            .max()
     }
 
     /// The paths of the open-loop ramp, in the order they ran.
@@ -370,9 +379,10 @@ impl Report {
                 probe.quantile(0.5) as f64 / 1e3 / (2.0 * d)
             );
             println!(
-                "the wire carried {} frames, lost {}, sent none early and the latest {:.2} ms late",
+                "the wire carried {} frames, lost {}, sent none early, {} over 1 ms late, the latest {:.2} ms late",
                 wan.carried,
                 wan.lost,
+                wan.late_over_1ms,
                 wan.worst_lateness.as_secs_f64() * 1e3
             );
             println!(
@@ -419,8 +429,9 @@ impl Report {
         if !self.rate_steps.is_empty() {
             println!(
                 "new connections at rising open-loop rates (connect -> handshake -> first answer; µs; \
-                 sustained: p99 under {} ms, none failed)",
-                RATE_P99_LIMIT.as_millis()
+                 sustained: p99 under {} ms, none failed; a path stops rising once its p50 passes {} ms or one fails)",
+                RATE_P99_LIMIT.as_millis(),
+                RATE_P50_OVERLOAD.as_millis()
             );
             println!(
                 "{:<10} {:>7} {:>7} {:>7} {:>7} {:>9} {:>8} {:>14} {:>10}",
@@ -518,7 +529,12 @@ impl Report {
                 json!({
                     "one_way_delay_ms": wan.delay.as_secs_f64() * 1e3,
                     "probe_round_trip_us": { "samples": probe.len(), "min": probe.quantile(0.0), "p50": probe.quantile(0.5), "max": probe.quantile(1.0) },
-                    "wire": { "carried_frames": wan.carried, "lost_frames": wan.lost, "worst_lateness_us": wan.worst_lateness.as_micros() as u64 },
+                    "wire": {
+                        "carried_frames": wan.carried,
+                        "lost_frames": wan.lost,
+                        "frames_over_1ms_late": wan.late_over_1ms,
+                        "worst_lateness_us": wan.worst_lateness.as_micros() as u64,
+                    },
                     "setup_p50_in_delays": self.wan_rows().iter().map(|row| json!({
                         "path": row.path,
                         "first_byte_at_backend": row.to_backend,
@@ -555,7 +571,7 @@ impl Report {
     /// or over a WAN to handshake completion, with the floor (2d) and each extra round trip
     /// marked.
     pub fn svg(&self) -> String {
-        let (width, height, left, bottom, top, right) = (820.0, 440.0, 70.0, 50.0, 48.0, 230.0);
+        let (width, height, left, bottom, top, right) = (860.0, 440.0, 70.0, 50.0, 48.0, 270.0);
         let (what, title, markers) = match &self.wan {
             Some(wan) => {
                 let d = wan.delay.as_secs_f64() * 1e6;

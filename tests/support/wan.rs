@@ -8,7 +8,9 @@
 //! forwards every frame as it is (ARP included), so the two ends share one /30 as if cabled
 //! together. Frames keep their offload state across the wire (`PACKET_VNET_HDR`): a 64 KiB TCP
 //! segment is carried as one and split by the kernel on the far side, checksums are completed
-//! where the kernel would complete them. Needs root.
+//! where the kernel would complete them. The wire's threads run SCHED_FIFO, so a frame does not
+//! wait behind the endpoints' processes for a CPU; [`WireCounters`] says how late frames left
+//! all the same. Needs root.
 //!
 //! [`WanLink::probe`] measures what the link adds: TCP round trips to an echo server on the far
 //! side. Dropping the link stops the threads and deletes both namespaces (and with them the veth
@@ -66,6 +68,8 @@ pub struct WireCounters {
     pub lost: AtomicU64,
     /// The latest any frame left after its due time, in nanoseconds.
     pub worst_lateness_ns: AtomicU64,
+    /// Frames that left more than a millisecond after their due time.
+    pub late_over_1ms: AtomicU64,
 }
 
 impl WanLink {
@@ -217,6 +221,7 @@ fn receive(
     stop: &AtomicBool,
     counters: &WireCounters,
 ) {
+    real_time();
     let mut buffer = vec![0u8; FRAME_ROOM];
     while !stop.load(Ordering::Relaxed) {
         // SAFETY: the socket is open while `from` lives; the kernel writes at most `len` bytes
@@ -257,6 +262,7 @@ fn send(to: &OwnedFd, frames: &mpsc::Receiver<Frame>, stop: &AtomicBool, counter
     // Wake as close to each due time as the kernel can (the default slack is 50 µs).
     // SAFETY: PR_SET_TIMERSLACK takes an unsigned long and touches no memory of ours.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+    real_time();
     while !stop.load(Ordering::Relaxed) {
         let frame = match frames.recv_timeout(POLL_STOP) {
             Ok(frame) => frame,
@@ -271,6 +277,9 @@ fn send(to: &OwnedFd, frames: &mpsc::Receiver<Frame>, stop: &AtomicBool, counter
         counters
             .worst_lateness_ns
             .fetch_max(late.as_nanos() as u64, Ordering::Relaxed);
+        if late > Duration::from_millis(1) {
+            counters.late_over_1ms.fetch_add(1, Ordering::Relaxed);
+        }
         // SAFETY: the socket is open while `to` lives; the kernel reads `len` bytes of the frame.
         let sent = unsafe { libc::send(to.as_raw_fd(), frame.bytes.as_ptr().cast(), frame.bytes.len(), 0) };
         let counter = if sent == frame.bytes.len() as isize {
@@ -280,6 +289,16 @@ fn send(to: &OwnedFd, frames: &mpsc::Receiver<Frame>, stop: &AtomicBool, counter
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Puts the calling thread ahead of ordinary ones (SCHED_FIFO, lowest priority), so a frame is
+/// not held up behind whatever else runs on its CPU: a network does not wait for the endpoints'
+/// CPUs. The wire's threads only ever block or move one frame. Best effort: without the
+/// privilege the wire still works, later at times ([`WireCounters`] says how late).
+fn real_time() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: the calling thread, and a sched_param that outlives the call.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
 }
 
 /// An AF_PACKET socket bound to `interface` (in the calling thread's namespace): every frame
