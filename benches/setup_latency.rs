@@ -90,12 +90,17 @@ async fn run(samples: usize) {
         world.tunnel_addr().to_string(),
         "relay.sluice.test",
         tunnel_tls,
+        None,
     )
     .unwrap();
     let mut dial = Vec::with_capacity(samples);
     for _ in 0..samples {
         let started = Instant::now();
-        let stream = dialer.dial(Duration::from_secs(5)).await.unwrap();
+        let stream = dialer
+            .dial_session(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .expect("an address");
         dial.push(started.elapsed());
         drop(stream);
     }

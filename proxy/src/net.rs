@@ -42,6 +42,14 @@ pub async fn connect(address: &str) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
+/// [`connect`] to an address already resolved.
+pub async fn connect_addr(address: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    detect_dead_peers(socket2::SockRef::from(&stream))?;
+    Ok(stream)
+}
+
 /// Binds a listener with SO_REUSEPORT, so a restarted process can bind while the old one
 /// drains. The connections it accepts have TCP_NODELAY set already.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -1,6 +1,6 @@
 //! A browser stand-in: a real rustls client that connects to the relay's TLS edge with a given
 //! SNI, and records the raw bytes it puts on the wire.
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -20,25 +20,26 @@ pub async fn connect(
     sni: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> std::io::Result<(ClientStream, Arc<Mutex<Vec<u8>>>)> {
-    handshake(TcpStream::connect(relay).await?, sni, config).await
+    connect_over(TcpStream::connect(relay).await?, sni, config).await
 }
 
-/// [`connect`] from the local address `source`.
+/// [`connect`] from the local address `source` (one of this host's addresses).
 pub async fn connect_from(
-    source: IpAddr,
+    source: std::net::IpAddr,
     relay: SocketAddr,
     sni: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> std::io::Result<(ClientStream, Arc<Mutex<Vec<u8>>>)> {
-    let socket = match source {
-        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    let socket = if source.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
     };
     socket.bind(SocketAddr::new(source, 0))?;
-    handshake(socket.connect(relay).await?, sni, config).await
+    connect_over(socket.connect(relay).await?, sni, config).await
 }
 
-async fn handshake(
+async fn connect_over(
     tcp: TcpStream,
     sni: &str,
     config: Arc<rustls::ClientConfig>,

@@ -109,7 +109,7 @@ listen = "127.0.0.1:0"
         let relay_config_path = dir.path().join("relay.toml");
         std::fs::write(&relay_config_path, toml).unwrap();
         let config = RelayConfig::load(&relay_config_path).unwrap();
-        let store = Store::open(&config.state_dir).unwrap();
+        let store = Store::open(config.state_dir.as_deref().expect("file store")).unwrap();
         let relay = Relay::start(config).await.unwrap();
         Self {
             dir,
@@ -122,6 +122,10 @@ listen = "127.0.0.1:0"
 
     pub fn relay(&self) -> &Relay {
         self.relay.as_ref().expect("relay running")
+    }
+
+    pub fn relay_mut(&mut self) -> &mut Relay {
+        self.relay.as_mut().expect("relay running")
     }
 
     pub fn tls_addr(&self) -> SocketAddr {
@@ -252,7 +256,7 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn init_tracing() {
+pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "sluice=info".into()),

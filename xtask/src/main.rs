@@ -5,6 +5,7 @@
 mod demo;
 mod fuzz;
 mod layers;
+mod package;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -30,11 +31,16 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Start a local demo: relay + agent + an HTTPS app, and print the curl command to reach it.
+    /// Start a local demo: relay + agent + an HTTPS app, and print the curl command to reach it
+    /// (`--acme`: the agent gets the app's certificate from a local ACME server).
     Run {
         /// Exit after checking one request through the relay instead of running until Ctrl-C.
         #[arg(long)]
         check: bool,
+        /// The agent obtains the app's certificate itself from a local ACME server (Pebble),
+        /// and terminates TLS in front of a plain-HTTP app.
+        #[arg(long)]
+        acme: bool,
     },
     /// Relay vs direct vs HAProxy, side by side: setup latency, request round trips, CPU per
     /// connection and per GB, sustained connection rate, memory; `--wan 10ms` puts a delay on
@@ -45,6 +51,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package (release build): target/debian/sluice_<version>_<arch>.deb with
+    /// the binary, the systemd units and the example configs; checked like `test` checks it.
+    Package,
     /// The layering lint alone: no import cycle among the modules of a crate's `src/`.
     Layers {
         /// The `src/` directory to check (default: `proxy/src`).
@@ -75,10 +84,10 @@ fn main() -> Result<()> {
             setup::ensure()?;
             build(release)
         }
-        Task::Run { check } => {
+        Task::Run { check, acme } => {
             setup::ensure()?;
             build(false)?;
-            demo::run(check)
+            demo::run(check, acme)
         }
         Task::LoadTest { args } => {
             setup::ensure()?;
@@ -92,6 +101,10 @@ fn main() -> Result<()> {
                 .arg("--out")
                 .arg(root.join("target/load-test"))
                 .args(args))
+        }
+        Task::Package => {
+            setup::ensure()?;
+            package::release()
         }
         Task::Layers { dir } => {
             let dir = dir.unwrap_or_else(|| workspace_root().join("proxy/src"));
@@ -113,7 +126,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn build(release: bool) -> Result<()> {
+pub(crate) fn build(release: bool) -> Result<()> {
     // The workspace's default members, like `cargo test` builds them: building one package
     // alone unifies dependency features differently and would rebuild half the tree each time.
     let mut build = cmd("cargo");
@@ -134,8 +147,16 @@ fn test() -> Result<()> {
         layers::check(&workspace_root().join("proxy/src"))?
     );
     build(false)?;
-    // The README's other command must keep working: bring the demo up and check it end to end.
-    demo::run(true)?;
+    // The README's other command must keep working: bring the demo up and check it end to end,
+    // with the tenant's own certificate and with one the agent obtains by ACME.
+    demo::run(true, false)?;
+    demo::run(true, true)?;
+    // The package and its systemd units, from this build.
+    let deb = package::build(
+        &workspace_root().join("target/debug/sluice"),
+        package::Compression::Store,
+    )?;
+    package::check(&deb)?;
     run(cmd("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     run(cmd("cargo")
         .args([

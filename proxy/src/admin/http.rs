@@ -55,15 +55,17 @@ pub trait AdminHandler: Send + Sync + 'static {
     fn handle(&self, request: &AdminRequest) -> Response<Body>;
 }
 
+/// The admin token in force (none: loopback Host names only), swapped whole by a reload.
+pub type AdminTokenSlot = arc_swap::ArcSwapOption<AdminToken>;
+
 /// Serves admin requests until `stop` fires. `token`: the bearer token requests must present
-/// (`None`: the listener is on loopback and checks `Host` instead).
+/// (`None`: the listener is on loopback and checks `Host` instead), looked up per request.
 pub async fn serve(
     listener: TcpListener,
     handler: Arc<dyn AdminHandler>,
-    token: Option<AdminToken>,
+    token: Arc<AdminTokenSlot>,
     stop: CancellationToken,
 ) {
-    let token: Option<Arc<AdminToken>> = token.map(Arc::new);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = crate::net::AcceptBackoff::new("admin");
     loop {
@@ -82,11 +84,12 @@ pub async fn serve(
             debug!(%peer, "admin listener at its connection cap: closing");
             continue;
         };
-        let (handler, token, stop) = (Arc::clone(&handler), token.clone(), stop.clone());
+        let (handler, token, stop) = (Arc::clone(&handler), Arc::clone(&token), stop.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |request| {
-                let (handler, token) = (Arc::clone(&handler), token.clone());
+                // Each request is checked against the token as it is now (a reload may change it).
+                let (handler, token) = (Arc::clone(&handler), token.load_full());
                 async move { Ok::<_, Infallible>(respond(request, handler, token.as_deref()).await) }
             });
             let connection = http1::Builder::new()

@@ -1,6 +1,8 @@
 //! The agent's link to one relay: dial out, authenticate, register routes, keep the session
 //! alive (heartbeats, credential renewal at half its lifetime), and reconnect with exponential
-//! backoff and jitter whenever the session ends.
+//! backoff and jitter whenever the session ends. When the relay process is being replaced
+//! (`Moving`), the next session opens at once and the old one is kept, answering heartbeats,
+//! until the new one is welcomed: the agent is never without a tunnel.
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::data::{self, DataContext};
@@ -23,9 +26,22 @@ use crate::wire::{DataTransport, PROTOCOL_VERSION};
 pub async fn run(shared: Arc<AgentShared>, dialer: Arc<RelayDialer>, state: watch::Sender<LinkState>) {
     let reconnect = shared.reconnect;
     let mut backoff = reconnect.initial;
+    // The session of a relay process being replaced, kept until the next one is welcomed.
+    let mut retiring: Option<CancellationToken> = None;
     loop {
         let started = Instant::now();
-        let outcome = session(&shared, &dialer, &state).await;
+        let outcome = session(&shared, &dialer, &state, &mut retiring).await;
+        dialer.release();
+        if let SessionEnd::Moving(retire) = outcome {
+            info!(
+                relay = dialer.address,
+                "the relay process is being replaced: opening a session with its successor"
+            );
+            if let Some(earlier) = retiring.replace(retire) {
+                earlier.cancel();
+            }
+            continue;
+        }
         shared
             .metrics
             .tunnel_up
@@ -35,12 +51,23 @@ pub async fn run(shared: Arc<AgentShared>, dialer: Arc<RelayDialer>, state: watc
             state.send_replace(LinkState::Stopped);
             return;
         }
-        shared
-            .metrics
-            .reconnects
-            .with_label_values(&[&dialer.address])
-            .inc();
+        if !matches!(outcome, SessionEnd::Spare) {
+            shared
+                .metrics
+                .reconnects
+                .with_label_values(&[&dialer.address])
+                .inc();
+        }
         match &outcome {
+            SessionEnd::Spare => {
+                if *state.borrow() != LinkState::Spare {
+                    info!(
+                        relay = dialer.address,
+                        "no relay address left for this connection; a spare until the name gives one"
+                    );
+                }
+                state.send_replace(LinkState::Spare);
+            }
             SessionEnd::Rejected(reason) => {
                 error!(relay = dialer.address, reason, "relay refused this agent");
                 state.send_replace(LinkState::Rejected(reason.clone()));
@@ -49,6 +76,7 @@ pub async fn run(shared: Arc<AgentShared>, dialer: Arc<RelayDialer>, state: watc
                 warn!(relay = dialer.address, reason, "tunnel lost");
                 state.send_replace(LinkState::Connecting);
             }
+            SessionEnd::Moving(_) => unreachable!("handled above"),
         }
         // A session that lived a while earns a fresh backoff: this is a new failure.
         if started.elapsed() > reconnect.max {
@@ -72,16 +100,23 @@ enum SessionEnd {
     Rejected(String),
     /// Network trouble, relay restart, missed heartbeats.
     Lost(String),
+    /// The relay name gave no address that another connection of its entry does not hold.
+    Spare,
+    /// The relay process is being replaced: the session lingers (answering heartbeats) until
+    /// the token is cancelled, once the next session is welcomed.
+    Moving(CancellationToken),
 }
 
 async fn session(
     shared: &Arc<AgentShared>,
     dialer: &Arc<RelayDialer>,
     state: &watch::Sender<LinkState>,
+    retiring: &mut Option<CancellationToken>,
 ) -> SessionEnd {
     let stream = tokio::select! {
-        stream = dialer.dial(shared.connect_timeout) => match stream {
-            Ok(stream) => stream,
+        stream = dialer.dial_session(shared.connect_timeout) => match stream {
+            Ok(Some(stream)) => stream,
+            Ok(None) => return SessionEnd::Spare,
             Err(e) => return SessionEnd::Lost(format!("dialing {}: {e}", dialer.address)),
         },
         () = shared.stopped.cancelled() => return SessionEnd::Lost("agent stopping".into()),
@@ -142,6 +177,10 @@ async fn session(
         );
     }
     info!(relay = dialer.address, agent_id, routes = ?accepted, pool_size, "tunnel established");
+    if let Some(retire) = retiring.take() {
+        // The session with the process being replaced is no longer needed.
+        retire.cancel();
+    }
     shared
         .metrics
         .tunnel_up
@@ -202,6 +241,11 @@ async fn session(
                             state.send_replace(LinkState::Connected { agent_id: agent_id.clone(), accepted });
                             None
                         }
+                        RelayMessage::Moving => {
+                            let retire = shared.stopped.child_token();
+                            tokio::spawn(linger(reader, writer, heartbeat, retire.clone()));
+                            return SessionEnd::Moving(retire);
+                        }
                         RelayMessage::Goodbye { reason } => break SessionEnd::Lost(format!("relay ended the session: {reason}")),
                         RelayMessage::Rejected { reason } => break SessionEnd::Rejected(reason),
                         RelayMessage::Welcome { .. } => break SessionEnd::Lost("unexpected second Welcome".into()),
@@ -230,6 +274,46 @@ async fn session(
     };
     let _ = writer.shutdown().await;
     end
+}
+
+/// Keeps the control connection of a relay process being replaced: answers its heartbeats
+/// until `retire` (the next session is up), the relay closes it, or it falls silent. Its data
+/// connections are not replenished: that process accepts no new streams.
+async fn linger<R, W>(
+    mut reader: FrameReader<R>,
+    mut writer: W,
+    mut heartbeat: Heartbeat,
+    retire: CancellationToken,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let outgoing = tokio::select! {
+            message = reader.next::<RelayMessage>() => match message {
+                Ok(Some(RelayMessage::Ping { seq })) => {
+                    heartbeat.heard();
+                    Some(AgentMessage::Pong { seq })
+                }
+                Ok(Some(RelayMessage::Goodbye { .. } | RelayMessage::Rejected { .. }) | None) | Err(_) => break,
+                Ok(Some(_)) => {
+                    heartbeat.heard();
+                    None
+                }
+            },
+            beat = heartbeat.beat() => match beat {
+                Beat::Silent(_) => break,
+                Beat::Ping(seq) => Some(AgentMessage::Ping { seq }),
+            },
+            () = retire.cancelled() => break,
+        };
+        if let Some(message) = outgoing
+            && write_frame(&mut writer, &message).await.is_err()
+        {
+            break;
+        }
+    }
+    let _ = writer.shutdown().await;
 }
 
 /// Data connections a relay may ask to keep (what its own config allows).

@@ -4,12 +4,15 @@
 //! - [`link`]: the control session with one relay (auth, heartbeats, renewal, reconnect)
 //! - [`data`]: the pool of pre-opened data connections for that relay
 //! - [`target`]: the on-prem end of a stream (connect, PROXY v2, optional TLS termination)
+//! - [`acme`]: certificates obtained and renewed by the agent itself (`tls = "acme"`)
 //! - [`warm`]: connections to a route's target opened ahead of streams (opt-in per route)
 //! - [`dial`], [`pacing`]: dialing a relay, and when to dial again
 //! - [`metrics`]: the agent's metrics and probes
 //!
 //! Dependencies point down that list: a link runs its data pool, a data connection serves its
-//! stream through a target, a target takes warm connections; all of them dial and pace.
+//! stream through a target, a target takes warm connections and ACME certificates; all of them
+//! dial and pace.
+pub mod acme;
 pub mod data;
 pub mod dial;
 pub mod link;
@@ -50,6 +53,10 @@ pub enum AgentError {
     /// and key for TLS ending at the agent.
     #[error("TLS: {0}")]
     Tls(#[from] TlsConfigError),
+    /// The `[acme]` section could not be set up: its store under `state_dir`, or the trust for
+    /// the ACME server.
+    #[error("ACME: {0}")]
+    Acme(#[from] acme::AcmeSetupError),
     /// The `[admin]` listener could not be bound.
     #[error("admin listener on {addr}: {source}")]
     Admin {
@@ -75,6 +82,9 @@ pub enum LinkState {
     },
     /// The relay refused this agent (the reason is the relay's); retried with backoff.
     Rejected(String),
+    /// A connection of a `[[relays]]` entry naming a DNS name that gives no address the entry's
+    /// other connections do not hold; the name is resolved again with backoff.
+    Spare,
     /// The agent is shutting down; the link will not dial again.
     Stopped,
 }
@@ -125,6 +135,7 @@ impl AgentShared {
 /// one. Stop it with [`Agent::shutdown`].
 pub struct Agent {
     shared: Arc<AgentShared>,
+    acme: Option<Arc<acme::Certificates>>,
     /// Where the admin listener is bound, if configured.
     pub admin_addr: Option<std::net::SocketAddr>,
     links: Vec<watch::Receiver<LinkState>>,
@@ -135,10 +146,29 @@ impl Agent {
     /// Starts a link to every configured relay.
     pub fn start(config: &AgentConfig, token: String) -> Result<Self, AgentError> {
         let stopped = CancellationToken::new();
+        let metrics = Arc::new(metrics::AgentMetrics::new());
+        // One link per connection of each relay entry, in config order; made first, because the
+        // ACME keepers wait on them.
+        let (mut link_states, links): (Vec<_>, Vec<_>) = config
+            .relays
+            .iter()
+            .flat_map(|relay| (0..relay.connections()).map(|_| watch::channel(LinkState::Connecting)))
+            .unzip();
+        link_states.reverse();
+        let acme = match &config.acme {
+            Some(acme) => Some(Arc::new(acme::Certificates::new(
+                acme,
+                &config.state_dir,
+                links.clone(),
+                Arc::clone(&metrics),
+                stopped.clone(),
+            )?)),
+            None => None,
+        };
         let shared = Arc::new(AgentShared {
             name: config.name.clone(),
             token,
-            routes: RwLock::new(routes_of(config, &stopped)?),
+            routes: RwLock::new(routes_of(config, &stopped, acme.as_deref())?),
             routes_version: watch::Sender::new(0),
             reconnect: config.reconnect,
             connect_timeout: config.connect_timeout,
@@ -155,10 +185,9 @@ impl Agent {
             stopped,
             hard_stop: CancellationToken::new(),
             streams: TaskTracker::new(),
-            metrics: Arc::new(metrics::AgentMetrics::new()),
+            metrics,
         });
         let mut tasks = JoinSet::new();
-        let mut links = Vec::new();
         for relay in &config.relays {
             let fail = |message: String| AgentError::Relay {
                 address: relay.address.clone(),
@@ -166,11 +195,25 @@ impl Agent {
             };
             let trust = relay.trust().map_err(fail)?;
             let tls = agent_client_config(&trust)?;
-            let dialer =
-                dial::RelayDialer::new(relay.address.clone(), relay.server_name(), tls).map_err(fail)?;
-            let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
-            tasks.spawn(link::run(Arc::clone(&shared), Arc::new(dialer), state_tx));
-            links.push(state_rx);
+            let slots = relay.names_a_host().then(|| {
+                let claims: dial::SlotClaims = Arc::default();
+                claims
+                    .lock()
+                    .expect("claims lock")
+                    .resize(relay.connections(), None);
+                claims
+            });
+            for slot in 0..relay.connections() {
+                let dialer = dial::RelayDialer::new(
+                    relay.address.clone(),
+                    relay.server_name(),
+                    Arc::clone(&tls),
+                    slots.as_ref().map(|claims| (slot, Arc::clone(claims))),
+                )
+                .map_err(fail)?;
+                let state_tx = link_states.pop().expect("a link per connection");
+                tasks.spawn(link::run(Arc::clone(&shared), Arc::new(dialer), state_tx));
+            }
         }
         let mut admin_addr = None;
         if let Some(admin) = &config.admin {
@@ -184,7 +227,9 @@ impl Agent {
             tasks.spawn(crate::admin::http::serve(
                 listener,
                 handler,
-                admin.token.clone(),
+                Arc::new(crate::admin::http::AdminTokenSlot::from(
+                    admin.token.clone().map(Arc::new),
+                )),
                 shared.hard_stop.clone(),
             ));
             info!(%addr, "agent admin listening");
@@ -197,6 +242,7 @@ impl Agent {
         );
         Ok(Self {
             shared,
+            acme,
             admin_addr,
             links,
             tasks,
@@ -206,14 +252,32 @@ impl Agent {
     /// Replaces the routes this agent serves (e.g. on SIGHUP) and re-registers them with every
     /// relay: hostnames left out go offline at once. Relay endpoints are not reloaded.
     pub fn reload_routes(&self, config: &AgentConfig) -> Result<(), AgentError> {
-        let fresh = routes_of(config, &self.shared.stopped)?;
+        let fresh = match routes_of(config, &self.shared.stopped, self.acme.as_deref()) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                // Keepers started for hostnames of the refused config stop; the rest go on.
+                if let Some(acme) = &self.acme {
+                    acme.retain(&self.shared.routes().acme_hostnames());
+                }
+                return Err(e);
+            }
+        };
         info!(routes = ?fresh.0.iter().map(|r| &r.hostname).collect::<Vec<_>>(), "routes reloaded");
+        if let Some(acme) = &self.acme {
+            acme.retain(&fresh.1.acme_hostnames());
+        }
         *self.shared.routes.write().expect("routes lock") = fresh;
         self.shared.routes_version.send_modify(|v| *v += 1);
         Ok(())
     }
 
-    /// Current state of each relay link, in config order.
+    /// Where the certificate of `hostname` stands, if a route serves it with `tls = "acme"`.
+    pub fn certificate(&self, hostname: &str) -> Option<acme::CertificateStatus> {
+        self.acme.as_ref()?.status(hostname)
+    }
+
+    /// Current state of each relay link, in config order (an entry naming a DNS name has
+    /// `connections` links, one after the other).
     pub fn links(&self) -> Vec<LinkState> {
         self.links.iter().map(|rx| rx.borrow().clone()).collect()
     }
@@ -252,6 +316,7 @@ impl Agent {
 fn routes_of(
     config: &AgentConfig,
     stopped: &CancellationToken,
+    acme: Option<&acme::Certificates>,
 ) -> Result<(Vec<RouteAd>, Arc<Routes>), AgentError> {
     let ads = config
         .routes
@@ -261,6 +326,6 @@ fn routes_of(
             http: r.http,
         })
         .collect();
-    let routes = Routes::new(&config.routes, config.connect_timeout, stopped)?;
+    let routes = Routes::new(&config.routes, config.connect_timeout, stopped, acme)?;
     Ok((ads, Arc::new(routes)))
 }

@@ -60,6 +60,95 @@ pub struct AgentConfig {
     /// and agent on each browser connection's setup. For an agent that may hold no idle
     /// connection open.
     pub pool_size: Option<u32>,
+    /// Where the agent keeps what it must not lose across restarts: the ACME account key and the
+    /// certificates and keys of `tls = "acme"` routes (files mode 0600, directories 0700).
+    /// Relative to this file; `agent-state` next to it by default. Used only with `[acme]`.
+    #[serde(default = "AgentConfig::default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Certificates the agent obtains and renews by itself for routes with `tls = "acme"`.
+    pub acme: Option<AcmeConfig>,
+}
+
+/// The `[acme]` section: the ACME (RFC 8555) server that issues certificates for routes with
+/// `tls = "acme"`, answered with TLS-ALPN-01 through the relays.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The server's directory URL (https), e.g.
+    /// `https://acme-v02.api.letsencrypt.org/directory`.
+    pub directory: String,
+    /// Contact address given to the ACME server with the account (expiry notices, problems).
+    pub email: Option<String>,
+    /// CA certificates (PEM) to trust for the ACME server's own HTTPS, for a private ACME server;
+    /// without it, the system's roots.
+    pub directory_ca: Option<PathBuf>,
+    /// After a failed order, the first pause before the next attempt (doubling, with jitter).
+    #[serde(default = "AcmeConfig::default_retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// The longest pause between attempts.
+    #[serde(default = "AcmeConfig::default_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl AcmeConfig {
+    fn default_retry_initial() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_retry_max() -> Duration {
+        Duration::from_secs(3600)
+    }
+
+    /// The account contact, `mailto:<email>`, if an email is configured.
+    pub fn contact(&self) -> Option<String> {
+        self.email.as_ref().map(|email| format!("mailto:{email}"))
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        match self.directory.parse::<hyper::Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some_and(|h| !h.is_empty()) => {}
+            Ok(_) => {
+                return Err(invalid(
+                    path,
+                    "acme.directory",
+                    "must be an https:// URL (ACME runs over HTTPS only)",
+                ));
+            }
+            Err(e) => return Err(invalid(path, "acme.directory", format!("not a URL: {e}"))),
+        }
+        if let Some(email) = &self.email {
+            let well_formed = email
+                .split_once('@')
+                .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'))
+                && !email.contains(|c: char| c.is_whitespace() || c.is_control() || c == ',' || c == '?');
+            if !well_formed {
+                return Err(invalid(
+                    path,
+                    "acme.email",
+                    "expected an address like ops@example.com",
+                ));
+            }
+        }
+        if let Some(ca) = &self.directory_ca {
+            let certs = crate::wire::tls::load_certs(ca)
+                .map_err(|e| invalid(path, "acme.directory_ca", e.to_string()))?;
+            if certs.is_empty() {
+                return Err(invalid(
+                    path,
+                    "acme.directory_ca",
+                    format!("{} holds no certificate", ca.display()),
+                ));
+            }
+        }
+        positive(path, "acme.retry_initial", self.retry_initial)?;
+        if self.retry_max < self.retry_initial {
+            return Err(invalid(
+                path,
+                "acme.retry_max",
+                "must not be below acme.retry_initial",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One `[[relays]]` entry: a relay to dial and how to authenticate it (exactly one of `ca` and
@@ -75,7 +164,13 @@ pub struct RelayEndpoint {
     pub ca: Option<PathBuf>,
     /// SHA-256 of the relay's public key (SPKI), hex or base64 (`sluice relay-pin` prints it).
     pub pin_sha256: Option<String>,
+    /// When `address` names a DNS name: tunnels to keep, each to a different address the name
+    /// resolves to (default 2; fewer while it gives fewer). An IP address is one relay: 1.
+    pub connections: Option<usize>,
 }
+
+/// Upper bound of a relay entry's `connections`.
+pub const MAX_CONNECTIONS_PER_RELAY: usize = 16;
 
 /// One `[[routes]]` entry: a hostname this agent serves and where its streams go on-prem.
 #[derive(Debug, Clone, Deserialize)]
@@ -88,9 +183,17 @@ pub struct RouteConfig {
     /// Send a PROXY protocol v2 header with the browser's address to `target` first.
     #[serde(default)]
     pub proxy_protocol: bool,
-    /// Terminate TLS here with the tenant's own certificate and forward plaintext to `target`.
-    /// Without it, `target` receives the browser's TLS stream and terminates TLS itself.
+    /// Terminate TLS here and forward plaintext to `target`: with the tenant's own certificate
+    /// (`{ cert, key }`), or with one the agent obtains and renews itself (`"acme"`, needs an
+    /// `[acme]` section). Without it, `target` receives the browser's TLS stream and terminates
+    /// TLS itself.
     pub tls: Option<TlsTermination>,
+    /// Where TLS ends at the agent, the application protocols offered to browsers (ALPN), in
+    /// order of preference: `["http/1.1"]` by default. `target` receives the chosen protocol in
+    /// cleartext, so list `h2` only for a target that also speaks HTTP/2 without TLS (prior
+    /// knowledge), as most application servers can.
+    #[serde(default = "RouteConfig::default_alpn")]
+    pub alpn: Vec<String>,
     /// Plaintext HTTP on the relay: `redirect` to https (default) or `forward` to `http_target`.
     #[serde(default)]
     pub http: HttpMode,
@@ -104,14 +207,47 @@ pub struct RouteConfig {
     pub warm_connections: usize,
 }
 
-/// A route's `tls` section: the tenant's own certificate, for TLS ending at the agent.
-#[derive(Debug, Clone, Deserialize)]
+/// A route's `tls`: where the certificate comes from when TLS ends at the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsTermination {
+    /// `tls = { cert, key }`: the tenant's own certificate and key, from files.
+    Files(TlsFiles),
+    /// `tls = "acme"`: a certificate the agent obtains and renews itself (`[acme]`), its key
+    /// generated here and kept under `state_dir`.
+    Acme,
+}
+
+/// `tls = { cert, key }`: the tenant's own certificate, for TLS ending at the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsTermination {
+pub struct TlsFiles {
     /// PEM certificate chain presented to browsers, leaf first.
     pub cert: PathBuf,
     /// PEM private key of that certificate.
     pub key: PathBuf,
+}
+
+impl<'de> Deserialize<'de> for TlsTermination {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TlsTermination;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"acme\" or { cert = \"...\", key = \"...\" }")
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
+                match value {
+                    "acme" => Ok(TlsTermination::Acme),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                TlsFiles::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(TlsTermination::Files)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// The agent's `[admin]` section: metrics and probes. Under the same rules as the relay's: a
@@ -169,6 +305,9 @@ impl AgentConfig {
     fn default_half_close_timeout() -> Duration {
         Duration::from_secs(60)
     }
+    fn default_state_dir() -> PathBuf {
+        PathBuf::from("agent-state")
+    }
 
     /// Reads, validates, and resolves relative paths of an agent config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -178,10 +317,14 @@ impl AgentConfig {
             relay.ca = relay.ca.as_ref().map(|f| resolve(path, f));
         }
         for route in &mut config.routes {
-            if let Some(tls) = &mut route.tls {
+            if let Some(TlsTermination::Files(tls)) = &mut route.tls {
                 tls.cert = resolve(path, &tls.cert);
                 tls.key = resolve(path, &tls.key);
             }
+        }
+        config.state_dir = resolve(path, &config.state_dir);
+        if let Some(acme) = &mut config.acme {
+            acme.directory_ca = acme.directory_ca.as_ref().map(|f| resolve(path, f));
         }
         if let Some(admin) = &mut config.admin {
             admin.token_file = admin.token_file.as_ref().map(|f| resolve(path, f));
@@ -240,22 +383,43 @@ impl AgentConfig {
         }
         for (i, route) in self.routes.iter().enumerate() {
             let field = |name: &str| format!("routes[{i}].{name}");
-            HostPattern::parse(&route.hostname)
+            let pattern = HostPattern::parse(&route.hostname)
                 .map_err(|e| invalid(path, field("hostname"), e.to_string()))?;
             if !looks_like_host_port(&route.target) {
                 return Err(invalid(path, field("target"), "expected host:port"));
             }
-            if let Some(tls) = &route.tls {
-                for (name, file) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
-                    if !file.is_file() {
+            match &route.tls {
+                Some(TlsTermination::Files(tls)) => {
+                    for (name, file) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                        if !file.is_file() {
+                            return Err(invalid(
+                                path,
+                                field(name),
+                                format!("{} does not exist", file.display()),
+                            ));
+                        }
+                    }
+                }
+                Some(TlsTermination::Acme) => {
+                    if self.acme.is_none() {
                         return Err(invalid(
                             path,
-                            field(name),
-                            format!("{} does not exist", file.display()),
+                            field("tls"),
+                            "\"acme\" needs an [acme] section saying which ACME server to use",
+                        ));
+                    }
+                    if matches!(pattern, HostPattern::Wildcard { .. }) {
+                        return Err(invalid(
+                            path,
+                            field("tls"),
+                            "\"acme\" cannot certify a wildcard: TLS-ALPN-01 validates one name at a time",
                         ));
                     }
                 }
+                None => {}
             }
+            validate_alpn(&route.alpn, route.tls.is_some())
+                .map_err(|message| invalid(path, field("alpn"), message))?;
             if route.http == HttpMode::Forward && route.http_target().is_none() {
                 return Err(invalid(
                     path,
@@ -283,6 +447,9 @@ impl AgentConfig {
                 format!("at most {MAX_POOL_SIZE} (what a relay may ask for)"),
             ));
         }
+        if let Some(acme) = &self.acme {
+            acme.validate(path)?;
+        }
         positive(path, "connect_timeout", self.connect_timeout)?;
         positive(path, "tls_handshake_timeout", self.tls_handshake_timeout)?;
         positive(path, "idle_timeout", self.idle_timeout)?;
@@ -306,6 +473,23 @@ impl RelayEndpoint {
         }
         self.trust()
             .map_err(|message| invalid(path, format!("{field}.ca"), message))?;
+        match self.connections {
+            Some(n) if !(1..=MAX_CONNECTIONS_PER_RELAY).contains(&n) => {
+                return Err(invalid(
+                    path,
+                    format!("{field}.connections"),
+                    format!("between 1 and {MAX_CONNECTIONS_PER_RELAY}"),
+                ));
+            }
+            Some(n) if n > 1 && !self.names_a_host() => {
+                return Err(invalid(
+                    path,
+                    format!("{field}.connections"),
+                    "an IP address is one relay: name the fleet by a DNS name for several",
+                ));
+            }
+            _ => {}
+        }
         if let Some(ca) = &self.ca
             && !ca.is_file()
         {
@@ -316,6 +500,21 @@ impl RelayEndpoint {
             ));
         }
         Ok(())
+    }
+
+    /// Whether `address` names a host by a DNS name (not an IP address).
+    pub fn names_a_host(&self) -> bool {
+        host_part(&self.address).parse::<std::net::IpAddr>().is_err()
+    }
+
+    /// Tunnels to keep for this entry: `connections` (default 2) for a DNS name, 1 for an IP
+    /// address.
+    pub fn connections(&self) -> usize {
+        if self.names_a_host() {
+            self.connections.unwrap_or(2)
+        } else {
+            1
+        }
     }
 
     /// How to authenticate this relay: exactly one of `ca` and `pin_sha256`.
@@ -337,12 +536,45 @@ impl RelayEndpoint {
 }
 
 impl RouteConfig {
+    fn default_alpn() -> Vec<String> {
+        vec!["http/1.1".to_owned()]
+    }
+
     /// Where plaintext HTTP for this route goes, if anywhere.
     pub fn http_target(&self) -> Option<&str> {
         self.http_target
             .as_deref()
             .or(self.tls.as_ref().map(|_| self.target.as_str()))
     }
+}
+
+/// The ALPN id TLS-ALPN-01 validation connections offer (RFC 8737); the agent answers it itself.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// A route's `alpn` list: protocol ids of 1-255 bytes, no repeats, not `acme-tls/1` (the agent
+/// answers ACME validation itself), and set only where TLS ends at the agent.
+fn validate_alpn(alpn: &[String], tls_here: bool) -> Result<(), String> {
+    if !tls_here && alpn != RouteConfig::default_alpn() {
+        return Err(
+            "only where TLS ends at the agent (`tls`): otherwise the target negotiates its own protocols"
+                .into(),
+        );
+    }
+    if alpn.is_empty() {
+        return Err("at least one protocol, e.g. [\"h2\", \"http/1.1\"]".into());
+    }
+    for (i, id) in alpn.iter().enumerate() {
+        if id.is_empty() || id.len() > 255 {
+            return Err(format!("{id:?}: a protocol id is 1-255 bytes"));
+        }
+        if id.as_bytes() == ACME_TLS_ALPN {
+            return Err("acme-tls/1 is answered by the agent itself for tls = \"acme\" routes".into());
+        }
+        if alpn[..i].contains(id) {
+            return Err(format!("{id:?} is listed twice"));
+        }
+    }
+    Ok(())
 }
 
 fn parse_pin(pin: &str) -> Result<[u8; 32], String> {

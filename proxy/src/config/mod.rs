@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod relay;
 pub mod shield;
+pub mod store;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -209,7 +210,7 @@ mod tests {
         let relay = RelayConfig::load(&dir.path().join("relay.toml")).unwrap();
         assert_eq!(
             relay.state_dir,
-            dir.path().join("state"),
+            Some(dir.path().join("state")),
             "relative paths resolve next to the file"
         );
         let agent = AgentConfig::load(&dir.path().join("agent.toml")).unwrap();
@@ -297,6 +298,107 @@ mod tests {
              [[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\n"
         );
         assert!(agent_error(&text).contains("`admin.token_file`"));
+    }
+
+    #[test]
+    fn the_store_section_is_checked_field_by_field() {
+        let etcd = |lines: &str| {
+            let (_dir, path) = setup(
+                &format!("{RELAY}[store]\nbackend = \"etcd\"\n{lines}"),
+                &["c.pem", "k.pem", "ca.pem", "pw"],
+            );
+            RelayConfig::load(&path).map(|c| c.store)
+        };
+        let error = |lines: &str| etcd(lines).unwrap_err().to_string();
+        assert!(error("").contains("`store.endpoints`"));
+        assert!(error("endpoints = [\"127.0.0.1:2379\"]\n").contains("`store.endpoints[0]`"));
+        assert!(error("endpoints = [\"http://127.0.0.1\"]\n").contains("`store.endpoints[0]`"));
+        let http = "endpoints = [\"http://127.0.0.1:2379\", \"http://10.0.0.2:2379\"]\n";
+        let store = etcd(http).unwrap();
+        assert_eq!(store.prefix, "/sluice");
+        assert_eq!(store.endpoints.len(), 2);
+        assert!(error(&format!("{http}ca = \"ca.pem\"\n")).contains("`store.ca`"));
+        let https = "endpoints = [\"https://etcd.test:2379\"]\n";
+        assert!(error(https).contains("`store.ca`"));
+        assert!(error(&format!("{https}ca = \"missing.pem\"\n")).contains("missing.pem"));
+        assert!(error(&format!("{https}ca = \"ca.pem\"\ncert = \"c.pem\"\n")).contains("`store.key`"));
+        assert!(
+            etcd(&format!(
+                "{https}ca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n"
+            ))
+            .is_ok()
+        );
+        assert!(
+            error("endpoints = [\"https://a:1\", \"http://b:2\"]\nca = \"ca.pem\"\n")
+                .contains("`store.endpoints`")
+        );
+        assert!(error(&format!("{http}username = \"relay\"\n")).contains("`store.password_file`"));
+        assert!(error(&format!("{http}password_file = \"pw\"\n")).contains("`store.username`"));
+        assert!(
+            error(&format!("{http}username = \"relay\"\npassword_file = \"pw\"\n")).contains("is empty"),
+            "an empty password file"
+        );
+        for prefix in ["\"\"", "\"sluice\"", "\"/sluice/\"", "\"/\"", "\"/a b\""] {
+            assert!(
+                error(&format!("{http}prefix = {prefix}\n")).contains("`store.prefix`"),
+                "{prefix}"
+            );
+        }
+        assert!(error(&format!("{http}relay_id = \"a/b\"\n")).contains("`store.relay_id`"));
+        assert!(error(&format!("{http}presence_ttl = \"1s\"\n")).contains("`store.presence_ttl`"));
+        assert!(error(&format!("{http}stale_after = \"0s\"\n")).contains("`store.stale_after`"));
+        assert!(
+            error(&format!("{http}endpoint = []\n")).contains("endpoint"),
+            "unknown fields"
+        );
+
+        // The file store: the default, needs state_dir, refuses etcd's fields.
+        let no_state = "[tunnel]\nlisten = \"127.0.0.1:7443\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        assert!(relay_error(no_state).contains("`state_dir`"));
+        let (_dir, path) = setup(
+            &format!(
+                "{no_state}{}",
+                "[store]\nbackend = \"etcd\"\nendpoints = [\"http://e:1\"]\n"
+            ),
+            &["c.pem", "k.pem"],
+        );
+        assert_eq!(
+            RelayConfig::load(&path).unwrap().state_dir,
+            None,
+            "etcd needs no state_dir"
+        );
+        assert!(
+            relay_error(&format!("{RELAY}[store]\nendpoints = [\"http://e:1\"]\n"))
+                .contains("`store.endpoints`")
+        );
+        assert!(relay_error(&format!("{RELAY}[store]\nbackend = \"consul\"\n")).contains("consul"));
+    }
+
+    #[test]
+    fn a_relay_named_by_dns_gets_connections_and_an_address_gets_one() {
+        let route = "[[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\n";
+        let load = |relay: &str| {
+            let text =
+                format!("name = \"a1\"\ntoken_file = \"t\"\n[[relays]]\n{relay}ca = \"ca.pem\"\n{route}");
+            let (_dir, path) = setup(&text, &["ca.pem"]);
+            AgentConfig::load(&path).map(|c| c.relays[0].connections())
+        };
+        assert_eq!(load("address = \"relays.example.com:7443\"\n").unwrap(), 2);
+        assert_eq!(
+            load("address = \"relays.example.com:7443\"\nconnections = 3\n").unwrap(),
+            3
+        );
+        assert_eq!(load("address = \"192.0.2.1:7443\"\n").unwrap(), 1);
+        assert_eq!(load("address = \"[2001:db8::1]:7443\"\n").unwrap(), 1);
+        let error = load("address = \"192.0.2.1:7443\"\nconnections = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`relays[0].connections`"), "{error}");
+        let error = load("address = \"relays.example.com:7443\"\nconnections = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`relays[0].connections`"), "{error}");
+        assert!(load("address = \"relays.example.com:7443\"\nconnections = 17\n").is_err());
     }
 
     #[test]
@@ -416,6 +518,101 @@ mod tests {
         assert!(
             error.contains("data_transport") && error.contains("udp"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn acme_routes_and_the_acme_section_are_checked_field_by_field() {
+        let head = format!("{AGENT_HEAD}ca = \"ca.pem\"\n");
+        let acme = "[acme]\ndirectory = \"https://acme.test/dir\"\n";
+        let route =
+            |extra: &str| format!("[[routes]]\nhostname = \"app.b.test\"\ntarget = \"127.0.0.1:1\"\n{extra}");
+        let load = |text: &str| {
+            let (dir, path) = setup(text, &["ca.pem"]);
+            (dir, AgentConfig::load(&path).map_err(|e| e.to_string()))
+        };
+
+        let without_section = agent_error(&format!("{head}{}", route("tls = \"acme\"\n")));
+        assert!(
+            without_section.contains("`routes[0].tls`") && without_section.contains("[acme]"),
+            "{without_section}"
+        );
+        let wildcard = agent_error(&format!(
+            "{head}{acme}[[routes]]\nhostname = \"*.b.test\"\ntarget = \"127.0.0.1:1\"\ntls = \"acme\"\n"
+        ));
+        assert!(
+            wildcard.contains("`routes[0].tls`") && wildcard.contains("wildcard"),
+            "{wildcard}"
+        );
+        let unknown_mode = agent_error(&format!("{head}{acme}{}", route("tls = \"letsencrypt\"\n")));
+        assert!(
+            unknown_mode.contains("tls") && unknown_mode.contains("\"acme\" or { cert"),
+            "{unknown_mode}"
+        );
+        let half_files = agent_error(&format!("{head}{}", route("tls = { cert = \"ca.pem\" }\n")));
+        assert!(half_files.contains("key"), "{half_files}");
+
+        let plain_http = agent_error(&format!(
+            "{head}[acme]\ndirectory = \"http://acme.test/dir\"\n{}",
+            route("tls = \"acme\"\n")
+        ));
+        assert!(
+            plain_http.contains("`acme.directory`") && plain_http.contains("https"),
+            "{plain_http}"
+        );
+        let not_url = agent_error(&format!("{head}[acme]\ndirectory = \"acme dir\"\n{}", route("")));
+        assert!(not_url.contains("`acme.directory`"), "{not_url}");
+        let email = agent_error(&format!("{head}{acme}email = \"ops at example\"\n{}", route("")));
+        assert!(email.contains("`acme.email`"), "{email}");
+        let missing_ca = agent_error(&format!("{head}{acme}directory_ca = \"nope.pem\"\n{}", route("")));
+        assert!(
+            missing_ca.contains("`acme.directory_ca`") && missing_ca.contains("nope.pem"),
+            "{missing_ca}"
+        );
+        let not_a_cert = agent_error(&format!("{head}{acme}directory_ca = \"ca.pem\"\n{}", route("")));
+        assert!(not_a_cert.contains("`acme.directory_ca`"), "{not_a_cert}");
+        let retry = agent_error(&format!(
+            "{head}{acme}retry_initial = \"10s\"\nretry_max = \"1s\"\n{}",
+            route("")
+        ));
+        assert!(retry.contains("`acme.retry_max`"), "{retry}");
+        let typo = agent_error(&format!("{head}{acme}emial = \"a@b.test\"\n{}", route("")));
+        assert!(typo.contains("emial"), "{typo}");
+
+        let alpn_without_tls = agent_error(&format!("{head}{}", route("alpn = [\"h2\"]\n")));
+        assert!(
+            alpn_without_tls.contains("`routes[0].alpn`"),
+            "{alpn_without_tls}"
+        );
+        let acme_alpn = agent_error(&format!(
+            "{head}{acme}{}",
+            route("tls = \"acme\"\nalpn = [\"acme-tls/1\"]\n")
+        ));
+        assert!(acme_alpn.contains("`routes[0].alpn`"), "{acme_alpn}");
+        let twice = agent_error(&format!(
+            "{head}{acme}{}",
+            route("tls = \"acme\"\nalpn = [\"h2\", \"h2\"]\n")
+        ));
+        assert!(twice.contains("twice"), "{twice}");
+        let empty = agent_error(&format!("{head}{acme}{}", route("tls = \"acme\"\nalpn = []\n")));
+        assert!(empty.contains("`routes[0].alpn`"), "{empty}");
+
+        // A whole, valid ACME setup: paths resolve next to the file, state_dir has a default.
+        let (dir, config) = load(&format!(
+            "{head}{acme}email = \"ops@example.com\"\n{}",
+            route("tls = \"acme\"\nalpn = [\"h2\", \"http/1.1\"]\n")
+        ));
+        let config = config.unwrap();
+        assert_eq!(config.state_dir, dir.path().join("agent-state"));
+        let acme = config.acme.as_ref().unwrap();
+        assert_eq!(acme.contact().as_deref(), Some("mailto:ops@example.com"));
+        assert_eq!(acme.retry_initial, std::time::Duration::from_secs(10));
+        assert_eq!(config.routes[0].tls, Some(super::agent::TlsTermination::Acme));
+        assert_eq!(config.routes[0].alpn, ["h2", "http/1.1"]);
+        assert_eq!(
+            config.routes[0].http_target(),
+            Some("127.0.0.1:1"),
+            "TLS ends here"
         );
     }
 }

@@ -11,8 +11,11 @@ use super::{AdminToken, ConfigError, invalid, positive, read_toml, resolve};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
-    /// Directory of the tenant and token store (`store.json`).
-    pub state_dir: PathBuf,
+    /// Directory of the file store (`store.json`); required unless `[store]` names etcd.
+    pub state_dir: Option<PathBuf>,
+    /// `[store]`: the file store in `state_dir` (default) or an etcd cluster shared by a fleet.
+    #[serde(default)]
+    pub store: super::store::StoreConfig,
     /// `[edge]`: the browser-facing listeners and their limits.
     #[serde(default)]
     pub edge: EdgeConfig,
@@ -21,7 +24,8 @@ pub struct RelayConfig {
     /// `[admin]`: the admin listener (metrics, probes, the JSON API).
     #[serde(default)]
     pub admin: AdminConfig,
-    /// How often the store file is checked for changes (revocations take effect within this).
+    /// How often the file store is checked for changes (revocations take effect within this;
+    /// etcd pushes changes instead).
     #[serde(default = "RelayConfig::default_store_poll", with = "humantime_serde")]
     pub store_poll: Duration,
     /// How long active streams may drain on shutdown before they are cut.
@@ -91,6 +95,11 @@ impl Default for EdgeConfig {
 }
 
 impl EdgeConfig {
+    /// Every edge listener's address: the TLS ones, then the plaintext HTTP ones.
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.tls_listen.iter().chain(&self.http_listen).copied().collect()
+    }
+
     /// The (non-zero) ports of every edge listener.
     pub fn ports(&self) -> Vec<u16> {
         self.tls_listen
@@ -201,6 +210,19 @@ impl Default for AdminConfig {
 }
 
 impl RelayConfig {
+    /// What identifies this relay among others on its host: its first edge port that is not
+    /// ephemeral. Names its shield's pin directory and its upgrade socket; `None` when every
+    /// edge port is ephemeral (such a relay cannot be found again, so cannot be upgraded).
+    pub fn fixed_instance(&self) -> Option<String> {
+        self.edge
+            .tls_listen
+            .iter()
+            .chain(&self.edge.http_listen)
+            .map(|a| a.port())
+            .find(|&p| p != 0)
+            .map(|p| p.to_string())
+    }
+
     /// The (non-zero) ports of every listener browsers and agents reach: the edge's and the
     /// tunnel's, what the shield polices unless `shield.protected_ports` says otherwise.
     pub fn listener_ports(&self) -> Vec<u16> {
@@ -210,7 +232,7 @@ impl RelayConfig {
     }
 }
 
-// `state_dir` and `tunnel` have no default, so the rest are defaulted field by field.
+// `tunnel` has no default, so the rest are defaulted field by field.
 impl RelayConfig {
     fn default_store_poll() -> Duration {
         Duration::from_secs(1)
@@ -224,11 +246,13 @@ impl RelayConfig {
     /// Reads, validates, and resolves relative paths of a relay config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut config: Self = read_toml(path)?;
-        config.state_dir = resolve(path, &config.state_dir);
+        config.state_dir = config.state_dir.map(|dir| resolve(path, &dir));
         config.tunnel.cert = resolve(path, &config.tunnel.cert);
         config.tunnel.key = resolve(path, &config.tunnel.key);
         config.admin.token_file = config.admin.token_file.map(|f| resolve(path, &f));
         config.validate(path)?;
+        let state_dir = config.state_dir.clone();
+        config.store.load(path, state_dir.as_deref())?;
         config.admin.token =
             super::admin_token(path, config.admin.listen, config.admin.token_file.as_deref())?;
         Ok(config)

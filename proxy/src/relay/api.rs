@@ -4,15 +4,15 @@
 //! | --- | --- | --- |
 //! | GET | `/metrics` | Prometheus text exposition |
 //! | GET | `/healthz` | the process is alive |
-//! | GET | `/readyz` | listeners bound, store loaded, shield state known (503 otherwise) |
+//! | GET | `/readyz` | listeners bound, store loaded, shield state known (503 otherwise); says whether the store is stale (still ready: the relay routes from its last snapshot) |
 //! | GET | `/api/tenants` | tenants and their hostnames |
 //! | GET | `/api/tokens` | tokens (never secrets) with their status |
-//! | POST | `/api/tokens/{id}/revoke` | revoke a token; its live tunnels are cut now |
+//! | POST | `/api/tokens/{id}/revoke` | revoke a token; its live tunnels are cut now (with etcd: on every relay; refused with 503 while etcd is unreachable) |
 //! | GET | `/api/tunnels` | live agent sessions |
 //! | DELETE | `/api/tunnels/{agent-id}` | cut one live session and its streams |
 //! | GET | `/api/bans` | banned sources (kernel with XDP, userspace otherwise) |
-//! | POST | `/api/bans/{ip}?for=10m` | ban a source (no `for`: until lifted) |
-//! | DELETE | `/api/bans/{ip}` | lift a ban |
+//! | POST | `/api/bans/{ip}?for=10m` | ban a source (no `for`: until lifted); with etcd, fleet-wide (503 while etcd is unreachable) |
+//! | DELETE | `/api/bans/{ip}` | lift a ban (with etcd, fleet-wide) |
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -20,13 +20,14 @@ use hyper::{Method, Response, StatusCode};
 use serde::Serialize;
 
 use super::Readiness;
+use super::fleet::{Fleet, FleetError};
 use super::metrics::RelayMetrics;
 use super::store_watch;
 use super::tenants::Tenants;
 use super::tunnel::{SessionEnd, Sessions};
 use crate::admin::http::{AdminHandler, AdminRequest, Body, error, json, text};
 use crate::shield::RelayShield;
-use crate::store::unix_now;
+use crate::store::{StoreError, unix_now};
 
 /// The relay's admin endpoints, over the parts of the relay they show and change.
 pub struct RelayAdmin {
@@ -40,6 +41,8 @@ pub struct RelayAdmin {
     pub sessions: Arc<Sessions>,
     /// Bans.
     pub shield: Arc<RelayShield>,
+    /// Fleet-wide bans (with etcd).
+    pub fleet: Arc<Fleet>,
 }
 
 /// One tenant in `GET /api/tenants`.
@@ -89,28 +92,66 @@ pub struct BanView {
     pub remaining_secs: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct ReadinessView {
-    ready: bool,
-    listeners_bound: bool,
-    store_loaded: bool,
-    shield_state_known: bool,
+/// `GET /readyz`.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ReadinessView {
+    /// Ready to route: listeners bound, store loaded, shield state known.
+    pub ready: bool,
+    /// Every listener is bound.
+    pub listeners_bound: bool,
+    /// The store loaded at start.
+    pub store_loaded: bool,
+    /// The store has not answered for longer than `store.stale_after`: the relay routes from
+    /// its last snapshot (still ready) and refuses changes.
+    pub store_stale: bool,
+    /// Seconds since the store last answered.
+    pub store_snapshot_age_secs: f64,
+    /// The shield is attached or has fallen back to userspace.
+    pub shield_state_known: bool,
+}
+
+/// The HTTP status for a store error: 503 when the store cannot be reached, 500 otherwise.
+fn store_status(e: &StoreError) -> StatusCode {
+    match e {
+        StoreError::Unavailable { .. } | StoreError::Stale { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        StoreError::UnknownToken { .. } => StatusCode::NOT_FOUND,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn fleet_error(e: &FleetError) -> Response<Body> {
+    let status = match e {
+        FleetError::Store(e) => store_status(e),
+        FleetError::Shield(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, &e.to_string())
+}
+
+/// Runs a store or fleet change from an admin handler (which runs on the blocking pool).
+fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Handle::current().block_on(future)
 }
 
 impl AdminHandler for RelayAdmin {
     fn handle(&self, request: &AdminRequest) -> Response<Body> {
         let segments: Vec<&str> = request.segments.iter().map(String::as_str).collect();
         match (&request.method, segments.as_slice()) {
-            (&Method::GET, ["metrics"]) => text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                self.metrics.encode(),
-            ),
+            (&Method::GET, ["metrics"]) => {
+                self.metrics.observe_store(self.tenants.health());
+                text(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    self.metrics.encode(),
+                )
+            }
             (&Method::GET, ["healthz"]) => json(StatusCode::OK, &serde_json::json!({ "status": "alive" })),
             (&Method::GET, ["readyz"]) => {
+                let health = self.tenants.health();
                 let readiness = ReadinessView {
                     listeners_bound: self.readiness.listeners.load(Ordering::Acquire),
                     store_loaded: self.readiness.store.load(Ordering::Acquire),
+                    store_stale: health.is_stale(),
+                    store_snapshot_age_secs: health.age().as_secs_f64(),
                     shield_state_known: self.readiness.shield.load(Ordering::Acquire),
                     ready: false,
                 };
@@ -150,18 +191,16 @@ impl AdminHandler for RelayAdmin {
                     .collect();
                 json(StatusCode::OK, &tokens)
             }
-            (&Method::POST, ["api", "tokens", id, "revoke"]) => match self.tenants.store().revoke_token(id) {
+            (&Method::POST, ["api", "tokens", id, "revoke"]) => match block_on(self.tenants.revoke_token(id))
+            {
                 Ok(record) => {
-                    store_watch::refresh_now(&self.tenants, &self.sessions);
+                    store_watch::enforce(&self.tenants, &self.sessions);
                     json(
                         StatusCode::OK,
                         &serde_json::json!({ "revoked": record.id, "tenant": record.tenant }),
                     )
                 }
-                Err(e @ crate::store::StoreError::UnknownToken { .. }) => {
-                    error(StatusCode::NOT_FOUND, &e.to_string())
-                }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                Err(e) => error(store_status(&e), &e.to_string()),
             },
             (&Method::GET, ["api", "tunnels"]) => {
                 let mut tunnels: Vec<TunnelView> = self
@@ -213,19 +252,19 @@ impl AdminHandler for RelayAdmin {
                         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("`for`: {e}")),
                     },
                 };
-                match self.shield.ban(source, duration) {
+                match block_on(self.fleet.ban(source, duration, "operator")) {
                     Ok(banned) => json(
                         StatusCode::OK,
-                        &serde_json::json!({ "banned": banned.to_string() }),
+                        &serde_json::json!({ "banned": banned.to_string(), "fleet": self.fleet.is_shared() }),
                     ),
-                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                    Err(e) => fleet_error(&e),
                 }
             }
             (&Method::DELETE, ["api", "bans", source]) => {
                 let Ok(source) = source.parse::<std::net::IpAddr>() else {
                     return error(StatusCode::BAD_REQUEST, "not an IP address");
                 };
-                match self.shield.unban(source) {
+                match block_on(self.fleet.unban(source)) {
                     Ok((unbanned, true)) => json(
                         StatusCode::OK,
                         &serde_json::json!({ "unbanned": unbanned.to_string() }),
@@ -233,7 +272,7 @@ impl AdminHandler for RelayAdmin {
                     Ok((unbanned, false)) => {
                         error(StatusCode::NOT_FOUND, &format!("{unbanned} is not banned"))
                     }
-                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                    Err(e) => fleet_error(&e),
                 }
             }
             _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),

@@ -32,6 +32,9 @@ pub struct RelayMetrics {
     pub connections_rejected: IntCounterVec,
     /// `sluice_accept_errors_total{listener}`.
     pub accept_errors: IntCounterVec,
+    /// `sluice_config_reloads_total{result}`: SIGHUP reloads, `ok`, `invalid` (the file was
+    /// refused; nothing changed) or `failed` (it could not be applied; nothing changed).
+    pub config_reloads: IntCounterVec,
     /// `sluice_http_redirects_total`.
     pub http_redirects: IntCounter,
     /// `sluice_streams_total{tenant}`.
@@ -55,6 +58,16 @@ pub struct RelayMetrics {
     pub credential_renewals: IntCounter,
     /// `sluice_build_info{version}`.
     pub build_info: IntGaugeVec,
+    /// `sluice_store_snapshot_age_seconds`: time since the store last answered (how old the
+    /// snapshot the relay routes from may be).
+    pub store_snapshot_age: prometheus::Gauge,
+    /// `sluice_store_stale`: 1 while the store has not answered for `store.stale_after`.
+    pub store_stale: IntGauge,
+    /// `sluice_store_revision`: the etcd revision the snapshot holds (0 with the file store).
+    pub store_revision: IntGauge,
+    /// `sluice_store_full_reloads`: full loads of the etcd registry since start (the first, and
+    /// one per resync after the revision to resume from was compacted).
+    pub store_full_reloads: IntGauge,
 }
 
 impl RelayMetrics {
@@ -108,6 +121,12 @@ impl RelayMetrics {
                 "sluice_accept_errors_total",
                 "Failed accepts on edge listeners (e.g. out of file descriptors).",
                 &["listener"],
+            ),
+            config_reloads: counter_vec(
+                &registry,
+                "sluice_config_reloads_total",
+                "Reloads of relay.toml (SIGHUP), by result: ok, invalid, failed.",
+                &["result"],
             ),
             http_redirects: counter(
                 &registry,
@@ -163,6 +182,29 @@ impl RelayMetrics {
                 "Build information; always 1.",
                 &["version"],
             ),
+            store_snapshot_age: crate::admin::metrics::registered(
+                &registry,
+                prometheus::Gauge::new(
+                    "sluice_store_snapshot_age_seconds",
+                    "Seconds since the store last answered: how old the snapshot routed from may be.",
+                )
+                .expect("valid metric"),
+            ),
+            store_stale: crate::admin::metrics::gauge(
+                &registry,
+                "sluice_store_stale",
+                "1 while the store has not answered for store.stale_after (routing goes on from the snapshot).",
+            ),
+            store_revision: crate::admin::metrics::gauge(
+                &registry,
+                "sluice_store_revision",
+                "The etcd revision the snapshot holds (0 with the file store).",
+            ),
+            store_full_reloads: crate::admin::metrics::gauge(
+                &registry,
+                "sluice_store_full_reloads",
+                "Full loads of the etcd registry since start (the first, and one per resync after a compaction).",
+            ),
             registry,
         };
         metrics
@@ -204,6 +246,15 @@ impl RelayMetrics {
     /// A gauge that is incremented now and decremented when the guard drops.
     pub fn active_connection(&self, listener: &str) -> GaugeGuard {
         GaugeGuard::up(self.connections_active.with_label_values(&[listener]))
+    }
+
+    /// Brings the store gauges up to date (before a scrape).
+    pub fn observe_store(&self, health: &crate::store::StoreHealth) {
+        self.store_snapshot_age.set(health.age().as_secs_f64());
+        self.store_stale.set(i64::from(health.is_stale()));
+        self.store_revision.set(health.revision());
+        self.store_full_reloads
+            .set(i64::try_from(health.resyncs()).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition of every metric.

@@ -1,13 +1,15 @@
-//! `sluice tenant ...` and `sluice token ...`: edit the store directly (no running relay
-//! needed). A running relay sees the change within `store_poll` and enforces it: a revoked
-//! token or a removed tenant cuts its live tunnels.
+//! `sluice tenant ...`, `sluice token ...` and `sluice relays ...`: edit or read the store
+//! directly (no running relay needed), whichever backend `--config relay.toml` names (the file
+//! store with `--state-dir`). Running relays see a change within `store_poll` (file) or at once
+//! (etcd, which they watch) and enforce it: a revoked token or a removed tenant cuts its live
+//! tunnels.
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use super::{Store, StoreError, unix_now};
+use super::{Backend, Store, StoreError, unix_now};
 use crate::config::ConfigError;
 use crate::config::relay::RelayConfig;
 use crate::hostname::{HostPattern, HostnameError};
@@ -15,10 +17,10 @@ use crate::hostname::{HostPattern, HostnameError};
 /// Which store to edit.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
-    /// The relay config, whose `state_dir` holds the store.
+    /// The relay config, whose `[store]` (or `state_dir`) names the store.
     #[arg(long, short, global = true, conflicts_with = "state_dir")]
     pub config: Option<PathBuf>,
-    /// The store directory itself.
+    /// The file store's directory itself.
     #[arg(long, global = true)]
     pub state_dir: Option<PathBuf>,
 }
@@ -99,7 +101,8 @@ enum TokenAction {
         #[arg(long, value_parser = crate::config::token_ttl)]
         ttl: Option<Duration>,
     },
-    /// Revoke a token by id; live tunnels using it are cut within `store_poll`.
+    /// Revoke a token by id; live tunnels using it are cut within `store_poll` (file store) or
+    /// at once (etcd).
     Revoke {
         /// Token id (the 16 hex characters after `sluice_`).
         id: String,
@@ -114,6 +117,9 @@ pub enum StoreCliError {
     /// Neither or both of `--config` and `--state-dir`.
     #[error("pass --config <relay.toml> or --state-dir <dir>")]
     NoStore,
+    /// `sluice relays` without `--config`.
+    #[error("pass --config <relay.toml>")]
+    NoConfig,
     /// The relay config named by `--config`.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -135,20 +141,81 @@ pub enum StoreCliError {
 
 impl StoreArgs {
     /// Opens the store these arguments name.
-    pub fn open(&self) -> Result<Store, StoreCliError> {
-        let dir = match (&self.config, &self.state_dir) {
-            (Some(config), None) => RelayConfig::load(config)?.state_dir,
-            (None, Some(dir)) => dir.clone(),
-            _ => return Err(StoreCliError::NoStore),
-        };
-        Ok(Store::open(&dir)?)
+    pub fn open(&self) -> Result<Backend, StoreCliError> {
+        match (&self.config, &self.state_dir) {
+            (Some(config), None) => Ok(Backend::open(&RelayConfig::load(config)?)?),
+            (None, Some(dir)) => Ok(Backend::File(Store::open(dir)?)),
+            _ => Err(StoreCliError::NoStore),
+        }
     }
+}
+
+/// Runs one store command to completion (etcd is spoken asynchronously).
+fn block_on<T>(future: impl std::future::Future<Output = T>) -> Result<T, StoreCliError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StoreCliError::Output)?;
+    Ok(runtime.block_on(future))
+}
+
+/// `sluice relays`.
+#[derive(Debug, Args)]
+pub struct RelaysArgs {
+    /// The relay config, whose `[store]` names the etcd cluster (required).
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    action: RelaysAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum RelaysAction {
+    /// List the relays present in the fleet: id, tunnel address, edge addresses, version,
+    /// uptime.
+    List,
+}
+
+/// Runs `sluice relays ...`, writing its report to `out`.
+pub fn relays(args: &RelaysArgs, out: &mut dyn Write) -> Result<(), StoreCliError> {
+    let config = args.config.as_deref().ok_or(StoreCliError::NoConfig)?;
+    let Backend::Etcd(etcd) = Backend::open(&RelayConfig::load(config)?)? else {
+        return Err(StoreError::NeedsEtcd {
+            what: "sluice relays",
+        }
+        .into());
+    };
+    match args.action {
+        RelaysAction::List => {
+            let now = unix_now();
+            for relay in block_on(etcd.relays())?? {
+                writeln!(
+                    out,
+                    "{}\ttunnel={}\tedge={}\tversion={}\tup={}s",
+                    relay.id,
+                    relay.tunnel,
+                    relay.edge.join(","),
+                    relay.version,
+                    now.saturating_sub(relay.started_at)
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs `sluice tenant ...`, writing its report to `out`.
 pub fn tenant(args: &TenantArgs, out: &mut dyn Write) -> Result<(), StoreCliError> {
     let store = args.store.open()?;
-    match &args.action {
+    block_on(tenant_with(&store, &args.action, out))?
+}
+
+async fn tenant_with(
+    store: &Backend,
+    action: &TenantAction,
+    out: &mut dyn Write,
+) -> Result<(), StoreCliError> {
+    match action {
         TenantAction::Add {
             name,
             hostnames,
@@ -163,9 +230,9 @@ pub fn tenant(args: &TenantArgs, out: &mut dyn Write) -> Result<(), StoreCliErro
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut tenant = store.add_tenant(name, &patterns)?;
+            let mut tenant = store.add_tenant(name, &patterns).await?.value;
             if let Some(StreamLimit(limit)) = max_streams {
-                tenant = store.set_max_streams(name, *limit)?;
+                tenant = store.set_max_streams(name, *limit).await?.value;
             }
             writeln!(
                 out,
@@ -175,7 +242,7 @@ pub fn tenant(args: &TenantArgs, out: &mut dyn Write) -> Result<(), StoreCliErro
             )?;
         }
         TenantAction::Set { name, max_streams } => {
-            let tenant = store.set_max_streams(name, max_streams.0)?;
+            let tenant = store.set_max_streams(name, max_streams.0).await?.value;
             writeln!(
                 out,
                 "tenant {}: max streams {}",
@@ -184,7 +251,7 @@ pub fn tenant(args: &TenantArgs, out: &mut dyn Write) -> Result<(), StoreCliErro
             )?;
         }
         TenantAction::List => {
-            for tenant in store.load()?.tenants.values() {
+            for tenant in store.load().await?.tenants.values() {
                 writeln!(
                     out,
                     "{}\t{}\tmax_streams={}",
@@ -195,7 +262,7 @@ pub fn tenant(args: &TenantArgs, out: &mut dyn Write) -> Result<(), StoreCliErro
             }
         }
         TenantAction::Remove { name } => {
-            store.remove_tenant(name)?;
+            store.remove_tenant(name).await?;
             writeln!(out, "removed tenant {name}")?;
         }
     }
@@ -206,9 +273,18 @@ pub fn tenant(args: &TenantArgs, out: &mut dyn Write) -> Result<(), StoreCliErro
 /// notice to `notice` (the token itself goes to `out`, alone on its line, for scripts).
 pub fn token(args: &TokenArgs, out: &mut dyn Write, notice: &mut dyn Write) -> Result<(), StoreCliError> {
     let store = args.store.open()?;
-    match &args.action {
+    block_on(token_with(&store, &args.action, out, notice))?
+}
+
+async fn token_with(
+    store: &Backend,
+    action: &TokenAction,
+    out: &mut dyn Write,
+    notice: &mut dyn Write,
+) -> Result<(), StoreCliError> {
+    match action {
         TokenAction::Create { tenant, label, ttl } => {
-            let issued = store.create_token(tenant, label, *ttl)?;
+            let issued = store.create_token(tenant, label, *ttl).await?.value;
             writeln!(
                 notice,
                 "token {} for tenant {tenant} ({label}); shown only once:",
@@ -217,7 +293,7 @@ pub fn token(args: &TokenArgs, out: &mut dyn Write, notice: &mut dyn Write) -> R
             writeln!(out, "{}", issued.token)?;
         }
         TokenAction::Revoke { id } => {
-            let record = store.revoke_token(id)?;
+            let record = store.revoke_token(id).await?.value;
             writeln!(
                 out,
                 "revoked token {} of tenant {} ({})",
@@ -226,7 +302,7 @@ pub fn token(args: &TokenArgs, out: &mut dyn Write, notice: &mut dyn Write) -> R
         }
         TokenAction::List => {
             let now = unix_now();
-            for t in store.load()?.tokens.values() {
+            for t in store.load().await?.tokens.values() {
                 writeln!(
                     out,
                     "{}\t{}\t{}\t{}",

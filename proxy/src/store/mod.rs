@@ -23,11 +23,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::hostname::{HostPattern, wildcard_key};
 
+mod backend;
 pub mod cli;
+pub mod etcd;
 mod file;
+pub mod fleet;
+mod health;
 mod token;
 
+pub use backend::{Backend, Written};
 pub use file::StoreFingerprint;
+pub use fleet::{Change, FleetBan, RelayPresence, StoreUpdate};
+pub use health::StoreHealth;
 pub use token::{AuthError, Authenticated, IssuedToken, TOKEN_PREFIX};
 
 /// Name of the store file inside the state directory.
@@ -285,6 +292,56 @@ pub enum StoreError {
     /// A stream limit of zero (use no limit, or at least one).
     #[error("a tenant's stream limit must be at least 1 (or unlimited)")]
     InvalidStreamLimit,
+    /// No etcd endpoint answered (down, unreachable, or cut off from its cluster's leader).
+    #[error("the etcd store is unreachable ({endpoints}): {error}; changes are refused until it answers")]
+    Unavailable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// What the last one said.
+        error: String,
+    },
+    /// etcd answered with an error other than being unreachable (permission denied, ...).
+    #[error("etcd refused to {action}: {error}")]
+    Etcd {
+        /// What was being done, e.g. `read the tenants`.
+        action: &'static str,
+        /// What etcd said.
+        error: String,
+    },
+    /// A record in etcd is not what Sluice writes there (a hand edit, another program).
+    #[error("etcd key {key}: {problem}")]
+    BadRecord {
+        /// The key.
+        key: String,
+        /// What is wrong with its value.
+        problem: String,
+    },
+    /// A write kept losing its compare-and-swap to concurrent writers.
+    #[error("could not {action}: the registry kept changing under this write; try again")]
+    Contended {
+        /// What was being done.
+        action: &'static str,
+    },
+    /// The relay has had no word from etcd for longer than `store.stale_after`: it routes from
+    /// its last snapshot and refuses changes.
+    #[error(
+        "the etcd store is unreachable (no answer for {}s); changes are refused until it answers, \
+         routing goes on from the last snapshot",
+        age.as_secs()
+    )]
+    Stale {
+        /// How long since etcd last answered.
+        age: Duration,
+    },
+    /// The TLS files or credentials for etcd could not be used.
+    #[error("etcd client setup: {0}")]
+    Setup(String),
+    /// The command needs the etcd store (the file store has no fleet).
+    #[error("{what} needs the etcd store ([store] backend = \"etcd\" in relay.toml)")]
+    NeedsEtcd {
+        /// The command.
+        what: &'static str,
+    },
 }
 
 impl StoreError {
@@ -369,38 +426,9 @@ impl Store {
     /// Tenant names are 1 to 63 characters of `a-z`, `0-9` and `-`, not starting with `-`.
     /// Refuses an existing name, and any hostname that overlaps one owned by another tenant.
     pub fn add_tenant(&self, name: &str, hostnames: &[HostPattern]) -> Result<Tenant, StoreError> {
-        check_tenant_name(name)?;
-        if hostnames.is_empty() {
-            return Err(StoreError::NoHostnames {
-                tenant: name.to_owned(),
-            });
-        }
-        let mut hostnames = hostnames.to_vec();
-        hostnames.sort();
-        hostnames.dedup();
+        let hostnames = check_new_tenant(name, hostnames)?;
         self.update(|snap| {
-            if snap.tenants.contains_key(name) {
-                return Err(StoreError::TenantExists {
-                    name: name.to_owned(),
-                });
-            }
-            let owners = Owners::of(snap);
-            for hostname in &hostnames {
-                if let Some((owner, owned)) = owners.conflict(hostname, name) {
-                    return Err(StoreError::HostnameTaken {
-                        tenant: name.to_owned(),
-                        hostname: hostname.clone(),
-                        owner: owner.to_owned(),
-                        owned: owned.clone(),
-                    });
-                }
-            }
-            let tenant = Tenant {
-                name: name.to_owned(),
-                hostnames,
-                created_at: unix_now(),
-                max_streams: None,
-            };
+            let tenant = new_tenant(snap, name, &hostnames)?;
             snap.tenants.insert(name.to_owned(), tenant.clone());
             Ok((tenant, true))
         })
@@ -447,12 +475,7 @@ impl Store {
         label: &str,
         ttl: Option<Duration>,
     ) -> Result<IssuedToken, StoreError> {
-        check_token_label(label)?;
-        let ttl_secs = match ttl {
-            Some(ttl) if ttl.is_zero() => return Err(StoreError::InvalidTtl { ttl }),
-            Some(ttl) => Some(ttl.as_secs().saturating_add(u64::from(ttl.subsec_nanos() > 0))),
-            None => None,
-        };
+        let ttl_secs = check_new_token(label, ttl)?;
         let rng = SystemRandom::new();
         self.update(|snap| {
             if !snap.tenants.contains_key(tenant) {
@@ -461,30 +484,15 @@ impl Store {
                 });
             }
             // 64-bit ids collide with negligible probability; retry anyway rather than overwrite.
-            let (id, secret) = loop {
-                let (id, secret) = token::generate(&rng).ok_or(StoreError::Random)?;
-                if !snap.tokens.contains_key(&id) {
-                    break (id, secret);
+            let issued = loop {
+                let issued = mint_token(&rng, tenant, label, ttl_secs)?;
+                if !snap.tokens.contains_key(&issued.record.id) {
+                    break issued;
                 }
             };
-            let now = unix_now();
-            let record = TokenRecord {
-                id: id.clone(),
-                tenant: tenant.to_owned(),
-                label: label.to_owned(),
-                secret_sha256: token::hash_secret(&secret),
-                created_at: now,
-                expires_at: ttl_secs.map(|s| now.saturating_add(s)),
-                revoked_at: None,
-            };
-            snap.tokens.insert(id.clone(), record.clone());
-            Ok((
-                IssuedToken {
-                    record,
-                    token: token::format_token(&id, &secret),
-                },
-                true,
-            ))
+            snap.tokens
+                .insert(issued.record.id.clone(), issued.record.clone());
+            Ok((issued, true))
         })
     }
 
@@ -640,6 +648,83 @@ impl<'a> Owners<'a> {
             }
         }
     }
+}
+
+/// Checks a new tenant's name and hostnames; returns the hostnames sorted, without duplicates.
+fn check_new_tenant(name: &str, hostnames: &[HostPattern]) -> Result<Vec<HostPattern>, StoreError> {
+    check_tenant_name(name)?;
+    if hostnames.is_empty() {
+        return Err(StoreError::NoHostnames {
+            tenant: name.to_owned(),
+        });
+    }
+    let mut hostnames = hostnames.to_vec();
+    hostnames.sort();
+    hostnames.dedup();
+    Ok(hostnames)
+}
+
+/// The tenant `name` owning `hostnames`, if `snap` has no tenant of that name and none of the
+/// hostnames overlaps one another tenant owns.
+fn new_tenant(snap: &Snapshot, name: &str, hostnames: &[HostPattern]) -> Result<Tenant, StoreError> {
+    if snap.tenants.contains_key(name) {
+        return Err(StoreError::TenantExists {
+            name: name.to_owned(),
+        });
+    }
+    let owners = Owners::of(snap);
+    for hostname in hostnames {
+        if let Some((owner, owned)) = owners.conflict(hostname, name) {
+            return Err(StoreError::HostnameTaken {
+                tenant: name.to_owned(),
+                hostname: hostname.clone(),
+                owner: owner.to_owned(),
+                owned: owned.clone(),
+            });
+        }
+    }
+    Ok(Tenant {
+        name: name.to_owned(),
+        hostnames: hostnames.to_vec(),
+        created_at: unix_now(),
+        max_streams: None,
+    })
+}
+
+/// Checks a new token's label and lifetime; returns the lifetime in whole seconds (rounded up).
+fn check_new_token(label: &str, ttl: Option<Duration>) -> Result<Option<u64>, StoreError> {
+    check_token_label(label)?;
+    match ttl {
+        Some(ttl) if ttl.is_zero() => Err(StoreError::InvalidTtl { ttl }),
+        Some(ttl) => Ok(Some(
+            ttl.as_secs().saturating_add(u64::from(ttl.subsec_nanos() > 0)),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// A new token for `tenant` with a fresh random id and secret.
+fn mint_token(
+    rng: &SystemRandom,
+    tenant: &str,
+    label: &str,
+    ttl_secs: Option<u64>,
+) -> Result<IssuedToken, StoreError> {
+    let (id, secret) = token::generate(rng).ok_or(StoreError::Random)?;
+    let now = unix_now();
+    let record = TokenRecord {
+        id: id.clone(),
+        tenant: tenant.to_owned(),
+        label: label.to_owned(),
+        secret_sha256: token::hash_secret(&secret),
+        created_at: now,
+        expires_at: ttl_secs.map(|s| now.saturating_add(s)),
+        revoked_at: None,
+    };
+    Ok(IssuedToken {
+        record,
+        token: token::format_token(&id, &secret),
+    })
 }
 
 fn check_tenant_name(name: &str) -> Result<(), StoreError> {

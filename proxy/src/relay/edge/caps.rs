@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
 use crate::peek::Rejection;
@@ -83,7 +84,7 @@ pub enum Source {
 /// counted by prefix (`shield.ipv4_prefix` / `shield.ipv6_prefix`), so hosts rotating addresses
 /// inside one /64 share one count.
 pub struct ConnectionCaps {
-    limits: CapLimits,
+    limits: ArcSwap<CapLimits>,
     prefixes: PrefixLengths,
     open: AtomicUsize,
     per_source: Arc<Counts<SourcePrefix>>,
@@ -108,7 +109,7 @@ impl ConnectionCaps {
     /// Caps of `limits`, sources counted by `prefixes`.
     pub fn new(limits: CapLimits, prefixes: PrefixLengths) -> Self {
         Self {
-            limits,
+            limits: ArcSwap::from_pointee(limits),
             prefixes,
             open: AtomicUsize::new(0),
             per_source: Arc::new(Counts::new()),
@@ -121,7 +122,7 @@ impl ConnectionCaps {
     /// hits. The connection stays counted as open until the [`ConnectionSlot`] drops, and as
     /// unrouted until the [`UnroutedSlot`] drops (when its routing metadata is in, or it ends).
     pub fn admit(self: &Arc<Self>, source: Source) -> Result<(ConnectionSlot, UnroutedSlot), Rejection> {
-        let limits = self.limits;
+        let limits = **self.limits.load();
         let prefix = match source {
             Source::Counted(address) => Some(self.prefixes.of(address)),
             Source::Allowlisted => None,
@@ -188,7 +189,13 @@ impl ConnectionCaps {
 
     /// What the caps are.
     pub fn limits(&self) -> CapLimits {
-        self.limits
+        **self.limits.load()
+    }
+
+    /// New caps for connections admitted from now on (those open count against them as they
+    /// are: lowered caps refuse new ones until enough have ended).
+    pub fn set_limits(&self, limits: CapLimits) {
+        self.limits.store(Arc::new(limits));
     }
 }
 

@@ -161,7 +161,7 @@ pub async fn to_agent(
     info: StreamInfo<'_>,
     initial: &[u8],
 ) -> Result<Handover, HandoverError> {
-    let wait = edge.config.agent_wait;
+    let wait = edge.config().agent_wait;
     let deadline = Instant::now() + wait;
     let mut asked_for_more = false;
     loop {

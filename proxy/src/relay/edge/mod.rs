@@ -18,6 +18,9 @@ pub mod tls;
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use arc_swap::ArcSwap;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -25,18 +28,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info};
 
 use super::metrics::RelayMetrics;
 use super::tenants::Tenants;
-use super::tunnel::Routes;
+use super::tunnel::{AgentPool, Routes};
 use crate::config::relay::EdgeConfig;
 use crate::net::AcceptBackoff;
 use crate::peek::{Peek, Refusal, Refused, Rejection, Reply};
 use crate::pump::Timeouts;
+use crate::route::Route;
 use crate::shield::RelayShield;
 use crate::shield::gate::Admission;
-use caps::{ConnectionCaps, Counts, Slot, Source};
+use caps::{ConnectionCaps, Counts, Slot, Source, UnroutedSlot};
 use log_budget::{LogBudget, Verdict};
 
 /// Which protocol an edge listener speaks.
@@ -66,13 +71,16 @@ impl EdgeKind {
     }
 }
 
+/// Refusal log lines the edge writes per second at most; the rejection counters have them all.
+const REFUSAL_LOG_LINES_PER_SECOND: u32 = 20;
 /// What the connections of every edge listener share: their config section, the routes, the
 /// shield, the metrics, and the relay's shutdown signals.
 pub struct Edge {
-    /// `[edge]` of relay.toml.
-    pub config: EdgeConfig,
-    /// The port browsers reach the TLS edge on (for https redirects), if there is one.
-    pub https_port: Option<u16>,
+    /// `[edge]` of relay.toml, as last loaded: each connection takes the one current when it
+    /// was accepted.
+    config: ArcSwap<EdgeConfig>,
+    /// The port browsers reach the TLS edge on (for https redirects); 0 for none.
+    https_port: AtomicU16,
     /// Hostname -> the agents serving it.
     pub routes: Arc<Routes>,
     /// Accept-time gate and abuse bans.
@@ -89,22 +97,118 @@ pub struct Edge {
     pub tenant_streams: Arc<Counts<Arc<str>>>,
     /// Every connection task, so shutdown can drain them.
     pub streams: TaskTracker,
+    /// Connections between accept and their hand-over to an agent: what an upgrade waits for
+    /// before the agents move away.
+    pub setups: TaskTracker,
     /// Cancelled when shutdown starts: listeners stop accepting.
     pub stopping: CancellationToken,
+    /// While agents move here from the relay process this one replaces: names without a live
+    /// route wait for one until it is cancelled.
+    moving_in: Option<CancellationToken>,
+}
+
+/// The parts of an [`Edge`] that never change while the relay runs.
+pub struct EdgeParts {
+    /// Hostname -> the agents serving it.
+    pub routes: Arc<Routes>,
+    /// Accept-time gate and abuse bans.
+    pub shield: Arc<RelayShield>,
+    /// The relay's metrics.
+    pub metrics: Arc<RelayMetrics>,
+    /// Connections open now, against the caps of `[edge]`.
+    pub caps: Arc<ConnectionCaps>,
+    /// Tenants and their limits.
+    pub tenants: Arc<Tenants>,
+    /// Every connection task, so shutdown can drain them.
+    pub streams: TaskTracker,
+    /// Cancelled when shutdown starts.
+    pub stopping: CancellationToken,
+    /// For a relay taking over from another (an upgrade): cancelled once the other's agents
+    /// have moved here (or given up).
+    pub moving_in: Option<CancellationToken>,
 }
 
 impl Edge {
-    /// How long a stream may stay silent.
-    pub fn timeouts(&self) -> Timeouts {
-        Timeouts {
-            idle: self.config.idle_timeout,
-            half_close: self.config.half_close_timeout,
+    /// An edge serving as `config` says, with TLS listeners on `https_port` if any.
+    pub fn new(config: EdgeConfig, https_port: Option<u16>, parts: EdgeParts) -> Self {
+        Self {
+            config: ArcSwap::from_pointee(config),
+            https_port: AtomicU16::new(https_port.unwrap_or(0)),
+            routes: parts.routes,
+            shield: parts.shield,
+            metrics: parts.metrics,
+            caps: parts.caps,
+            refusal_log: LogBudget::new(REFUSAL_LOG_LINES_PER_SECOND),
+            tenants: parts.tenants,
+            tenant_streams: Arc::default(),
+            streams: parts.streams,
+            setups: TaskTracker::new(),
+            stopping: parts.stopping,
+            moving_in: parts.moving_in,
         }
     }
 
-    /// Accepts browser connections until the relay starts stopping; each is handled in a task
-    /// the relay drains on shutdown.
-    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, kind: EdgeKind) {
+    /// The route for `host`. While agents move here from the process this relay replaces, a
+    /// name with no live agent waits for one to register it (the browser sees a slower start,
+    /// not an error); afterwards, a lookup.
+    pub async fn route(&self, host: &str) -> Option<Arc<Route<AgentPool>>> {
+        match &self.moving_in {
+            Some(moved) if !moved.is_cancelled() => loop {
+                let registered = self.routes.registered();
+                tokio::pin!(registered);
+                registered.as_mut().enable();
+                if let Some(route) = self.routes.lookup(host)
+                    && !route.agents().is_empty()
+                {
+                    return Some(route);
+                }
+                tokio::select! {
+                    () = registered => {}
+                    () = moved.cancelled() => return self.routes.lookup(host),
+                }
+            },
+            _ => self.routes.lookup(host),
+        }
+    }
+
+    /// `[edge]` as connections accepted from now on see it.
+    pub fn config(&self) -> Arc<EdgeConfig> {
+        self.config.load_full()
+    }
+
+    /// The port of the first TLS listener, where plaintext requests are redirected.
+    pub fn https_port(&self) -> Option<u16> {
+        match self.https_port.load(Ordering::Relaxed) {
+            0 => None,
+            port => Some(port),
+        }
+    }
+
+    /// Applies a reloaded `[edge]` (connections already open keep the section they started
+    /// with) and where the TLS edge now listens.
+    pub fn reconfigure(&self, config: EdgeConfig, https_port: Option<u16>) {
+        self.config.store(Arc::new(config));
+        self.https_port.store(https_port.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// How long a stream may stay silent.
+    pub fn timeouts(&self) -> Timeouts {
+        let config = self.config.load();
+        Timeouts {
+            idle: config.idle_timeout,
+            half_close: config.half_close_timeout,
+        }
+    }
+
+    /// Accepts browser connections until `stop` (a child of the relay's `stopping`, so a
+    /// reload can close one listener) is cancelled; each connection is handled in a task the
+    /// relay drains on shutdown.
+    pub async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        kind: EdgeKind,
+        stop: CancellationToken,
+    ) {
         let local_port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
         let mut backoff = AcceptBackoff::new(kind.label());
         loop {
@@ -118,7 +222,7 @@ impl Edge {
                         continue;
                     }
                 },
-                () = self.stopping.cancelled() => return,
+                () = stop.cancelled() => return,
             };
             backoff.succeeded();
             let source = match self.shield.admit(peer.ip()) {
@@ -146,16 +250,20 @@ impl Edge {
             let active = self.metrics.active_connection(listener);
             let edge = Arc::clone(&self);
             let counted = (active, slot);
+            let pending = Pending {
+                unrouted,
+                setup: self.setups.token(),
+            };
             // A task per protocol: a task's future is as large as its largest state, and every
             // TLS connection would otherwise carry the room the HTTP edge's request checks take.
             match kind {
                 EdgeKind::Tls => self.streams.spawn(async move {
                     let _counted = counted;
-                    tls::serve(&edge, client, peer, local_port, accepted_at, unrouted).await;
+                    tls::serve(&edge, client, peer, local_port, accepted_at, pending).await;
                 }),
                 EdgeKind::Http => self.streams.spawn(async move {
                     let _counted = counted;
-                    http::serve(&edge, client, peer, local_port, accepted_at, unrouted).await;
+                    http::serve(&edge, client, peer, local_port, accepted_at, pending).await;
                 }),
             };
             // The connection's first bytes are already in (TCP_DEFER_ACCEPT): let its task read
@@ -258,6 +366,15 @@ impl Edge {
             }
         }
     }
+}
+
+/// What a connection holds from accept until it is handed to an agent.
+pub struct Pending {
+    /// Its place among the unrouted connections, given back once it says where it goes.
+    pub unrouted: UnroutedSlot,
+    /// Counts it among the connections an upgrade lets reach their agent before the agents
+    /// move away.
+    pub setup: TaskTrackerToken,
 }
 
 /// Why reading routing metadata stopped without a result.

@@ -67,7 +67,7 @@ pub async fn serve(tunnel: &Tunnel, reader: FrameReader<TunnelTls>, peer: Socket
         .collect();
     let id: Arc<str> = format!("{}/{}/{}", tenant.name, agent_name, suffix).into();
     let (control_tx, mut control_rx) = mpsc::channel(16);
-    let config = &tunnel.config;
+    let config = tunnel.config();
     let pool = AgentPool::new(
         Arc::clone(&id),
         tenant.name.as_str().into(),
@@ -108,6 +108,9 @@ pub async fn serve(tunnel: &Tunnel, reader: FrameReader<TunnelTls>, peer: Socket
     };
     let end = match write_frame(&mut writer, &welcome).await {
         Ok(()) => {
+            if tunnel.agents_moving() {
+                session.pool.send_control(RelayMessage::Moving);
+            }
             let mut reader = FrameReader::new(read_half);
             session_loop(tunnel, &session, &mut reader, &mut writer, &mut control_rx).await
         }
@@ -139,7 +142,7 @@ where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
-    let mut heartbeat = Heartbeat::new(tunnel.config.heartbeat);
+    let mut heartbeat = Heartbeat::new(tunnel.config().heartbeat);
     loop {
         let reply = tokio::select! {
             message = reader.next::<AgentMessage>() => match message {
@@ -203,7 +206,7 @@ fn handle(
             match snapshot.authenticate(&token, unix_now()) {
                 Ok(auth) if auth.tenant.name.as_str() == &**session.tenant() => {
                     session.set_token_id(auth.token.id.clone());
-                    let ttl = tunnel.config.credential_ttl;
+                    let ttl = tunnel.config().credential_ttl;
                     let credential = session.renew_credential(ttl);
                     metrics.agent_auth.with_label_values(&["success"]).inc();
                     metrics.credential_renewals.inc();

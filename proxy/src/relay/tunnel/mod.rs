@@ -17,8 +17,9 @@ pub mod session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -73,8 +74,11 @@ pub const LISTENER: &str = "tunnel";
 /// routes they register, the tenants they authenticate against, the metrics, and the relay's
 /// shutdown signals.
 pub struct Tunnel {
-    /// `[tunnel]` of relay.toml.
-    pub config: TunnelConfig,
+    /// `[tunnel]` of relay.toml, as last loaded: each connection takes the one current when it
+    /// was accepted.
+    config: ArcSwap<TunnelConfig>,
+    /// The TLS side of the port (the relay's certificate and key), as last loaded.
+    acceptor: ArcSwap<TlsAcceptor>,
     /// Live agent sessions by id.
     pub sessions: Arc<Sessions>,
     /// Where sessions register their hostnames.
@@ -90,12 +94,77 @@ pub struct Tunnel {
     /// Accept-time gate and abuse bans, as on the edge.
     pub shield: Arc<RelayShield>,
     /// Connections in their handshake now, against `tunnel.max_pending_handshakes`.
-    pub pending: Arc<AtomicUsize>,
+    pending: Arc<AtomicUsize>,
+    /// This process is being replaced (an upgrade): every session is told to move.
+    moving: AtomicBool,
+}
+
+/// The parts of a [`Tunnel`] that never change while the relay runs.
+pub struct TunnelParts {
+    /// Live agent sessions by id.
+    pub sessions: Arc<Sessions>,
+    /// Where sessions register their hostnames.
+    pub routes: Arc<Routes>,
+    /// Tenants and tokens.
+    pub tenants: Arc<Tenants>,
+    /// The relay's metrics.
+    pub metrics: Arc<RelayMetrics>,
+    /// Cancelled when shutdown starts.
+    pub stopping: CancellationToken,
+    /// Cancelled when the drain deadline passes.
+    pub hard_stop: CancellationToken,
+    /// Accept-time gate and abuse bans.
+    pub shield: Arc<RelayShield>,
 }
 
 impl Tunnel {
-    /// Accepts agent connections until the relay starts stopping.
-    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor) {
+    /// The tunnel port as `config` says, answering TLS with `acceptor`.
+    pub fn new(config: TunnelConfig, acceptor: TlsAcceptor, parts: TunnelParts) -> Self {
+        Self {
+            config: ArcSwap::from_pointee(config),
+            acceptor: ArcSwap::from_pointee(acceptor),
+            sessions: parts.sessions,
+            routes: parts.routes,
+            tenants: parts.tenants,
+            metrics: parts.metrics,
+            stopping: parts.stopping,
+            hard_stop: parts.hard_stop,
+            shield: parts.shield,
+            pending: Arc::default(),
+            moving: AtomicBool::new(false),
+        }
+    }
+
+    /// Tells every agent session to move to the relay process replacing this one (and every
+    /// session welcomed from now on, whose handshake was under way); returns how many were told.
+    pub fn move_agents(&self) -> usize {
+        self.moving.store(true, Ordering::Release);
+        let sessions = self.sessions.all();
+        for session in &sessions {
+            session.pool.send_control(RelayMessage::Moving);
+        }
+        sessions.len()
+    }
+
+    /// Whether sessions are being told to move ([`Tunnel::move_agents`]).
+    pub fn agents_moving(&self) -> bool {
+        self.moving.load(Ordering::Acquire)
+    }
+
+    /// `[tunnel]` as connections accepted from now on see it.
+    pub fn config(&self) -> Arc<TunnelConfig> {
+        self.config.load_full()
+    }
+
+    /// Applies a reloaded `[tunnel]` and certificate: connections and sessions from now on take
+    /// them; live sessions keep what they started with.
+    pub fn reconfigure(&self, config: TunnelConfig, acceptor: TlsAcceptor) {
+        self.config.store(Arc::new(config));
+        self.acceptor.store(Arc::new(acceptor));
+    }
+
+    /// Accepts agent connections until `stop` (a child of the relay's `stopping`) is cancelled.
+    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
         let mut backoff = AcceptBackoff::new(LISTENER);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -107,21 +176,22 @@ impl Tunnel {
                         continue;
                     }
                 },
-                () = self.stopping.cancelled() => return,
+                () = stop.cancelled() => return,
             };
             backoff.succeeded();
             if !self.shield.admit(peer.ip()).admitted() {
                 self.rejected(TunnelRejection::RateLimited);
                 continue;
             }
-            let Some(handshake) = Pending::enter(&self.pending, self.config.max_pending_handshakes) else {
+            let config = self.config();
+            let Some(handshake) = Pending::enter(&self.pending, config.max_pending_handshakes) else {
                 self.rejected(TunnelRejection::HandshakeLimit);
                 debug!(%peer, "tunnel: at the pending-handshake cap; closing");
                 continue;
             };
             let tunnel = Arc::clone(&self);
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move { tunnel.handle(tcp, peer, acceptor, handshake).await });
+            let acceptor = TlsAcceptor::clone(&self.acceptor.load());
+            tokio::spawn(async move { tunnel.handle(tcp, peer, acceptor, config, handshake).await });
         }
     }
 
@@ -138,9 +208,10 @@ impl Tunnel {
         tcp: TcpStream,
         peer: SocketAddr,
         acceptor: TlsAcceptor,
+        config: Arc<TunnelConfig>,
         handshake: Pending,
     ) {
-        let deadline = tokio::time::Instant::now() + self.config.handshake_timeout;
+        let deadline = tokio::time::Instant::now() + config.handshake_timeout;
         let mut first = [0u8; 1];
         match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
             Ok(Ok(1)) if first[0] == tcp_data::MAGIC[0] => {
