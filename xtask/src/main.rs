@@ -42,10 +42,12 @@ enum Task {
         #[arg(long)]
         acme: bool,
     },
-    /// Relay vs direct, side by side: setup latency, throughput, relay CPU and memory.
+    /// Relay vs direct vs HAProxy, side by side: setup latency, request round trips, CPU per
+    /// connection and per GB, sustained connection rate, memory; `--wan 10ms` puts a delay on
+    /// the relay <-> agent link and counts setups in round trips of it.
     /// Writes target/load-test/{results.json,latency.svg}.
     LoadTest {
-        /// Extra arguments for `sluice-load suite` (e.g. `--setups 200`).
+        /// Extra arguments for `sluice-load suite` (e.g. `--setups 200`, `--wan 10ms`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

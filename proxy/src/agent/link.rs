@@ -158,7 +158,9 @@ async fn session(
     // What a relay sends is bounded before it is used: nonsense gets a sane value and a warning,
     // never a panic or a flood of tasks.
     let relay = dialer.address.as_str();
-    let pool_size = clamp(relay, "pool_size", u64::from(pool_size), POOL_SIZE) as u32;
+    let asked = clamp(relay, "pool_size", u64::from(pool_size), POOL_SIZE) as u32;
+    // The agent's own `pool_size` may keep fewer, down to none (a connection per stream).
+    let pool_size = shared.pool_size.map_or(asked, |own| own.min(asked));
     let heartbeat_secs = clamp(relay, "heartbeat_secs", heartbeat_secs, HEARTBEAT_SECS);
     let credential_ttl_secs = clamp(
         relay,
@@ -315,7 +317,7 @@ async fn linger<R, W>(
 }
 
 /// Data connections a relay may ask to keep (what its own config allows).
-const POOL_SIZE: std::ops::RangeInclusive<u64> = 1..=1024;
+const POOL_SIZE: std::ops::RangeInclusive<u64> = 1..=crate::config::agent::MAX_POOL_SIZE as u64;
 /// Extra data connections one `OpenData` may ask for.
 const OPEN_DATA: std::ops::RangeInclusive<u64> = 0..=1024;
 /// Heartbeat interval, seconds.

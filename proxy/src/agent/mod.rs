@@ -106,6 +106,9 @@ pub struct AgentShared {
     pub stream_limits: target::StreamLimits,
     /// What the data connections' pool slots dial: TLS, or plain TCP joined by challenge.
     pub data_transport: DataTransport,
+    /// `pool_size` from the config: at most this many idle data connections per relay (0: a
+    /// data connection is dialed for each stream, when the relay asks).
+    pub pool_size: Option<u32>,
     /// Cancelled on shutdown: links close, idle data connections close.
     pub stopped: CancellationToken,
     /// Cancelled when the drain deadline passes: streams in flight are cut.
@@ -178,6 +181,7 @@ impl Agent {
                 },
             },
             data_transport: config.data_transport,
+            pool_size: config.pool_size,
             stopped,
             hard_stop: CancellationToken::new(),
             streams: TaskTracker::new(),

@@ -52,6 +52,14 @@ pub struct AgentConfig {
     /// stream metadata, client address and hostname, is visible between relay and agent).
     #[serde(default)]
     pub data_transport: DataTransport,
+    /// Idle data connections to keep open to each relay, so a stream's first bytes leave for
+    /// the agent without waiting for one. By default as many as the relay asks for (its
+    /// `tunnel.pool_size`); a number here keeps at most that many. 0 keeps none: the relay asks
+    /// for a data connection when a stream arrives (rathole's way), and every stream waits
+    /// while the agent dials it and joins the relay's pool, several round trips between relay
+    /// and agent on each browser connection's setup. For an agent that may hold no idle
+    /// connection open.
+    pub pool_size: Option<u32>,
     /// Where the agent keeps what it must not lose across restarts: the ACME account key and the
     /// certificates and keys of `tls = "acme"` routes (files mode 0600, directories 0700).
     /// Relative to this file; `agent-state` next to it by default. Used only with `[acme]`.
@@ -278,6 +286,9 @@ impl Default for ReconnectConfig {
     }
 }
 
+/// Upper bound of `pool_size`, and of what a relay may ask an agent to keep.
+pub const MAX_POOL_SIZE: u32 = 1024;
+
 /// Upper bound of a route's `warm_connections`.
 pub const MAX_WARM_CONNECTIONS: usize = 64;
 
@@ -428,6 +439,13 @@ impl AgentConfig {
                     format!("at most {MAX_WARM_CONNECTIONS}"),
                 ));
             }
+        }
+        if self.pool_size.is_some_and(|size| size > MAX_POOL_SIZE) {
+            return Err(invalid(
+                path,
+                "pool_size",
+                format!("at most {MAX_POOL_SIZE} (what a relay may ask for)"),
+            ));
         }
         if let Some(acme) = &self.acme {
             acme.validate(path)?;

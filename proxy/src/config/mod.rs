@@ -479,6 +479,29 @@ mod tests {
     }
 
     #[test]
+    fn agent_pool_size_is_the_relays_unless_set_and_at_most_1024() {
+        let route = "[[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\n";
+        let load = |head: &str| {
+            let text = format!("{head}{AGENT_HEAD}ca = \"ca.pem\"\n{route}");
+            let (_dir, path) = setup(&text, &["ca.pem"]);
+            AgentConfig::load(&path).map(|c| c.pool_size)
+        };
+        assert_eq!(load("").unwrap(), None);
+        assert_eq!(load("pool_size = 0\n").unwrap(), Some(0));
+        let error = load("pool_size = 1025\n").unwrap_err().to_string();
+        assert!(
+            error.contains("`pool_size`") && error.contains("at most 1024"),
+            "{error}"
+        );
+        assert!(
+            load("pool_size = -1\n")
+                .unwrap_err()
+                .to_string()
+                .contains("pool_size")
+        );
+    }
+
+    #[test]
     fn agent_data_transport_is_tls_unless_tcp_is_chosen() {
         let route = "[[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\n";
         let load = |head: &str| {
