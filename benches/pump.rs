@@ -63,7 +63,7 @@ async fn relay_once(kind: Pump, cost: Cost) -> Duration {
         let cut = CancellationToken::new();
         match kind {
             Pump::Buffered => pump(&mut a, &mut b, &cut, Timeouts::NEVER).await,
-            Pump::Splice => splice_pump(&a, &b, &cut, Timeouts::NEVER, None).await,
+            Pump::Splice => splice_pump(&mut a, &mut b, &cut, Timeouts::NEVER, None).await,
         }
     });
     let (start, cpu_start) = (Instant::now(), cpu_time());

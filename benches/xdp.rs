@@ -199,7 +199,7 @@ fn syncookies(benching: bool) {
         .maps_mut()
         .set_policy(&KernelPolicy::new(&[HTTPS], &generous_limits(), policy))
         .unwrap();
-    let source = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+    let source = |i: u32| IpAddr::V4(Ipv4Addr::from(0x0a00_0000_u32.wrapping_add(i)));
     let syn = |i: u32| {
         frames::segment(
             source(i),

@@ -12,6 +12,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use sluice::admin::client::AdminClient;
 use sluice::agent::{Agent, LinkState};
+use sluice::config::agent::AgentAuthMode;
 use sluice::relay::agent_ca::{AgentCa, AgentKey, new_serial};
 use sluice::relay::api::{AgentView, TunnelView};
 use sluice::store::{AgentRecord, AgentState, IssuedCert, unix_now};
@@ -72,7 +73,7 @@ async fn an_agent_enrolls_once_and_restarts_with_its_certificate_and_no_token() 
     let (acme, token) = world.tenant("acme", &["app.acme.test"], &["app.acme.test"]);
     let app = tls_echo("acme", acme.server_config()).await;
     let config = world.agent_config("acme-1", &passthrough_route("app.acme.test", app.addr));
-    let state_dir = config.state_dir.clone().unwrap();
+    let state_dir = config.state_dir.clone();
 
     let agent = world.agent(&config, &token).await;
     let enrolled = record(&world, "acme-1");
@@ -121,7 +122,7 @@ async fn an_agent_enrolls_once_and_restarts_with_its_certificate_and_no_token() 
 
     // An agent without state_dir sends its token, which a certificate relay refuses.
     let mut token_only = config.clone();
-    token_only.state_dir = None;
+    token_only.auth = AgentAuthMode::Token;
     let agent = Agent::start(&token_only, Some(token)).unwrap();
     within(
         WAIT,
@@ -187,7 +188,7 @@ async fn a_certificate_renewed_at_half_life_keeps_its_stream_across_three_lifeti
         .get();
     assert_eq!(ended, 0);
     // The file on disk is the newest certificate.
-    let cert = CertificateDer::from_pem_file(config.state_dir.unwrap().join("agent-cert.pem")).unwrap();
+    let cert = CertificateDer::from_pem_file(config.state_dir.join("agent-cert.pem")).unwrap();
     assert_eq!(
         Some(agent_cert::read(&cert).unwrap().serial),
         record(&world, "acme-1").cert_serial
@@ -362,7 +363,7 @@ async fn certificates_from_another_ca_or_naming_another_tenant_are_refused() {
     let agent = world.agent(&config, &token).await;
     let acme = record(&world, "acme-1");
     // The acme agent's own key, as a thief who copied the key file would hold it.
-    let key_pem = std::fs::read_to_string(config.state_dir.unwrap().join("agent-key.pem")).unwrap();
+    let key_pem = std::fs::read_to_string(config.state_dir.join("agent-key.pem")).unwrap();
     let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
     let agent_key = AgentKey::from_spki(&rcgen::PublicKeyData::subject_public_key_info(&key)).unwrap();
     let now = unix_now();
@@ -441,7 +442,7 @@ async fn a_token_relay_with_an_agent_ca_serves_enrolled_and_token_agents_alike()
     let route = passthrough_route("app.acme.test", app.addr);
     let enrolled = world.agent(&world.agent_config("acme-1", &route), &token).await;
     let mut legacy = world.agent_config("acme-2", &route);
-    legacy.state_dir = None;
+    legacy.auth = AgentAuthMode::Token;
     let legacy = world.agent(&legacy, &world.token("acme", "legacy")).await;
     let sessions = world.relay().sessions().all();
     let mut certified: Vec<bool> = sessions.iter().map(|s| s.certificate().is_some()).collect();

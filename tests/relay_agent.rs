@@ -1297,6 +1297,60 @@ async fn a_token_holds_at_most_max_sessions_per_token() {
     copy.shutdown(Duration::ZERO).await;
 }
 
+/// An agent keeps at most its own `pool_size` of the idle data connections the relay asks for,
+/// down to none: with 0 the relay asks for a connection when a browser arrives, and the
+/// browser's stream goes through it, over TLS and plain-TCP data connections alike.
+#[tokio::test]
+async fn an_agent_keeps_at_most_its_pool_size_idle_and_with_none_dials_per_stream() {
+    let world = World::start(RelayOptions::default()).await; // the relay asks for 4
+    let hosts = ["none.acme.test", "tcp.acme.test", "two.acme.test"];
+    let (acme, token) = world.tenant("acme", &hosts, &hosts);
+    let app = tls_echo("acme", acme.server_config()).await;
+    let config = |name: &str, settings: &str, host: &str| {
+        world.agent_config_with(
+            name,
+            &[world.tunnel_addr()],
+            settings,
+            &passthrough_route(host, app.addr),
+        )
+    };
+    let _none = world
+        .agent(&config("none", "pool_size = 0", hosts[0]), &token)
+        .await;
+    let tcp = "pool_size = 0\ndata_transport = \"tcp\"";
+    let _none_tcp = world.agent(&config("none-tcp", tcp, hosts[1]), &token).await;
+    let _two = world
+        .agent(&config("two", "pool_size = 2", hosts[2]), &token)
+        .await;
+    let idle = |name: &str| {
+        let session = format!("acme/{name}/");
+        world
+            .relay()
+            .sessions()
+            .all()
+            .iter()
+            .find(|s| s.id().starts_with(&session))
+            .map(|s| s.pool.idle_count())
+    };
+    eventually(WAIT, || idle("two") == Some(2)).await;
+    // Time for more to arrive, if any were coming (two already have).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(idle("two"), Some(2), "at most the agent's own pool_size");
+    assert_eq!(idle("none"), Some(0));
+    assert_eq!(idle("none-tcp"), Some(0));
+
+    for host in [hosts[0], hosts[1], hosts[0], hosts[2]] {
+        let answer = round_trip(world.tls_addr(), host, acme.client_config(), "hi")
+            .await
+            .unwrap();
+        assert_eq!(answer, "acme: hi", "through {host}");
+    }
+    // Each connection dialed for a stream carried it; none is kept afterwards.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(idle("none"), Some(0));
+    assert_eq!(idle("none-tcp"), Some(0));
+}
+
 /// An agent session that parks more idle data connections than `max_idle_data_connections`
 /// gets the extra ones refused.
 #[tokio::test]

@@ -4,27 +4,18 @@
 //! traffic has flowed, every readable page of the relay process is scanned for the tenant's
 //! private key and for the plaintext sent through it. A positive control (the SNI hostname,
 //! which the relay must have read) shows the scan does find what is there.
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sluice::hostname::HostPattern;
 use sluice::store::Store;
 use sluice_tests::client::{ask, connect};
 use sluice_tests::pki::CertSet;
-use sluice_tests::process::{free_port, sluice_binary};
+use sluice_tests::process::{
+    RelayProcess, contains, ec_private_scalar, free_port, read_process_memory, sluice_binary,
+};
 use sluice_tests::servers::tls_echo;
 use sluice_tests::world::{eventually, passthrough_route, within, write};
-
-struct RelayProcess {
-    child: Child,
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_process_never_holds_the_tenant_key_or_plaintext() {
@@ -195,44 +186,6 @@ async fn relay_process_never_holds_the_tenant_key_or_plaintext() {
     .await;
     assert!(status.success(), "relay exited with {status} on SIGTERM");
     agent.shutdown(Duration::ZERO).await;
-}
-
-/// Every readable mapping of process `pid`, concatenated (needs ptrace access: root or parent).
-fn read_process_memory(pid: u32) -> Vec<u8> {
-    use std::io::{Read as _, Seek as _, SeekFrom};
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let mut out = Vec::new();
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
-            continue;
-        }
-        let (start, end) = range.split_once('-').unwrap();
-        let start = u64::from_str_radix(start, 16).unwrap();
-        let end = u64::from_str_radix(end, 16).unwrap();
-        let mut region = vec![0u8; (end - start) as usize];
-        if mem.seek(SeekFrom::Start(start)).is_ok() && mem.read_exact(&mut region).is_ok() {
-            out.extend_from_slice(&region);
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && memchr::memmem::find(haystack, needle).is_some()
-}
-
-/// The 32-byte private scalar inside a PKCS#8 P-256 key (`02 01 01 04 20 <scalar>`).
-fn ec_private_scalar(pkcs8: &[u8]) -> &[u8] {
-    let at = pkcs8
-        .windows(5)
-        .position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20])
-        .expect("P-256 PKCS#8 key");
-    &pkcs8[at + 5..at + 37]
 }
 
 /// Out of descriptors, a relay's accept loops wait instead of spinning: with its limit lowered

@@ -223,7 +223,7 @@ async fn xdp_bans_a_syn_flood_while_a_real_client_keeps_getting_through() {
     let shield = &world.relay().shield();
     assert_eq!(
         shield.mode(),
-        &ShieldMode::Xdp {
+        ShieldMode::Xdp {
             interfaces: vec![
                 (flood.host_if.clone(), "driver"),
                 (client.host_if.clone(), "driver"),
@@ -714,7 +714,7 @@ async fn xdp_at_default_limits_never_drops_a_client_moving_gigabytes_each_way() 
     let shield = &world.relay().shield();
     assert_eq!(
         shield.mode(),
-        &ShieldMode::Xdp {
+        ShieldMode::Xdp {
             interfaces: vec![(link.host_if.clone(), "driver")]
         }
     );

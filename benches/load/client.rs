@@ -59,6 +59,32 @@ pub async fn setup(target: &Target) -> anyhow::Result<(Setup, TlsStream<TcpStrea
     ))
 }
 
+/// One request/answer round trip on an open connection.
+pub async fn ping(tls: &mut TlsStream<TcpStream>) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    tls.write_all(&[wire::PING]).await?;
+    let mut answer = [0u8; 1];
+    tls.read_exact(&mut answer).await.context("ping")?;
+    Ok(started.elapsed())
+}
+
+/// Connects, completes the handshake, closes (TLS close_notify and FIN) and waits until the far
+/// end has closed too: one connection's setup and teardown, with no request.
+pub async fn setup_and_close(target: &Target) -> anyhow::Result<()> {
+    let tcp = TcpStream::connect(target.addr).await.context("connect")?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from(target.sni.clone())?;
+    let mut tls = TlsConnector::from(Arc::clone(&target.tls))
+        .connect(name, tcp)
+        .await
+        .context("handshake")?;
+    tls.shutdown().await?;
+    // The backend closes without a close_notify of its own: end of stream or an error, both end.
+    let mut rest = [0u8; 1024];
+    while matches!(tls.read(&mut rest).await, Ok(1..)) {}
+    Ok(())
+}
+
 /// What one open-loop connection measured.
 pub struct OpenLoopSample {
     /// From the connection's start to its handshake + first answer.
@@ -67,17 +93,23 @@ pub struct OpenLoopSample {
     pub lag: Duration,
 }
 
+/// What an open-loop run measured: the connections that got their answer within
+/// [`OPEN_LOOP_PATIENCE`], and how many did not (failed, or took longer).
+pub struct OpenLoop {
+    pub samples: Vec<OpenLoopSample>,
+    pub failures: usize,
+}
+
+/// How long an open-loop connection may take before it counts as failed.
+pub const OPEN_LOOP_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Open-loop: connection starts are scheduled at `rate` per second for `duration`, whatever the
 /// previous ones are doing, so slow answers cannot slow the load down (no coordinated
 /// omission). Tokio's timers tick in whole milliseconds, so a start lands up to ~1 ms after its
 /// slot, by an offset that is the same for a whole run at a whole-millisecond interval: latency
 /// counts from each connection's actual start, and the lag behind the schedule is returned
 /// alongside so a generator that falls behind shows.
-pub async fn open_loop(
-    target: &Target,
-    rate: u32,
-    duration: Duration,
-) -> anyhow::Result<Vec<OpenLoopSample>> {
+pub async fn open_loop(target: &Target, rate: u32, duration: Duration) -> OpenLoop {
     let total = (rate as f64 * duration.as_secs_f64()) as u32;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let begin = Instant::now() + Duration::from_millis(20);
@@ -88,22 +120,26 @@ pub async fn open_loop(
         let target = target.clone();
         tasks.spawn(async move {
             let started = Instant::now();
-            let result = tokio::time::timeout(Duration::from_secs(10), setup(&target)).await;
-            match result {
-                Ok(Ok(_)) => Ok(OpenLoopSample {
+            match tokio::time::timeout(OPEN_LOOP_PATIENCE, setup(&target)).await {
+                Ok(Ok(_)) => Some(OpenLoopSample {
                     latency: started.elapsed(),
                     lag: started - scheduled,
                 }),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(anyhow::anyhow!("setup took over 10 s")),
+                _ => None,
             }
         });
     }
-    let mut samples = Vec::with_capacity(total as usize);
+    let mut run = OpenLoop {
+        samples: Vec::with_capacity(total as usize),
+        failures: 0,
+    };
     while let Some(result) = tasks.join_next().await {
-        samples.push(result??);
+        match result {
+            Ok(Some(sample)) => run.samples.push(sample),
+            _ => run.failures += 1,
+        }
     }
-    Ok(samples)
+    run
 }
 
 /// Moves `bytes` per stream over `streams` concurrent connections; returns the wall time.

@@ -3,11 +3,15 @@
 //! - `sluice-load backend ...` — the on-prem TLS server: answers pings, sends or swallows bulk
 //!   data, holds idle connections, and logs when each connection's first byte arrived
 //!   (CLOCK_MONOTONIC, comparable across processes).
-//! - `sluice-load suite ...` — starts backend, relay and agent as separate processes pinned to
-//!   CPUs, drives real TLS clients through the relay and directly to the backend in the same
-//!   run, and reports setup latency, throughput, relay CPU per GB and relay memory.
+//! - `sluice-load suite ...` — starts backend, relay and agents as separate processes pinned to
+//!   CPUs, drives real TLS clients through the relay, through HAProxy and directly to the
+//!   backend in the same run, and reports setup latency, request round trips, relay CPU per
+//!   connection and per GB, the highest rate of new connections sustained, and relay memory.
+//!   With `--wan 10ms` the agents and the backend sit behind an emulated WAN
+//!   (`sluice_tests::wan`) and setups are counted in units of its delay.
 //!
-//! Every loop is bounded in count and time; traffic goes to loopback only.
+//! Every loop is bounded in count and time; traffic goes to loopback, or to the network
+//! namespaces of the emulated WAN.
 mod backend;
 mod client;
 mod probe;

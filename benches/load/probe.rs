@@ -27,6 +27,10 @@ pub struct Options {
     /// With `--bulk-bytes`: client -> backend instead of backend -> client.
     #[arg(long)]
     upload: bool,
+    /// Instead of setups: one connection per target, then this many one-byte request/answer
+    /// round trips on it, one after another (the request path alone, for `perf stat`).
+    #[arg(long)]
+    pings: Option<usize>,
     /// Keep every connection open until the end (no teardown running next to a setup).
     #[arg(long)]
     keep: bool,
@@ -59,22 +63,39 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Some(pings) = options.pings {
+        for target in &targets {
+            let (_, mut stream) = client::setup(target).await?;
+            let mut round_trips = Vec::with_capacity(pings);
+            for _ in 0..pings {
+                round_trips.push(client::ping(&mut stream).await?);
+                tokio::time::sleep(options.pause).await;
+            }
+            let series = Series::new(target.name, "request round trip", &round_trips);
+            println!("{:<12} request round trip  {}", target.name, series.summary());
+        }
+        return Ok(());
+    }
     let mut samples = vec![Vec::with_capacity(options.setups); targets.len()];
+    let mut round_trips = vec![Vec::with_capacity(options.setups); targets.len()];
     let mut kept = Vec::new();
     for i in 0..options.setups {
         for k in 0..targets.len() {
             let index = (i + k) % targets.len();
             let (setup, stream) = client::setup(&targets[index]).await?;
             samples[index].push(setup.handshake);
+            round_trips[index].push(setup.first_answer - setup.handshake);
             if options.keep {
                 kept.push(stream);
             }
             tokio::time::sleep(options.pause).await;
         }
     }
-    for (target, samples) in targets.iter().zip(&samples) {
+    for ((target, samples), round_trips) in targets.iter().zip(&samples).zip(&round_trips) {
         let series = Series::new(target.name, "handshake complete", samples);
-        println!("{:<12} {}", target.name, series.summary());
+        println!("{:<12} handshake complete  {}", target.name, series.summary());
+        let series = Series::new(target.name, "request round trip", round_trips);
+        println!("{:<12} request round trip  {}", target.name, series.summary());
     }
     Ok(())
 }

@@ -336,6 +336,7 @@ fn control_frame() -> Result<Seeds> {
         },
         RelayMessage::Ping { seq: 7 },
         RelayMessage::Pong { seq: 7 },
+        RelayMessage::Moving,
         RelayMessage::Goodbye {
             reason: "relay shutting down".into(),
         },

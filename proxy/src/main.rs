@@ -30,10 +30,15 @@ enum Command {
     Relay {
         #[arg(long, short)]
         config: PathBuf,
+        /// Take over from the relay running with the same state_dir: its listening sockets,
+        /// agents and shield, while it drains its streams and exits (zero-downtime upgrade).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Run an agent next to the on-prem application (it dials out to its relays; SIGHUP reloads
-    /// its routes). With `state_dir` it enrolls on its first start (the token vouches once for a
-    /// key pair generated here) and authenticates with its own certificate from then on.
+    /// its routes). With `auth = "certificate"` (the default) it enrolls on its first start (the
+    /// token vouches once for a key pair generated here) and authenticates with its own
+    /// certificate from then on.
     Agent {
         #[arg(long, short)]
         config: PathBuf,
@@ -102,7 +107,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let out = &mut std::io::stdout();
     match Cli::parse().command {
-        Command::Relay { config } => run::relay(&config),
+        Command::Relay { config, upgrade } => run::relay(&config, upgrade),
         Command::Agent {
             config,
             enroll: false,

@@ -83,6 +83,8 @@ pub enum RegisterError {
 pub struct Registry<A> {
     exact: DashMap<String, Arc<Route<A>>>,
     wildcard: DashMap<String, Arc<Route<A>>>,
+    /// Woken on every registration.
+    registered: tokio::sync::Notify,
 }
 
 impl<A> Default for Registry<A> {
@@ -90,6 +92,7 @@ impl<A> Default for Registry<A> {
         Self {
             exact: DashMap::new(),
             wildcard: DashMap::new(),
+            registered: tokio::sync::Notify::new(),
         }
     }
 }
@@ -137,7 +140,15 @@ impl<A: Liveness> Registry<A> {
         let mut agents = route.agents.write().expect("route lock");
         agents.retain(|a| a.agent.is_live() && !Arc::ptr_eq(&a.agent, &served.agent));
         agents.push(served);
+        drop(agents);
+        self.registered.notify_waiters();
         Ok(())
+    }
+
+    /// Completes at the next registration (of any pattern). Enable it (or poll it once) before
+    /// looking the name up, so a registration in between is not missed.
+    pub fn registered(&self) -> tokio::sync::futures::Notified<'_> {
+        self.registered.notified()
     }
 
     /// Removes `agent` from `pattern`; drops the route when nobody serves it any more.

@@ -32,9 +32,9 @@ pub struct RelayOptions {
     /// Lines added to `[tunnel]`.
     pub tunnel_toml: String,
     /// `[tunnel] agent_auth`: `"certificate"` (the default, with an agent CA made by
-    /// `sluice ca init`'s code, and agents given a `state_dir` so they enroll), `"token"` (no
-    /// agent CA; agents send their token on every connection), or `"token+ca"` (tokens accepted,
-    /// and an agent CA: agents given a `state_dir` enroll).
+    /// `sluice ca init`'s code; agents enroll), `"token"` (no agent CA; agents are given
+    /// `auth = "token"` and send their token on every connection), or `"token+ca"` (tokens
+    /// accepted, and an agent CA: agents enroll).
     pub agent_auth: &'static str,
     /// `[tunnel] agent_cert_ttl`.
     pub agent_cert_ttl: &'static str,
@@ -228,11 +228,13 @@ listen = "127.0.0.1:0"
         routes_toml: &str,
     ) -> AgentConfig {
         // With certificates, each agent keeps its key in a directory of its own: one machine.
-        let state_dir = if self.agent_certs {
-            format!("state_dir = \"agent-{name}-state\"\n")
-        } else {
-            String::new()
-        };
+        let mut state_dir = String::new();
+        if !settings.contains("state_dir") {
+            state_dir.push_str(&format!("state_dir = \"agent-{name}-state\"\n"));
+        }
+        if !self.agent_certs {
+            state_dir.push_str("auth = \"token\"\n");
+        }
         let mut toml = format!(
             "name = \"{name}\"\nconnect_timeout = \"2s\"\n{state_dir}{settings}\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n"
         );
@@ -290,7 +292,7 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn init_tracing() {
+pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "sluice=info".into()),

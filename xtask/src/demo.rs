@@ -6,6 +6,11 @@
 //! app (the "on-prem" application, which alone holds the app key), the relay and the agent as
 //! separate processes, proves one request through the relay works, and prints the curl command
 //! that reaches the app. `--check` stops there (used by `cargo xtask test`).
+//!
+//! With `--acme`, the app speaks plain HTTP and the agent terminates TLS with a certificate it
+//! obtains itself (`tls = "acme"`) from a local ACME server: Debian's Pebble, with
+//! pebble-challtestsrv as its DNS answering 127.0.0.1, validating TLS-ALPN-01 on the relay's
+//! TLS edge. The curl command then trusts Pebble's root, fetched from its management port.
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -24,15 +29,20 @@ use crate::workspace_root;
 const HOSTNAME: &str = "app.demo.localhost";
 const RELAY_NAME: &str = "relay.sluice.localhost";
 const APP_ADDR: &str = "127.0.0.1:9443";
+/// The plain-HTTP app of `--acme`.
+const PLAIN_APP_ADDR: &str = "127.0.0.1:9080";
 const EDGE_TLS: &str = "127.0.0.1:8443";
+/// Pebble's ACME API, its management interface, and its DNS server's (pebble-challtestsrv's)
+/// listeners, under `--acme`.
+const PEBBLE_API: &str = "127.0.0.1:14000";
+const PEBBLE_MANAGEMENT: &str = "127.0.0.1:15000";
+const CHALLTESTSRV_DNS: &str = "127.0.0.1:8053";
+const CHALLTESTSRV_MANAGEMENT: &str = "127.0.0.1:8055";
 const GREETING: &str = "Hello from the on-prem app, through Sluice. The relay never saw this text.";
 
-pub fn run(check_only: bool) -> Result<()> {
+pub fn run(check_only: bool, acme: bool) -> Result<()> {
     // Installed first, so a Ctrl-C at any point stops the children instead of orphaning them.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-        .context("installing the Ctrl-C handler")?;
+    let stop = interrupted()?;
     let root = workspace_root();
     let dir = root.join("target/demo");
     let _ = std::fs::remove_dir_all(&dir);
@@ -42,7 +52,6 @@ pub fn run(check_only: bool) -> Result<()> {
             .with_context(|| format!("copying examples/{config}"))?;
     }
     issue(&dir, "relay", RELAY_NAME)?;
-    issue(&dir, "app", HOSTNAME)?;
 
     let sluice = root.join("target/debug/sluice");
     let ca = Command::new(&sluice)
@@ -76,7 +85,6 @@ pub fn run(check_only: bool) -> Result<()> {
     )?;
     write_private(&dir.join("agent.token"), token.trim())?;
 
-    start_https_app(&dir)?;
     let log = |name: &str| -> Result<Stdio> {
         if check_only {
             Ok(std::fs::File::create(dir.join(name))?.into())
@@ -85,6 +93,17 @@ pub fn run(check_only: bool) -> Result<()> {
         }
     };
     let mut children = Children(Vec::new());
+    // What curl trusts: the tenant's own CA, or the ACME server's root.
+    let trust = if acme {
+        start_plain_app()?;
+        acme_agent_config(&dir)?;
+        start_pebble(&dir, &mut children)?;
+        fetch_pebble_root(&dir, &stop)?
+    } else {
+        issue(&dir, "app", HOSTNAME)?;
+        start_https_app(&dir)?;
+        dir.join("app-ca.pem")
+    };
     children.0.push(spawn(
         &sluice,
         &["relay", "--config"],
@@ -98,16 +117,23 @@ pub fn run(check_only: bool) -> Result<()> {
         log("agent.log")?,
     )?);
 
-    let body = wait_for_round_trip(&dir.join("app-ca.pem"), Duration::from_secs(20), &stop)
+    let body = wait_for_round_trip(&trust, Duration::from_secs(30), &stop)
         .with_context(|| format!("the demo did not come up; logs in {}", dir.display()))?;
     println!(
         "\nSluice demo is up: relay on {EDGE_TLS} (TLS) and 127.0.0.1:8080 (HTTP), agent dialed out to 127.0.0.1:7443."
     );
+    if acme {
+        println!(
+            "The agent obtained its certificate from Pebble at https://{PEBBLE_API}/dir (TLS-ALPN-01 through \
+             the relay); its key is in {}.",
+            dir.join("agent-state").display()
+        );
+    }
     println!("The on-prem app answered through the relay: {body:?}\n");
     println!("Reach it yourself:\n");
     println!(
         "    curl --cacert {} --resolve {HOSTNAME}:8443:127.0.0.1 https://{HOSTNAME}:8443/\n",
-        dir.join("app-ca.pem").display()
+        trust.display()
     );
     if check_only {
         return children.stop();
@@ -122,6 +148,20 @@ pub fn run(check_only: bool) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     children.stop()
+}
+
+/// Set by Ctrl-C. The handler is installed once per process (`cargo xtask test` runs both
+/// demos), on the first call.
+fn interrupted() -> Result<Arc<AtomicBool>> {
+    static STOP: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    if let Some(stop) = STOP.get() {
+        return Ok(Arc::clone(stop));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    Ok(Arc::clone(STOP.get_or_init(|| stop)))
 }
 
 /// Relay and agent processes, stopped with SIGTERM (graceful shutdown) when dropped.
@@ -254,21 +294,26 @@ fn start_https_app(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Retries an HTTPS request through the relay until it succeeds; returns the body.
-fn wait_for_round_trip(app_ca: &PathBuf, limit: Duration, stop: &AtomicBool) -> Result<String> {
+/// A client config trusting the certificates in `ca`.
+fn trusting(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(app_ca)? {
+    for cert in CertificateDer::pem_file_iter(ca)? {
         roots.add(cert?)?;
     }
-    let config = Arc::new(
+    Ok(Arc::new(
         rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth(),
-    );
+    ))
+}
+
+/// Retries an HTTPS request through the relay until it succeeds; returns the body.
+fn wait_for_round_trip(app_ca: &Path, limit: Duration, stop: &AtomicBool) -> Result<String> {
+    let config = trusting(app_ca)?;
     let deadline = Instant::now() + limit;
     loop {
-        match https_get(Arc::clone(&config)) {
+        match https_get(Arc::clone(&config), EDGE_TLS, HOSTNAME, "/") {
             Ok(body) => return Ok(body),
             Err(e) if Instant::now() > deadline => return Err(e),
             Err(_) if stop.load(Ordering::SeqCst) => bail!("interrupted"),
@@ -277,16 +322,148 @@ fn wait_for_round_trip(app_ca: &PathBuf, limit: Duration, stop: &AtomicBool) -> 
     }
 }
 
-fn https_get(config: Arc<rustls::ClientConfig>) -> Result<String> {
-    let name = ServerName::try_from(HOSTNAME)?;
+/// `GET path` from `host` at `addr` over HTTPS (HTTP/1.1, one request); returns the body.
+fn https_get(config: Arc<rustls::ClientConfig>, addr: &str, host: &str, path: &str) -> Result<String> {
+    let name = ServerName::try_from(host.to_owned())?;
     let connection = rustls::ClientConnection::new(config, name)?;
-    let tcp = TcpStream::connect(EDGE_TLS)?;
+    let tcp = TcpStream::connect(addr)?;
     tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut tls = rustls::StreamOwned::new(connection, tcp);
-    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {HOSTNAME}\r\nConnection: close\r\n\r\n").as_bytes())?;
-    let mut response = String::new();
-    tls.read_to_string(&mut response)?;
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut response = Vec::new();
+    match tls.read_to_end(&mut response) {
+        Ok(_) => {}
+        // A server that closes without close_notify (Go's) has still sent the whole response.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+        Err(e) => return Err(e.into()),
+    }
+    let response = String::from_utf8(response)?;
     let (head, body) = response.split_once("\r\n\r\n").context("no HTTP response")?;
     ensure!(head.starts_with("HTTP/1.1 200"), "unexpected response: {head}");
+    ensure!(
+        !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+        "a chunked response from {addr}{path}"
+    );
     Ok(body.trim_end().to_owned())
+}
+
+/// The on-prem app of `--acme`: plain HTTP/1.1, answering every request with [`GREETING`]; the
+/// agent terminates TLS in front of it.
+fn start_plain_app() -> Result<()> {
+    let listener = TcpListener::bind(PLAIN_APP_ADDR)
+        .with_context(|| format!("binding the demo app on {PLAIN_APP_ADDR}"))?;
+    std::thread::spawn(move || {
+        for mut tcp in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let body = format!("{GREETING}\n");
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(response.as_bytes());
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Turns the example agent.toml (copied into `dir`) into the `--acme` one: an `[acme]` section
+/// for the local Pebble, and the route terminating TLS with `tls = "acme"` in front of the
+/// plain app. Each edit must find its line, so an example that drifts fails the demo check.
+fn acme_agent_config(dir: &Path) -> Result<()> {
+    let path = dir.join("agent.toml");
+    let mut text = std::fs::read_to_string(&path)?;
+    let edits = [
+        (
+            "target = \"127.0.0.1:9443\"\n",
+            format!("target = \"{PLAIN_APP_ADDR}\"\ntls = \"acme\"\n"),
+        ),
+        (
+            "# [acme]\n",
+            format!(
+                "[acme]\ndirectory = \"https://{PEBBLE_API}/dir\"\ndirectory_ca = \"pebble-https-ca.pem\"\n\
+                 retry_initial = \"1s\"\nretry_max = \"10s\"\n"
+            ),
+        ),
+    ];
+    for (line, replacement) in edits {
+        ensure!(
+            text.contains(line),
+            "examples/agent.toml no longer has the line {line:?} the --acme demo edits"
+        );
+        text = text.replacen(line, &replacement, 1);
+    }
+    std::fs::write(&path, text)?;
+    Ok(())
+}
+
+/// pebble-challtestsrv (DNS: every name is 127.0.0.1) and Pebble, its TLS-ALPN-01 validation
+/// pointed at the relay's TLS edge; Pebble's own HTTPS certificate is issued here.
+fn start_pebble(dir: &Path, children: &mut Children) -> Result<()> {
+    issue(dir, "pebble-https", "127.0.0.1")?;
+    let log = |name: &str| -> Result<Stdio> { Ok(std::fs::File::create(dir.join(name))?.into()) };
+    children.0.push(
+        Command::new("pebble-challtestsrv")
+            .args(["-dns01", CHALLTESTSRV_DNS, "-management", CHALLTESTSRV_MANAGEMENT])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+            .stdout(log("challtestsrv.log")?)
+            .stderr(log("challtestsrv.err")?)
+            .spawn()
+            .context("starting pebble-challtestsrv (Debian's pebble package)")?,
+    );
+    let edge_port = EDGE_TLS.rsplit_once(':').map(|(_, p)| p).unwrap_or_default();
+    let config = format!(
+        r#"{{"pebble": {{"listenAddress": "{PEBBLE_API}", "managementListenAddress": "{PEBBLE_MANAGEMENT}",
+"certificate": "{}", "privateKey": "{}", "httpPort": 5002, "tlsPort": {edge_port},
+"ocspResponderURL": "", "externalAccountBindingRequired": false}}}}"#,
+        dir.join("pebble-https-cert.pem").display(),
+        dir.join("pebble-https-key.pem").display(),
+    );
+    std::fs::write(dir.join("pebble-config.json"), config)?;
+    children.0.push(
+        Command::new("pebble")
+            .arg("-config")
+            .arg(dir.join("pebble-config.json"))
+            .args(["-dnsserver", CHALLTESTSRV_DNS, "-strict=false"])
+            // Validate at once, and every time (no reuse of an earlier authorization).
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_AUTHZREUSE", "0")
+            .stdout(log("pebble.log")?)
+            .stderr(log("pebble.err")?)
+            .spawn()
+            .context("starting pebble (Debian's pebble package)")?,
+    );
+    Ok(())
+}
+
+/// Pebble's issuing root (made anew at each start), from its management port, into
+/// `dir/pebble-root.pem`.
+fn fetch_pebble_root(dir: &Path, stop: &AtomicBool) -> Result<PathBuf> {
+    let config = trusting(&dir.join("pebble-https-ca.pem"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let root = loop {
+        match https_get(Arc::clone(&config), PEBBLE_MANAGEMENT, "127.0.0.1", "/roots/0") {
+            Ok(root) => break root,
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!(
+                    "Pebble's management port {PEBBLE_MANAGEMENT}; logs in {}",
+                    dir.display()
+                )));
+            }
+            Err(_) if stop.load(Ordering::SeqCst) => bail!("interrupted"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let path = dir.join("pebble-root.pem");
+    std::fs::write(&path, format!("{root}\n"))?;
+    Ok(path)
 }

@@ -31,16 +31,23 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Start a local demo: relay + agent + an HTTPS app, and print the curl command to reach it.
+    /// Start a local demo: relay + agent + an HTTPS app, and print the curl command to reach it
+    /// (`--acme`: the agent gets the app's certificate from a local ACME server).
     Run {
         /// Exit after checking one request through the relay instead of running until Ctrl-C.
         #[arg(long)]
         check: bool,
+        /// The agent obtains the app's certificate itself from a local ACME server (Pebble),
+        /// and terminates TLS in front of a plain-HTTP app.
+        #[arg(long)]
+        acme: bool,
     },
-    /// Relay vs direct, side by side: setup latency, throughput, relay CPU and memory.
+    /// Relay vs direct vs HAProxy, side by side: setup latency, request round trips, CPU per
+    /// connection and per GB, sustained connection rate, memory; `--wan 10ms` puts a delay on
+    /// the relay <-> agent link and counts setups in round trips of it.
     /// Writes target/load-test/{results.json,latency.svg}.
     LoadTest {
-        /// Extra arguments for `sluice-load suite` (e.g. `--setups 200`).
+        /// Extra arguments for `sluice-load suite` (e.g. `--setups 200`, `--wan 10ms`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -77,10 +84,10 @@ fn main() -> Result<()> {
             setup::ensure()?;
             build(release)
         }
-        Task::Run { check } => {
+        Task::Run { check, acme } => {
             setup::ensure()?;
             build(false)?;
-            demo::run(check)
+            demo::run(check, acme)
         }
         Task::LoadTest { args } => {
             setup::ensure()?;
@@ -140,8 +147,10 @@ fn test() -> Result<()> {
         layers::check(&workspace_root().join("proxy/src"))?
     );
     build(false)?;
-    // The README's other command must keep working: bring the demo up and check it end to end.
-    demo::run(true)?;
+    // The README's other command must keep working: bring the demo up and check it end to end,
+    // with the tenant's own certificate and with one the agent obtains by ACME.
+    demo::run(true, false)?;
+    demo::run(true, true)?;
     // The package and its systemd units, from this build.
     let deb = package::build(
         &workspace_root().join("target/debug/sluice"),

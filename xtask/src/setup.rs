@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: installs what building the XDP programs (and the test suite) needs,
-//! idempotently, and the pinned cargo-fuzz the fuzz targets run with: Debian's
-//! protobuf-compiler and libprotobuf-dev (the etcd client's build), etcd-server and prometheus
-//! (real servers the tests run).
+//! idempotently, and the pinned cargo-fuzz the fuzz targets run with. What the build needs from
+//! Debian (protobuf-compiler and libprotobuf-dev for the etcd client) and the servers and clients
+//! the tests run (etcd, Prometheus, Pebble, Chromium, curl) are [`DEBIAN_PACKAGES`], installed in
+//! one apt-get run.
 //!
 //! The eBPF crate builds with the installed `nightly` toolchain (`-Z build-std=core` needs its
 //! `rust-src`) and links with `bpf-linker`, which must be built against the same LLVM major as
@@ -17,6 +18,59 @@ use crate::{cmd, run};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
 
+/// Debian packages the tests and the demo run: (package, a file it installs, what for).
+pub const DEBIAN_PACKAGES: &[(&str, &str, &str)] = &[
+    (
+        "protobuf-compiler",
+        "/usr/bin/protoc",
+        "the etcd-client crate's build compiles etcd's protobuf definitions",
+    ),
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+        "protoc's well-known types, which etcd's definitions import",
+    ),
+    (
+        "etcd-server",
+        "/usr/bin/etcd",
+        "the fleet tests run a real etcd cluster",
+    ),
+    (
+        "prometheus",
+        "/usr/bin/prometheus",
+        "the metrics test scrapes with a real server",
+    ),
+    (
+        "pebble",
+        "/usr/bin/pebble-challtestsrv",
+        "the ACME tests and `run --acme` use a real ACME server",
+    ),
+    (
+        "chromium",
+        "/usr/bin/chromium",
+        "the browser test drives a real browser",
+    ),
+    (
+        "curl",
+        "/usr/bin/curl",
+        "the ACME tests fetch and check with curl",
+    ),
+    (
+        "ca-certificates",
+        "/etc/ssl/certs/ca-certificates.crt",
+        "the agent trusts the system's roots for a public ACME server",
+    ),
+];
+
+/// The packages of [`DEBIAN_PACKAGES`] not installed here.
+fn missing_packages() -> Vec<(&'static str, &'static str, &'static str)> {
+    DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|(_, file, _)| !Path::new(file).exists())
+        .collect()
+}
+
 /// What is missing, if anything; `None` when the toolchain is complete.
 pub fn missing() -> Result<Option<String>> {
     if !nightly_installed()? {
@@ -28,15 +82,7 @@ pub fn missing() -> Result<Option<String>> {
     if let Some(problem) = bpf_linker_problem()? {
         return Ok(Some(problem));
     }
-    if !prometheus_installed() {
-        return Ok(Some(
-            "prometheus (the metrics test scrapes with a real server)".into(),
-        ));
-    }
-    if let Some((package, _, why)) = DEBIAN_PACKAGES
-        .iter()
-        .find(|(_, file, _)| !Path::new(file).is_file())
-    {
+    if let Some((package, _, why)) = missing_packages().first() {
         return Ok(Some(format!("Debian's {package} ({why})")));
     }
     Ok(None)
@@ -72,14 +118,7 @@ pub fn setup() -> Result<()> {
             bail!("bpf-linker was installed but still does not work: {problem}");
         }
     }
-    if !prometheus_installed() {
-        install_prometheus()?;
-    }
-    for (package, file, why) in DEBIAN_PACKAGES {
-        if !Path::new(file).is_file() {
-            apt_install(package, file, why)?;
-        }
-    }
+    install_packages()?;
     eprintln!(
         "xtask: eBPF toolchain ready ({NIGHTLY} with rust-src, bpf-linker on LLVM {})",
         nightly_llvm_major()?
@@ -93,36 +132,24 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
-/// Debian packages the build and the tests need: (package, a file it installs, why).
-const DEBIAN_PACKAGES: &[(&str, &str, &str)] = &[
-    (
-        "protobuf-compiler",
-        "/usr/bin/protoc",
-        "the etcd-client crate's build compiles etcd's protobuf definitions",
-    ),
-    (
-        "libprotobuf-dev",
-        "/usr/include/google/protobuf/descriptor.proto",
-        "protoc's well-known types, which etcd's definitions import",
-    ),
-    (
-        "etcd-server",
-        "/usr/bin/etcd",
-        "the fleet tests run a real etcd cluster",
-    ),
-];
-
-/// Debian's `prometheus` server, which `tests/prometheus.rs` runs on loopback.
-fn prometheus_installed() -> bool {
-    Path::new("/usr/bin/prometheus").is_file()
-}
-
-fn install_prometheus() -> Result<()> {
-    apt_install(
-        "prometheus",
-        "/usr/bin/prometheus",
-        "for the metrics integration test",
-    )
+/// Installs every missing package of [`DEBIAN_PACKAGES`] with one apt-get run.
+fn install_packages() -> Result<()> {
+    let missing = missing_packages();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (package, _, why) in &missing {
+        eprintln!("xtask: installing Debian's {package} package ({why})");
+    }
+    let packages: Vec<&str> = missing.iter().map(|(package, _, _)| *package).collect();
+    apt_get_install(&packages)?;
+    for (package, file, _) in &missing {
+        ensure!(
+            Path::new(file).exists(),
+            "apt-get installed {package} but {file} is missing"
+        );
+    }
+    Ok(())
 }
 
 /// Debian's HAProxy, the load test's side-by-side peer for SNI routing (`req.ssl_sni`). Optional:
@@ -139,6 +166,16 @@ pub fn ensure_haproxy() {
 
 fn apt_install(package: &str, binary: &str, why: &str) -> Result<()> {
     eprintln!("xtask: installing Debian's {package} package ({why})");
+    apt_get_install(&[package])?;
+    ensure!(
+        Path::new(binary).is_file(),
+        "apt-get installed {package} but {binary} is missing"
+    );
+    Ok(())
+}
+
+/// `apt-get update`, then `apt-get install` of `packages` without their recommends.
+fn apt_get_install(packages: &[&str]) -> Result<()> {
     let root = crate::is_root();
     let apt = |args: &[&str]| -> Result<()> {
         let mut command = if root {
@@ -152,12 +189,9 @@ fn apt_install(package: &str, binary: &str, why: &str) -> Result<()> {
         run(command.args(args).env("DEBIAN_FRONTEND", "noninteractive"))
     };
     apt(&["update", "-qq"])?;
-    apt(&["install", "-y", "-qq", "--no-install-recommends", package])?;
-    ensure!(
-        Path::new(binary).is_file(),
-        "apt-get installed {package} but {binary} is missing"
-    );
-    Ok(())
+    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    install.extend_from_slice(packages);
+    apt(&install)
 }
 
 fn nightly_installed() -> Result<bool> {

@@ -1,7 +1,8 @@
 //! The admin HTTP listener. Loopback by default; bound anywhere else it needs a bearer token
 //! (the config loader refuses to start without one). With a token, every request but the probes
-//! must present it; `/healthz` and `/readyz` answer without one so probes stay simple, and they
-//! reveal nothing but up/down. Without a token (loopback only), a request must name a loopback
+//! must present it, as `Authorization: Bearer <token>` or, for a browser on the status page, as
+//! the password of HTTP Basic authentication (any user name); `/healthz` and `/readyz` answer
+//! without one so probes stay simple, and they reveal nothing but up/down. Without a token (loopback only), a request must name a loopback
 //! host in `Host`: a page in a browser on the same machine can make the browser send requests to
 //! 127.0.0.1 under a name of the page's choosing (DNS rebinding), and this refuses them.
 //!
@@ -134,9 +135,15 @@ async fn respond(
                 error: "missing or wrong bearer token",
             },
         );
-        response.headers_mut().insert(
+        // Both schemes: API clients send the bearer token; a browser asks for the password.
+        let headers = response.headers_mut();
+        headers.append(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Bearer"),
+        );
+        headers.append(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic realm=\"sluice admin\", charset=\"UTF-8\""),
         );
         return response;
     }
@@ -192,9 +199,23 @@ fn authorized(request: &Request<Incoming>, expected: &str) -> bool {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(presented_token)
         .unwrap_or_default();
     bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
+}
+
+/// The token an `Authorization` value carries: a bearer token, or the password of Basic
+/// authentication (`base64(user:password)`).
+fn presented_token(authorization: &str) -> Option<String> {
+    if let Some(token) = authorization.strip_prefix("Bearer ") {
+        return Some(token.to_owned());
+    }
+    let encoded = authorization.strip_prefix("Basic ")?;
+    let decoded = data_encoding::BASE64.decode(encoded.trim().as_bytes()).ok()?;
+    let credentials = String::from_utf8(decoded).ok()?;
+    credentials
+        .split_once(':')
+        .map(|(_, password)| password.to_owned())
 }
 
 #[derive(Serialize)]
@@ -225,4 +246,24 @@ pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Byte
         .header(header::CONTENT_TYPE, content_type)
         .body(Full::new(body.into()))
         .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_comes_as_a_bearer_token_or_a_basic_password() {
+        assert_eq!(presented_token("Bearer s3cret").as_deref(), Some("s3cret"));
+        // base64("admin:s3cret"), base64(":s3cret"), base64("a:b:c") (the password may hold ':').
+        assert_eq!(
+            presented_token("Basic YWRtaW46czNjcmV0").as_deref(),
+            Some("s3cret")
+        );
+        assert_eq!(presented_token("Basic OnMzY3JldA==").as_deref(), Some("s3cret"));
+        assert_eq!(presented_token("Basic YTpiOmM=").as_deref(), Some("b:c"));
+        assert_eq!(presented_token("Basic not-base64!"), None);
+        assert_eq!(presented_token("Basic czNjcmV0"), None, "no user:password pair");
+        assert_eq!(presented_token("Digest x"), None);
+    }
 }

@@ -1,7 +1,9 @@
 //! The agent's link to one relay: dial out, enroll if the agent has no valid certificate yet
 //! (its token vouches once, [`enroll`]), authenticate, register routes, keep the session alive
 //! (heartbeats, credential and certificate renewal at half their lifetimes), and reconnect with
-//! exponential backoff and jitter whenever the session ends.
+//! exponential backoff and jitter whenever the session ends. When the relay process is being
+//! replaced (`Moving`), the next session opens at once and the old one is kept, answering
+//! heartbeats, until the new one is welcomed: the agent is never without a tunnel.
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -9,6 +11,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::data::{self, DataContext};
@@ -25,10 +28,22 @@ use crate::wire::{DataTransport, PROTOCOL_VERSION};
 pub async fn run(shared: Arc<AgentShared>, dialer: Arc<RelayDialer>, state: watch::Sender<LinkState>) {
     let reconnect = shared.reconnect;
     let mut backoff = reconnect.initial;
+    // The session of a relay process being replaced, kept until the next one is welcomed.
+    let mut retiring: Option<CancellationToken> = None;
     loop {
         let started = Instant::now();
-        let outcome = session(&shared, &dialer, &state).await;
+        let outcome = session(&shared, &dialer, &state, &mut retiring).await;
         dialer.release();
+        if let SessionEnd::Moving(retire) = outcome {
+            info!(
+                relay = dialer.address,
+                "the relay process is being replaced: opening a session with its successor"
+            );
+            if let Some(earlier) = retiring.replace(retire) {
+                earlier.cancel();
+            }
+            continue;
+        }
         shared
             .metrics
             .tunnel_up
@@ -70,6 +85,7 @@ pub async fn run(shared: Arc<AgentShared>, dialer: Arc<RelayDialer>, state: watc
                 warn!(relay = dialer.address, reason, "tunnel lost");
                 state.send_replace(LinkState::Connecting);
             }
+            SessionEnd::Moving(_) => unreachable!("handled above"),
         }
         // A session that lived a while earns a fresh backoff: this is a new failure.
         if started.elapsed() > reconnect.max {
@@ -97,12 +113,16 @@ enum SessionEnd {
     Lost(String),
     /// The relay name gave no address that another connection of its entry does not hold.
     Spare,
+    /// The relay process is being replaced: the session lingers (answering heartbeats) until
+    /// the token is cancelled, once the next session is welcomed.
+    Moving(CancellationToken),
 }
 
 async fn session(
     shared: &Arc<AgentShared>,
     dialer: &Arc<RelayDialer>,
     state: &watch::Sender<LinkState>,
+    retiring: &mut Option<CancellationToken>,
 ) -> SessionEnd {
     if let Some(identity) = &shared.identity {
         let enrolled = tokio::select! {
@@ -169,7 +189,9 @@ async fn session(
     // What a relay sends is bounded before it is used: nonsense gets a sane value and a warning,
     // never a panic or a flood of tasks.
     let relay = dialer.address.as_str();
-    let pool_size = clamp(relay, "pool_size", u64::from(pool_size), POOL_SIZE) as u32;
+    let asked = clamp(relay, "pool_size", u64::from(pool_size), POOL_SIZE) as u32;
+    // The agent's own `pool_size` may keep fewer, down to none (a connection per stream).
+    let pool_size = shared.pool_size.map_or(asked, |own| own.min(asked));
     let heartbeat_secs = clamp(relay, "heartbeat_secs", heartbeat_secs, HEARTBEAT_SECS);
     let credential_ttl_secs = clamp(
         relay,
@@ -186,6 +208,10 @@ async fn session(
         );
     }
     info!(relay = dialer.address, agent_id, routes = ?accepted, pool_size, "tunnel established");
+    if let Some(retire) = retiring.take() {
+        // The session with the process being replaced is no longer needed.
+        retire.cancel();
+    }
     shared
         .metrics
         .tunnel_up
@@ -249,6 +275,11 @@ async fn session(
                             }
                             state.send_replace(LinkState::Connected { agent_id: agent_id.clone(), accepted });
                             None
+                        }
+                        RelayMessage::Moving => {
+                            let retire = shared.stopped.child_token();
+                            tokio::spawn(linger(reader, writer, heartbeat, retire.clone()));
+                            return SessionEnd::Moving(retire);
                         }
                         RelayMessage::Goodbye { reason } => break SessionEnd::Lost(format!("relay ended the session: {reason}")),
                         RelayMessage::Rejected { reason } => break SessionEnd::Rejected(reason),
@@ -460,8 +491,48 @@ fn certificate_refused(e: &std::io::Error) -> Option<String> {
     })
 }
 
+/// Keeps the control connection of a relay process being replaced: answers its heartbeats
+/// until `retire` (the next session is up), the relay closes it, or it falls silent. Its data
+/// connections are not replenished: that process accepts no new streams.
+async fn linger<R, W>(
+    mut reader: FrameReader<R>,
+    mut writer: W,
+    mut heartbeat: Heartbeat,
+    retire: CancellationToken,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let outgoing = tokio::select! {
+            message = reader.next::<RelayMessage>() => match message {
+                Ok(Some(RelayMessage::Ping { seq })) => {
+                    heartbeat.heard();
+                    Some(AgentMessage::Pong { seq })
+                }
+                Ok(Some(RelayMessage::Goodbye { .. } | RelayMessage::Rejected { .. }) | None) | Err(_) => break,
+                Ok(Some(_)) => {
+                    heartbeat.heard();
+                    None
+                }
+            },
+            beat = heartbeat.beat() => match beat {
+                Beat::Silent(_) => break,
+                Beat::Ping(seq) => Some(AgentMessage::Ping { seq }),
+            },
+            () = retire.cancelled() => break,
+        };
+        if let Some(message) = outgoing
+            && write_frame(&mut writer, &message).await.is_err()
+        {
+            break;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
 /// Data connections a relay may ask to keep (what its own config allows).
-const POOL_SIZE: std::ops::RangeInclusive<u64> = 1..=1024;
+const POOL_SIZE: std::ops::RangeInclusive<u64> = 1..=crate::config::agent::MAX_POOL_SIZE as u64;
 /// Extra data connections one `OpenData` may ask for.
 const OPEN_DATA: std::ops::RangeInclusive<u64> = 0..=1024;
 /// Heartbeat interval, seconds.

@@ -1,6 +1,6 @@
 //! The agent's own metrics and admin endpoints (`/metrics`, `/healthz`, `/readyz`), served when
 //! `agent.toml` has an `[admin]` section. Label values are bounded: relays and routes come from
-//! the config, error reasons from a fixed list.
+//! the config, error reasons and order results from fixed lists.
 use std::sync::Arc;
 
 use hyper::{Method, Response, StatusCode};
@@ -32,6 +32,12 @@ pub struct AgentMetrics {
     /// `sluice_agent_target_connections_total{kind}`: target connections streams took, `warm`
     /// or `fresh`.
     pub target_connections: IntCounterVec,
+    /// `sluice_agent_certificate_expiry_seconds{hostname}`: Unix time at which the certificate a
+    /// `tls = "acme"` route serves expires (0 until it has one).
+    pub certificate_expiry: IntGaugeVec,
+    /// `sluice_agent_certificate_orders_total{hostname,result}`: ACME orders, `issued` or
+    /// `failed` (each failure is retried with backoff).
+    pub certificate_orders: IntCounterVec,
 }
 
 impl Default for AgentMetrics {
@@ -85,6 +91,18 @@ impl AgentMetrics {
                 "sluice_agent_target_connections_total",
                 "Connections to targets taken by streams: warm (opened ahead, `warm_connections`) or fresh.",
                 &["kind"],
+            ),
+            certificate_expiry: gauge_vec(
+                &registry,
+                "sluice_agent_certificate_expiry_seconds",
+                "Unix time at which the certificate served for this hostname (tls = \"acme\") expires; 0 before the first.",
+                &["hostname"],
+            ),
+            certificate_orders: counter_vec(
+                &registry,
+                "sluice_agent_certificate_orders_total",
+                "ACME certificate orders by result (issued, failed).",
+                &["hostname", "result"],
             ),
             registry,
         }

@@ -6,12 +6,15 @@
 //! - [`identity`]: this machine's key pair and the certificate the agent CA issued for it
 //! - [`data`]: the pool of pre-opened data connections for that relay
 //! - [`target`]: the on-prem end of a stream (connect, PROXY v2, optional TLS termination)
+//! - [`acme`]: certificates obtained and renewed by the agent itself (`tls = "acme"`)
 //! - [`warm`]: connections to a route's target opened ahead of streams (opt-in per route)
 //! - [`dial`], [`pacing`]: dialing a relay, and when to dial again
 //! - [`metrics`]: the agent's metrics and probes
 //!
 //! Dependencies point down that list: a link runs its data pool, a data connection serves its
-//! stream through a target, a target takes warm connections; all of them dial and pace.
+//! stream through a target, a target takes warm connections and ACME certificates; all of them
+//! dial and pace.
+pub mod acme;
 pub mod data;
 pub mod dial;
 pub mod identity;
@@ -30,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::agent::{AgentConfig, ReconnectConfig};
+use crate::config::agent::{AgentAuthMode, AgentConfig, ReconnectConfig};
 use crate::wire::DataTransport;
 use crate::wire::message::RouteAd;
 use crate::wire::tls::{TlsConfigError, agent_client_config};
@@ -57,15 +60,19 @@ pub enum AgentError {
     /// The agent's key or certificate under `state_dir`.
     #[error("{0}")]
     Identity(#[from] IdentityError),
-    /// An agent without `state_dir` (no certificate) needs its token for every connection.
+    /// An agent with `auth = "token"` (no certificate) needs its token for every connection.
     #[error(
-        "no token: an agent without state_dir authenticates with its token on every connection \
+        "no token: an agent with auth = \"token\" sends its token on every connection \
          (token_file or SLUICE_TOKEN)"
     )]
     NoToken,
     /// `--enroll` found no relay to enroll with, or was refused (the reason says which).
     #[error("enrollment: {0}")]
     Enrollment(String),
+    /// The `[acme]` section could not be set up: its store under `state_dir`, or the trust for
+    /// the ACME server.
+    #[error("ACME: {0}")]
+    Acme(#[from] acme::AcmeSetupError),
     /// The `[admin]` listener could not be bound.
     #[error("admin listener on {addr}: {source}")]
     Admin {
@@ -125,6 +132,9 @@ pub struct AgentShared {
     pub stream_limits: target::StreamLimits,
     /// What the data connections' pool slots dial: TLS, or plain TCP joined by challenge.
     pub data_transport: DataTransport,
+    /// `pool_size` from the config: at most this many idle data connections per relay (0: a
+    /// data connection is dialed for each stream, when the relay asks).
+    pub pool_size: Option<u32>,
     /// Cancelled on shutdown: links close, idle data connections close.
     pub stopped: CancellationToken,
     /// Cancelled when the drain deadline passes: streams in flight are cut.
@@ -151,6 +161,7 @@ impl AgentShared {
 /// one. Stop it with [`Agent::shutdown`].
 pub struct Agent {
     shared: Arc<AgentShared>,
+    acme: Option<Arc<acme::Certificates>>,
     /// Where the admin listener is bound, if configured.
     pub admin_addr: Option<std::net::SocketAddr>,
     links: Vec<watch::Receiver<LinkState>>,
@@ -158,19 +169,39 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts a link to every configured relay. With `state_dir` the agent authenticates with
-    /// its certificate, enrolling first (with `token`) if it has none; without, with `token`.
+    /// Starts a link to every configured relay. With `auth = "certificate"` the agent
+    /// authenticates with its certificate, enrolling first (with `token`) if it has none; with
+    /// `auth = "token"`, with `token` on every connection.
     pub fn start(config: &AgentConfig, token: Option<String>) -> Result<Self, AgentError> {
         let stopped = CancellationToken::new();
         let identity = open_identity(config)?;
         if identity.is_none() && token.is_none() {
             return Err(AgentError::NoToken);
         }
+        let metrics = Arc::new(metrics::AgentMetrics::new());
+        // One link per connection of each relay entry, in config order; made first, because the
+        // ACME keepers wait on them.
+        let (mut link_states, links): (Vec<_>, Vec<_>) = config
+            .relays
+            .iter()
+            .flat_map(|relay| (0..relay.connections()).map(|_| watch::channel(LinkState::Connecting)))
+            .unzip();
+        link_states.reverse();
+        let acme = match &config.acme {
+            Some(acme) => Some(Arc::new(acme::Certificates::new(
+                acme,
+                &config.state_dir,
+                links.clone(),
+                Arc::clone(&metrics),
+                stopped.clone(),
+            )?)),
+            None => None,
+        };
         let shared = Arc::new(AgentShared {
             name: config.name.clone(),
             token,
             identity: identity.clone(),
-            routes: RwLock::new(routes_of(config, &stopped)?),
+            routes: RwLock::new(routes_of(config, &stopped, acme.as_deref())?),
             routes_version: watch::Sender::new(0),
             reconnect: config.reconnect,
             connect_timeout: config.connect_timeout,
@@ -183,13 +214,13 @@ impl Agent {
                 },
             },
             data_transport: config.data_transport,
+            pool_size: config.pool_size,
             stopped,
             hard_stop: CancellationToken::new(),
             streams: TaskTracker::new(),
-            metrics: Arc::new(metrics::AgentMetrics::new()),
+            metrics,
         });
         let mut tasks = JoinSet::new();
-        let mut links = Vec::new();
         for relay in &config.relays {
             let fail = |message: String| AgentError::Relay {
                 address: relay.address.clone(),
@@ -213,9 +244,8 @@ impl Agent {
                     slots.as_ref().map(|claims| (slot, Arc::clone(claims))),
                 )
                 .map_err(fail)?;
-                let (state_tx, state_rx) = watch::channel(LinkState::Connecting);
+                let state_tx = link_states.pop().expect("a link per connection");
                 tasks.spawn(link::run(Arc::clone(&shared), Arc::new(dialer), state_tx));
-                links.push(state_rx);
             }
         }
         let mut admin_addr = None;
@@ -245,6 +275,7 @@ impl Agent {
         );
         Ok(Self {
             shared,
+            acme,
             admin_addr,
             links,
             tasks,
@@ -293,11 +324,28 @@ impl Agent {
     /// Replaces the routes this agent serves (e.g. on SIGHUP) and re-registers them with every
     /// relay: hostnames left out go offline at once. Relay endpoints are not reloaded.
     pub fn reload_routes(&self, config: &AgentConfig) -> Result<(), AgentError> {
-        let fresh = routes_of(config, &self.shared.stopped)?;
+        let fresh = match routes_of(config, &self.shared.stopped, self.acme.as_deref()) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                // Keepers started for hostnames of the refused config stop; the rest go on.
+                if let Some(acme) = &self.acme {
+                    acme.retain(&self.shared.routes().acme_hostnames());
+                }
+                return Err(e);
+            }
+        };
         info!(routes = ?fresh.0.iter().map(|r| &r.hostname).collect::<Vec<_>>(), "routes reloaded");
+        if let Some(acme) = &self.acme {
+            acme.retain(&fresh.1.acme_hostnames());
+        }
         *self.shared.routes.write().expect("routes lock") = fresh;
         self.shared.routes_version.send_modify(|v| *v += 1);
         Ok(())
+    }
+
+    /// Where the certificate of `hostname` stands, if a route serves it with `tls = "acme"`.
+    pub fn certificate(&self, hostname: &str) -> Option<acme::CertificateStatus> {
+        self.acme.as_ref()?.status(hostname)
     }
 
     /// Current state of each relay link, in config order (an entry naming a DNS name has
@@ -339,10 +387,10 @@ impl Agent {
 
 /// The agent's identity, if it has a `state_dir`.
 fn open_identity(config: &AgentConfig) -> Result<Option<Arc<Identity>>, AgentError> {
-    let Some(dir) = &config.state_dir else {
+    if config.auth == AgentAuthMode::Token {
         return Ok(None);
-    };
-    let identity = Identity::open(dir)?;
+    }
+    let identity = Identity::open(&config.state_dir)?;
     let certificate = match identity.state() {
         identity::CertState::Missing => "none yet: enrolls at the first connection".to_owned(),
         identity::CertState::Expired(info) => {
@@ -367,6 +415,7 @@ fn resolver(identity: &Option<Arc<Identity>>) -> Option<Arc<dyn rustls::client::
 fn routes_of(
     config: &AgentConfig,
     stopped: &CancellationToken,
+    acme: Option<&acme::Certificates>,
 ) -> Result<(Vec<RouteAd>, Arc<Routes>), AgentError> {
     let ads = config
         .routes
@@ -376,6 +425,6 @@ fn routes_of(
             http: r.http,
         })
         .collect();
-    let routes = Routes::new(&config.routes, config.connect_timeout, stopped)?;
+    let routes = Routes::new(&config.routes, config.connect_timeout, stopped, acme)?;
     Ok((ads, Arc::new(routes)))
 }

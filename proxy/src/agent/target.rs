@@ -1,6 +1,7 @@
 //! The agent's on-prem end of a stream: find the route for the stream's hostname, connect to its
 //! target, optionally announce the browser's address with PROXY protocol v2, optionally
-//! terminate TLS here with the tenant's own key, then pump bytes.
+//! terminate TLS here (with the tenant's own certificate, or one the agent obtained by ACME,
+//! answering the ACME server's TLS-ALPN-01 validation itself), then pump bytes.
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
@@ -16,10 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 use tokio_util::either::Either;
 
+use super::acme::Certificates;
 use super::dial::{DataConn, TunnelStream};
 use super::metrics::AgentMetrics;
 use super::warm::WarmPool;
-use crate::config::agent::RouteConfig;
+use crate::config::agent::{ACME_TLS_ALPN, RouteConfig, TlsTermination};
 use crate::hostname::HostPattern;
 use crate::pump::{self, Counted, Meters, PumpError, Timeouts, Transferred, pump};
 use crate::wire::stream_header::{StreamHeader, StreamKind};
@@ -95,26 +97,39 @@ pub struct Routes {
 
 impl Routes {
     /// Builds the routes; routes with `warm_connections` start filling their pools (inside the
-    /// runtime), which close when the routes are dropped or `stopped` is cancelled.
+    /// runtime), which close when the routes are dropped or `stopped` is cancelled. Routes with
+    /// `tls = "acme"` take their certificate slot from `acme`, which starts keeping one for a
+    /// hostname it did not keep yet.
     pub fn new(
         configs: &[RouteConfig],
         connect_timeout: Duration,
         stopped: &CancellationToken,
+        acme: Option<&Certificates>,
     ) -> Result<Self, TlsConfigError> {
         let mut routes = Vec::with_capacity(configs.len());
         for config in configs {
-            let tls = match &config.tls {
-                Some(tls) => {
-                    let mut server = rustls::ServerConfig::builder_with_provider(provider())
-                        .with_safe_default_protocol_versions()?
-                        .with_no_client_auth()
-                        .with_single_cert(load_certs(&tls.cert)?, load_key(&tls.key)?)?;
-                    server.alpn_protocols = vec![b"http/1.1".to_vec()];
-                    Some(TlsAcceptor::from(Arc::new(server)))
+            let pattern = HostPattern::parse(&config.hostname).expect("validated at config load");
+            let builder = || {
+                rustls::ServerConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .map(|b| b.with_no_client_auth())
+            };
+            let mut alpn: Vec<Vec<u8>> = config.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+            let server = match &config.tls {
+                Some(TlsTermination::Files(files)) => {
+                    Some(builder()?.with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)?)
+                }
+                Some(TlsTermination::Acme) => {
+                    let acme = acme.expect("validated at config load: tls = \"acme\" needs [acme]");
+                    alpn.push(ACME_TLS_ALPN.to_vec());
+                    Some(builder()?.with_cert_resolver(acme.slot(&pattern.to_string())))
                 }
                 None => None,
             };
-            let pattern = HostPattern::parse(&config.hostname).expect("validated at config load");
+            let tls = server.map(|mut server| {
+                server.alpn_protocols = alpn;
+                TlsAcceptor::from(Arc::new(server))
+            });
             let warm = (config.warm_connections > 0)
                 .then(|| WarmPool::start(&config.target, config.warm_connections, connect_timeout, stopped));
             routes.push(Route {
@@ -133,6 +148,15 @@ impl Routes {
     /// parent domain (`*.acme.test` covers exactly one more label).
     pub fn lookup(&self, host: &str) -> Option<&Route> {
         self.routes.iter().find(|r| r.pattern.matches(host))
+    }
+
+    /// The (normalized) hostnames of the routes with `tls = "acme"`.
+    pub fn acme_hostnames(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .filter(|r| r.config.tls == Some(TlsTermination::Acme))
+            .map(|r| r.pattern.to_string())
+            .collect()
     }
 
     /// Every route, exact names before wildcards.
@@ -180,6 +204,13 @@ pub async fn serve(
             .await
             .map_err(|_| TargetError::HandshakeTimeout(limits.tls_handshake))?
             .map_err(TargetError::Handshake)?;
+        if browser.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+            // An ACME server validating this hostname (TLS-ALPN-01): the handshake, with the
+            // challenge certificate, was the answer; nothing goes to the target.
+            tracing::info!(host = header.host, client = %header.client, "answered an ACME tls-alpn-01 validation");
+            browser.shutdown().await?;
+            return Ok(Transferred::default());
+        }
         let mut target = route.open(header, &[], metrics, connect_timeout).await?;
         return Ok(pump(&mut browser, &mut target, cut, limits.pump).await?);
     }

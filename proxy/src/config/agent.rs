@@ -18,13 +18,16 @@ pub struct AgentConfig {
     /// This agent's name, part of its id in relay logs (e.g. the host it runs on).
     pub name: String,
     /// File holding the tenant token (`sluice token create`); the token itself never goes in
-    /// this file. `SLUICE_TOKEN` in the environment takes precedence. With `state_dir` it is
-    /// needed only to enroll (the first start, or after the certificate expired).
+    /// this file. `SLUICE_TOKEN` in the environment takes precedence. With `auth =
+    /// "certificate"` (the default) it is needed only to enroll (the first start, or after the
+    /// certificate expired).
     pub token_file: Option<PathBuf>,
-    /// Where the agent keeps its key pair (generated here, mode 0600, never sent anywhere) and
-    /// the certificate the relays' agent CA issued for it. Without it the agent authenticates
-    /// with its token on every connection (relays with `agent_auth = "token"` only).
-    pub state_dir: Option<PathBuf>,
+    /// How the agent proves itself to its relays: `certificate` (the default: its own key pair,
+    /// generated here and kept under `state_dir`, and the certificate the relays' agent CA issued
+    /// for it at enrollment) or `token` (the token on every connection; relays with
+    /// `agent_auth = "token"` only).
+    #[serde(default)]
+    pub auth: AgentAuthMode,
     /// Relays to keep a tunnel to, all at once (more than one for availability).
     pub relays: Vec<RelayEndpoint>,
     /// The hostnames this agent serves and where each goes (at least one); advertised to every
@@ -57,6 +60,115 @@ pub struct AgentConfig {
     /// stream metadata, client address and hostname, is visible between relay and agent).
     #[serde(default)]
     pub data_transport: DataTransport,
+    /// Idle data connections to keep open to each relay, so a stream's first bytes leave for
+    /// the agent without waiting for one. By default as many as the relay asks for (its
+    /// `tunnel.pool_size`); a number here keeps at most that many. 0 keeps none: the relay asks
+    /// for a data connection when a stream arrives (rathole's way), and every stream waits
+    /// while the agent dials it and joins the relay's pool, several round trips between relay
+    /// and agent on each browser connection's setup. For an agent that may hold no idle
+    /// connection open.
+    pub pool_size: Option<u32>,
+    /// Where the agent keeps what it must not lose across restarts: its key pair and
+    /// certificate (`auth = "certificate"`), the ACME account key and the certificates and keys
+    /// of `tls = "acme"` routes (files mode 0600, directories 0700). Relative to this file;
+    /// `agent-state` next to it by default.
+    #[serde(default = "AgentConfig::default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Certificates the agent obtains and renews by itself for routes with `tls = "acme"`.
+    pub acme: Option<AcmeConfig>,
+}
+
+/// How an agent authenticates to its relays (`auth`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentAuthMode {
+    /// Its own certificate, from enrollment with the token (the default).
+    #[default]
+    Certificate,
+    /// The token on every connection (no machine binding).
+    Token,
+}
+
+/// The `[acme]` section: the ACME (RFC 8555) server that issues certificates for routes with
+/// `tls = "acme"`, answered with TLS-ALPN-01 through the relays.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The server's directory URL (https), e.g.
+    /// `https://acme-v02.api.letsencrypt.org/directory`.
+    pub directory: String,
+    /// Contact address given to the ACME server with the account (expiry notices, problems).
+    pub email: Option<String>,
+    /// CA certificates (PEM) to trust for the ACME server's own HTTPS, for a private ACME server;
+    /// without it, the system's roots.
+    pub directory_ca: Option<PathBuf>,
+    /// After a failed order, the first pause before the next attempt (doubling, with jitter).
+    #[serde(default = "AcmeConfig::default_retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// The longest pause between attempts.
+    #[serde(default = "AcmeConfig::default_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl AcmeConfig {
+    fn default_retry_initial() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_retry_max() -> Duration {
+        Duration::from_secs(3600)
+    }
+
+    /// The account contact, `mailto:<email>`, if an email is configured.
+    pub fn contact(&self) -> Option<String> {
+        self.email.as_ref().map(|email| format!("mailto:{email}"))
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        match self.directory.parse::<hyper::Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some_and(|h| !h.is_empty()) => {}
+            Ok(_) => {
+                return Err(invalid(
+                    path,
+                    "acme.directory",
+                    "must be an https:// URL (ACME runs over HTTPS only)",
+                ));
+            }
+            Err(e) => return Err(invalid(path, "acme.directory", format!("not a URL: {e}"))),
+        }
+        if let Some(email) = &self.email {
+            let well_formed = email
+                .split_once('@')
+                .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'))
+                && !email.contains(|c: char| c.is_whitespace() || c.is_control() || c == ',' || c == '?');
+            if !well_formed {
+                return Err(invalid(
+                    path,
+                    "acme.email",
+                    "expected an address like ops@example.com",
+                ));
+            }
+        }
+        if let Some(ca) = &self.directory_ca {
+            let certs = crate::wire::tls::load_certs(ca)
+                .map_err(|e| invalid(path, "acme.directory_ca", e.to_string()))?;
+            if certs.is_empty() {
+                return Err(invalid(
+                    path,
+                    "acme.directory_ca",
+                    format!("{} holds no certificate", ca.display()),
+                ));
+            }
+        }
+        positive(path, "acme.retry_initial", self.retry_initial)?;
+        if self.retry_max < self.retry_initial {
+            return Err(invalid(
+                path,
+                "acme.retry_max",
+                "must not be below acme.retry_initial",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One `[[relays]]` entry: a relay to dial and how to authenticate it (exactly one of `ca` and
@@ -91,9 +203,17 @@ pub struct RouteConfig {
     /// Send a PROXY protocol v2 header with the browser's address to `target` first.
     #[serde(default)]
     pub proxy_protocol: bool,
-    /// Terminate TLS here with the tenant's own certificate and forward plaintext to `target`.
-    /// Without it, `target` receives the browser's TLS stream and terminates TLS itself.
+    /// Terminate TLS here and forward plaintext to `target`: with the tenant's own certificate
+    /// (`{ cert, key }`), or with one the agent obtains and renews itself (`"acme"`, needs an
+    /// `[acme]` section). Without it, `target` receives the browser's TLS stream and terminates
+    /// TLS itself.
     pub tls: Option<TlsTermination>,
+    /// Where TLS ends at the agent, the application protocols offered to browsers (ALPN), in
+    /// order of preference: `["http/1.1"]` by default. `target` receives the chosen protocol in
+    /// cleartext, so list `h2` only for a target that also speaks HTTP/2 without TLS (prior
+    /// knowledge), as most application servers can.
+    #[serde(default = "RouteConfig::default_alpn")]
+    pub alpn: Vec<String>,
     /// Plaintext HTTP on the relay: `redirect` to https (default) or `forward` to `http_target`.
     #[serde(default)]
     pub http: HttpMode,
@@ -107,14 +227,47 @@ pub struct RouteConfig {
     pub warm_connections: usize,
 }
 
-/// A route's `tls` section: the tenant's own certificate, for TLS ending at the agent.
-#[derive(Debug, Clone, Deserialize)]
+/// A route's `tls`: where the certificate comes from when TLS ends at the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsTermination {
+    /// `tls = { cert, key }`: the tenant's own certificate and key, from files.
+    Files(TlsFiles),
+    /// `tls = "acme"`: a certificate the agent obtains and renews itself (`[acme]`), its key
+    /// generated here and kept under `state_dir`.
+    Acme,
+}
+
+/// `tls = { cert, key }`: the tenant's own certificate, for TLS ending at the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsTermination {
+pub struct TlsFiles {
     /// PEM certificate chain presented to browsers, leaf first.
     pub cert: PathBuf,
     /// PEM private key of that certificate.
     pub key: PathBuf,
+}
+
+impl<'de> Deserialize<'de> for TlsTermination {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TlsTermination;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"acme\" or { cert = \"...\", key = \"...\" }")
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Self::Value, E> {
+                match value {
+                    "acme" => Ok(TlsTermination::Acme),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                TlsFiles::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(TlsTermination::Files)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// The agent's `[admin]` section: metrics and probes. Under the same rules as the relay's: a
@@ -153,6 +306,9 @@ impl Default for ReconnectConfig {
     }
 }
 
+/// Upper bound of `pool_size`, and of what a relay may ask an agent to keep.
+pub const MAX_POOL_SIZE: u32 = 1024;
+
 /// Upper bound of a route's `warm_connections`.
 pub const MAX_WARM_CONNECTIONS: usize = 64;
 
@@ -169,20 +325,26 @@ impl AgentConfig {
     fn default_half_close_timeout() -> Duration {
         Duration::from_secs(60)
     }
+    fn default_state_dir() -> PathBuf {
+        PathBuf::from("agent-state")
+    }
 
     /// Reads, validates, and resolves relative paths of an agent config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut config: Self = read_toml(path)?;
         config.token_file = config.token_file.map(|f| resolve(path, &f));
-        config.state_dir = config.state_dir.map(|d| resolve(path, &d));
         for relay in &mut config.relays {
             relay.ca = relay.ca.as_ref().map(|f| resolve(path, f));
         }
         for route in &mut config.routes {
-            if let Some(tls) = &mut route.tls {
+            if let Some(TlsTermination::Files(tls)) = &mut route.tls {
                 tls.cert = resolve(path, &tls.cert);
                 tls.key = resolve(path, &tls.key);
             }
+        }
+        config.state_dir = resolve(path, &config.state_dir);
+        if let Some(acme) = &mut config.acme {
+            acme.directory_ca = acme.directory_ca.as_ref().map(|f| resolve(path, f));
         }
         if let Some(admin) = &mut config.admin {
             admin.token_file = admin.token_file.as_ref().map(|f| resolve(path, f));
@@ -195,13 +357,13 @@ impl AgentConfig {
     }
 
     /// The token: `SLUICE_TOKEN` from the environment, else the contents of `token_file`.
-    /// With `state_dir`, a token that is not there (no `token_file`, or the file removed after
+    /// With `auth = "certificate"`, a token that is not there (no `token_file`, or the file removed after
     /// enrollment) is `None`: the agent's certificate stands in for it.
     pub fn token(&self, config_path: &Path) -> Result<Option<String>, ConfigError> {
         if let Ok(token) = std::env::var("SLUICE_TOKEN") {
             return Ok(Some(token.trim().to_owned()));
         }
-        let optional = self.state_dir.is_some();
+        let optional = self.auth == AgentAuthMode::Certificate;
         let Some(file) = &self.token_file else {
             if optional {
                 return Ok(None);
@@ -248,22 +410,43 @@ impl AgentConfig {
         }
         for (i, route) in self.routes.iter().enumerate() {
             let field = |name: &str| format!("routes[{i}].{name}");
-            HostPattern::parse(&route.hostname)
+            let pattern = HostPattern::parse(&route.hostname)
                 .map_err(|e| invalid(path, field("hostname"), e.to_string()))?;
             if !looks_like_host_port(&route.target) {
                 return Err(invalid(path, field("target"), "expected host:port"));
             }
-            if let Some(tls) = &route.tls {
-                for (name, file) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
-                    if !file.is_file() {
+            match &route.tls {
+                Some(TlsTermination::Files(tls)) => {
+                    for (name, file) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                        if !file.is_file() {
+                            return Err(invalid(
+                                path,
+                                field(name),
+                                format!("{} does not exist", file.display()),
+                            ));
+                        }
+                    }
+                }
+                Some(TlsTermination::Acme) => {
+                    if self.acme.is_none() {
                         return Err(invalid(
                             path,
-                            field(name),
-                            format!("{} does not exist", file.display()),
+                            field("tls"),
+                            "\"acme\" needs an [acme] section saying which ACME server to use",
+                        ));
+                    }
+                    if matches!(pattern, HostPattern::Wildcard { .. }) {
+                        return Err(invalid(
+                            path,
+                            field("tls"),
+                            "\"acme\" cannot certify a wildcard: TLS-ALPN-01 validates one name at a time",
                         ));
                     }
                 }
+                None => {}
             }
+            validate_alpn(&route.alpn, route.tls.is_some())
+                .map_err(|message| invalid(path, field("alpn"), message))?;
             if route.http == HttpMode::Forward && route.http_target().is_none() {
                 return Err(invalid(
                     path,
@@ -283,6 +466,16 @@ impl AgentConfig {
                     format!("at most {MAX_WARM_CONNECTIONS}"),
                 ));
             }
+        }
+        if self.pool_size.is_some_and(|size| size > MAX_POOL_SIZE) {
+            return Err(invalid(
+                path,
+                "pool_size",
+                format!("at most {MAX_POOL_SIZE} (what a relay may ask for)"),
+            ));
+        }
+        if let Some(acme) = &self.acme {
+            acme.validate(path)?;
         }
         positive(path, "connect_timeout", self.connect_timeout)?;
         positive(path, "tls_handshake_timeout", self.tls_handshake_timeout)?;
@@ -370,12 +563,45 @@ impl RelayEndpoint {
 }
 
 impl RouteConfig {
+    fn default_alpn() -> Vec<String> {
+        vec!["http/1.1".to_owned()]
+    }
+
     /// Where plaintext HTTP for this route goes, if anywhere.
     pub fn http_target(&self) -> Option<&str> {
         self.http_target
             .as_deref()
             .or(self.tls.as_ref().map(|_| self.target.as_str()))
     }
+}
+
+/// The ALPN id TLS-ALPN-01 validation connections offer (RFC 8737); the agent answers it itself.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// A route's `alpn` list: protocol ids of 1-255 bytes, no repeats, not `acme-tls/1` (the agent
+/// answers ACME validation itself), and set only where TLS ends at the agent.
+fn validate_alpn(alpn: &[String], tls_here: bool) -> Result<(), String> {
+    if !tls_here && alpn != RouteConfig::default_alpn() {
+        return Err(
+            "only where TLS ends at the agent (`tls`): otherwise the target negotiates its own protocols"
+                .into(),
+        );
+    }
+    if alpn.is_empty() {
+        return Err("at least one protocol, e.g. [\"h2\", \"http/1.1\"]".into());
+    }
+    for (i, id) in alpn.iter().enumerate() {
+        if id.is_empty() || id.len() > 255 {
+            return Err(format!("{id:?}: a protocol id is 1-255 bytes"));
+        }
+        if id.as_bytes() == ACME_TLS_ALPN {
+            return Err("acme-tls/1 is answered by the agent itself for tls = \"acme\" routes".into());
+        }
+        if alpn[..i].contains(id) {
+            return Err(format!("{id:?} is listed twice"));
+        }
+    }
+    Ok(())
 }
 
 fn parse_pin(pin: &str) -> Result<[u8; 32], String> {

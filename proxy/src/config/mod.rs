@@ -515,6 +515,29 @@ mod tests {
     }
 
     #[test]
+    fn agent_pool_size_is_the_relays_unless_set_and_at_most_1024() {
+        let route = "[[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\n";
+        let load = |head: &str| {
+            let text = format!("{head}{AGENT_HEAD}ca = \"ca.pem\"\n{route}");
+            let (_dir, path) = setup(&text, &["ca.pem"]);
+            AgentConfig::load(&path).map(|c| c.pool_size)
+        };
+        assert_eq!(load("").unwrap(), None);
+        assert_eq!(load("pool_size = 0\n").unwrap(), Some(0));
+        let error = load("pool_size = 1025\n").unwrap_err().to_string();
+        assert!(
+            error.contains("`pool_size`") && error.contains("at most 1024"),
+            "{error}"
+        );
+        assert!(
+            load("pool_size = -1\n")
+                .unwrap_err()
+                .to_string()
+                .contains("pool_size")
+        );
+    }
+
+    #[test]
     fn agent_data_transport_is_tls_unless_tcp_is_chosen() {
         let route = "[[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\n";
         let load = |head: &str| {
@@ -531,6 +554,116 @@ mod tests {
         assert!(
             error.contains("data_transport") && error.contains("udp"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn agent_auth_is_its_certificate_unless_token_is_chosen() {
+        use crate::config::agent::AgentAuthMode;
+        let route = "[[routes]]\nhostname = \"a.b.test\"\ntarget = \"127.0.0.1:1\"\n";
+        let load = |head: &str| {
+            let text = format!("{head}{AGENT_HEAD}ca = \"ca.pem\"\n{route}");
+            let (_dir, path) = setup(&text, &["ca.pem"]);
+            AgentConfig::load(&path).map(|c| (c.auth, c.state_dir.ends_with("agent-state")))
+        };
+        assert_eq!(load("").unwrap(), (AgentAuthMode::Certificate, true));
+        assert_eq!(load("auth = \"token\"\n").unwrap(), (AgentAuthMode::Token, true));
+        let error = load("auth = \"password\"\n").unwrap_err().to_string();
+        assert!(error.contains("auth") && error.contains("password"), "{error}");
+    }
+
+    #[test]
+    fn acme_routes_and_the_acme_section_are_checked_field_by_field() {
+        let head = format!("{AGENT_HEAD}ca = \"ca.pem\"\n");
+        let acme = "[acme]\ndirectory = \"https://acme.test/dir\"\n";
+        let route =
+            |extra: &str| format!("[[routes]]\nhostname = \"app.b.test\"\ntarget = \"127.0.0.1:1\"\n{extra}");
+        let load = |text: &str| {
+            let (dir, path) = setup(text, &["ca.pem"]);
+            (dir, AgentConfig::load(&path).map_err(|e| e.to_string()))
+        };
+
+        let without_section = agent_error(&format!("{head}{}", route("tls = \"acme\"\n")));
+        assert!(
+            without_section.contains("`routes[0].tls`") && without_section.contains("[acme]"),
+            "{without_section}"
+        );
+        let wildcard = agent_error(&format!(
+            "{head}{acme}[[routes]]\nhostname = \"*.b.test\"\ntarget = \"127.0.0.1:1\"\ntls = \"acme\"\n"
+        ));
+        assert!(
+            wildcard.contains("`routes[0].tls`") && wildcard.contains("wildcard"),
+            "{wildcard}"
+        );
+        let unknown_mode = agent_error(&format!("{head}{acme}{}", route("tls = \"letsencrypt\"\n")));
+        assert!(
+            unknown_mode.contains("tls") && unknown_mode.contains("\"acme\" or { cert"),
+            "{unknown_mode}"
+        );
+        let half_files = agent_error(&format!("{head}{}", route("tls = { cert = \"ca.pem\" }\n")));
+        assert!(half_files.contains("key"), "{half_files}");
+
+        let plain_http = agent_error(&format!(
+            "{head}[acme]\ndirectory = \"http://acme.test/dir\"\n{}",
+            route("tls = \"acme\"\n")
+        ));
+        assert!(
+            plain_http.contains("`acme.directory`") && plain_http.contains("https"),
+            "{plain_http}"
+        );
+        let not_url = agent_error(&format!("{head}[acme]\ndirectory = \"acme dir\"\n{}", route("")));
+        assert!(not_url.contains("`acme.directory`"), "{not_url}");
+        let email = agent_error(&format!("{head}{acme}email = \"ops at example\"\n{}", route("")));
+        assert!(email.contains("`acme.email`"), "{email}");
+        let missing_ca = agent_error(&format!("{head}{acme}directory_ca = \"nope.pem\"\n{}", route("")));
+        assert!(
+            missing_ca.contains("`acme.directory_ca`") && missing_ca.contains("nope.pem"),
+            "{missing_ca}"
+        );
+        let not_a_cert = agent_error(&format!("{head}{acme}directory_ca = \"ca.pem\"\n{}", route("")));
+        assert!(not_a_cert.contains("`acme.directory_ca`"), "{not_a_cert}");
+        let retry = agent_error(&format!(
+            "{head}{acme}retry_initial = \"10s\"\nretry_max = \"1s\"\n{}",
+            route("")
+        ));
+        assert!(retry.contains("`acme.retry_max`"), "{retry}");
+        let typo = agent_error(&format!("{head}{acme}emial = \"a@b.test\"\n{}", route("")));
+        assert!(typo.contains("emial"), "{typo}");
+
+        let alpn_without_tls = agent_error(&format!("{head}{}", route("alpn = [\"h2\"]\n")));
+        assert!(
+            alpn_without_tls.contains("`routes[0].alpn`"),
+            "{alpn_without_tls}"
+        );
+        let acme_alpn = agent_error(&format!(
+            "{head}{acme}{}",
+            route("tls = \"acme\"\nalpn = [\"acme-tls/1\"]\n")
+        ));
+        assert!(acme_alpn.contains("`routes[0].alpn`"), "{acme_alpn}");
+        let twice = agent_error(&format!(
+            "{head}{acme}{}",
+            route("tls = \"acme\"\nalpn = [\"h2\", \"h2\"]\n")
+        ));
+        assert!(twice.contains("twice"), "{twice}");
+        let empty = agent_error(&format!("{head}{acme}{}", route("tls = \"acme\"\nalpn = []\n")));
+        assert!(empty.contains("`routes[0].alpn`"), "{empty}");
+
+        // A whole, valid ACME setup: paths resolve next to the file, state_dir has a default.
+        let (dir, config) = load(&format!(
+            "{head}{acme}email = \"ops@example.com\"\n{}",
+            route("tls = \"acme\"\nalpn = [\"h2\", \"http/1.1\"]\n")
+        ));
+        let config = config.unwrap();
+        assert_eq!(config.state_dir, dir.path().join("agent-state"));
+        let acme = config.acme.as_ref().unwrap();
+        assert_eq!(acme.contact().as_deref(), Some("mailto:ops@example.com"));
+        assert_eq!(acme.retry_initial, std::time::Duration::from_secs(10));
+        assert_eq!(config.routes[0].tls, Some(super::agent::TlsTermination::Acme));
+        assert_eq!(config.routes[0].alpn, ["h2", "http/1.1"]);
+        assert_eq!(
+            config.routes[0].http_target(),
+            Some("127.0.0.1:1"),
+            "TLS ends here"
         );
     }
 }

@@ -245,6 +245,19 @@ impl Default for AdminConfig {
 }
 
 impl RelayConfig {
+    /// What identifies this relay among others on its host: its first edge port that is not
+    /// ephemeral. Names its shield's pin directory and its upgrade socket; `None` when every
+    /// edge port is ephemeral (such a relay cannot be found again, so cannot be upgraded).
+    pub fn fixed_instance(&self) -> Option<String> {
+        self.edge
+            .tls_listen
+            .iter()
+            .chain(&self.edge.http_listen)
+            .map(|a| a.port())
+            .find(|&p| p != 0)
+            .map(|p| p.to_string())
+    }
+
     /// The (non-zero) ports of every listener browsers and agents reach: the edge's and the
     /// tunnel's, what the shield polices unless `shield.protected_ports` says otherwise.
     pub fn listener_ports(&self) -> Vec<u16> {

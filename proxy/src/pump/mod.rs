@@ -15,7 +15,7 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -210,13 +210,10 @@ pub struct Meters {
     pub b_to_a: prometheus::IntCounter,
 }
 
-/// Set once splice(2) was refused: later TCP pumps copy straight away (and warn only once).
-#[cfg(target_os = "linux")]
-static SPLICE_REFUSED: AtomicBool = AtomicBool::new(false);
-
-/// Pumps two TCP streams both ways until both sides finish, or `cut` fires: zero-copy with
-/// [`splice::splice_pump`] on Linux, with the buffered [`pump`] where splice is unavailable.
-/// `client_to_agent` counts bytes `a` -> `b`, `agent_to_client` bytes `b` -> `a`.
+/// Pumps two TCP streams both ways until both sides finish, or `cut` fires: with
+/// [`splice::splice_pump`] on Linux (bulk zero-copy, small chunks copied), with the buffered
+/// [`pump`] elsewhere. `client_to_agent` counts bytes `a` -> `b`, `agent_to_client` bytes
+/// `b` -> `a`.
 pub async fn pump_tcp(
     a: &mut TcpStream,
     b: &mut TcpStream,
@@ -225,20 +222,13 @@ pub async fn pump_tcp(
     meters: Option<&Meters>,
 ) -> Result<Transferred, PumpError> {
     #[cfg(target_os = "linux")]
-    if !SPLICE_REFUSED.load(Ordering::Relaxed) {
-        match splice::try_splice_pump(a, b, cut, timeouts, meters).await {
-            Err(splice::SpliceError::Unsupported(e)) => {
-                if !SPLICE_REFUSED.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "splice(2) refused on TCP sockets: pumping with buffered copies");
-                }
-            }
-            result => return result.map_err(PumpError::from),
-        }
-    }
+    return splice::splice_pump(a, b, cut, timeouts, meters).await;
+    #[cfg(not(target_os = "linux"))]
     pump_metered(a, b, cut, timeouts, meters).await
 }
 
 /// The buffered [`pump`], counting into `meters` (if any) through [`Counted`] on `a`.
+#[cfg(any(test, not(target_os = "linux")))]
 async fn pump_metered<A, B>(
     a: &mut A,
     b: &mut B,

@@ -1,29 +1,41 @@
-//! The zero-copy pump for TCP <-> TCP streams (Linux): bytes go socket -> pipe -> socket with
-//! splice(2), so the payload stays in kernel pages and is never copied into our memory.
+//! The pump for TCP <-> TCP streams (Linux): bulk goes socket -> pipe -> socket with splice(2),
+//! so the payload stays in kernel pages and is never copied into our memory; small chunks are
+//! copied, which costs less than a splice at their size.
 //!
 //! Each direction repeats three steps:
 //! 1. wait until the source socket is readable, holding nothing;
-//! 2. borrow a pipe and splice what the source has into it (as much as the pipe takes);
-//! 3. splice from the pipe into the destination until the pipe is empty, waiting for the
-//!    destination to become writable when its send buffer is full; then give the pipe back.
+//! 2. take what the source has: recv into a borrowed buffer, or, once a recv has filled the
+//!    whole buffer (a bulk transfer), splice into a borrowed pipe (as much as the pipe takes);
+//! 3. write it all to the destination (send, or splice from the pipe), waiting for the
+//!    destination to become writable when its send buffer is full; then give the buffer or
+//!    pipe back.
 //!
-//! When the source reaches end of stream (splice returns 0), the destination's write side is shut
-//! down and the other direction carries on: half-close is preserved, as in the buffered pump.
+//! A direction splices until a splice moves less than [`SPLICE_AT_LEAST`] (the stream is back
+//! to small messages). Why copy at all: a request or an answer of a few hundred bytes needs a
+//! recv and a send, and tokio takes a recv that did not fill the buffer as proof that the socket
+//! is drained. A splice cannot tell that (the pipe may have run out of slots before the socket
+//! ran out of bytes), so every spliced chunk costs a third call that fails with `EAGAIN`; at
+//! request sizes that call, and the pipe, cost more than the copy.
 //!
-//! Pipes are borrowed from a shared pool only while bytes are in flight, like the buffered pump's
-//! buffers. A pipe costs two file descriptors, and most proxied connections are idle: holding
-//! two pipes per connection would take 40 000 descriptors for 10 000 idle streams. A pipe goes
-//! back to the pool only when it is empty; one that may still hold bytes (the pump failed or was
-//! cut mid-transfer) is closed, so its bytes can never leak into another stream.
+//! When the source reaches end of stream, the destination's write side is shut down and the
+//! other direction carries on: half-close is preserved, as in the buffered pump.
+//!
+//! Pipes and buffers are borrowed from shared pools only while bytes are in flight. A pipe costs
+//! two file descriptors, and most proxied connections are idle: holding two pipes per connection
+//! would take 40 000 descriptors for 10 000 idle streams. A pipe goes back to the pool only when
+//! it is empty; one that may still hold bytes (the pump failed or was cut mid-transfer) is
+//! closed, so its bytes can never leak into another stream.
 //!
 //! Readiness: tokio only learns a socket is no longer ready when an operation returns
-//! `WouldBlock` inside `try_io`, so every splice that touches a socket runs inside `try_io` with
-//! that socket's interest. The pipes are non-blocking, and a splice into a pipe only ever starts
-//! when the pipe is empty, so `EAGAIN` always comes from the socket, never from the pipe.
+//! `WouldBlock` inside `try_io` (or reads short through its own `poll_read`), so every splice
+//! that touches a socket runs inside `try_io` with that socket's interest. The pipes are
+//! non-blocking, and a splice into a pipe only ever starts when the pipe is empty, so `EAGAIN`
+//! always comes from the socket, never from the pipe.
 //!
-//! Out of file descriptors (EMFILE, ENFILE), no new pipe can be made: the direction then moves
-//! that chunk through one of the buffered pump's pooled buffers instead, and tries for a pipe
-//! again with the next one. The stream slows down for a while; it does not fail.
+//! Out of file descriptors (EMFILE, ENFILE), no new pipe can be made: the direction then copies
+//! that chunk, and tries for a pipe again with the next full buffer. The stream slows down for a
+//! while; it does not fail. A kernel that refuses to splice TCP sockets at all gets copies from
+//! then on.
 //!
 //! A splice into a socket whose peer is gone fails with `EPIPE` and would raise `SIGPIPE`; Rust
 //! programs (and test binaries) ignore that signal, so the pump sees an ordinary error.
@@ -35,8 +47,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
-use tokio::io::Interest;
+use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
+
+use tokio::io::{AsyncRead as _, AsyncWrite as _, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use super::{Meters, PumpError, Silence, Timeouts, Transferred, return_buffer, take_buffer};
@@ -60,47 +76,19 @@ pub fn pipes_in_use() -> usize {
     IN_USE.load(Ordering::Relaxed)
 }
 
-/// Copies both ways between two TCP streams with splice(2) until both sides finish, or `cut`
-/// fires. `client_to_agent` counts bytes `a` -> `b`, `agent_to_client` bytes `b` -> `a`; `meters`
-/// are incremented as bytes are written out, not at the end.
+/// Copies both ways between two TCP streams until both sides finish, or `cut` fires: bulk
+/// with splice(2), small chunks with recv/send (see the module docs). `client_to_agent` counts
+/// bytes `a` -> `b`, `agent_to_client` bytes `b` -> `a`; `meters` are incremented as bytes are
+/// written out, not at the end.
 pub async fn splice_pump(
-    a: &TcpStream,
-    b: &TcpStream,
+    a: &mut TcpStream,
+    b: &mut TcpStream,
     cut: &CancellationToken,
     timeouts: Timeouts,
     meters: Option<&Meters>,
 ) -> Result<Transferred, PumpError> {
-    try_splice_pump(a, b, cut, timeouts, meters)
-        .await
-        .map_err(PumpError::from)
-}
-
-/// Why the splice pump stopped early, telling apart a kernel that cannot splice these sockets.
-#[derive(Debug)]
-pub(super) enum SpliceError {
-    /// The first splice was refused (`EINVAL`, `ENOSYS`, `EOPNOTSUPP`) before any byte left
-    /// either socket: the caller may still copy the streams another way.
-    Unsupported(io::Error),
-    Pump(PumpError),
-}
-
-impl From<SpliceError> for PumpError {
-    fn from(error: SpliceError) -> Self {
-        match error {
-            SpliceError::Unsupported(e) => PumpError::Io(e),
-            SpliceError::Pump(e) => e,
-        }
-    }
-}
-
-/// [`splice_pump`], reporting [`SpliceError::Unsupported`] for [`super::pump_tcp`]'s fallback.
-pub(super) async fn try_splice_pump(
-    a: &TcpStream,
-    b: &TcpStream,
-    cut: &CancellationToken,
-    timeouts: Timeouts,
-    meters: Option<&Meters>,
-) -> Result<Transferred, SpliceError> {
+    let (mut a_read, mut a_write) = a.split();
+    let (mut b_read, mut b_write) = b.split();
     let mut up = Direction::default();
     let mut down = Direction::default();
     let mut silence = std::pin::pin!(Silence::new(timeouts));
@@ -108,8 +96,12 @@ pub(super) async fn try_splice_pump(
     // ran out.
     let copy = poll_fn(|cx| {
         let before = up.moved + down.moved;
-        let up_done = up.poll(cx, a, b, meters.map(|m| &m.a_to_b))?.is_ready();
-        let down_done = down.poll(cx, b, a, meters.map(|m| &m.b_to_a))?.is_ready();
+        let up_done = up
+            .poll(cx, &mut a_read, &mut b_write, meters.map(|m| &m.a_to_b))?
+            .is_ready();
+        let down_done = down
+            .poll(cx, &mut b_read, &mut a_write, meters.map(|m| &m.b_to_a))?
+            .is_ready();
         if up_done && down_done {
             return Poll::Ready(Ok(None));
         }
@@ -121,20 +113,18 @@ pub(super) async fn try_splice_pump(
     });
     let result = tokio::select! {
         result = copy => result,
-        () = cut.cancelled() => return Err(SpliceError::Pump(PumpError::Cut)),
+        () = cut.cancelled() => return Err(PumpError::Cut),
     };
     match result {
         Ok(None) => Ok(Transferred {
             client_to_agent: up.moved,
             agent_to_client: down.moved,
         }),
-        Ok(Some(expired)) => Err(SpliceError::Pump(expired)),
-        Err(e) if is_unsupported(&e) && up.untouched() && down.untouched() => {
-            Err(SpliceError::Unsupported(e))
-        }
-        Err(e) => Err(SpliceError::Pump(PumpError::Io(e))),
+        Ok(Some(expired)) => Err(expired),
+        Err(e) => Err(PumpError::Io(e)),
     }
-    // `up` and `down` drop here: their pipes go back to the pool, or are closed if not empty.
+    // `up` and `down` drop here: their pipes and buffers go back to the pools, or pipes that
+    // may still hold bytes are closed.
 }
 
 /// The errors splice(2) gives when it cannot join these two files at all.
@@ -145,13 +135,20 @@ fn is_unsupported(error: &io::Error) -> bool {
     )
 }
 
-/// One direction of the pump: socket -> borrowed pipe -> socket, then give the pipe back.
+/// A splice that moves less than this sends the direction back to copying: the stream has
+/// gone back to small messages.
+const SPLICE_AT_LEAST: usize = 16 * 1024;
+
+/// One direction of the pump: socket -> borrowed pipe (or buffer) -> socket, then give the pipe
+/// (or buffer) back.
 #[derive(Default)]
 struct Direction {
-    /// Present only while bytes are in flight.
+    /// Present only while spliced bytes are in flight.
     lease: Option<Lease>,
-    /// Bytes in flight through a buffer instead, when no pipe could be had.
+    /// Present only while copied bytes are in flight.
     bounce: Option<Bounce>,
+    /// The last read filled a whole buffer: splice from now on (until a splice moves little).
+    bulk: bool,
     /// The source reached end of stream; the destination gets shut down once the pipe is empty.
     eof: bool,
     finished: bool,
@@ -162,8 +159,8 @@ impl Direction {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
+        from: &mut ReadHalf<'_>,
+        to: &mut WriteHalf<'_>,
         meter: Option<&prometheus::IntCounter>,
     ) -> Poll<io::Result<()>> {
         if self.finished {
@@ -172,8 +169,8 @@ impl Direction {
         loop {
             if let Some(bounce) = &mut self.bounce {
                 if bounce.start < bounce.end {
-                    ready!(to.poll_write_ready(cx))?;
-                    let out = to.try_write(&bounce.buffer[bounce.start..bounce.end]);
+                    let out =
+                        ready!(Pin::new(&mut *to).poll_write(cx, &bounce.buffer[bounce.start..bounce.end]));
                     bounce.start += written(out, &mut self.moved, meter)?;
                     continue;
                 }
@@ -181,9 +178,10 @@ impl Direction {
             }
             if let Some(lease) = &mut self.lease {
                 if lease.held > 0 {
-                    ready!(to.poll_write_ready(cx))?;
-                    let out = to.try_io(Interest::WRITABLE, || {
-                        splice(lease.pipe().read.as_fd(), to.as_fd(), lease.held)
+                    let socket = to.as_ref();
+                    ready!(socket.poll_write_ready(cx))?;
+                    let out = socket.try_io(Interest::WRITABLE, || {
+                        splice(lease.pipe().read.as_fd(), socket.as_fd(), lease.held)
                     });
                     lease.held -= written(out, &mut self.moved, meter)?;
                     continue;
@@ -192,50 +190,65 @@ impl Direction {
                 self.lease = None;
             }
             if self.eof {
-                socket2::SockRef::from(to).shutdown(Shutdown::Write)?;
+                socket2::SockRef::from(to.as_ref()).shutdown(Shutdown::Write)?;
                 self.finished = true;
                 return Poll::Ready(Ok(()));
             }
-            ready!(from.poll_read_ready(cx))?;
+            if !self.bulk {
+                // recv into a pooled buffer through tokio's own read, which takes a short read
+                // as proof the socket is drained: no further call to find that out. A buffer is
+                // borrowed only once the socket is readable.
+                ready!(from.as_ref().poll_read_ready(cx))?;
+                let mut bounce = Bounce::new();
+                let mut read = ReadBuf::new(&mut bounce.buffer);
+                ready!(Pin::new(&mut *from).poll_read(cx, &mut read))?;
+                let n = read.filled().len();
+                if n == 0 {
+                    self.eof = true;
+                } else {
+                    self.bulk = n == bounce.buffer.len() && !SPLICE_REFUSED.load(Ordering::Relaxed);
+                    bounce.end = n;
+                    self.bounce = Some(bounce);
+                }
+                continue;
+            }
+            let socket = from.as_ref();
+            ready!(socket.poll_read_ready(cx))?;
             let mut lease = match Lease::take() {
                 Ok(lease) => lease,
                 Err(e) if is_out_of_descriptors(&e) => {
                     if !WARNED_NO_PIPE.swap(true, Ordering::Relaxed) {
                         tracing::warn!(error = %e, "no pipe for splice(2): copying through buffers until descriptors free up");
                     }
-                    let mut bounce = Bounce::new();
-                    match from.try_read(&mut bounce.buffer) {
-                        Ok(0) => self.eof = true,
-                        Ok(n) => {
-                            bounce.end = n;
-                            self.bounce = Some(bounce);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Poll::Ready(Err(e)),
-                    }
+                    self.bulk = false;
                     continue;
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             };
-            let taken = from.try_io(Interest::READABLE, || {
-                splice(from.as_fd(), lease.pipe().write.as_fd(), PIPE_SIZE)
+            let taken = socket.try_io(Interest::READABLE, || {
+                splice(socket.as_fd(), lease.pipe().write.as_fd(), PIPE_SIZE)
             });
             match taken {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
+                    self.bulk = n >= SPLICE_AT_LEAST;
+                    #[cfg(test)]
+                    tests::SPLICED.set(tests::SPLICED.get() + n as u64);
                     lease.held = n;
                     self.lease = Some(lease);
                 }
                 // Spurious readiness, now cleared; the empty pipe goes back to the pool.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // Nothing was taken from the socket: copying loses nothing.
+                Err(e) if is_unsupported(&e) => {
+                    if !SPLICE_REFUSED.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "splice(2) refused on TCP sockets: copying through buffers");
+                    }
+                    self.bulk = false;
+                }
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
-    }
-
-    /// No byte has left the source socket yet.
-    fn untouched(&self) -> bool {
-        self.moved == 0 && self.lease.is_none() && self.bounce.is_none()
     }
 }
 
@@ -260,6 +273,9 @@ fn written(
         Err(e) => Err(e),
     }
 }
+
+/// Set once splice(2) was refused on TCP sockets: every pump copies from then on (said once).
+static SPLICE_REFUSED: AtomicBool = AtomicBool::new(false);
 
 /// Set once the pump ran out of descriptors for pipes (it says so once).
 static WARNED_NO_PIPE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -391,11 +407,13 @@ mod tests {
 
     use super::*;
     use crate::pump::tests::meters;
-    use crate::pump::{SPLICE_REFUSED, buffers_in_use, pump_tcp};
+    use crate::pump::{buffers_in_use, pump_tcp};
 
     thread_local! {
         /// Makes every pipe this thread asks for fail with EMFILE, as at the descriptor limit.
         pub(super) static NO_PIPES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Bytes this thread's pumps took from a socket with splice (the rest were copied).
+        pub(super) static SPLICED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     }
 
     /// A relay on loopback: `client` <-> a [pump] b <-> `server`, the pump running in its own task.
@@ -407,13 +425,12 @@ mod tests {
 
     impl Relay {
         async fn start(cut: &CancellationToken, meters: Option<Meters>) -> Self {
-            let (client, a) = connected().await;
-            let (b, server) = connected().await;
+            let (client, mut a) = connected().await;
+            let (mut b, server) = connected().await;
             let cut = cut.clone();
-            let pump =
-                tokio::spawn(
-                    async move { splice_pump(&a, &b, &cut, Timeouts::NEVER, meters.as_ref()).await },
-                );
+            let pump = tokio::spawn(async move {
+                splice_pump(&mut a, &mut b, &cut, Timeouts::NEVER, meters.as_ref()).await
+            });
             Self { client, server, pump }
         }
     }
@@ -553,6 +570,58 @@ mod tests {
             !SPLICE_REFUSED.load(Ordering::Relaxed),
             "not mistaken for a kernel without splice"
         );
+    }
+
+    /// A request of `len` bytes client -> server and an answer back, each checked.
+    async fn exchange(client: &mut TcpStream, server: &mut TcpStream, len: usize) {
+        let request = pattern(len, 3);
+        let answer = pattern(len / 2 + 1, 5);
+        client.write_all(&request).await.unwrap();
+        let mut got = vec![0; request.len()];
+        server.read_exact(&mut got).await.unwrap();
+        assert!(got == request, "request corrupted");
+        server.write_all(&answer).await.unwrap();
+        let mut got = vec![0; answer.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert!(got == answer, "answer corrupted");
+    }
+
+    /// Requests and answers of a few hundred bytes are copied (no pipe, no third call to learn
+    /// the socket is drained); a transfer that fills a whole buffer is spliced, and once it is
+    /// over, small messages are copied again.
+    #[tokio::test]
+    async fn small_messages_are_copied_and_bulk_is_spliced() {
+        let cut = CancellationToken::new();
+        let Relay {
+            mut client,
+            mut server,
+            pump,
+        } = Relay::start(&cut, None).await;
+        SPLICED.set(0);
+        for len in [23, 300, 5_000, 100] {
+            exchange(&mut client, &mut server, len).await;
+        }
+        assert_eq!(SPLICED.get(), 0, "small messages are copied");
+
+        let bulk = pattern(8_000_000, 7);
+        let (_, got) = tokio::join!(client.write_all(&bulk), async {
+            let mut got = vec![0; bulk.len()];
+            server.read_exact(&mut got).await.unwrap();
+            got
+        });
+        assert!(got == bulk, "bulk corrupted");
+        let spliced = SPLICED.get();
+        assert!(spliced > 4_000_000, "bulk is spliced: {spliced} bytes");
+
+        for _ in 0..3 {
+            exchange(&mut client, &mut server, 200).await;
+        }
+        assert!(
+            SPLICED.get() - spliced <= 200,
+            "back to copying once messages are small (at most the first one spliced)"
+        );
+        drop((client, server));
+        assert_eq!(pump.await.unwrap().unwrap().client_to_agent, 8_006_023);
     }
 
     #[tokio::test]

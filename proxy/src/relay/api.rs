@@ -16,6 +16,11 @@
 //! | GET | `/api/bans` | banned sources (kernel with XDP, userspace otherwise) |
 //! | POST | `/api/bans/{ip}?for=10m` | ban a source (no `for`: until lifted); with etcd, fleet-wide (503 while etcd is unreachable) |
 //! | DELETE | `/api/bans/{ip}` | lift a ban (with etcd, fleet-wide) |
+//! | GET | `/status` | the status page ([`super::status`]): tenants, agents, streams, bans, shield |
+//! | POST | `/status/lift` | the status page's form lifting a ban (with its anti-forgery value) |
+//!
+//! Every request but the probes presents the admin token when there is one: as a bearer token,
+//! or (what a browser sends for the status page) as the password of HTTP Basic authentication.
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -25,11 +30,13 @@ use serde::Serialize;
 use super::Readiness;
 use super::fleet::{Fleet, FleetError};
 use super::metrics::RelayMetrics;
+use super::status::{self, AgentStatus, BanStatus, StatusView, TenantStatus};
 use super::store_watch;
 use super::tenants::Tenants;
 use super::tunnel::{SessionEnd, Sessions};
 use crate::admin::http::{AdminHandler, AdminRequest, Body, error, json, text};
 use crate::shield::RelayShield;
+use crate::shield::runtime::ShieldMode;
 use crate::store::{AgentChange, StoreError, unix_now};
 
 /// The relay's admin endpoints, over the parts of the relay they show and change.
@@ -46,6 +53,150 @@ pub struct RelayAdmin {
     pub shield: Arc<RelayShield>,
     /// Fleet-wide bans (with etcd).
     pub fleet: Arc<Fleet>,
+    /// When the relay started, for the status page.
+    pub started: std::time::Instant,
+    /// The status page's anti-forgery value: random per process, in every lift form, required
+    /// by `POST /status/lift`.
+    pub csrf: String,
+}
+
+impl RelayAdmin {
+    /// The status page's contents now.
+    fn status_view(&self) -> StatusView {
+        let snapshot = self.tenants.snapshot();
+        let mut sessions = self.sessions.all();
+        sessions.sort_by(|a, b| a.id().cmp(b.id()));
+        let served: std::collections::HashSet<(String, String)> = sessions
+            .iter()
+            .flat_map(|s| {
+                let tenant = s.tenant().to_string();
+                s.routes()
+                    .into_iter()
+                    .map(move |r| (tenant.clone(), r.to_string()))
+            })
+            .collect();
+        let tenants = snapshot
+            .tenants
+            .values()
+            .map(|t| TenantStatus {
+                name: t.name.clone(),
+                hostnames: t
+                    .hostnames
+                    .iter()
+                    .map(|h| {
+                        let name = h.to_string();
+                        let on = served.contains(&(t.name.clone(), name.clone()));
+                        (name, on)
+                    })
+                    .collect(),
+                streams: sessions
+                    .iter()
+                    .filter(|s| **s.tenant() == *t.name)
+                    .map(|s| s.pool.active_streams())
+                    .sum(),
+            })
+            .collect();
+        let agents = sessions
+            .iter()
+            .map(|s| AgentStatus {
+                id: s.id().to_string(),
+                tenant: s.tenant().to_string(),
+                address: s.peer(),
+                fingerprint: s.certificate().map(|c| c.key.hex()),
+                uptime: s.uptime(),
+                streams: s.pool.active_streams(),
+                idle: s.pool.idle_count(),
+            })
+            .collect();
+        let mut bans: Vec<BanStatus> = self
+            .shield
+            .bans()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|b| BanStatus {
+                source: b.source.to_string(),
+                address: b.source.network(),
+                remaining: b.remaining,
+            })
+            .collect();
+        bans.sort_by(|a, b| a.source.cmp(&b.source));
+        let shield_mode = match self.shield.mode() {
+            ShieldMode::Xdp { interfaces } => {
+                let on: Vec<String> = interfaces
+                    .iter()
+                    .map(|(i, mode)| format!("{i} ({mode})"))
+                    .collect();
+                format!("XDP on {}", on.join(", "))
+            }
+            ShieldMode::Fallback { reason } => format!("userspace fallback: {reason}"),
+        };
+        let shield_counters = self
+            .shield
+            .with_maps(|maps| maps.counters().unwrap_or_default())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(reason, counter)| (reason.label(), counter.packets))
+            .collect();
+        let stats = self.shield.stats();
+        StatusView {
+            relay_id: self.fleet.relay_id.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+            uptime: self.started.elapsed(),
+            tenants,
+            agents,
+            connections: ["tls", "http"]
+                .into_iter()
+                .map(|l| (l, self.metrics.connections_active.with_label_values(&[l]).get()))
+                .collect(),
+            bans,
+            shield_mode,
+            shield_counters,
+            shield_stats: [
+                ("kernel bans", stats.kernel_bans.load(Ordering::Relaxed)),
+                ("abuse bans", stats.abuse_bans.load(Ordering::Relaxed)),
+                ("refused at accept", stats.refused.load(Ordering::Relaxed)),
+            ],
+            store_stale: self.tenants.health().is_stale(),
+        }
+    }
+
+    /// `POST /status/lift`: lifts the ban the form names, then back to the page.
+    fn lift_from_page(&self, body: &[u8]) -> Response<Body> {
+        use subtle::ConstantTimeEq as _;
+        let (source, csrf) = status::lift_form(body);
+        let genuine = csrf.is_some_and(|c| bool::from(c.as_bytes().ct_eq(self.csrf.as_bytes())));
+        if !genuine {
+            return text(
+                StatusCode::FORBIDDEN,
+                "text/plain; charset=utf-8",
+                "this form did not come from the status page: reload it and try again\n",
+            );
+        }
+        let Some(source) = source.and_then(|s| s.parse::<std::net::IpAddr>().ok()) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "text/plain; charset=utf-8",
+                "not an IP address\n",
+            );
+        };
+        match block_on(self.fleet.unban(source)) {
+            Ok(_) => {
+                tracing::info!(%source, "ban lifted from the status page");
+                see_status()
+            }
+            Err(e) => text(fleet_status(&e), "text/plain; charset=utf-8", format!("{e}\n")),
+        }
+    }
+}
+
+/// 303 to the status page (after a form: a reload does not post it again).
+fn see_status() -> Response<Body> {
+    let mut response = text(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", "");
+    response.headers_mut().insert(
+        hyper::header::LOCATION,
+        hyper::header::HeaderValue::from_static("/status"),
+    );
+    response
 }
 
 /// One tenant in `GET /api/tenants`.
@@ -155,12 +306,15 @@ fn store_status(e: &StoreError) -> StatusCode {
     }
 }
 
-fn fleet_error(e: &FleetError) -> Response<Body> {
-    let status = match e {
+fn fleet_status(e: &FleetError) -> StatusCode {
+    match e {
         FleetError::Store(e) => store_status(e),
         FleetError::Shield(_) => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    error(status, &e.to_string())
+    }
+}
+
+fn fleet_error(e: &FleetError) -> Response<Body> {
+    error(fleet_status(e), &e.to_string())
 }
 
 /// Runs a store or fleet change from an admin handler (which runs on the blocking pool).
@@ -350,6 +504,27 @@ impl AdminHandler for RelayAdmin {
                     Err(e) => fleet_error(&e),
                 }
             }
+            (&Method::GET, ["status"]) => {
+                let mut page = text(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    status::render(&self.status_view(), &self.csrf),
+                );
+                let headers = page.headers_mut();
+                // Not stored, not framed (the lift buttons), nothing loaded from elsewhere.
+                headers.insert(
+                    hyper::header::CACHE_CONTROL,
+                    hyper::header::HeaderValue::from_static("no-store"),
+                );
+                headers.insert(
+                    hyper::header::CONTENT_SECURITY_POLICY,
+                    hyper::header::HeaderValue::from_static(
+                        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
+                    ),
+                );
+                page
+            }
+            (&Method::POST, ["status", "lift"]) => self.lift_from_page(&request.body),
             _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
         }
     }

@@ -5,31 +5,38 @@
 //! - [`tunnel`]: agent connections and sessions
 //! - [`tenants`], [`store_watch`]: the store as the relay sees it, and revocation
 //! - [`fleet`]: with etcd, bans shared by the fleet and this relay's presence entry
-//! - [`metrics`], [`api`]: what SREs see and do through the admin listener; [`cli`]: the
+//! - [`metrics`], [`api`], [`status`]: what SREs see and do through the admin listener; [`cli`]: the
 //!   commands that talk to a running relay through it
+//! - [`upgrade`]: handing the listening sockets, the agents and the shield to a new relay
+//!   process without dropping a connection
 //!
 //! Each part gets the narrow things it uses (its config section, the routes, the sessions, the
 //! metrics, the shield), never the whole relay.
 //!
 //! Shutdown: stop accepting (listeners close, agents are told goodbye so they move to another
-//! relay), let active streams drain for `shutdown_grace`, then cut what is left. Listeners use
-//! SO_REUSEPORT, so a new relay process can take over the ports while the old one drains.
+//! relay), let active streams drain for `shutdown_grace`, then cut what is left. An upgrade
+//! ([`Relay::hand_over`]) is a shutdown whose listeners, agents and shield go to the successor
+//! first.
 pub mod agent_ca;
 pub mod api;
 pub mod cli;
 pub mod edge;
 pub mod fleet;
 pub mod metrics;
+pub mod status;
 pub mod store_watch;
 pub mod tenants;
 pub mod tunnel;
+pub mod upgrade;
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,6 +53,7 @@ use edge::{Edge, EdgeKind, EdgeParts};
 use metrics::RelayMetrics;
 use tenants::Tenants;
 use tunnel::{Routes, SessionEnd, Sessions, Tunnel, TunnelParts, TunnelTlsError, TunnelTlsSetup};
+use upgrade::{ListenerRole, Offered, Predecessor, Successor, UpgradeError, UpgradeMessage, UpgradeSocket};
 
 /// Why a relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +72,9 @@ pub enum RelayError {
     /// The tenant store.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// Taking over from the running relay (`--upgrade`), or making room for a later upgrade.
+    #[error("upgrade: {0}")]
+    Upgrade(#[from] UpgradeError),
 }
 
 /// What `/readyz` reports.
@@ -97,8 +108,13 @@ pub struct Relay {
     hard_stop: CancellationToken,
     streams: TaskTracker,
     tasks: JoinSet<()>,
-    /// Keeps the relay's presence entry (etcd); ends by deleting it once `stopping` fires.
+    /// Keeps the relay's presence entry (etcd); ends by deleting it once `presence_stop` fires.
     presence: Option<tokio::task::JoinHandle<()>>,
+    presence_stop: CancellationToken,
+    /// Where a successor connects to take over (`state_dir/upgrade.sock`).
+    upgrade_socket: Option<UpgradeSocket>,
+    /// What a relay taking over from another waits for before it accepts.
+    gates: Gates,
     /// Where the TLS edge listeners are bound.
     pub tls_addrs: Vec<SocketAddr>,
     /// Where the plaintext HTTP edge listeners are bound.
@@ -110,8 +126,70 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Loads the store, binds every listener and starts serving.
+    /// Loads the store, binds every listener and starts serving. Refused while the same relay
+    /// instance (`state_dir` and first fixed edge port) runs already: that one is taken over
+    /// with [`Relay::upgrade`].
     pub async fn start(config: RelayConfig) -> Result<Self, RelayError> {
+        let upgradable = config.state_dir.clone().zip(config.fixed_instance());
+        if let Some((dir, instance)) = &upgradable {
+            UpgradeSocket::check_free(dir, instance)?;
+        }
+        let mut relay = Self::launch(config, None).await?;
+        // Bound once the store has made `state_dir`.
+        if let Some((dir, instance)) = &upgradable {
+            relay.upgrade_socket = Some(UpgradeSocket::bind(dir, instance)?);
+        }
+        Ok(relay)
+    }
+
+    /// Takes over from the relay running with the same `state_dir` (`sluice relay --upgrade`):
+    /// its listening sockets (no connection in their queues is lost), its shield with the
+    /// bans, and its agents, which move here while its streams drain there. Returns once this
+    /// relay accepts everything; an error before the running relay committed leaves it as it
+    /// was.
+    pub async fn upgrade(config: RelayConfig) -> Result<Self, RelayError> {
+        let (Some(state_dir), Some(instance)) = (config.state_dir.clone(), config.fixed_instance()) else {
+            return Err(UpgradeError::NotUpgradable.into());
+        };
+        let mut predecessor = Predecessor::connect(&state_dir, &instance).await?;
+        info!(
+            predecessor = predecessor.pid(),
+            version = predecessor.version(),
+            "upgrade: received the running relay's listening sockets"
+        );
+        let mut relay = Self::launch(config, Some(&mut predecessor)).await?;
+        predecessor.ready().await?;
+        info!(
+            predecessor = predecessor.pid(),
+            "upgrade: committed; accepting browsers"
+        );
+        if let Err(e) = relay.shield.take_over() {
+            // Its program still polices with the same maps: degraded, not down.
+            error!(error = %e, "upgrade: could not take over the XDP links; the previous program stays attached");
+        }
+        relay.gates.edge.cancel();
+        let moving = predecessor.tunnel_yours().await;
+        info!(agents = ?moving, "upgrade: accepting agents");
+        relay.gates.tunnel.cancel();
+        tokio::spawn(close_when_moved(
+            relay.gates.moved.clone(),
+            Arc::clone(&relay.routes),
+            Arc::clone(&relay.sessions),
+            moving,
+        ));
+        match UpgradeSocket::replace(&state_dir, &instance) {
+            Ok(socket) => relay.upgrade_socket = Some(socket),
+            Err(e) => error!(error = %e, "upgrade: no socket for a later upgrade"),
+        }
+        Ok(relay)
+    }
+
+    /// Starts serving, on the listening sockets of `predecessor` where it had them; with one,
+    /// nothing is accepted until the gates open and the shield is adopted, not yet attached.
+    async fn launch(
+        config: RelayConfig,
+        mut predecessor: Option<&mut Predecessor>,
+    ) -> Result<Self, RelayError> {
         let tunnel_tls = TunnelTlsSetup::load(&config.tunnel)?;
         let backend = Backend::open(&config)?;
         let fingerprint = match &backend {
@@ -129,7 +207,12 @@ impl Relay {
         let readiness = Arc::new(Readiness::default());
         readiness.store.store(true, Ordering::Release);
         let metrics = Arc::new(RelayMetrics::new(config.admin.max_tenant_labels));
-        let shield = Arc::new(RelayShield::start(&config));
+        let takeover = match predecessor {
+            Some(_) => crate::shield::runtime::Takeover::Yes,
+            None => crate::shield::runtime::Takeover::No,
+        };
+        let shield = Arc::new(RelayShield::start_as(&config, takeover));
+        let gates = Gates::new(predecessor.is_some());
         tokio::spawn(Arc::clone(&shield).watch_syncookies());
         let relay_id = config
             .store
@@ -150,28 +233,37 @@ impl Relay {
         let hard_stop = CancellationToken::new();
         let streams = TaskTracker::new();
 
-        let bind = |addr: SocketAddr| net::bind(addr).map_err(|source| RelayError::Bind { addr, source });
-        // Browsers and agents speak first on every other port.
-        let bind_client_first = |addr: SocketAddr| {
-            net::bind_client_speaks_first(addr).map_err(|source| RelayError::Bind { addr, source })
+        let mut listen = |role: ListenerRole, addr: SocketAddr| -> Result<TcpListener, RelayError> {
+            if let Some(predecessor) = predecessor.as_deref_mut()
+                && let Some(inherited) = predecessor.take(role, addr)?
+            {
+                return TcpListener::from_std(inherited).map_err(|source| RelayError::Bind { addr, source });
+            }
+            bind_for(role, addr).map_err(|source| RelayError::Bind { addr, source })
         };
-        let admin_listener = bind(config.admin.listen)?;
+        let admin_listener = listen(ListenerRole::Admin, config.admin.listen)?;
         let admin_addr = local_addr(&admin_listener, config.admin.listen);
-        let tunnel_listener = bind_client_first(config.tunnel.listen)?;
+        let tunnel_listener = listen(ListenerRole::Tunnel, config.tunnel.listen)?;
         let tunnel_addr = local_addr(&tunnel_listener, config.tunnel.listen);
         let mut tls_addrs = Vec::new();
         let mut http_addrs = Vec::new();
         let mut edge_listeners = Vec::new();
         for &addr in &config.edge.tls_listen {
-            let listener = bind_client_first(addr)?;
+            let listener = listen(ListenerRole::EdgeTls, addr)?;
             tls_addrs.push(local_addr(&listener, addr));
             edge_listeners.push((listener, EdgeKind::Tls));
         }
         for &addr in &config.edge.http_listen {
-            let listener = bind_client_first(addr)?;
+            let listener = listen(ListenerRole::EdgeHttp, addr)?;
             http_addrs.push(local_addr(&listener, addr));
             edge_listeners.push((listener, EdgeKind::Http));
         }
+        let bound = |listener: &TcpListener, role, configured, stop| {
+            Bound::new(listener, role, configured, stop).map_err(|source| RelayError::Bind {
+                addr: configured,
+                source,
+            })
+        };
 
         let mut tasks = JoinSet::new();
         let caps = cap_limits(&config);
@@ -194,19 +286,15 @@ impl Relay {
                 tenants: Arc::clone(&tenants),
                 streams: streams.clone(),
                 stopping: stopping.clone(),
+                moving_in: (!gates.moved.is_cancelled()).then(|| gates.moved.clone()),
             },
         ));
         let mut listeners = Listeners::default();
         for ((listener, kind), configured) in edge_listeners.into_iter().zip(config.edge.listen_addrs()) {
-            let stop = stopping.child_token();
-            let bound = local_addr(&listener, configured);
-            tasks.spawn(Arc::clone(&edge).accept_loop(listener, kind, stop.clone()));
-            listeners.edge.push(Bound {
-                configured,
-                bound,
-                kind: Some(kind),
-                stop,
-            });
+            let bound = bound(&listener, edge_role(kind), configured, stopping.child_token())?;
+            let serve = Arc::clone(&edge).accept_loop(listener, kind, bound.stop.clone());
+            tasks.spawn(once_open(gates.edge.clone(), bound.stop.clone(), serve));
+            listeners.edge.push(bound);
         }
         let tunnel = Arc::new(Tunnel::new(
             config.tunnel.clone(),
@@ -221,18 +309,21 @@ impl Relay {
                 shield: Arc::clone(&shield),
             },
         ));
-        let tunnel_stop = stopping.child_token();
-        tasks.spawn(Arc::clone(&tunnel).accept_loop(tunnel_listener, tunnel_stop.clone()));
-        listeners.tunnel = Some(Bound {
-            configured: config.tunnel.listen,
-            bound: tunnel_addr,
-            kind: None,
-            stop: tunnel_stop,
-        });
+        let tunnel_bound = bound(
+            &tunnel_listener,
+            ListenerRole::Tunnel,
+            config.tunnel.listen,
+            stopping.child_token(),
+        )?;
+        let serve = Arc::clone(&tunnel).accept_loop(tunnel_listener, tunnel_bound.stop.clone());
+        tasks.spawn(once_open(gates.tunnel.clone(), tunnel_bound.stop.clone(), serve));
+        listeners.tunnel = Some(tunnel_bound);
         let mut presence_task = None;
+        let presence_stop = stopping.child_token();
         {
+            // Revocations keep applying to the streams that drain.
             let (tenants, sessions, stopping) =
-                (Arc::clone(&tenants), Arc::clone(&sessions), stopping.clone());
+                (Arc::clone(&tenants), Arc::clone(&sessions), hard_stop.clone());
             let every = config.store_poll;
             match loaded {
                 None => {
@@ -258,11 +349,16 @@ impl Relay {
                         version: env!("CARGO_PKG_VERSION").to_owned(),
                         started_at: unix_now(),
                     };
-                    let (present, ttl, stop) =
-                        (Arc::clone(&fleet), config.store.presence_ttl, stopping.clone());
-                    presence_task = Some(tokio::spawn(async move {
+                    let (present, ttl, stop) = (
+                        Arc::clone(&fleet),
+                        config.store.presence_ttl,
+                        presence_stop.clone(),
+                    );
+                    // A successor registers once its predecessor has left the fleet.
+                    let open = gates.tunnel.clone();
+                    presence_task = Some(tokio::spawn(once_open(open, stop.clone(), async move {
                         present.keep_presence(presence, ttl, stop).await
-                    }));
+                    })));
                     let following = Arc::clone(&fleet);
                     let stale_after = config.store.stale_after;
                     let stop = hard_stop.clone();
@@ -288,20 +384,24 @@ impl Relay {
             sessions: Arc::clone(&sessions),
             shield: Arc::clone(&shield),
             fleet,
+            started: std::time::Instant::now(),
+            csrf: tunnel::session::new_secret(),
         });
-        let admin_stop = hard_stop.child_token();
-        tasks.spawn(crate::admin::http::serve(
+        // The admin API answers until the drain is over.
+        let admin_bound = bound(
+            &admin_listener,
+            ListenerRole::Admin,
+            config.admin.listen,
+            hard_stop.child_token(),
+        )?;
+        let serve = crate::admin::http::serve(
             admin_listener,
             Arc::clone(&admin) as Arc<dyn AdminHandler>,
             Arc::clone(&admin_token),
-            admin_stop.clone(),
-        ));
-        listeners.admin = Some(Bound {
-            configured: config.admin.listen,
-            bound: admin_addr,
-            kind: None,
-            stop: admin_stop,
-        });
+            admin_bound.stop.clone(),
+        );
+        tasks.spawn(once_open(gates.edge.clone(), admin_bound.stop.clone(), serve));
+        listeners.admin = Some(admin_bound);
         readiness.listeners.store(true, Ordering::Release);
         info!(tls = ?tls_addrs, http = ?http_addrs, tunnel = %tunnel_addr, admin = %admin_addr, "relay listening");
         Ok(Self {
@@ -323,6 +423,9 @@ impl Relay {
             streams,
             tasks,
             presence: presence_task,
+            presence_stop,
+            upgrade_socket: None,
+            gates,
             tls_addrs,
             http_addrs,
             tunnel_addr,
@@ -400,9 +503,10 @@ impl Relay {
     pub fn reload(&mut self, config: RelayConfig) -> Result<Reloaded, ReloadError> {
         let tunnel_tls = TunnelTlsSetup::load(&config.tunnel)?;
         let mut reloaded = Reloaded::default();
-        let bind = |addr: SocketAddr| net::bind(addr).map_err(|source| ReloadError::Bind { addr, source });
-        let bind_client_first = |addr: SocketAddr| {
-            net::bind_client_speaks_first(addr).map_err(|source| ReloadError::Bind { addr, source })
+        let bind = |role: ListenerRole, addr: SocketAddr, stop: CancellationToken| {
+            bind_for(role, addr)
+                .and_then(|listener| Bound::new(&listener, role, addr, stop).map(|bound| (listener, bound)))
+                .map_err(|source| ReloadError::Bind { addr, source })
         };
         let wanted_edge: Vec<(SocketAddr, EdgeKind)> = config
             .edge
@@ -419,16 +523,24 @@ impl Relay {
                 .iter()
                 .any(|b| b.configured == addr && b.kind == Some(kind))
             {
-                new_edge.push((bind_client_first(addr)?, addr, kind));
+                new_edge.push(bind(edge_role(kind), addr, self.stopping.child_token())?);
             }
         }
         let new_tunnel = match &self.listeners.tunnel {
             Some(b) if b.configured == config.tunnel.listen => None,
-            _ => Some(bind_client_first(config.tunnel.listen)?),
+            _ => Some(bind(
+                ListenerRole::Tunnel,
+                config.tunnel.listen,
+                self.stopping.child_token(),
+            )?),
         };
         let new_admin = match &self.listeners.admin {
             Some(b) if b.configured == config.admin.listen => None,
-            _ => Some(bind(config.admin.listen)?),
+            _ => Some(bind(
+                ListenerRole::Admin,
+                config.admin.listen,
+                self.hard_stop.child_token(),
+            )?),
         };
         self.shield.reload(&config.shield, &config.listener_ports())?;
 
@@ -459,55 +571,35 @@ impl Relay {
                 reloaded.closed.push(bound.bound);
             }
         }
-        for (listener, configured, kind) in new_edge {
-            let bound = local_addr(&listener, configured);
-            let stop = self.stopping.child_token();
+        for (listener, bound) in new_edge {
+            let kind = bound.kind.expect("edge listeners have a kind");
             self.tasks
-                .spawn(Arc::clone(&self.edge).accept_loop(listener, kind, stop.clone()));
-            reloaded.bound.push(bound);
-            kept.push(Bound {
-                configured,
-                bound,
-                kind: Some(kind),
-                stop,
-            });
+                .spawn(Arc::clone(&self.edge).accept_loop(listener, kind, bound.stop.clone()));
+            reloaded.bound.push(bound.bound);
+            kept.push(bound);
         }
         self.listeners.edge = kept;
-        if let Some(listener) = new_tunnel {
-            let bound = local_addr(&listener, config.tunnel.listen);
-            let stop = self.stopping.child_token();
+        if let Some((listener, bound)) = new_tunnel {
             self.tasks
-                .spawn(Arc::clone(&self.tunnel).accept_loop(listener, stop.clone()));
-            if let Some(old) = self.listeners.tunnel.replace(Bound {
-                configured: config.tunnel.listen,
-                bound,
-                kind: None,
-                stop,
-            }) {
+                .spawn(Arc::clone(&self.tunnel).accept_loop(listener, bound.stop.clone()));
+            reloaded.bound.push(bound.bound);
+            if let Some(old) = self.listeners.tunnel.replace(bound) {
                 old.stop.cancel();
                 reloaded.closed.push(old.bound);
             }
-            reloaded.bound.push(bound);
         }
-        if let Some(listener) = new_admin {
-            let bound = local_addr(&listener, config.admin.listen);
-            let stop = self.hard_stop.child_token();
+        if let Some((listener, bound)) = new_admin {
             self.tasks.spawn(crate::admin::http::serve(
                 listener,
                 Arc::clone(&self.admin) as Arc<dyn AdminHandler>,
                 Arc::clone(&self.admin_token),
-                stop.clone(),
+                bound.stop.clone(),
             ));
-            if let Some(old) = self.listeners.admin.replace(Bound {
-                configured: config.admin.listen,
-                bound,
-                kind: None,
-                stop,
-            }) {
+            reloaded.bound.push(bound.bound);
+            if let Some(old) = self.listeners.admin.replace(bound) {
                 old.stop.cancel();
                 reloaded.closed.push(old.bound);
             }
-            reloaded.bound.push(bound);
         }
         self.refresh_addrs();
         self.edge
@@ -534,6 +626,89 @@ impl Relay {
         if let Some(admin) = &self.listeners.admin {
             self.admin_addr = admin.bound;
         }
+    }
+
+    /// The next relay process that connects to take over from this one (`sluice relay
+    /// --upgrade`); never, without `state_dir` or a fixed edge port.
+    pub async fn successor(&self) -> Successor {
+        match &self.upgrade_socket {
+            Some(socket) => socket.successor().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Hands this relay over to `successor`: its listening sockets, then (once it is ready and
+    /// this relay has committed) its agents and shield. Stops accepting on the way; the streams
+    /// it carries are left to [`Relay::shutdown`], which drains them. An error before the
+    /// commit leaves the relay as it was (the successor gives up); one after it is logged, and
+    /// the hand-over goes on.
+    pub async fn hand_over(&mut self, mut successor: Successor) -> Result<(), UpgradeError> {
+        let offered: Vec<(Offered, std::os::fd::BorrowedFd<'_>)> = self
+            .listeners
+            .all()
+            .map(|b| {
+                (
+                    Offered {
+                        role: b.role,
+                        addr: b.configured,
+                    },
+                    b.socket.as_fd(),
+                )
+            })
+            .collect();
+        successor.offer(&offered).await?;
+        let pid = successor.ready().await?;
+        successor.send(&UpgradeMessage::Committed).await?;
+        info!(
+            successor = pid,
+            "upgrade: committed; handing over to process {pid}"
+        );
+
+        // It accepts browsers now: stop accepting them here, and let the ones accepted reach
+        // their agents while the agents are still connected to this process.
+        self.readiness.listeners.store(false, Ordering::Release);
+        for bound in self.listeners.edge.iter().chain(&self.listeners.admin) {
+            bound.stop.cancel();
+        }
+        self.edge.setups.close();
+        let wait = self.edge.config().agent_wait + Duration::from_secs(1);
+        if tokio::time::timeout(wait, self.edge.setups.wait()).await.is_err() {
+            warn!(
+                pending = self.edge.setups.len(),
+                "upgrade: connections still waiting for an agent"
+            );
+        }
+        // Leave the fleet so the successor can take this relay's presence entry.
+        self.presence_stop.cancel();
+        if let Some(presence) = self.presence.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), presence).await;
+        }
+        if let Some(tunnel) = &self.listeners.tunnel {
+            tunnel.stop.cancel();
+        }
+        let moving = self.tunnel.move_agents();
+        if let Err(e) = successor
+            .send(&UpgradeMessage::TunnelYours { sessions: moving })
+            .await
+        {
+            warn!(error = %e, "upgrade: the successor did not hear that the tunnel is its own");
+        }
+        info!(agents = moving, "upgrade: agents told to move");
+        self.shield.hand_over();
+        // The socket file is the successor's from now on.
+        self.upgrade_socket = None;
+        // Agents close their session here once the successor has welcomed them.
+        let deadline = tokio::time::Instant::now() + MOVE_WINDOW;
+        while !self.sessions.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !self.sessions.is_empty() {
+            warn!(
+                staying = self.sessions.len(),
+                "upgrade: agents still connected here"
+            );
+        }
+        Ok(())
     }
 
     /// Graceful shutdown: stop accepting, tell agents, drain streams for `shutdown_grace`,
@@ -565,6 +740,9 @@ impl Relay {
         self.streams.wait().await;
         self.tasks.shutdown().await;
         self.shield.shutdown();
+        if let Some(socket) = &self.upgrade_socket {
+            socket.remove();
+        }
         info!("relay stopped");
     }
 }
@@ -590,9 +768,127 @@ fn cap_limits(config: &RelayConfig) -> CapLimits {
 struct Bound {
     configured: SocketAddr,
     bound: SocketAddr,
+    role: ListenerRole,
     /// Edge listeners only.
     kind: Option<EdgeKind>,
     stop: CancellationToken,
+    /// The listening socket, for a successor to take over (the accept loop owns another
+    /// descriptor of it).
+    socket: OwnedFd,
+}
+
+impl Bound {
+    fn new(
+        listener: &TcpListener,
+        role: ListenerRole,
+        configured: SocketAddr,
+        stop: CancellationToken,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            configured,
+            bound: local_addr(listener, configured),
+            role,
+            kind: match role {
+                ListenerRole::EdgeTls => Some(EdgeKind::Tls),
+                ListenerRole::EdgeHttp => Some(EdgeKind::Http),
+                ListenerRole::Tunnel | ListenerRole::Admin => None,
+            },
+            stop,
+            socket: listener.as_fd().try_clone_to_owned()?,
+        })
+    }
+}
+
+fn edge_role(kind: EdgeKind) -> ListenerRole {
+    match kind {
+        EdgeKind::Tls => ListenerRole::EdgeTls,
+        EdgeKind::Http => ListenerRole::EdgeHttp,
+    }
+}
+
+/// A new listening socket for `role` at `addr`.
+fn bind_for(role: ListenerRole, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match role {
+        ListenerRole::Admin => net::bind(addr),
+        // Browsers and agents speak first on every other port.
+        ListenerRole::EdgeTls | ListenerRole::EdgeHttp | ListenerRole::Tunnel => {
+            net::bind_client_speaks_first(addr)
+        }
+    }
+}
+
+/// What a relay taking over from another waits for; all open for a relay starting fresh.
+struct Gates {
+    /// Browsers and the admin API: the predecessor committed to the upgrade.
+    edge: CancellationToken,
+    /// Agents and the fleet presence: the predecessor stopped accepting agents.
+    tunnel: CancellationToken,
+    /// The predecessor's agents have moved here (or the window closed): a name without a live
+    /// route is refused again rather than waited for.
+    moved: CancellationToken,
+}
+
+impl Gates {
+    fn new(taking_over: bool) -> Self {
+        let gates = Self {
+            edge: CancellationToken::new(),
+            tunnel: CancellationToken::new(),
+            moved: CancellationToken::new(),
+        };
+        if !taking_over {
+            gates.edge.cancel();
+            gates.tunnel.cancel();
+            gates.moved.cancel();
+        }
+        gates
+    }
+}
+
+/// Runs `serve` once `open` is cancelled, unless `stop` comes first.
+async fn once_open(open: CancellationToken, stop: CancellationToken, serve: impl Future<Output = ()>) {
+    tokio::select! {
+        () = open.cancelled() => serve.await,
+        () = stop.cancelled() => {}
+    }
+}
+
+/// How long browsers of a successor may wait for the predecessor's agents to move.
+pub const MOVE_WINDOW: Duration = Duration::from_secs(10);
+
+/// Cancels `moved` once `expected` agent sessions are here (the predecessor's), or
+/// [`MOVE_WINDOW`] has passed; at once when the number is unknown (the predecessor left
+/// without saying).
+async fn close_when_moved(
+    moved: CancellationToken,
+    routes: Arc<Routes>,
+    sessions: Arc<Sessions>,
+    expected: Option<usize>,
+) {
+    let deadline = tokio::time::Instant::now() + MOVE_WINDOW;
+    if let Some(expected) = expected {
+        loop {
+            let registered = routes.registered();
+            tokio::pin!(registered);
+            registered.as_mut().enable();
+            if sessions.len() >= expected {
+                break;
+            }
+            tokio::select! {
+                () = registered => {}
+                // A session without routes registers nothing.
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!(
+                    expected,
+                    arrived = sessions.len(),
+                    "upgrade: not every agent moved here within {MOVE_WINDOW:?}"
+                );
+                break;
+            }
+        }
+    }
+    moved.cancel();
 }
 
 /// Every listener the relay runs.
@@ -601,6 +897,12 @@ struct Listeners {
     edge: Vec<Bound>,
     tunnel: Option<Bound>,
     admin: Option<Bound>,
+}
+
+impl Listeners {
+    fn all(&self) -> impl Iterator<Item = &Bound> {
+        self.edge.iter().chain(&self.tunnel).chain(&self.admin)
+    }
 }
 
 /// What a reload did.

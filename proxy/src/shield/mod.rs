@@ -27,12 +27,13 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aya::maps::{MapError, RingBuf};
+use aya::maps::{MapError, MapInfo, RingBuf};
 use aya::pin::PinError;
-use aya::programs::xdp::XdpLinkId;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
-use aya::{Ebpf, EbpfError};
-use proxy_common::{Counter, MAP_BAN_EVENTS, Reason, XDP_PROGRAM};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use proxy_common::{Counter, MAP_BAN_EVENTS, PINNED_MAPS, Reason, XDP_PROGRAM};
 
 pub use crate::prefix::{PrefixLengths, SourcePrefix};
 pub use events::{BanEvents, BanNotice};
@@ -109,6 +110,24 @@ pub enum ShieldError {
         /// Why it could not be mapped.
         source: std::io::Error,
     },
+    /// The XDP link of an interface could not be pinned or taken over (a kernel without BPF
+    /// links for XDP, or a pin that is not a link).
+    #[error("the XDP link on {interface}: {source}")]
+    Link {
+        /// The interface name.
+        interface: String,
+        /// What aya reported.
+        source: aya::programs::links::LinkError,
+    },
+    /// A running relay's pinned map cannot be taken over by this build (an upgrade across a
+    /// change of the map's layout): restart the relay instead.
+    #[error("taking over the pinned map {name}: {why}")]
+    Incompatible {
+        /// The map's name.
+        name: &'static str,
+        /// What differs.
+        why: String,
+    },
     /// `getrandom(2)` failed while seeding the source tables' hash.
     #[error("drawing random seeds: {0}")]
     Random(std::io::Error),
@@ -145,8 +164,20 @@ pub struct Shield {
     ebpf: Ebpf,
     maps: ShieldMaps,
     events: Option<BanEvents>,
-    links: Vec<(String, XdpLinkId)>,
+    links: Vec<AttachedLink>,
     pin_dir: Option<PathBuf>,
+    /// The pins (and with them the links and maps) are this process's to remove when the shield
+    /// is dropped: not while they are still the running relay's (adopted, not yet taken over)
+    /// nor once they have been handed over to the relay replacing this one.
+    owns_pins: bool,
+}
+
+/// The program attached to one interface: the link, pinned next to the maps when the shield
+/// is, so that a relay taking over (an upgrade) can swap its own program into it atomically.
+struct AttachedLink {
+    interface: String,
+    link: FdLink,
+    pin: Option<PathBuf>,
 }
 
 impl Shield {
@@ -164,8 +195,35 @@ impl Shield {
         Self::load_inner(Some(pin_dir)).inspect_err(|_| pin::remove(pin_dir))
     }
 
+    /// Loads this build's program onto the maps another relay process pinned under `pin_dir`
+    /// (an upgrade): bans, source state and lists carry over. Nothing changes in the kernel
+    /// until [`Shield::attach`] swaps the program into each pinned link; until then the pins
+    /// stay the running relay's (dropping this shield leaves them). Refused when a pinned map's
+    /// shape is not this build's.
+    pub fn adopt(pin_dir: &Path) -> Result<Self, ShieldError> {
+        check_pinned_shapes(pin_dir)?;
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&'static str, PathBuf)> = PINNED_MAPS
+            .iter()
+            .map(|&name| (name, pin_dir.join(name)))
+            .collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(XDP_OBJECT)?;
+        let mut shield = Self::from_loaded(ebpf, None)?;
+        shield.pin_dir = Some(pin_dir.to_path_buf());
+        shield.owns_pins = false;
+        Ok(shield)
+    }
+
     fn load_inner(pin_dir: Option<&Path>) -> Result<Self, ShieldError> {
-        let mut ebpf = Ebpf::load(XDP_OBJECT)?;
+        Self::from_loaded(Ebpf::load(XDP_OBJECT)?, pin_dir)
+    }
+
+    /// Loads the program of `ebpf` into the kernel and takes its maps, pinning them under
+    /// `pin_dir` when given.
+    fn from_loaded(mut ebpf: Ebpf, pin_dir: Option<&Path>) -> Result<Self, ShieldError> {
         xdp_program(&mut ebpf)?.load()?;
         let maps = ShieldMaps::take(&mut ebpf, pin_dir)?;
         let ring = ebpf.take_map(MAP_BAN_EVENTS).ok_or(ShieldError::Missing {
@@ -178,37 +236,88 @@ impl Shield {
             events: Some(BanEvents::new(RingBuf::try_from(ring)?)),
             links: Vec::new(),
             pin_dir: pin_dir.map(Path::to_path_buf),
+            owns_pins: true,
         })
     }
 
-    /// Attaches to `interface` in the given mode.
+    /// Attaches to `interface` in the given mode. With pins, a link another relay pinned for
+    /// this interface is taken over (the program in it replaced atomically, no packet unpoliced);
+    /// else a new link is made, and pinned.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), ShieldError> {
-        let link = xdp_program(&mut self.ebpf)?
-            .attach(interface, mode)
-            .map_err(|source| ShieldError::Attach {
-                interface: interface.to_owned(),
-                mode: mode_name(mode),
+        let attach_error = |source| ShieldError::Attach {
+            interface: interface.to_owned(),
+            mode: mode_name(mode),
+            source,
+        };
+        let pin = self
+            .pin_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("link-{interface}")));
+        let program = xdp_program(&mut self.ebpf)?;
+        let pinned = pin
+            .as_ref()
+            .filter(|path| path.exists())
+            .map(|path| PinnedLink::from_pin(path).map_err(|source| link_error(interface, source)))
+            .transpose()?;
+        let id = match pinned {
+            Some(pinned) => {
+                let link = XdpLink::try_from(FdLink::from(pinned))
+                    .map_err(|source| link_error(interface, source))?;
+                program.attach_to_link(link).map_err(attach_error)?
+            }
+            None => program.attach(interface, mode).map_err(attach_error)?,
+        };
+        let mut link =
+            FdLink::try_from(program.take_link(id)?).map_err(|source| link_error(interface, source))?;
+        if let Some(path) = &pin
+            && !path.exists()
+        {
+            // A pinned link outlives this process: what an upgrade takes over.
+            let pinned = link.pin(path).map_err(|source| ShieldError::Pin {
+                path: path.clone(),
                 source,
             })?;
-        self.links.push((interface.to_owned(), link));
+            link = FdLink::from(pinned);
+        }
+        self.links.push(AttachedLink {
+            interface: interface.to_owned(),
+            link,
+            pin,
+        });
+        // Attached, or swapped into the running relay's link: the pins are this process's now.
+        self.owns_pins = true;
         Ok(())
     }
 
-    /// Detaches from every interface (also happens when the shield is dropped).
+    /// Detaches from every interface (also happens when the shield is dropped, unless it was
+    /// handed over).
     pub fn detach_all(&mut self) {
-        let links = std::mem::take(&mut self.links);
-        if let Ok(program) = xdp_program(&mut self.ebpf) {
-            for (interface, link) in links {
-                if let Err(e) = program.detach(link) {
-                    tracing::warn!(interface, error = %e, "shield: detaching XDP failed");
-                }
+        for attached in std::mem::take(&mut self.links) {
+            if let Some(pin) = &attached.pin
+                && let Err(e) = std::fs::remove_file(pin)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(interface = attached.interface, error = %e, "shield: unpinning the XDP link failed");
             }
+            // Closing the last reference to the link detaches the program.
+            drop(attached.link);
         }
+    }
+
+    /// Whether the pins are this process's (see [`Shield::adopt`], [`Shield::hand_over`]).
+    pub fn owns_pins(&self) -> bool {
+        self.owns_pins
+    }
+
+    /// Leaves the pinned maps and links to the relay process taking over: dropping this shield
+    /// afterwards detaches nothing and removes no pin.
+    pub fn hand_over(&mut self) {
+        self.owns_pins = false;
     }
 
     /// Interfaces the program is attached to.
     pub fn interfaces(&self) -> impl Iterator<Item = &str> {
-        self.links.iter().map(|(name, _)| name.as_str())
+        self.links.iter().map(|attached| attached.interface.as_str())
     }
 
     /// Typed access to the program's maps, for reading them.
@@ -270,11 +379,65 @@ impl Shield {
 
 impl Drop for Shield {
     fn drop(&mut self) {
+        if !self.owns_pins {
+            // The links stay attached through their pins; closing our descriptors is all.
+            return;
+        }
         self.detach_all();
         if let Some(dir) = self.pin_dir.take() {
             pin::remove(&dir);
         }
     }
+}
+
+fn link_error(interface: &str, source: aya::programs::links::LinkError) -> ShieldError {
+    ShieldError::Link {
+        interface: interface.to_owned(),
+        source,
+    }
+}
+
+/// Refuses to take over pinned maps whose shape (type, key and value size, capacity, flags)
+/// is not the one this build's program expects: compared with a fresh set pinned next to them
+/// for the purpose.
+fn check_pinned_shapes(pin_dir: &Path) -> Result<(), ShieldError> {
+    // The BPF filesystem allows no dots in names.
+    let reference = pin_dir.with_file_name(format!("{}{}", pin::REFERENCE_PREFIX, std::process::id()));
+    let fresh = Shield::load_pinned(&reference)?;
+    let shape = |path: &Path| -> Result<(u32, u32, u32, u32, u32), ShieldError> {
+        let info = MapInfo::from_pin(path)?;
+        Ok((
+            info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+        ))
+    };
+    let mut result = Ok(());
+    for name in PINNED_MAPS {
+        let pinned = shape(&pin_dir.join(name)).map_err(|_| ShieldError::Incompatible {
+            name,
+            why: "not pinned by the running relay".into(),
+        });
+        let expected = shape(&reference.join(name))?;
+        match pinned {
+            Ok(pinned) if pinned == expected => {}
+            Ok(pinned) => {
+                result = Err(ShieldError::Incompatible {
+                    name,
+                    why: format!("pinned as {pinned:?}, this build expects {expected:?}"),
+                });
+                break;
+            }
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    drop(fresh);
+    result
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, ShieldError> {

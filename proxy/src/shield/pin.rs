@@ -12,6 +12,8 @@ use proxy_common::MAP_POLICY;
 
 use super::ShieldError;
 
+/// Directories named so hold scratch pins (an upgrade's reference maps), not an instance.
+pub const REFERENCE_PREFIX: &str = "reference-";
 /// Root of every relay's pins.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/sluice";
 const BPF_FS: &str = "/sys/fs/bpf";
@@ -59,6 +61,7 @@ pub fn instances_in(root: &Path) -> Vec<String> {
         .map(|entries| {
             entries
                 .flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with(REFERENCE_PREFIX))
                 .filter(|e| holds_pins(&e.path()))
                 .filter_map(|e| e.file_name().into_string().ok())
                 .collect()

@@ -30,6 +30,15 @@ use super::{
 };
 use proxy_common::{SYNCOOKIES_ADAPTIVE, SYNCOOKIES_ALWAYS, SyncookiePolicy};
 
+/// Whether a starting relay takes over the shield of the one it replaces (an upgrade).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Takeover {
+    /// A fresh shield: pins left by an earlier relay are removed first.
+    No,
+    /// The running relay's pinned maps and links, if it has any.
+    Yes,
+}
+
 /// Where the program is attached: `(interface, "driver" | "skb")`.
 pub type Attachments = Vec<(String, &'static str)>;
 
@@ -61,8 +70,14 @@ pub struct ShieldStats {
 
 /// The shield of one running relay.
 pub struct RelayShield {
-    mode: ShieldMode,
+    /// Decided at start; the interfaces' attach modes are known once a taken-over shield is
+    /// attached ([`RelayShield::take_over`]).
+    mode: Mutex<ShieldMode>,
+    /// The kernel polices (the mode is XDP): read on every accept.
+    kernel_polices: bool,
     xdp: Mutex<Option<Shield>>,
+    /// An adopted shield not attached yet: the listener ports its maps are synced for then.
+    adopted: Mutex<Option<Vec<u16>>>,
     config: Mutex<ShieldConfig>,
     gate: ConnectionGate,
     abuse: AbuseTracker,
@@ -89,18 +104,34 @@ impl RelayShield {
     /// Starts the shield for `config` (never fails: without XDP it falls back to userspace).
     /// Must run inside a tokio runtime (the ban-event reader is a task).
     pub fn start(config: &RelayConfig) -> Self {
+        Self::start_as(config, Takeover::No)
+    }
+
+    /// [`RelayShield::start`], taking over the shield of the relay process this one replaces
+    /// when `takeover` says so (its pinned maps and XDP links: bans and per-source state carry
+    /// over, and no packet goes unpoliced in between).
+    pub fn start_as(config: &RelayConfig, takeover: Takeover) -> Self {
         let shield_config = config.shield.clone();
         let stats = Arc::new(ShieldStats::default());
         let stop = CancellationToken::new();
+        let mut adopted = None;
         let (mode, xdp) = if shield_config.interfaces.is_empty() {
             let reason = "no [shield] interfaces configured".to_owned();
             info!(%reason, "shield: userspace fallback ({reason})");
             (ShieldMode::Fallback { reason }, None)
         } else {
-            match start_xdp(&shield_config, &config.listener_ports(), &instance_name(config)) {
+            let ports = config.listener_ports();
+            match start_xdp(&shield_config, &ports, &instance_name(config), takeover) {
                 Ok((mut shield, interfaces)) => {
-                    for (interface, mode) in &interfaces {
-                        info!(interface, mode, "shield: xdp on {interface} ({mode})");
+                    if shield.owns_pins() {
+                        for (interface, mode) in &interfaces {
+                            info!(interface, mode, "shield: xdp on {interface} ({mode})");
+                        }
+                    } else {
+                        info!(
+                            "shield: the running relay's maps adopted; its links are taken over once it commits"
+                        );
+                        adopted = Some(ports);
                     }
                     if let Some(events) = shield.take_ban_events() {
                         tokio::spawn(events.run(stop.clone(), log_ban(Arc::clone(&stats))));
@@ -108,15 +139,23 @@ impl RelayShield {
                     (ShieldMode::Xdp { interfaces }, Some(shield))
                 }
                 Err(e) => {
-                    let reason = e.to_string();
+                    // With its causes: "bpf_link_create failed" alone does not say why.
+                    let mut reason = e.to_string();
+                    let mut cause = std::error::Error::source(&e);
+                    while let Some(inner) = cause {
+                        reason.push_str(&format!(": {inner}"));
+                        cause = inner.source();
+                    }
                     warn!(%reason, "shield: userspace fallback ({reason})");
                     (ShieldMode::Fallback { reason }, None)
                 }
             }
         };
         Self {
-            mode,
+            kernel_polices: matches!(mode, ShieldMode::Xdp { .. }),
+            mode: Mutex::new(mode),
             xdp: Mutex::new(xdp),
+            adopted: Mutex::new(adopted),
             gate: ConnectionGate::new(&shield_config),
             abuse: AbuseTracker::new(&shield_config),
             scans: ScanTracker::new(&shield_config),
@@ -134,8 +173,8 @@ impl RelayShield {
     }
 
     /// Which enforcement is active: decided at start, not changed by a reload.
-    pub fn mode(&self) -> &ShieldMode {
-        &self.mode
+    pub fn mode(&self) -> ShieldMode {
+        self.mode.lock().expect("shield lock").clone()
     }
 
     /// The shield's counts since start, for the relay's metrics.
@@ -149,7 +188,7 @@ impl RelayShield {
     /// by the gate instead) is checked here.
     pub fn admit(&self, peer: IpAddr) -> Admission {
         let now = Instant::now();
-        let admission = if matches!(self.mode, ShieldMode::Xdp { .. }) {
+        let admission = if self.kernel_polices {
             if self.gate.is_allowlisted(peer) {
                 Admission::Allowlisted
             } else if self.gate.is_banned(peer, now) {
@@ -364,6 +403,35 @@ impl RelayShield {
         }
     }
 
+    /// Finishes taking over the shield of the relay this one replaces, once it has committed
+    /// to the upgrade: syncs the adopted maps with this relay's `[shield]` and swaps this
+    /// build's program into each pinned link (atomically: no packet goes unpoliced). Nothing to
+    /// do for a shield that was not adopted.
+    pub fn take_over(&self) -> Result<(), ShieldError> {
+        let Some(ports) = self.adopted.lock().expect("shield lock").take() else {
+            return Ok(());
+        };
+        let mut xdp = self.xdp.lock().expect("shield lock");
+        let Some(shield) = xdp.as_mut() else {
+            return Ok(());
+        };
+        let config = self.config.lock().expect("shield lock").clone();
+        let interfaces = attach_all(shield, &config, &ports)?;
+        for (interface, mode) in &interfaces {
+            info!(interface, mode, "shield: xdp on {interface} ({mode}), taken over");
+        }
+        *self.mode.lock().expect("shield lock") = ShieldMode::Xdp { interfaces };
+        Ok(())
+    }
+
+    /// Leaves the XDP program's pins, links and maps to the relay process taking over: this
+    /// relay's shutdown then detaches nothing.
+    pub fn hand_over(&self) {
+        if let Some(shield) = self.xdp.lock().expect("shield lock").as_mut() {
+            shield.hand_over();
+        }
+    }
+
     /// Detaches XDP, removes the pins and stops the event reader. Idempotent.
     pub fn shutdown(&self) {
         self.stop.cancel();
@@ -450,13 +518,7 @@ pub fn sync(maps: &mut ShieldMaps, config: &ShieldConfig, listener_ports: &[u16]
 /// relay on a host), else its process id.
 pub fn instance_name(config: &RelayConfig) -> String {
     config
-        .edge
-        .tls_listen
-        .iter()
-        .chain(&config.edge.http_listen)
-        .map(|a| a.port())
-        .find(|&p| p != 0)
-        .map(|p| p.to_string())
+        .fixed_instance()
         .unwrap_or_else(|| format!("pid-{}", std::process::id()))
 }
 
@@ -464,8 +526,31 @@ fn start_xdp(
     config: &ShieldConfig,
     listener_ports: &[u16],
     instance: &str,
+    takeover: Takeover,
 ) -> Result<(Shield, Attachments), ShieldError> {
-    let mut shield = Shield::load_pinned(&pin::instance_dir(instance))?;
+    let dir = pin::instance_dir(instance);
+    if takeover == Takeover::Yes && pin::holds_pins(&dir) {
+        // Attached by `RelayShield::take_over` once the running relay commits to the upgrade;
+        // until then its program polices on the same maps.
+        let planned = config
+            .interfaces
+            .iter()
+            .map(|i| (i.clone(), "taken over"))
+            .collect();
+        return Ok((Shield::adopt(&dir)?, planned));
+    }
+    let mut shield = Shield::load_pinned(&dir)?;
+    let attached = attach_all(&mut shield, config, listener_ports)?;
+    Ok((shield, attached))
+}
+
+/// Syncs the maps with `config` and attaches to every configured interface (swapping the
+/// program into a pinned link where there is one).
+fn attach_all(
+    shield: &mut Shield,
+    config: &ShieldConfig,
+    listener_ports: &[u16],
+) -> Result<Attachments, ShieldError> {
     sync(shield.maps_mut(), config, listener_ports)?;
     let mut attached = Vec::new();
     for interface in &config.interfaces {
@@ -490,7 +575,7 @@ fn start_xdp(
         shield.attach(interface, mode)?;
         attached.push((interface.clone(), mode_name(mode)));
     }
-    Ok((shield, attached))
+    Ok(attached)
 }
 
 fn log_ban(stats: Arc<ShieldStats>) -> impl Fn(BanNotice) {

@@ -61,6 +61,7 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<Peek<(T, usize)>, Frame
 }
 
 /// Reads frames from a stream, keeping any bytes past the last frame.
+#[derive(Debug)]
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,

@@ -190,6 +190,10 @@ pub enum RelayMessage {
         /// The `seq` of the ping answered.
         seq: u64,
     },
+    /// This relay process is being replaced by another on the same address (an upgrade): open
+    /// a new session now, then close this one once the new one is welcomed. Streams already
+    /// open finish on this process.
+    Moving,
     /// The session ends (revoked, expired, relay shutting down); the relay closes after this.
     Goodbye {
         /// Why the session ended, as the relay logs it.

@@ -14,9 +14,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::caps::UnroutedSlot;
 use super::handover::{self, StreamInfo};
-use super::{Edge, EdgeKind, peek_until};
+use super::{Edge, EdgeKind, Pending, peek_until};
 use crate::peek::Rejection;
 use crate::peek::http::{RequestHeadPeeker, redirect_to_https};
 use crate::peek::http_stream::{HttpStreamError, RequestStream};
@@ -35,19 +34,19 @@ pub async fn serve(
     peer: SocketAddr,
     local_port: u16,
     accepted_at: Instant,
-    unrouted: UnroutedSlot,
+    pending: Pending,
 ) {
     let config = edge.config();
     let deadline = accepted_at + config.client_hello_timeout;
     let mut buf = BytesMut::with_capacity(1024);
     let mut peeker = RequestHeadPeeker::new(config.max_http_head);
     let peeked = peek_until(&mut client, &mut buf, deadline, |bytes| peeker.peek(bytes)).await;
-    drop(unrouted); // it said where it goes, or it is refused now
+    drop(pending.unrouted); // it said where it goes, or it is refused now
     let head = match peeked {
         Ok(head) => head,
         Err(failure) => return edge.refuse_peek(KIND, client, peer, failure).await,
     };
-    let Some(route) = edge.routes.lookup(&head.host) else {
+    let Some(route) = edge.route(&head.host).await else {
         return edge.refuse_unknown_host(KIND, client, peer, &head.host).await;
     };
     let forwards = |served: &Served<AgentPool>| served.http == HttpMode::Forward;
@@ -105,6 +104,7 @@ pub async fn serve(
                 .await;
         }
     };
+    drop(pending.setup); // with its agent now
     let agent = std::sync::Arc::clone(&handover.agent.id);
     let client = Gated::new(client, requests);
     let result = handover

@@ -28,18 +28,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info};
 
 use super::metrics::RelayMetrics;
 use super::tenants::Tenants;
-use super::tunnel::Routes;
+use super::tunnel::{AgentPool, Routes};
 use crate::config::relay::EdgeConfig;
 use crate::net::AcceptBackoff;
 use crate::peek::{Peek, Refusal, Refused, Rejection, Reply};
 use crate::pump::Timeouts;
+use crate::route::Route;
 use crate::shield::RelayShield;
 use crate::shield::gate::Admission;
-use caps::{ConnectionCaps, Counts, Slot, Source};
+use caps::{ConnectionCaps, Counts, Slot, Source, UnroutedSlot};
 use log_budget::{LogBudget, Verdict};
 
 /// Which protocol an edge listener speaks.
@@ -95,8 +97,14 @@ pub struct Edge {
     pub tenant_streams: Arc<Counts<Arc<str>>>,
     /// Every connection task, so shutdown can drain them.
     pub streams: TaskTracker,
+    /// Connections between accept and their hand-over to an agent: what an upgrade waits for
+    /// before the agents move away.
+    pub setups: TaskTracker,
     /// Cancelled when shutdown starts: listeners stop accepting.
     pub stopping: CancellationToken,
+    /// While agents move here from the relay process this one replaces: names without a live
+    /// route wait for one until it is cancelled.
+    moving_in: Option<CancellationToken>,
 }
 
 /// The parts of an [`Edge`] that never change while the relay runs.
@@ -115,6 +123,9 @@ pub struct EdgeParts {
     pub streams: TaskTracker,
     /// Cancelled when shutdown starts.
     pub stopping: CancellationToken,
+    /// For a relay taking over from another (an upgrade): cancelled once the other's agents
+    /// have moved here (or given up).
+    pub moving_in: Option<CancellationToken>,
 }
 
 impl Edge {
@@ -131,7 +142,32 @@ impl Edge {
             tenants: parts.tenants,
             tenant_streams: Arc::default(),
             streams: parts.streams,
+            setups: TaskTracker::new(),
             stopping: parts.stopping,
+            moving_in: parts.moving_in,
+        }
+    }
+
+    /// The route for `host`. While agents move here from the process this relay replaces, a
+    /// name with no live agent waits for one to register it (the browser sees a slower start,
+    /// not an error); afterwards, a lookup.
+    pub async fn route(&self, host: &str) -> Option<Arc<Route<AgentPool>>> {
+        match &self.moving_in {
+            Some(moved) if !moved.is_cancelled() => loop {
+                let registered = self.routes.registered();
+                tokio::pin!(registered);
+                registered.as_mut().enable();
+                if let Some(route) = self.routes.lookup(host)
+                    && !route.agents().is_empty()
+                {
+                    return Some(route);
+                }
+                tokio::select! {
+                    () = registered => {}
+                    () = moved.cancelled() => return self.routes.lookup(host),
+                }
+            },
+            _ => self.routes.lookup(host),
         }
     }
 
@@ -214,16 +250,20 @@ impl Edge {
             let active = self.metrics.active_connection(listener);
             let edge = Arc::clone(&self);
             let counted = (active, slot);
+            let pending = Pending {
+                unrouted,
+                setup: self.setups.token(),
+            };
             // A task per protocol: a task's future is as large as its largest state, and every
             // TLS connection would otherwise carry the room the HTTP edge's request checks take.
             match kind {
                 EdgeKind::Tls => self.streams.spawn(async move {
                     let _counted = counted;
-                    tls::serve(&edge, client, peer, local_port, accepted_at, unrouted).await;
+                    tls::serve(&edge, client, peer, local_port, accepted_at, pending).await;
                 }),
                 EdgeKind::Http => self.streams.spawn(async move {
                     let _counted = counted;
-                    http::serve(&edge, client, peer, local_port, accepted_at, unrouted).await;
+                    http::serve(&edge, client, peer, local_port, accepted_at, pending).await;
                 }),
             };
             // The connection's first bytes are already in (TCP_DEFER_ACCEPT): let its task read
@@ -326,6 +366,15 @@ impl Edge {
             }
         }
     }
+}
+
+/// What a connection holds from accept until it is handed to an agent.
+pub struct Pending {
+    /// Its place among the unrouted connections, given back once it says where it goes.
+    pub unrouted: UnroutedSlot,
+    /// Counts it among the connections an upgrade lets reach their agent before the agents
+    /// move away.
+    pub setup: TaskTrackerToken,
 }
 
 /// Why reading routing metadata stopped without a result.

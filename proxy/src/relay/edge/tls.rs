@@ -8,9 +8,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::caps::UnroutedSlot;
 use super::handover::{self, StreamInfo};
-use super::{Edge, EdgeKind, peek_until};
+use super::{Edge, EdgeKind, Pending, peek_until};
 use crate::peek::Rejection;
 use crate::peek::tls::ClientHelloPeeker;
 use crate::relay::tunnel::Carrier;
@@ -25,7 +24,7 @@ pub async fn serve(
     peer: SocketAddr,
     local_port: u16,
     accepted_at: Instant,
-    unrouted: UnroutedSlot,
+    pending: Pending,
 ) {
     let config = edge.config();
     let deadline = accepted_at + config.client_hello_timeout;
@@ -39,7 +38,7 @@ pub async fn serve(
         result
     })
     .await;
-    drop(unrouted); // it said where it goes, or it is refused now
+    drop(pending.unrouted); // it said where it goes, or it is refused now
     edge.metrics
         .client_hello_parse_seconds
         .observe(parse_time.as_secs_f64());
@@ -54,7 +53,7 @@ pub async fn serve(
             .refuse(KIND, client, peer, refusal, &"ClientHello without SNI")
             .await;
     };
-    let Some(route) = edge.routes.lookup(&host) else {
+    let Some(route) = edge.route(&host).await else {
         return edge.refuse_unknown_host(KIND, client, peer, &host).await;
     };
     let _tenant_stream = match edge.tenant_stream(&route.tenant) {
@@ -84,6 +83,7 @@ pub async fn serve(
                 .await;
         }
     };
+    drop(pending.setup); // with its agent now
     let agent = std::sync::Arc::clone(&handover.agent.id);
     debug!(%peer, host, %agent, "stream handed over");
     let peeked = buf.len();

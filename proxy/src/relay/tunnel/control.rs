@@ -146,12 +146,8 @@ pub async fn serve(tunnel: &Tunnel, reader: FrameReader<TunnelTls>, peer: Socket
     );
     let key = cert.as_ref().map(|c| c.key.to_string());
     let agent = cert.as_ref().map(|c| c.identity.agent.clone());
-    let session = Arc::new(AgentSession::new(
-        Arc::new(pool),
-        token_id,
-        cert,
-        config.credential_ttl,
-    ));
+    let session =
+        Arc::new(AgentSession::new(Arc::new(pool), token_id, cert, config.credential_ttl).with_peer(peer));
     if let Err(limit) = tunnel.sessions.insert_within(
         Arc::clone(&session),
         config.max_sessions_per_token,
@@ -184,6 +180,9 @@ pub async fn serve(tunnel: &Tunnel, reader: FrameReader<TunnelTls>, peer: Socket
     };
     let end = match write_frame(&mut writer, &welcome).await {
         Ok(()) => {
+            if tunnel.agents_moving() {
+                session.pool.send_control(RelayMessage::Moving);
+            }
             let mut reader = FrameReader::new(read_half);
             session_loop(tunnel, &session, &mut reader, &mut writer, &mut control_rx).await
         }

@@ -20,7 +20,7 @@ pub mod session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::{TcpListener, TcpStream};
@@ -103,6 +103,8 @@ pub struct Tunnel {
     pub shield: Arc<RelayShield>,
     /// Connections in their handshake now, against `tunnel.max_pending_handshakes`.
     pending: Arc<AtomicUsize>,
+    /// This process is being replaced (an upgrade): every session is told to move.
+    moving: AtomicBool,
 }
 
 /// The parts of a [`Tunnel`] that never change while the relay runs.
@@ -171,7 +173,24 @@ impl Tunnel {
             hard_stop: parts.hard_stop,
             shield: parts.shield,
             pending: Arc::default(),
+            moving: AtomicBool::new(false),
         }
+    }
+
+    /// Tells every agent session to move to the relay process replacing this one (and every
+    /// session welcomed from now on, whose handshake was under way); returns how many were told.
+    pub fn move_agents(&self) -> usize {
+        self.moving.store(true, Ordering::Release);
+        let sessions = self.sessions.all();
+        for session in &sessions {
+            session.pool.send_control(RelayMessage::Moving);
+        }
+        sessions.len()
+    }
+
+    /// Whether sessions are being told to move ([`Tunnel::move_agents`]).
+    pub fn agents_moving(&self) -> bool {
+        self.moving.load(Ordering::Acquire)
     }
 
     /// `[tunnel]` as connections accepted from now on see it.

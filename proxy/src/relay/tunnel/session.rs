@@ -165,6 +165,10 @@ pub struct AgentSession {
     routes: Mutex<Vec<HostPattern>>,
     end: Mutex<Option<SessionEnd>>,
     credentials: Mutex<(Credential, Option<Credential>)>,
+    /// Where the agent's control connection comes from.
+    peer: Option<std::net::SocketAddr>,
+    /// When the session was welcomed.
+    since: Instant,
 }
 
 impl AgentSession {
@@ -189,7 +193,25 @@ impl AgentSession {
                 },
                 None,
             )),
+            peer: None,
+            since: Instant::now(),
         }
+    }
+
+    /// The session of an agent whose control connection comes from `peer`.
+    pub fn with_peer(mut self, peer: std::net::SocketAddr) -> Self {
+        self.peer = Some(peer);
+        self
+    }
+
+    /// Where the agent's control connection comes from.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.peer
+    }
+
+    /// How long the session has been up.
+    pub fn uptime(&self) -> Duration {
+        self.since.elapsed()
     }
 
     /// `tenant/agent-name/random`.
