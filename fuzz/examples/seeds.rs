@@ -31,6 +31,7 @@ fn main() -> Result<()> {
         ("tcp_data", tcp_data()?),
         ("hostname", text_seeds(HOSTNAMES)),
         ("cidr", text_seeds(CIDRS)),
+        ("agent_cert", agent_cert()?),
     ] {
         let dir: PathBuf = corpus.join(target);
         std::fs::create_dir_all(&dir)?;
@@ -463,6 +464,42 @@ const CIDRS: &[&str] = &[
     "192.0.2.0/33",
     "fe80::1%eth0",
 ];
+
+/// A certificate the agent CA issues (DER), the CSR an agent sends to enroll (PEM), and an
+/// identity URI, all made by Sluice's own code in a scratch directory.
+fn agent_cert() -> Result<Seeds> {
+    use sluice::relay::agent_ca::{self, AgentCa, AgentKey};
+    use sluice::store::IssuedCert;
+    use sluice::wire::agent_cert::AgentIdentity;
+
+    let scratch = std::env::temp_dir().join(format!("sluice-seeds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let (ca_cert, ca_key) = (scratch.join("ca.pem"), scratch.join("ca-key.pem"));
+    std::fs::create_dir_all(&scratch)?;
+    agent_ca::init(&ca_cert, &ca_key)?;
+    let ca = AgentCa::load(&ca_cert, &ca_key)?;
+    let csr = sluice::agent::identity::Identity::open(&scratch.join("agent"))?.csr("office")?;
+    let identity = AgentIdentity {
+        tenant: "acme".into(),
+        agent: "0123456789abcdef".into(),
+    };
+    let issued = IssuedCert {
+        serial: agent_ca::new_serial(),
+        expires_at: 2_000_000_000,
+    };
+    let pem = ca.issue(&AgentKey::from_csr(&csr)?, &identity, &issued, 1_900_000_000)?;
+    let der = {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        CertificateDer::from_pem_slice(pem.as_bytes())?.to_vec()
+    };
+    std::fs::remove_dir_all(&scratch)?;
+    Ok(vec![
+        ("certificate".into(), der),
+        ("csr".into(), csr.into_bytes()),
+        ("uri".into(), identity.uri().into_bytes()),
+    ])
+}
 
 fn text_seeds(texts: &[&str]) -> Seeds {
     texts
