@@ -172,7 +172,7 @@ async fn run(tenants: usize, tokens: usize) {
     let certs = CertSet::issue(dir.path(), "app", &["t0.scale.test"]);
     let app = tls_echo("app", certs.server_config()).await;
     let agent_toml = format!(
-        "name = \"scale\"\n[reconnect]\ninitial = \"10ms\"\nmax = \"100ms\"\n[[relays]]\naddress = \"{}\"\n\
+        "name = \"scale\"\nauth = \"token\"\n[reconnect]\ninitial = \"10ms\"\nmax = \"100ms\"\n[[relays]]\naddress = \"{}\"\n\
          server_name = \"relay.sluice.test\"\nca = \"{}\"\n{}",
         relay.tunnel_addr,
         dir.path().join("relay-ca.pem").display(),
@@ -180,9 +180,12 @@ async fn run(tenants: usize, tokens: usize) {
     );
     let agent_config = AgentConfig::load(&write(dir.path(), "agent.toml", &agent_toml)).unwrap();
     let agent = Agent::start(&agent_config, Some(issued.token.clone())).unwrap();
-    agent
-        .wait_for_link(0, |s| matches!(s, LinkState::Connected { .. }))
-        .await;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        agent.wait_for_link(0, |s| matches!(s, LinkState::Connected { .. })),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the agent did not connect in 30 s: {:?}", agent.links()));
     let answer = round_trip(
         relay.tls_addrs[0],
         "t0.scale.test",

@@ -56,7 +56,10 @@ async fn run(samples: usize) {
         "data_transport = \"tcp\"",
         &passthrough_route("tcp.acme.test", app.addr),
     );
-    let _tcp_agent = world.agent(&tcp_agent_config, &token).await;
+    // A machine of its own: its own token (a token enrolls one machine by default).
+    let _tcp_agent = world
+        .agent(&tcp_agent_config, &world.token("acme", "bench-tcp"))
+        .await;
     let config = acme.client_config();
 
     let mut direct = Vec::with_capacity(samples);

@@ -219,7 +219,7 @@ impl Fleet {
     /// An in-process agent with `token` connected to `relay` only, serving `hostname`.
     async fn agent(&self, name: &str, relay: SocketAddr, hostname: &str, token: &str) -> Agent {
         let toml = format!(
-            "name = \"{name}\"\nconnect_timeout = \"2s\"\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n\
+            "name = \"{name}\"\nauth = \"token\"\nconnect_timeout = \"2s\"\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n\
              [[relays]]\naddress = \"{relay}\"\nserver_name = \"relay.sluice.test\"\nca = \"{}\"\n{}",
             self.relay_ca.display(),
             passthrough_route(hostname, self.app)
@@ -344,7 +344,7 @@ async fn a_fleet_shares_one_registry_and_fails_static_without_it() {
         dir.path(),
         "agent-dns.toml",
         &format!(
-            "name = \"dns-agent\"\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n\
+            "name = \"dns-agent\"\nauth = \"token\"\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n\
              [admin]\nlisten = \"127.0.0.1:{agent_admin}\"\n\
              [[relays]]\naddress = \"relays.fleet.test:{TUNNEL_PORT}\"\nserver_name = \"relay.sluice.test\"\nca = \"{}\"\n{}",
             relay_pki.ca_pem.display(),

@@ -1318,9 +1318,18 @@ async fn an_agent_keeps_at_most_its_pool_size_idle_and_with_none_dials_per_strea
         .agent(&config("none", "pool_size = 0", hosts[0]), &token)
         .await;
     let tcp = "pool_size = 0\ndata_transport = \"tcp\"";
-    let _none_tcp = world.agent(&config("none-tcp", tcp, hosts[1]), &token).await;
+    // Three machines: a token of their own each (a token enrolls one machine by default).
+    let _none_tcp = world
+        .agent(
+            &config("none-tcp", tcp, hosts[1]),
+            &world.token("acme", "none-tcp"),
+        )
+        .await;
     let _two = world
-        .agent(&config("two", "pool_size = 2", hosts[2]), &token)
+        .agent(
+            &config("two", "pool_size = 2", hosts[2]),
+            &world.token("acme", "two"),
+        )
         .await;
     let idle = |name: &str| {
         let session = format!("acme/{name}/");

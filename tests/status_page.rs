@@ -138,6 +138,25 @@ async fn the_status_page_shows_the_live_relay_and_lifts_a_ban_in_a_real_browser(
         "{remaining}"
     );
 
+    // Not cacheable, not frameable, nothing loaded from elsewhere, refreshed every 5 s.
+    let served = admin_request(
+        admin,
+        &format!("GET /status HTTP/1.1\r\nAuthorization: Bearer {TOKEN}"),
+        "",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(served.starts_with("http/1.1 200"), "{served}");
+    for expected in [
+        "cache-control: no-store",
+        "default-src 'none'",
+        "frame-ancestors 'none'",
+        "<meta http-equiv=\"refresh\" content=\"5\">",
+    ] {
+        assert!(served.contains(expected), "{expected:?} missing:\n{served}");
+    }
+    assert!(!served.contains("<script"), "{served}");
+
     // A lift that did not come from the page is refused, even with the token.
     let forged = admin_request(
         admin,
