@@ -51,6 +51,11 @@ pub struct Options {
     /// reported in units of the delay. Runs the sequential setups only.
     #[arg(long, value_parser = humantime::parse_duration)]
     wan: Option<Duration>,
+    /// How the agents authenticate: `certificate` (each enrolls once with the token and then
+    /// presents its own certificate, mutual TLS on the control and TLS data connections: the
+    /// deployment default) or `token` (the token on every connection).
+    #[arg(long, value_enum, default_value_t = AgentAuth::Certificate)]
+    agent_auth: AgentAuth,
     /// Sequential setups per path (default 1000, 200 with `--wan`).
     #[arg(long)]
     setups: Option<usize>,
@@ -84,6 +89,24 @@ pub struct Options {
 }
 
 /// The suite's phases, in the order they run.
+/// `--agent-auth`: agent.toml's `auth`, and the relay's `[tunnel] agent_auth` to match.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum AgentAuth {
+    /// Enrolled agents with certificates from the relay's agent CA.
+    Certificate,
+    /// The token on every connection.
+    Token,
+}
+
+impl AgentAuth {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Certificate => "certificate",
+            Self::Token => "token",
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Phase {
     /// Sequential connection setups on every path.
@@ -206,10 +229,28 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             "load",
             "--label",
             "load-agent",
+            // One machine per agent process when they enroll.
+            "--max-agents",
+            "3",
             "--state-dir",
         ],
         &state,
     )?;
+    let agent_ca = match options.agent_auth {
+        AgentAuth::Certificate => {
+            let out = Command::new(sluice)
+                .args(["ca", "init", "--cert"])
+                .arg(dir.join("agent-ca.pem"))
+                .arg("--key")
+                .arg(dir.join("agent-ca-key.pem"))
+                .output()?;
+            if !out.status.success() {
+                bail!("sluice ca init: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            "agent_ca_cert = \"agent-ca.pem\"\nagent_ca_key = \"agent-ca-key.pem\"\n"
+        }
+        AgentAuth::Token => "agent_auth = \"token\"\n",
+    };
     std::fs::write(dir.join("agent.token"), token.trim())?;
     // The idle phase holds as many proxied connections as descriptors allow, which is more than
     // the relay's default cap (that keeps 1024 descriptors spare for tunnels and pipes).
@@ -225,7 +266,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         format!(
             "state_dir = \"state\"\nshutdown_grace = \"1s\"\n[edge]\ntls_listen = [\"{RELAY_TLS}\"]\nhttp_listen = []\n\
              agent_wait = \"5s\"\nmax_connections = {max_connections}\n[tunnel]\nlisten = \"{tunnel}\"\ncert = \"relay-cert.pem\"\nkey = \"relay-key.pem\"\n\
-             pool_size = 32\nagent_auth = \"token\"\n[admin]\nlisten = \"{RELAY_ADMIN}\"\n\
+             pool_size = 32\n{agent_ca}[admin]\nlisten = \"{RELAY_ADMIN}\"\n\
              # Every load client comes from loopback, every agent from loopback or its side of the WAN;\n\
              # a real edge sees many source addresses.\n\
              [shield]\nallow = [{allow}]\n",
@@ -253,10 +294,11 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         std::fs::write(
             dir.join(format!("{name}.toml")),
             format!(
-                "name = \"{name}\"\nauth = \"token\"\ntoken_file = \"agent.token\"\n{settings}\n\
+                "name = \"{name}\"\nauth = \"{auth}\"\nstate_dir = \"{name}-state\"\ntoken_file = \"agent.token\"\n{settings}\n\
                  [[relays]]\naddress = \"{tunnel}\"\nserver_name = \"relay.load.test\"\nca = \"relay-ca.pem\"\n\
                  {routes}",
                 tunnel = site.tunnel,
+                auth = options.agent_auth.name(),
             ),
         )?;
     }
@@ -300,7 +342,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     }
     let placement = format!(
         "relay on CPU {relay_cpu} with the load clients; agents and backend on CPU {side_cpu} ({cpus} CPUs){}; \
-         relay-tls: agent with TLS data connections, relay-tcp: agent with plain-TCP data connections, \
+         agents authenticate with {}; relay-tls: agent with TLS data connections, relay-tcp: agent with plain-TCP data connections, \
          relay-warm: the same agent with warm target connections, relay-dial: agent with plain-TCP data \
          connections and pool_size = 0 (one dialed per stream)",
         match &wan {
@@ -309,6 +351,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 wan.delay
             ),
             None => String::new(),
+        },
+        match options.agent_auth {
+            AgentAuth::Certificate => "their own certificates (enrolled once with the token)",
+            AgentAuth::Token => "the token on every connection",
         }
     );
     println!("placement: {placement}");
