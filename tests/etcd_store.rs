@@ -2,6 +2,8 @@
 //!
 //! - concurrent writers (two store handles, as two relays) never give one hostname to two
 //!   tenants, and never leave a token behind a tenant removed while it was being created;
+//! - writes of one record land under concurrency, keep the rest of the record, and refuse
+//!   unknown records;
 //! - two relays in one process share L7 bans (decided on one, enforced on the other) and
 //!   operator bans (lifted on one, lifted on the other), and register their presence;
 //! - the CLI reports an unreachable etcd, and a fleet command on the file store, clearly;
@@ -38,6 +40,59 @@ fn store_config(dir: &std::path::Path, cluster: &EtcdCluster) -> std::path::Path
 
 fn etcd_store(path: &std::path::Path) -> EtcdStore {
     EtcdStore::new(&RelayConfig::load(path).unwrap().store).unwrap()
+}
+
+/// Writes of one record (a tenant's stream limit, a token's revocation) read it, change it and
+/// write it back only if nobody wrote it meanwhile: concurrent writers on two handles all land,
+/// each at a revision of its own, the rest of the record kept; unknown records are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_record_writes_land_keep_the_rest_and_refuse_unknown_records() {
+    let cluster = EtcdCluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let config = store_config(dir.path(), &cluster);
+    let relays = [Arc::new(etcd_store(&config)), Arc::new(etcd_store(&config))];
+    relays[0]
+        .add_tenant("acme", &[HostPattern::parse("app.acme.test").unwrap()])
+        .await
+        .unwrap();
+
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..8u32 {
+        let store = Arc::clone(&relays[i as usize % 2]);
+        writers.spawn(async move { store.set_max_streams("acme", Some(i + 1)).await });
+    }
+    let mut revisions = Vec::new();
+    while let Some(written) = writers.join_next().await {
+        let (tenant, revision) = written.unwrap().unwrap();
+        assert_eq!(tenant.hostnames.len(), 1, "the rest of the record is kept");
+        revisions.push(revision);
+    }
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(revisions.len(), 8, "each write landed at a revision of its own");
+    let (snapshot, _, _) = relays[1].load().await.unwrap();
+    let limit = snapshot.tenants["acme"].max_streams.unwrap();
+    assert!((1..=8).contains(&limit), "{limit}");
+    assert!(matches!(
+        relays[0].set_max_streams("nobody", Some(1)).await,
+        Err(StoreError::UnknownTenant { .. })
+    ));
+
+    let (issued, _) = relays[0].create_token("acme", "agent", None).await.unwrap();
+    let (revoked, at) = relays[1].revoke_token(&issued.record.id).await.unwrap();
+    assert!(revoked.revoked_at.is_some());
+    let (again, _) = relays[0].revoke_token(&issued.record.id).await.unwrap();
+    assert_eq!(
+        again.revoked_at, revoked.revoked_at,
+        "revoking twice changes nothing"
+    );
+    let (snapshot, _, revision) = relays[0].load().await.unwrap();
+    assert!(revision >= at);
+    assert!(snapshot.tokens[&issued.record.id].revoked_at.is_some());
+    assert!(matches!(
+        relays[0].revoke_token("0000000000000000").await,
+        Err(StoreError::UnknownToken { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -506,41 +506,19 @@ impl EtcdStore {
         if max_streams == Some(0) {
             return Err(StoreError::InvalidStreamLimit);
         }
-        let keys = self.keys.clone();
-        self.cas("set the tenant's stream limit", |mut client| {
-            let keys = keys.clone();
-            async move {
-                let mut response = client.get(keys.tenant(name), None).await?;
-                let Some(kv) = response.take_kvs().pop() else {
-                    return Ok(Attempt::Refused(StoreError::UnknownTenant {
-                        name: name.to_owned(),
-                    }));
-                };
-                let mut tenant: Tenant = match serde_json::from_slice(kv.value()) {
-                    Ok(tenant) => tenant,
-                    Err(e) => {
-                        return Ok(Attempt::Refused(StoreError::BadRecord {
-                            key: keys.tenant(name),
-                            problem: e.to_string(),
-                        }));
-                    }
-                };
-                tenant.max_streams = max_streams;
-                let value = serde_json::to_vec(&tenant).expect("a tenant encodes");
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        keys.tenant(name),
-                        CompareOp::Equal,
-                        kv.mod_revision(),
-                    )])
-                    .and_then([TxnOp::put(keys.tenant(name), value, None)]);
-                let response = client.txn(txn).await?;
-                Ok(Attempt::done(
-                    response.succeeded(),
-                    revision_of(response.header()),
-                    tenant,
-                ))
-            }
+        self.cas("set the tenant's stream limit", |mut client| async move {
+            let mut response = client.get(self.keys.tenant(name), None).await?;
+            let Some(kv) = response.take_kvs().pop() else {
+                return Ok(Attempt::Refused(StoreError::UnknownTenant {
+                    name: name.to_owned(),
+                }));
+            };
+            let mut tenant = match self.decode_tenant(&kv) {
+                Ok(tenant) => tenant,
+                Err(e) => return Ok(Attempt::Refused(e)),
+            };
+            tenant.max_streams = max_streams;
+            put_if_unchanged(&mut client, &kv, tenant).await
         })
         .await
     }
@@ -655,43 +633,21 @@ impl EtcdStore {
 
     /// Revokes a token; revoking a revoked one changes nothing and returns it as it is.
     pub async fn revoke_token(&self, id: &str) -> Result<(TokenRecord, i64), StoreError> {
-        let keys = self.keys.clone();
-        self.cas("revoke the token", |mut client| {
-            let keys = keys.clone();
-            async move {
-                let mut response = client.get(keys.token(id), None).await?;
-                let revision = revision_of(response.header());
-                let Some(kv) = response.take_kvs().pop() else {
-                    return Ok(Attempt::Refused(StoreError::UnknownToken { id: id.to_owned() }));
-                };
-                let mut record: TokenRecord = match serde_json::from_slice(kv.value()) {
-                    Ok(record) => record,
-                    Err(e) => {
-                        return Ok(Attempt::Refused(StoreError::BadRecord {
-                            key: keys.token(id),
-                            problem: e.to_string(),
-                        }));
-                    }
-                };
-                if record.revoked_at.is_some() {
-                    return Ok(Attempt::Done(record, revision));
-                }
-                record.revoked_at = Some(unix_now());
-                let value = serde_json::to_vec(&record).expect("a token encodes");
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        keys.token(id),
-                        CompareOp::Equal,
-                        kv.mod_revision(),
-                    )])
-                    .and_then([TxnOp::put(keys.token(id), value, None)]);
-                let response = client.txn(txn).await?;
-                Ok(Attempt::done(
-                    response.succeeded(),
-                    revision_of(response.header()),
-                    record,
-                ))
+        self.cas("revoke the token", |mut client| async move {
+            let mut response = client.get(self.keys.token(id), None).await?;
+            let revision = revision_of(response.header());
+            let Some(kv) = response.take_kvs().pop() else {
+                return Ok(Attempt::Refused(StoreError::UnknownToken { id: id.to_owned() }));
+            };
+            let mut record = match self.decode_token(&kv) {
+                Ok(record) => record,
+                Err(e) => return Ok(Attempt::Refused(e)),
+            };
+            if record.revoked_at.is_some() {
+                return Ok(Attempt::Done(record, revision));
             }
+            record.revoked_at = Some(unix_now());
+            put_if_unchanged(&mut client, &kv, record).await
         })
         .await
     }
@@ -776,58 +732,35 @@ impl EtcdStore {
         id: &str,
         change: &AgentChange,
     ) -> Result<(AgentRecord, i64), StoreError> {
-        let keys = self.keys.clone();
-        self.cas("change the agent", |mut client| {
-            let keys = keys.clone();
-            async move {
-                let suffix = format!("/{id}");
-                let (found, revision) = match tenant {
-                    Some(tenant) => {
-                        let mut response = client.get(keys.agent(tenant, id), None).await?;
-                        (response.take_kvs().pop(), revision_of(response.header()))
-                    }
-                    None => {
-                        // Agents are keyed under their tenant; the id is unique across tenants.
-                        let (agents, revision) = range(&mut client, &keys.agents(), 0).await?;
-                        let found = agents
-                            .into_iter()
-                            .find(|kv| kv.key().ends_with(suffix.as_bytes()));
-                        (found, revision)
-                    }
-                };
-                let Some(kv) = found else {
-                    return Ok(Attempt::Refused(StoreError::UnknownAgent { id: id.to_owned() }));
-                };
-                let mut record: AgentRecord = match serde_json::from_slice(kv.value()) {
-                    Ok(record) => record,
-                    Err(e) => {
-                        return Ok(Attempt::Refused(StoreError::BadRecord {
-                            key: Self::key_of(&kv),
-                            problem: e.to_string(),
-                        }));
-                    }
-                };
-                match agent::change_agent(&mut record, change, unix_now()) {
-                    Ok(true) => {}
-                    Ok(false) => return Ok(Attempt::Done(record, revision)),
-                    Err(e) => return Ok(Attempt::Refused(e)),
+        self.cas("change the agent", |mut client| async move {
+            let suffix = format!("/{id}");
+            let (found, revision) = match tenant {
+                Some(tenant) => {
+                    let mut response = client.get(self.keys.agent(tenant, id), None).await?;
+                    (response.take_kvs().pop(), revision_of(response.header()))
                 }
-                let key = keys.agent(&record.tenant, &record.id);
-                let value = serde_json::to_vec(&record).expect("an agent encodes");
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        key.clone(),
-                        CompareOp::Equal,
-                        kv.mod_revision(),
-                    )])
-                    .and_then([TxnOp::put(key, value, None)]);
-                let response = client.txn(txn).await?;
-                Ok(Attempt::done(
-                    response.succeeded(),
-                    revision_of(response.header()),
-                    record,
-                ))
+                None => {
+                    // Agents are keyed under their tenant; the id is unique across tenants.
+                    let (agents, revision) = range(&mut client, &self.keys.agents(), 0).await?;
+                    let found = agents
+                        .into_iter()
+                        .find(|kv| kv.key().ends_with(suffix.as_bytes()));
+                    (found, revision)
+                }
+            };
+            let Some(kv) = found else {
+                return Ok(Attempt::Refused(StoreError::UnknownAgent { id: id.to_owned() }));
+            };
+            let mut record = match self.decode_agent(&kv) {
+                Ok(record) => record,
+                Err(e) => return Ok(Attempt::Refused(e)),
+            };
+            match agent::change_agent(&mut record, change, unix_now()) {
+                Ok(true) => {}
+                Ok(false) => return Ok(Attempt::Done(record, revision)),
+                Err(e) => return Ok(Attempt::Refused(e)),
             }
+            put_if_unchanged(&mut client, &kv, record).await
         })
         .await
     }
@@ -1248,6 +1181,29 @@ impl<T> Attempt<T> {
             Self::Retry
         }
     }
+}
+
+/// Writes `record` back to the key `read` came from, if nobody has written that key since it
+/// was read: done with `record` at the revision of the write, or retried.
+async fn put_if_unchanged<T: serde::Serialize>(
+    client: &mut Client,
+    read: &KeyValue,
+    record: T,
+) -> Result<Attempt<T>, EtcdError> {
+    let value = serde_json::to_vec(&record).expect("a record encodes");
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            read.key(),
+            CompareOp::Equal,
+            read.mod_revision(),
+        )])
+        .and_then([TxnOp::put(read.key(), value, None)]);
+    let response = client.txn(txn).await?;
+    Ok(Attempt::done(
+        response.succeeded(),
+        revision_of(response.header()),
+        record,
+    ))
 }
 
 fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> i64 {
