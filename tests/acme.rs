@@ -51,7 +51,7 @@ fn acme_agent_config(
     target: SocketAddr,
 ) -> sluice::config::agent::AgentConfig {
     let settings = format!(
-        "state_dir = \"state-{name}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectory = \"{directory}\"\n\
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[acme]\ndirectory = \"{directory}\"\n\
          email = \"ops@acme.test\"\ndirectory_ca = \"{}\"\nretry_initial = \"200ms\"\nretry_max = \"1s\"\n",
         directory_ca.display()
     );

@@ -116,6 +116,23 @@ fn agent_config(dir: &Path, relay_pki: &CertSet, tunnel: SocketAddr, app: Socket
     AgentConfig::load(&path).unwrap()
 }
 
+/// An agent for [`SNI`] -> `app`, enrolled with `token` and connected to the relay at `tunnel`.
+async fn connected_agent(
+    dir: &Path,
+    relay_pki: &CertSet,
+    tunnel: SocketAddr,
+    app: SocketAddr,
+    token: String,
+) -> Agent {
+    let agent = Agent::start(&agent_config(dir, relay_pki, tunnel, app), Some(token)).unwrap();
+    within(
+        Duration::from_secs(10),
+        agent.wait_for_link(0, |s| matches!(s, LinkState::Connected { .. })),
+    )
+    .await;
+    agent
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_under_load_loses_no_connection_and_no_byte_and_the_old_process_exits() {
     let dir = tempfile::tempdir().unwrap();
@@ -132,16 +149,7 @@ async fn an_upgrade_under_load_loses_no_connection_and_no_byte_and_the_old_proce
 
     let acme = CertSet::issue(dir.path(), "acme", &[SNI]);
     let app = tls_echo("app", acme.server_config()).await;
-    let agent = Agent::start(
-        &agent_config(dir.path(), &relay_pki, tunnel, app.addr),
-        Some(token),
-    )
-    .unwrap();
-    within(
-        Duration::from_secs(10),
-        agent.wait_for_link(0, |s| matches!(s, LinkState::Connected { .. })),
-    )
-    .await;
+    let agent = connected_agent(dir.path(), &relay_pki, tunnel, app.addr, token).await;
     let agent = Arc::new(agent);
     let client = acme.client_config();
     round_trip(tls, SNI, Arc::clone(&client), "warm-up")
@@ -456,16 +464,7 @@ async fn shield_carries_over(net: Arc<FloodNet>) {
     assert!(matches!(old.shield().mode(), ShieldMode::Xdp { .. }));
     let acme = CertSet::issue(dir.path(), "acme", &[SNI]);
     let app = tls_echo("app", acme.server_config()).await;
-    let agent = Agent::start(
-        &agent_config(dir.path(), &relay_pki, tunnel, app.addr),
-        Some(token),
-    )
-    .unwrap();
-    within(
-        Duration::from_secs(10),
-        agent.wait_for_link(0, |s| matches!(s, LinkState::Connected { .. })),
-    )
-    .await;
+    let agent = connected_agent(dir.path(), &relay_pki, tunnel, app.addr, token).await;
     let (banned, welcome) = (IpAddr::V4(net.client_ips[0]), IpAddr::V4(net.client_ips[1]));
     let client = acme.client_config();
     let reaches = |from: IpAddr| reaches_from(net.client.clone(), from, tls, Arc::clone(&client));

@@ -227,16 +227,13 @@ listen = "127.0.0.1:0"
         settings: &str,
         routes_toml: &str,
     ) -> AgentConfig {
-        // With certificates, each agent keeps its key in a directory of its own: one machine.
-        let mut state_dir = String::new();
-        if !settings.contains("state_dir") {
-            state_dir.push_str(&format!("state_dir = \"agent-{name}-state\"\n"));
-        }
+        // Each agent keeps its key in a directory of its own: one machine.
+        let mut identity = format!("state_dir = \"agent-{name}-state\"\n");
         if !self.agent_certs {
-            state_dir.push_str("auth = \"token\"\n");
+            identity.push_str("auth = \"token\"\n");
         }
         let mut toml = format!(
-            "name = \"{name}\"\nconnect_timeout = \"2s\"\n{state_dir}{settings}\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n"
+            "name = \"{name}\"\nconnect_timeout = \"2s\"\n{identity}{settings}\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n"
         );
         for relay in relays {
             toml.push_str(&format!(

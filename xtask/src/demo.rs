@@ -11,7 +11,7 @@
 //! obtains itself (`tls = "acme"`) from a local ACME server: Debian's Pebble, with
 //! pebble-challtestsrv as its DNS answering 127.0.0.1, validating TLS-ALPN-01 on the relay's
 //! TLS edge. The curl command then trusts Pebble's root, fetched from its management port.
-use std::io::{Read as _, Write as _};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -272,26 +272,34 @@ fn start_https_app(dir: &Path) -> Result<()> {
                     return;
                 };
                 let mut tls = rustls::StreamOwned::new(connection, tcp);
-                let mut request = Vec::new();
-                let mut chunk = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&chunk[..n]),
-                    }
+                if greet(&mut tls) {
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
                 }
-                let body = format!("{GREETING}\n");
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tls.write_all(response.as_bytes());
-                tls.conn.send_close_notify();
-                let _ = tls.flush();
             });
         }
     });
     Ok(())
+}
+
+/// Reads one request head from `stream` and answers it with [`GREETING`] (the demo apps, HTTPS
+/// and plain); false if the client went away first.
+fn greet(stream: &mut (impl Read + Write)) -> bool {
+    let mut request = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => request.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = format!("{GREETING}\n");
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes());
+    true
 }
 
 /// A client config trusting the certificates in `ca`.
@@ -354,22 +362,7 @@ fn start_plain_app() -> Result<()> {
         .with_context(|| format!("binding the demo app on {PLAIN_APP_ADDR}"))?;
     std::thread::spawn(move || {
         for mut tcp in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut request = Vec::new();
-                let mut chunk = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let body = format!("{GREETING}\n");
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tcp.write_all(response.as_bytes());
-            });
+            std::thread::spawn(move || greet(&mut tcp));
         }
     });
     Ok(())
